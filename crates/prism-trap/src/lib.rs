@@ -1,0 +1,21 @@
+//! Which packets start a connection, and which connection a packet belongs to.
+//!
+//! - [`classify`] reads an IP packet through smoltcp's checked `wire` views and says whether it
+//!   is a well-formed TCP segment (with its 4-tuple and flags), another protocol, or malformed.
+//!   Checksums are verified here, once, so the stack does not verify them again.
+//! - [`Table`] maps 4-tuples to connections and decides what a segment means: an existing
+//!   connection, a new connection to open (a SYN to a new tuple), a refusal (the half-open cap is
+//!   reached), or no connection at all.
+//! - [`Handshake`] names how a new connection's handshake is answered.
+//!
+//! Invariants: pure functions and state machines only: no sockets, tasks or clocks, so
+//! everything here is unit-tested with real packet bytes. Malformed input returns an error,
+//! never panics. Next: `prism-stack` calls [`classify`] and [`Table::decide`] for every packet.
+
+mod handshake;
+mod segment;
+mod table;
+
+pub use handshake::{Handshake, ParseHandshakeError};
+pub use segment::{FourTuple, Malformed, Packet, Segment, classify};
+pub use table::{Decision, Table};

@@ -1,0 +1,190 @@
+//! [`Table`]: the connection table and the decision each TCP segment leads to.
+
+use std::collections::HashMap;
+
+use crate::{FourTuple, Segment};
+
+/// What the stack should do with a TCP segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision<Id> {
+    /// It belongs to this connection (a retransmitted SYN included: nothing new is created).
+    Existing(Id),
+    /// A SYN to a new tuple: open a connection for exactly this tuple.
+    Open,
+    /// A SYN to a tuple whose previous connection is closing: that connection is finished
+    /// with; remove it and open a new one.
+    Reopen(Id),
+    /// A SYN beyond the half-open cap: refuse it (RST) and count it.
+    Refuse,
+    /// No connection and not a SYN: the stack answers as TCP does for a closed port (RST).
+    NoConnection,
+}
+
+#[derive(Debug)]
+struct Entry<Id> {
+    id: Id,
+    half_open: bool,
+    closing: bool,
+}
+
+/// Maps 4-tuples to connection ids and caps half-open connections.
+#[derive(Debug)]
+pub struct Table<Id> {
+    entries: HashMap<FourTuple, Entry<Id>>,
+    half_open: usize,
+    max_half_open: usize,
+}
+
+impl<Id: Copy> Table<Id> {
+    /// An empty table that refuses SYNs while `max_half_open` connections are half-open.
+    pub fn new(max_half_open: usize) -> Self {
+        Self {
+            entries: HashMap::new(),
+            half_open: 0,
+            max_half_open,
+        }
+    }
+
+    /// What `segment` means.
+    pub fn decide(&self, segment: &Segment) -> Decision<Id> {
+        match self.entries.get(&segment.tuple) {
+            Some(entry) if entry.closing && segment.is_initial_syn() => Decision::Reopen(entry.id),
+            Some(entry) => Decision::Existing(entry.id),
+            None if !segment.is_initial_syn() => Decision::NoConnection,
+            None if self.half_open >= self.max_half_open => Decision::Refuse,
+            None => Decision::Open,
+        }
+    }
+
+    /// Records a new, half-open connection for `tuple`.
+    pub fn insert(&mut self, tuple: FourTuple, id: Id) {
+        let entry = Entry {
+            id,
+            half_open: true,
+            closing: false,
+        };
+        if let Some(old) = self.entries.insert(tuple, entry) {
+            self.forget(&old);
+        }
+        self.half_open += 1;
+    }
+
+    /// The handshake of `tuple` completed (or the connection left the handshake in any other
+    /// way): it no longer counts as half-open.
+    pub fn established(&mut self, tuple: &FourTuple) {
+        if let Some(entry) = self.entries.get_mut(tuple) {
+            if entry.half_open {
+                entry.half_open = false;
+                self.half_open -= 1;
+            }
+        }
+    }
+
+    /// `tuple`'s connection is closing: a new SYN for the same tuple may replace it.
+    pub fn closing(&mut self, tuple: &FourTuple) {
+        self.established(tuple);
+        if let Some(entry) = self.entries.get_mut(tuple) {
+            entry.closing = true;
+        }
+    }
+
+    /// Forgets `tuple`, returning its id.
+    pub fn remove(&mut self, tuple: &FourTuple) -> Option<Id> {
+        let entry = self.entries.remove(tuple)?;
+        self.forget(&entry);
+        Some(entry.id)
+    }
+
+    fn forget(&mut self, entry: &Entry<Id>) {
+        if entry.half_open {
+            self.half_open -= 1;
+        }
+    }
+
+    /// Connections in the table.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Connections whose handshake has not completed.
+    pub fn half_open(&self) -> usize {
+        self.half_open
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn segment(port: u16, syn: bool, ack: bool) -> Segment {
+        Segment {
+            tuple: FourTuple {
+                source: format!("10.0.0.2:{port}").parse().unwrap(),
+                destination: "192.0.2.1:80".parse().unwrap(),
+            },
+            syn,
+            ack,
+            rst: false,
+            fin: false,
+        }
+    }
+
+    #[test]
+    fn a_syn_to_a_new_tuple_opens_and_its_retransmit_does_not() {
+        let mut table = Table::new(8);
+        let syn = segment(1000, true, false);
+        assert_eq!(table.decide(&syn), Decision::Open);
+        table.insert(syn.tuple, 7u32);
+        assert_eq!(table.decide(&syn), Decision::Existing(7));
+        assert_eq!(table.len(), 1);
+        assert_eq!(table.half_open(), 1);
+    }
+
+    #[test]
+    fn segments_without_a_connection_are_not_opened() {
+        let table: Table<u32> = Table::new(8);
+        assert_eq!(
+            table.decide(&segment(1000, false, true)),
+            Decision::NoConnection
+        );
+        assert_eq!(
+            table.decide(&segment(1000, true, true)),
+            Decision::NoConnection
+        );
+    }
+
+    #[test]
+    fn the_half_open_cap_refuses_until_a_handshake_completes() {
+        let mut table = Table::new(2);
+        table.insert(segment(1, true, false).tuple, 1u32);
+        table.insert(segment(2, true, false).tuple, 2);
+        assert_eq!(table.decide(&segment(3, true, false)), Decision::Refuse);
+
+        table.established(&segment(1, true, false).tuple);
+        table.established(&segment(1, true, false).tuple); // twice counts once
+        assert_eq!(table.half_open(), 1);
+        assert_eq!(table.decide(&segment(3, true, false)), Decision::Open);
+
+        assert_eq!(table.remove(&segment(2, true, false).tuple), Some(2));
+        assert_eq!(table.half_open(), 0);
+    }
+
+    #[test]
+    fn a_syn_on_a_closing_tuple_reopens_it() {
+        let mut table = Table::new(2);
+        let syn = segment(1, true, false);
+        table.insert(syn.tuple, 1u32);
+        table.closing(&syn.tuple);
+        assert_eq!(table.half_open(), 0);
+        assert_eq!(table.decide(&syn), Decision::Reopen(1));
+        assert_eq!(table.decide(&segment(1, false, true)), Decision::Existing(1));
+        table.insert(syn.tuple, 2);
+        assert_eq!(table.decide(&syn), Decision::Existing(2));
+        assert_eq!(table.half_open(), 1);
+    }
+}
