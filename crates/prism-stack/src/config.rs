@@ -1,0 +1,44 @@
+//! [`Config`]: the knobs of the stack.
+
+use std::net::IpAddr;
+
+use prism_trap::Handshake;
+
+/// How the stack is set up. `Config::default()` suits a TUN with a 1500-byte MTU.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Config {
+    /// IP MTU of the link; sets the MSS Prism announces.
+    pub mtu: usize,
+    /// The stack's own addresses with prefix lengths. With AnyIP the stack answers for every
+    /// address anyway; these only name it.
+    pub addresses: Vec<(IpAddr, u8)>,
+    /// Receive buffer of each connection's socket (client to application). This is the window
+    /// offered to the client. Allocated zeroed, so the OS commits pages only as they are used.
+    pub tcp_rx_buffer: usize,
+    /// Send buffer of each connection's socket (application to client).
+    pub tcp_tx_buffer: usize,
+    /// Bytes queued between the socket and the application, each way, per connection.
+    pub stream_buffer: usize,
+    /// Most connections whose handshake has not completed; SYNs beyond it get RST.
+    pub max_half_open: usize,
+    /// Most requests waiting for the application; connections beyond it get RST.
+    pub request_queue: usize,
+    /// The default handshake for new connections.
+    pub handshake: Handshake,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            mtu: 1500,
+            addresses: Vec::new(),
+            tcp_rx_buffer: 2 * 1024 * 1024,
+            tcp_tx_buffer: 2 * 1024 * 1024,
+            stream_buffer: 256 * 1024,
+            max_half_open: 4096,
+            request_queue: 1024,
+            handshake: Handshake::Fast,
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! [`Counters`]: what the stack did and what it dropped, readable from any thread.
+
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident,)*) => {
+        /// Live counters, updated by the stack task.
+        #[derive(Debug, Default)]
+        pub struct Counters {
+            $($(#[$doc])* pub(crate) $name: AtomicU64,)*
+        }
+
+        /// A copy of the counters at one moment.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        #[non_exhaustive]
+        pub struct Snapshot {
+            $($(#[$doc])* pub $name: u64,)*
+        }
+
+        impl Counters {
+            /// Reads every counter.
+            pub fn snapshot(&self) -> Snapshot {
+                Snapshot {
+                    $($name: self.$name.load(Ordering::Relaxed),)*
+                }
+            }
+        }
+
+        impl fmt::Display for Snapshot {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                let mut first = true;
+                $(
+                    if self.$name != 0 {
+                        if !first {
+                            f.write_str(" ")?;
+                        }
+                        first = false;
+                        write!(f, "{}={}", stringify!($name), self.$name)?;
+                    }
+                )*
+                if first {
+                    f.write_str("(all zero)")?;
+                }
+                Ok(())
+            }
+        }
+    };
+}
+
+counters! {
+    /// Packets read from the link.
+    packets_in,
+    /// Packets written to the link.
+    packets_out,
+    /// Packets dropped as not IPv4/IPv6.
+    drop_version,
+    /// Packets dropped as truncated or with inconsistent lengths.
+    drop_truncated,
+    /// Packets dropped for a bad IPv4 or TCP checksum.
+    drop_checksum,
+    /// IPv4 fragments dropped.
+    drop_fragment,
+    /// TCP packets dropped for a non-unicast address.
+    drop_address,
+    /// Non-TCP packets dropped (no relay configured).
+    drop_not_tcp,
+    /// SYNs refused because the half-open cap was reached.
+    syn_refused,
+    /// TCP segments for no connection, answered with RST.
+    no_connection,
+    /// Connections opened (SYN accepted).
+    connections_opened,
+    /// Connections offered to the application.
+    requests_offered,
+    /// Connections refused because the application's request queue was full or gone.
+    requests_dropped,
+    /// Connections the application rejected.
+    requests_rejected,
+    /// Connections that ended with a reset (either side).
+    connections_reset,
+    /// Connections that ended gracefully.
+    connections_closed,
+}
+
+impl Counters {
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,88 @@
+//! [`ConnectError`]: why an upstream connection failed, precisely enough to tell the client.
+
+use std::io;
+
+use prism_stack::Rejection;
+
+/// Why an upstream connection could not be made.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConnectError {
+    /// The destination refused the connection (RST, or SOCKS5 reply 0x05).
+    #[error("connection refused")]
+    Refused,
+    /// The destination host is unreachable (EHOSTUNREACH, or SOCKS5 reply 0x04).
+    #[error("host unreachable")]
+    HostUnreachable,
+    /// The destination network is unreachable (ENETUNREACH, or SOCKS5 reply 0x03).
+    #[error("network unreachable")]
+    NetworkUnreachable,
+    /// The proxy's connection attempt ran out of hops (SOCKS5 reply 0x06).
+    #[error("TTL expired")]
+    TtlExpired,
+    /// Policy forbids the connection (EACCES/EPERM, or SOCKS5 reply 0x02).
+    #[error("connection not allowed")]
+    NotAllowed,
+    /// No answer in time.
+    #[error("timed out")]
+    TimedOut,
+    /// The SOCKS5 proxy failed in another way (unreachable proxy, bad reply, auth failure).
+    #[error("SOCKS5 proxy {proxy}: {reason}")]
+    Proxy {
+        /// The proxy's address.
+        proxy: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// Any other operating-system error.
+    #[error("{0}")]
+    Io(io::Error),
+}
+
+impl ConnectError {
+    /// How the client should hear of this failure.
+    pub fn rejection(&self) -> Rejection {
+        match self {
+            ConnectError::Refused | ConnectError::Proxy { .. } | ConnectError::Io(_) => {
+                Rejection::Refused
+            }
+            ConnectError::HostUnreachable | ConnectError::TtlExpired => Rejection::HostUnreachable,
+            ConnectError::NetworkUnreachable => Rejection::NetworkUnreachable,
+            ConnectError::NotAllowed => Rejection::Prohibited,
+            ConnectError::TimedOut => Rejection::TimedOut,
+        }
+    }
+}
+
+impl From<io::Error> for ConnectError {
+    fn from(error: io::Error) -> Self {
+        match error.kind() {
+            io::ErrorKind::ConnectionRefused => ConnectError::Refused,
+            io::ErrorKind::HostUnreachable => ConnectError::HostUnreachable,
+            io::ErrorKind::NetworkUnreachable => ConnectError::NetworkUnreachable,
+            io::ErrorKind::TimedOut => ConnectError::TimedOut,
+            io::ErrorKind::PermissionDenied => ConnectError::NotAllowed,
+            _ => ConnectError::Io(error),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn os_errors_map_to_what_the_client_should_see() {
+        let cases = [
+            (io::ErrorKind::ConnectionRefused, Rejection::Refused),
+            (io::ErrorKind::HostUnreachable, Rejection::HostUnreachable),
+            (io::ErrorKind::NetworkUnreachable, Rejection::NetworkUnreachable),
+            (io::ErrorKind::TimedOut, Rejection::TimedOut),
+            (io::ErrorKind::PermissionDenied, Rejection::Prohibited),
+            (io::ErrorKind::Other, Rejection::Refused),
+        ];
+        for (kind, rejection) in cases {
+            assert_eq!(ConnectError::from(io::Error::from(kind)).rejection(), rejection);
+        }
+    }
+}

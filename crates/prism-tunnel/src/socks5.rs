@@ -1,0 +1,195 @@
+//! [`Socks5`]: upstream connections through a SOCKS5 proxy (RFC 1928 CONNECT, with no
+//! authentication or RFC 1929 username/password), on tokio-socks.
+
+use std::fmt;
+use std::str::FromStr;
+
+use tokio::net::TcpStream;
+use tokio_socks::tcp::Socks5Stream;
+
+use crate::{ConnectError, Connector, Direct, Target};
+
+/// A parsed `socks5://[user:pass@]HOST:PORT`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Socks5Url {
+    host: String,
+    port: u16,
+    auth: Option<(String, String)>,
+}
+
+impl fmt::Debug for Socks5Url {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the password.
+        f.debug_struct("Socks5Url")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("user", &self.auth.as_ref().map(|(user, _)| user))
+            .finish()
+    }
+}
+
+/// Why a SOCKS5 URL was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bad SOCKS5 URL {url:?}: {reason}; expected socks5://[user:pass@]HOST:PORT")]
+pub struct Socks5UrlError {
+    url: String,
+    reason: &'static str,
+}
+
+impl FromStr for Socks5Url {
+    type Err = Socks5UrlError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |reason| Socks5UrlError {
+            url: s.to_owned(),
+            reason,
+        };
+        let url = url::Url::parse(s).map_err(|_| bad("not a URL"))?;
+        if url.scheme() != "socks5" {
+            return Err(bad("the scheme is not socks5"));
+        }
+        let host = match url.host() {
+            Some(url::Host::Domain(d)) => d.to_owned(),
+            Some(url::Host::Ipv4(a)) => a.to_string(),
+            Some(url::Host::Ipv6(a)) => a.to_string(),
+            None => return Err(bad("no host")),
+        };
+        let port = url.port().ok_or_else(|| bad("no port"))?;
+        if url.path() != "" && url.path() != "/" || url.query().is_some() {
+            return Err(bad("unexpected path or query"));
+        }
+        let auth = if url.username().is_empty() {
+            None
+        } else {
+            let decode = |part: &str| {
+                url::form_urlencoded::parse(format!("x={part}").as_bytes())
+                    .next()
+                    .map(|(_, v)| v.into_owned())
+                    .unwrap_or_default()
+            };
+            let password = url.password().ok_or_else(|| bad("a user without a password"))?;
+            Some((decode(url.username()), decode(password)))
+        };
+        Ok(Socks5Url { host, port, auth })
+    }
+}
+
+impl Socks5Url {
+    /// `host:port` of the proxy, for messages.
+    pub fn proxy(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Connects through a SOCKS5 proxy.
+#[derive(Debug, Clone)]
+pub struct Socks5 {
+    url: Socks5Url,
+    /// How the proxy itself is reached (binding and mark apply to the proxy connection).
+    direct: Direct,
+}
+
+impl Socks5 {
+    /// A connector through the proxy at `url`, reaching the proxy with `direct`.
+    pub fn new(url: Socks5Url, direct: Direct) -> Self {
+        Self { url, direct }
+    }
+
+    fn proxy_error(&self, reason: impl fmt::Display) -> ConnectError {
+        ConnectError::Proxy {
+            proxy: self.url.proxy(),
+            reason: reason.to_string(),
+        }
+    }
+}
+
+impl Connector for Socks5 {
+    type Upstream = TcpStream;
+
+    async fn connect(&self, target: &Target) -> Result<TcpStream, ConnectError> {
+        let proxy = self
+            .direct
+            .connect_host(&self.url.host, self.url.port)
+            .await
+            .map_err(|e| self.proxy_error(format_args!("cannot reach the proxy: {e}")))?;
+        let result = match (target, &self.url.auth) {
+            (Target::Ip(addr), None) => Socks5Stream::connect_with_socket(proxy, *addr).await,
+            (Target::Ip(addr), Some((user, pass))) => {
+                Socks5Stream::connect_with_password_and_socket(proxy, *addr, user, pass).await
+            }
+            (Target::Domain(host, port), None) => {
+                Socks5Stream::connect_with_socket(proxy, (host.as_str(), *port)).await
+            }
+            (Target::Domain(host, port), Some((user, pass))) => {
+                Socks5Stream::connect_with_password_and_socket(
+                    proxy,
+                    (host.as_str(), *port),
+                    user,
+                    pass,
+                )
+                .await
+            }
+        };
+        match result {
+            Ok(stream) => {
+                let stream = stream.into_inner();
+                stream.set_nodelay(true)?;
+                Ok(stream)
+            }
+            Err(error) => Err(self.map_error(error)),
+        }
+    }
+}
+
+impl Socks5 {
+    fn map_error(&self, error: tokio_socks::Error) -> ConnectError {
+        use tokio_socks::Error as E;
+        match error {
+            E::ConnectionRefused => ConnectError::Refused,
+            E::HostUnreachable => ConnectError::HostUnreachable,
+            E::NetworkUnreachable => ConnectError::NetworkUnreachable,
+            E::TtlExpired => ConnectError::TtlExpired,
+            E::ConnectionNotAllowedByRuleset => ConnectError::NotAllowed,
+            other => self.proxy_error(other),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    #[test]
+    fn urls_parse_with_and_without_credentials() {
+        let url: Socks5Url = "socks5://127.0.0.1:1080".parse().unwrap();
+        assert_eq!((url.host.as_str(), url.port, url.auth.clone()), ("127.0.0.1", 1080, None));
+
+        let url: Socks5Url = "socks5://al%40ce:p%3Ass@[fd00::1]:9050".parse().unwrap();
+        assert_eq!(url.host, "fd00::1");
+        assert_eq!(url.proxy(), "[fd00::1]:9050");
+        assert_eq!(url.auth, Some(("al@ce".into(), "p:ss".into())));
+        assert!(!format!("{url:?}").contains("p:ss"), "Debug leaks the password");
+
+        let url: Socks5Url = "socks5://proxy.example:1080/".parse().unwrap();
+        assert_eq!(url.host, "proxy.example");
+    }
+
+    #[test]
+    fn bad_urls_say_why() {
+        for bad in [
+            "127.0.0.1:1080",
+            "http://127.0.0.1:1080",
+            "socks5://127.0.0.1",
+            "socks5://user@127.0.0.1:1080",
+            "socks5://127.0.0.1:1080/path",
+        ] {
+            let error = bad.parse::<Socks5Url>().unwrap_err();
+            assert!(error.to_string().contains("expected socks5://"), "{error}");
+        }
+    }
+}

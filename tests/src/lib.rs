@@ -1,0 +1,230 @@
+//! Test harness: a TCP client that is a second smoltcp interface on an in-memory link, and
+//! helpers to build and read raw packets. The stack under test is a real [`prism_stack::Stack`]
+//! on the other end of the link.
+//!
+//! Invariant: the harness never reaches into the stack; it only sends and receives packets, as
+//! a kernel on the far side of a TUN would.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "test harness")]
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use prism_device::{Link, Medium, PrismDevice};
+use prism_stack::{Config, Requests, Stack};
+use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
+use smoltcp::socket::tcp;
+use smoltcp::wire::{
+    HardwareAddress, IpAddress, IpCidr, IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket,
+    TcpRepr, TcpSeqNumber,
+};
+use tokio::time::{Instant, timeout};
+
+/// How long any harness wait may take before the test fails.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Starts a stack on an in-memory link and returns its far end, its requests and counters.
+pub fn start_stack(config: Config) -> (Link, Requests, std::sync::Arc<prism_stack::Counters>) {
+    let (stack_end, client_end) = Link::pair(4096);
+    let (stack, requests) = Stack::new(config, stack_end);
+    let counters = stack.counters();
+    tokio::spawn(stack.run());
+    (client_end, requests, counters)
+}
+
+/// A smoltcp TCP client on the far side of the link.
+#[allow(missing_debug_implementations, reason = "smoltcp's Interface is not Debug")]
+pub struct Client {
+    iface: Interface,
+    device: PrismDevice,
+    sockets: SocketSet<'static>,
+    link: Link,
+    epoch: Instant,
+    batch: Vec<Bytes>,
+}
+
+impl Client {
+    /// A client with addresses 10.0.0.2/24 and fd00::2/64.
+    pub fn new(link: Link) -> Self {
+        let mut device = PrismDevice::new(Medium::Ip, 1500);
+        let mut iface = Interface::new(
+            IfaceConfig::new(HardwareAddress::Ip),
+            &mut device,
+            smoltcp::time::Instant::ZERO,
+        );
+        iface.update_ip_addrs(|a| {
+            a.push(IpCidr::new(IpAddress::v4(10, 0, 0, 2), 24)).unwrap();
+            a.push(IpCidr::new(IpAddress::v6(0xfd00, 0, 0, 0, 0, 0, 0, 2), 64))
+                .unwrap();
+        });
+        Self {
+            iface,
+            device,
+            sockets: SocketSet::new(Vec::new()),
+            link,
+            epoch: Instant::now(),
+            batch: Vec::new(),
+        }
+    }
+
+    fn now(&self) -> smoltcp::time::Instant {
+        smoltcp::time::Instant::from_micros(self.epoch.elapsed().as_micros() as i64)
+    }
+
+    /// Opens a connection from `local` to `remote` with `buffer` bytes each way.
+    pub fn connect(&mut self, local: SocketAddr, remote: SocketAddr, buffer: usize) -> SocketHandle {
+        let mut socket = tcp::Socket::new(
+            tcp::SocketBuffer::new(vec![0; buffer]),
+            tcp::SocketBuffer::new(vec![0; buffer]),
+        );
+        socket.set_nagle_enabled(false);
+        let cx = self.iface.context();
+        socket
+            .connect(cx, (IpAddress::from(remote.ip()), remote.port()), (IpAddress::from(local.ip()), local.port()))
+            .unwrap();
+        self.sockets.add(socket)
+    }
+
+    /// The socket behind `handle`.
+    pub fn socket(&mut self, handle: SocketHandle) -> &mut tcp::Socket<'static> {
+        self.sockets.get_mut::<tcp::Socket>(handle)
+    }
+
+    /// Removes a socket.
+    pub fn remove(&mut self, handle: SocketHandle) {
+        self.sockets.remove(handle);
+    }
+
+    /// One round: deliver what arrived, let smoltcp act, send what it produced, then wait for
+    /// the next packet or smoltcp's next deadline (at most 5 ms).
+    pub async fn step(&mut self) {
+        let now = self.now();
+        for packet in self.batch.drain(..) {
+            self.device.push_rx(packet);
+        }
+        self.iface.poll(now, &mut self.device, &mut self.sockets);
+        while let Some(p) = self.device.pop_tx() {
+            self.link.send(p).await.expect("stack gone");
+        }
+        let wait = self
+            .iface
+            .poll_delay(now, &self.sockets)
+            .map(|d| Duration::from_micros(d.total_micros()))
+            .unwrap_or(Duration::from_millis(5))
+            .min(Duration::from_millis(5));
+        if let Ok(r) = timeout(wait, self.link.recv_batch(&mut self.batch)).await {
+            r.expect("stack gone");
+        }
+    }
+
+    /// Steps until `check` returns `Some`, failing the test after [`PATIENCE`].
+    pub async fn until<T>(&mut self, what: &str, mut check: impl FnMut(&mut Self) -> Option<T>) -> T {
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(t) = check(self) {
+                return t;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            self.step().await;
+        }
+    }
+
+    /// Sends all of `data` on `handle`, stepping as needed.
+    pub async fn send_all(&mut self, handle: SocketHandle, data: &[u8]) {
+        let mut sent = 0;
+        while sent < data.len() {
+            let socket = self.socket(handle);
+            assert!(socket.may_send(), "socket cannot send in state {}", socket.state());
+            sent += socket.send_slice(&data[sent..]).unwrap();
+            self.step().await;
+        }
+    }
+
+    /// Receives until end-of-stream, returning the bytes; fails on reset.
+    pub async fn recv_to_end(&mut self, handle: SocketHandle) -> Vec<u8> {
+        let mut out = Vec::new();
+        self.until("end of stream", |c| {
+            let socket = c.socket(handle);
+            while socket.can_recv() {
+                socket
+                    .recv(|b| {
+                        out.extend_from_slice(b);
+                        (b.len(), ())
+                    })
+                    .unwrap();
+            }
+            match socket.state() {
+                tcp::State::Closed | tcp::State::TimeWait | tcp::State::CloseWait
+                | tcp::State::LastAck | tcp::State::Closing => Some(()),
+                _ => None,
+            }
+        })
+        .await;
+        out
+    }
+
+    /// Sends a raw packet to the stack, bypassing the client's interface.
+    pub async fn inject(&mut self, packet: Bytes) {
+        self.link.send(packet).await.expect("stack gone");
+    }
+
+    /// Takes raw packets the stack sent, waiting up to `wait`. They are not given to the
+    /// client's interface.
+    pub async fn capture(&mut self, wait: Duration) -> Vec<Bytes> {
+        let mut out = std::mem::take(&mut self.batch);
+        let deadline = Instant::now() + wait;
+        while let Ok(Ok(_)) = tokio::time::timeout_at(deadline, self.link.recv_batch(&mut out)).await {}
+        out
+    }
+}
+
+/// An IPv4 TCP segment from `src` to `dst` with the given control flag, sequence number and
+/// payload, checksums filled.
+pub fn tcp_v4(src: SocketAddr, dst: SocketAddr, control: TcpControl, seq: u32, payload: &[u8]) -> Bytes {
+    let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (src, dst) else {
+        panic!("IPv4 addresses expected");
+    };
+    let tcp = TcpRepr {
+        src_port: src.port(),
+        dst_port: dst.port(),
+        control,
+        seq_number: TcpSeqNumber(seq as i32),
+        ack_number: None,
+        window_len: 64240,
+        window_scale: Some(7),
+        max_seg_size: Some(1460),
+        sack_permitted: false,
+        sack_ranges: [None; 3],
+        timestamp: None,
+        payload,
+    };
+    let ip = Ipv4Repr {
+        src_addr: *src.ip(),
+        dst_addr: *dst.ip(),
+        next_header: IpProtocol::Tcp,
+        payload_len: tcp.buffer_len(),
+        hop_limit: 64,
+    };
+    let mut bytes = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
+    let mut packet = Ipv4Packet::new_unchecked(&mut bytes);
+    ip.emit(&mut packet, &smoltcp::phy::ChecksumCapabilities::default());
+    tcp.emit(
+        &mut TcpPacket::new_unchecked(packet.payload_mut()),
+        &IpAddress::from(*src.ip()),
+        &IpAddress::from(*dst.ip()),
+        &smoltcp::phy::ChecksumCapabilities::default(),
+    );
+    Bytes::from(bytes)
+}
+
+/// The TCP flags of an IPv4 packet the stack sent: (syn, ack, rst, fin), or `None` if it is
+/// not IPv4 TCP.
+pub fn tcp_flags_v4(packet: &[u8]) -> Option<(bool, bool, bool, bool)> {
+    let ip = Ipv4Packet::new_checked(packet).ok()?;
+    if ip.next_header() != IpProtocol::Tcp {
+        return None;
+    }
+    let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+    Some((tcp.syn(), tcp.ack(), tcp.rst(), tcp.fin()))
+}
