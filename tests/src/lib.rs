@@ -5,7 +5,12 @@
 //! Invariant: the harness never reaches into the stack; it only sends and receives packets, as
 //! a kernel on the far side of a TUN would.
 
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, reason = "test harness")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test harness"
+)]
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -34,7 +39,10 @@ pub fn start_stack(config: Config) -> (Link, Requests, std::sync::Arc<prism_stac
 }
 
 /// A smoltcp TCP client on the far side of the link.
-#[allow(missing_debug_implementations, reason = "smoltcp's Interface is not Debug")]
+#[allow(
+    missing_debug_implementations,
+    reason = "smoltcp's Interface is not Debug"
+)]
 pub struct Client {
     iface: Interface,
     device: PrismDevice,
@@ -73,7 +81,12 @@ impl Client {
     }
 
     /// Opens a connection from `local` to `remote` with `buffer` bytes each way.
-    pub fn connect(&mut self, local: SocketAddr, remote: SocketAddr, buffer: usize) -> SocketHandle {
+    pub fn connect(
+        &mut self,
+        local: SocketAddr,
+        remote: SocketAddr,
+        buffer: usize,
+    ) -> SocketHandle {
         let mut socket = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0; buffer]),
             tcp::SocketBuffer::new(vec![0; buffer]),
@@ -81,7 +94,11 @@ impl Client {
         socket.set_nagle_enabled(false);
         let cx = self.iface.context();
         socket
-            .connect(cx, (IpAddress::from(remote.ip()), remote.port()), (IpAddress::from(local.ip()), local.port()))
+            .connect(
+                cx,
+                (IpAddress::from(remote.ip()), remote.port()),
+                (IpAddress::from(local.ip()), local.port()),
+            )
             .unwrap();
         self.sockets.add(socket)
     }
@@ -119,7 +136,11 @@ impl Client {
     }
 
     /// Steps until `check` returns `Some`, failing the test after [`PATIENCE`].
-    pub async fn until<T>(&mut self, what: &str, mut check: impl FnMut(&mut Self) -> Option<T>) -> T {
+    pub async fn until<T>(
+        &mut self,
+        what: &str,
+        mut check: impl FnMut(&mut Self) -> Option<T>,
+    ) -> T {
         let deadline = Instant::now() + PATIENCE;
         loop {
             if let Some(t) = check(self) {
@@ -135,7 +156,11 @@ impl Client {
         let mut sent = 0;
         while sent < data.len() {
             let socket = self.socket(handle);
-            assert!(socket.may_send(), "socket cannot send in state {}", socket.state());
+            assert!(
+                socket.may_send(),
+                "socket cannot send in state {}",
+                socket.state()
+            );
             sent += socket.send_slice(&data[sent..]).unwrap();
             self.step().await;
         }
@@ -155,8 +180,11 @@ impl Client {
                     .unwrap();
             }
             match socket.state() {
-                tcp::State::Closed | tcp::State::TimeWait | tcp::State::CloseWait
-                | tcp::State::LastAck | tcp::State::Closing => Some(()),
+                tcp::State::Closed
+                | tcp::State::TimeWait
+                | tcp::State::CloseWait
+                | tcp::State::LastAck
+                | tcp::State::Closing => Some(()),
                 _ => None,
             }
         })
@@ -174,14 +202,22 @@ impl Client {
     pub async fn capture(&mut self, wait: Duration) -> Vec<Bytes> {
         let mut out = std::mem::take(&mut self.batch);
         let deadline = Instant::now() + wait;
-        while let Ok(Ok(_)) = tokio::time::timeout_at(deadline, self.link.recv_batch(&mut out)).await {}
+        while let Ok(Ok(_)) =
+            tokio::time::timeout_at(deadline, self.link.recv_batch(&mut out)).await
+        {}
         out
     }
 }
 
 /// An IPv4 TCP segment from `src` to `dst` with the given control flag, sequence number and
 /// payload, checksums filled.
-pub fn tcp_v4(src: SocketAddr, dst: SocketAddr, control: TcpControl, seq: u32, payload: &[u8]) -> Bytes {
+pub fn tcp_v4(
+    src: SocketAddr,
+    dst: SocketAddr,
+    control: TcpControl,
+    seq: u32,
+    payload: &[u8],
+) -> Bytes {
     let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (src, dst) else {
         panic!("IPv4 addresses expected");
     };

@@ -1,4 +1,9 @@
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing, reason = "tests")]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    reason = "tests"
+)]
 
 use prism_stack::Config;
 use prism_tests::{Client, start_stack};
@@ -24,8 +29,14 @@ async fn echo_through_the_stack() {
         }
     });
     let mut client = Client::new(link);
-    let h = client.connect("10.0.0.2:40000".parse().unwrap(), "192.0.2.1:80".parse().unwrap(), 65536);
-    client.until("established", |c| c.socket(h).may_send().then_some(())).await;
+    let h = client.connect(
+        "10.0.0.2:40000".parse().unwrap(),
+        "192.0.2.1:80".parse().unwrap(),
+        65536,
+    );
+    client
+        .until("established", |c| c.socket(h).may_send().then_some(()))
+        .await;
     client.send_all(h, b"hello prism").await;
     client.socket(h).close();
     let echoed = client.recv_to_end(h).await;

@@ -272,7 +272,10 @@ impl Stream {
 }
 
 fn reset_error() -> io::Error {
-    io::Error::new(io::ErrorKind::ConnectionReset, "connection reset by the client")
+    io::Error::new(
+        io::ErrorKind::ConnectionReset,
+        "connection reset by the client",
+    )
 }
 
 impl AsyncRead for Stream {
@@ -339,7 +342,9 @@ impl AsyncWrite for Stream {
             return Poll::Pending;
         }
         let n = room.min(data.len());
-        state.outbound.extend_from_slice(data.get(..n).unwrap_or_default());
+        state
+            .outbound
+            .extend_from_slice(data.get(..n).unwrap_or_default());
         drop(state);
         shared.notify();
         Poll::Ready(Ok(n))

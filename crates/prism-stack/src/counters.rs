@@ -27,6 +27,13 @@ macro_rules! counters {
             }
         }
 
+        impl Snapshot {
+            /// Every counter by name, in a fixed order.
+            pub fn fields(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($name), self.$name),)*]
+            }
+        }
+
         impl fmt::Display for Snapshot {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 let mut first = true;

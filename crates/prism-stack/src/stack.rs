@@ -27,10 +27,10 @@ use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 use tracing::{debug, trace};
 
+use crate::Config;
 use crate::conn::{Answer, ConnId, Request, Shared};
 use crate::counters::Counters;
 use crate::timers::Timers;
-use crate::Config;
 
 /// A half-open connection that has not completed its handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -242,7 +242,8 @@ impl Stack {
                 }
                 None => &mut self.orphans,
             };
-            self.iface.poll_ingress_single(now, &mut self.device, sockets);
+            self.iface
+                .poll_ingress_single(now, &mut self.device, sockets);
         }
     }
 
@@ -476,9 +477,9 @@ impl Stack {
                 .poll_at(now, &conn.sockets)
                 .map(|at| self.to_instant(at));
             if conn.phase == Phase::Handshake {
-                deadline = Some(deadline.map_or(conn.handshake_deadline, |d| {
-                    d.min(conn.handshake_deadline)
-                }));
+                deadline = Some(
+                    deadline.map_or(conn.handshake_deadline, |d| d.min(conn.handshake_deadline)),
+                );
             }
             self.timers.set(id, deadline);
         }

@@ -182,7 +182,10 @@ mod tests {
         table.closing(&syn.tuple);
         assert_eq!(table.half_open(), 0);
         assert_eq!(table.decide(&syn), Decision::Reopen(1));
-        assert_eq!(table.decide(&segment(1, false, true)), Decision::Existing(1));
+        assert_eq!(
+            table.decide(&segment(1, false, true)),
+            Decision::Existing(1)
+        );
         table.insert(syn.tuple, 2);
         assert_eq!(table.decide(&syn), Decision::Existing(2));
         assert_eq!(table.half_open(), 1);

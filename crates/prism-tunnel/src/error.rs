@@ -76,13 +76,19 @@ mod tests {
         let cases = [
             (io::ErrorKind::ConnectionRefused, Rejection::Refused),
             (io::ErrorKind::HostUnreachable, Rejection::HostUnreachable),
-            (io::ErrorKind::NetworkUnreachable, Rejection::NetworkUnreachable),
+            (
+                io::ErrorKind::NetworkUnreachable,
+                Rejection::NetworkUnreachable,
+            ),
             (io::ErrorKind::TimedOut, Rejection::TimedOut),
             (io::ErrorKind::PermissionDenied, Rejection::Prohibited),
             (io::ErrorKind::Other, Rejection::Refused),
         ];
         for (kind, rejection) in cases {
-            assert_eq!(ConnectError::from(io::Error::from(kind)).rejection(), rejection);
+            assert_eq!(
+                ConnectError::from(io::Error::from(kind)).rejection(),
+                rejection
+            );
         }
     }
 }

@@ -67,7 +67,9 @@ impl FromStr for Socks5Url {
                     .map(|(_, v)| v.into_owned())
                     .unwrap_or_default()
             };
-            let password = url.password().ok_or_else(|| bad("a user without a password"))?;
+            let password = url
+                .password()
+                .ok_or_else(|| bad("a user without a password"))?;
             Some((decode(url.username()), decode(password)))
         };
         Ok(Socks5Url { host, port, auth })
@@ -167,13 +169,19 @@ mod tests {
     #[test]
     fn urls_parse_with_and_without_credentials() {
         let url: Socks5Url = "socks5://127.0.0.1:1080".parse().unwrap();
-        assert_eq!((url.host.as_str(), url.port, url.auth.clone()), ("127.0.0.1", 1080, None));
+        assert_eq!(
+            (url.host.as_str(), url.port, url.auth.clone()),
+            ("127.0.0.1", 1080, None)
+        );
 
         let url: Socks5Url = "socks5://al%40ce:p%3Ass@[fd00::1]:9050".parse().unwrap();
         assert_eq!(url.host, "fd00::1");
         assert_eq!(url.proxy(), "[fd00::1]:9050");
         assert_eq!(url.auth, Some(("al@ce".into(), "p:ss".into())));
-        assert!(!format!("{url:?}").contains("p:ss"), "Debug leaks the password");
+        assert!(
+            !format!("{url:?}").contains("p:ss"),
+            "Debug leaks the password"
+        );
 
         let url: Socks5Url = "socks5://proxy.example:1080/".parse().unwrap();
         assert_eq!(url.host, "proxy.example");

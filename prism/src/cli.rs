@@ -1,0 +1,159 @@
+//! Command-line flags. The `run` contract (flag names and meaning) is relied on by tests and
+//! users: extend it, never change it.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use ipnet::IpNet;
+use prism_tunnel::Socks5Url;
+
+/// Prism: send a machine's TCP through a proxy or tunnel, terminated in userspace.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Create a TUN device and serve every TCP connection routed into it.
+    Run(RunArgs),
+}
+
+/// Where accepted connections go.
+#[derive(Debug, Clone)]
+pub(crate) enum UpstreamArg {
+    /// An OS socket to the original destination.
+    Direct,
+    /// Through a SOCKS5 proxy.
+    Socks5(Socks5Url),
+}
+
+fn parse_upstream(s: &str) -> Result<UpstreamArg, String> {
+    if s == "direct" {
+        return Ok(UpstreamArg::Direct);
+    }
+    if s.starts_with("socks5://") {
+        return s
+            .parse()
+            .map(UpstreamArg::Socks5)
+            .map_err(|e| e.to_string());
+    }
+    Err(format!(
+        "unknown upstream {s:?}; expected direct or socks5://[user:pass@]HOST:PORT"
+    ))
+}
+
+fn parse_cidr(s: &str) -> Result<IpNet, String> {
+    s.parse()
+        .map_err(|_| format!("bad CIDR {s:?}; expected ADDRESS/PREFIX such as 10.0.0.1/24"))
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RunArgs {
+    /// Name of the TUN device to create.
+    #[arg(long, value_name = "NAME")]
+    pub(crate) tun: String,
+    /// Address of the TUN device, IPv4 or IPv6 (repeatable).
+    #[arg(long = "address", value_name = "CIDR", required = true, value_parser = parse_cidr)]
+    pub(crate) addresses: Vec<IpNet>,
+    /// Route this prefix through the TUN (repeatable).
+    #[arg(long = "route", value_name = "CIDR", value_parser = parse_cidr)]
+    pub(crate) routes: Vec<IpNet>,
+    /// Where connections go: `direct` or `socks5://[user:pass@]HOST:PORT`.
+    #[arg(long, value_name = "UPSTREAM", value_parser = parse_upstream)]
+    pub(crate) upstream: UpstreamArg,
+    /// MTU of the TUN device.
+    #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u16).range(1280..))]
+    pub(crate) mtu: u16,
+    /// Send upstream sockets out of this interface (SO_BINDTODEVICE), so they bypass the TUN.
+    #[arg(long, value_name = "IF")]
+    pub(crate) bind_interface: Option<String>,
+    /// Mark upstream sockets (SO_MARK), for a policy-routing rule that bypasses the TUN.
+    #[arg(long, value_name = "N", value_parser = parse_u32)]
+    pub(crate) fwmark: Option<u32>,
+    /// Most connections whose handshake has not completed; SYNs beyond it get RST.
+    #[arg(long, default_value_t = 4096, value_name = "N")]
+    pub(crate) max_half_open: usize,
+    /// Receive and send buffer of each TCP connection, in KiB.
+    #[arg(long, default_value_t = 2048, value_name = "KIB", value_parser = clap::value_parser!(u32).range(4..=65536))]
+    pub(crate) tcp_buffer_kib: u32,
+    /// Write the final counters as JSON to this file when stopping.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) stats_file: Option<PathBuf>,
+}
+
+fn parse_u32(s: &str) -> Result<u32, String> {
+    let parsed = match s.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|_| format!("bad number {s:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("prism").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn the_run_contract_parses() {
+        let cli = parse(&[
+            "run",
+            "--tun",
+            "prism0",
+            "--address",
+            "10.0.0.1/24",
+            "--address",
+            "fd00::1/64",
+            "--route",
+            "10.200.0.0/16",
+            "--upstream",
+            "socks5://u:p@127.0.0.1:1080",
+            "--mtu",
+            "9000",
+            "--bind-interface",
+            "eth0",
+            "--fwmark",
+            "0x99",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command;
+        assert_eq!(args.addresses.len(), 2);
+        assert_eq!(args.fwmark, Some(0x99));
+        assert!(matches!(args.upstream, UpstreamArg::Socks5(_)));
+    }
+
+    #[test]
+    fn wrong_flags_are_refused_with_a_reason() {
+        let base = ["run", "--tun", "t", "--upstream", "direct"];
+        let cases: [(&[&str], &str); 4] = [
+            (&["--address", "10.0.0.1"], "bad CIDR"),
+            (&["--address", "10.0.0.1/24", "--mtu", "100"], "1280"),
+            (&["--address", "10.0.0.1/24", "--route", "nope"], "bad CIDR"),
+            (&[], "--address"),
+        ];
+        for (extra, says) in cases {
+            let args: Vec<&str> = base.iter().chain(extra.iter()).copied().collect();
+            let error = parse(&args).unwrap_err().to_string();
+            assert!(error.contains(says), "{extra:?}: {error}");
+        }
+        let error = parse(&[
+            "run",
+            "--tun",
+            "t",
+            "--address",
+            "10.0.0.1/24",
+            "--upstream",
+            "http://x:1",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("expected direct or socks5://"), "{error}");
+    }
+}

@@ -1,0 +1,52 @@
+//! The `prism` command: a TUN device, Prism's stack and an upstream connector, wired together.
+//!
+//! `prism run` creates the TUN, gives it its addresses, routes each `--route` through it, serves
+//! until SIGINT or SIGTERM, then removes what it added and exits 0. Any setup error prints one
+//! line and exits 1. See `cli.rs` for the flags.
+
+mod cli;
+#[cfg(target_os = "linux")]
+mod routes;
+#[cfg(target_os = "linux")]
+mod run;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("prism: error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("prism: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn execute(cli: cli::Cli) -> anyhow::Result<()> {
+    match cli.command {
+        #[cfg(target_os = "linux")]
+        cli::Command::Run(args) => run::run(args).await,
+        #[cfg(not(target_os = "linux"))]
+        cli::Command::Run(_) => anyhow::bail!("prism run supports only Linux for now"),
+    }
+}

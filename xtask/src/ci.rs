@@ -1,0 +1,34 @@
+//! `cargo xtask ci`: everything that must pass before a change lands.
+
+use std::process::Command;
+
+use anyhow::{Result, bail, ensure};
+
+fn cargo(args: &[&str]) -> Result<()> {
+    println!("ci: cargo {}", args.join(" "));
+    let status = Command::new(env!("CARGO")).args(args).status()?;
+    ensure!(status.success(), "cargo {} failed", args.join(" "));
+    Ok(())
+}
+
+pub fn run() -> Result<()> {
+    cargo(&["fmt", "--all", "--check"])?;
+    cargo(&[
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ])?;
+    cargo(&["test", "--workspace"])?;
+    if crate::tools::is_root() {
+        crate::e2e::run(None)?;
+    } else if std::env::var_os("PRISM_CI_REQUIRE_E2E").is_some() {
+        bail!("the e2e suite needs root");
+    } else {
+        println!("ci: not root, e2e suite skipped");
+    }
+    println!("ci: all green");
+    Ok(())
+}

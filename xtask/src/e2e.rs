@@ -1,0 +1,687 @@
+//! `cargo xtask e2e`: Prism between the Linux kernel's TCP and real servers, in namespaces.
+//!
+//! For each upstream (microsocks without and with authentication, `direct` with a fwmark and
+//! with a bound interface) and each family (IPv4, IPv6), the client namespace's kernel opens
+//! connections to the target addresses routed into Prism's TUN, and every case checks what a
+//! user relies on: bytes arrive intact (SHA-256), half-close works both ways, resets arrive,
+//! a closed port is not reported as a clean close. Then the binary's contract: clean exit on
+//! SIGINT/SIGTERM with the TUN gone, one-line errors for bad flags, no privilege, a busy device.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use futures_util::future::try_join_all;
+use nix::sys::signal::Signal;
+use prism_tunnel::{Connector, Direct, Socks5, Target};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{Mutex, mpsc};
+
+use crate::netns::{self, Process};
+use crate::servers::{self, Seen, Servers, pattern};
+use crate::topology::{self, Topology};
+
+const BULK: usize = 64 * 1024 * 1024;
+const CONCURRENT: usize = 500;
+const CASE_PATIENCE: Duration = Duration::from_secs(180);
+
+/// How Prism reaches the servers in one pass of the suite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Upstream {
+    Dante,
+    Socks5Auth,
+    DirectMark,
+    DirectBind,
+}
+
+impl Upstream {
+    const ALL: [Upstream; 4] = [
+        Upstream::Dante,
+        Upstream::Socks5Auth,
+        Upstream::DirectMark,
+        Upstream::DirectBind,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Upstream::Dante => "socks5-dante",
+            Upstream::Socks5Auth => "socks5-microsocks-auth",
+            Upstream::DirectMark => "direct-fwmark",
+            Upstream::DirectBind => "direct-bind",
+        }
+    }
+
+    fn args(self, topo: &Topology) -> Vec<String> {
+        let (upstream, extra) = match self {
+            Upstream::Dante => (
+                format!("socks5://{}:{}", topology::SERVER_V4, topology::DANTE_PORT),
+                vec![],
+            ),
+            Upstream::Socks5Auth => (
+                format!(
+                    "socks5://{}:{}@[{}]:{}",
+                    topology::SOCKS_USER,
+                    topology::SOCKS_PASS.replace(':', "%3A"),
+                    topology::SERVER_V6,
+                    topology::SOCKS_AUTH_PORT
+                ),
+                vec![],
+            ),
+            Upstream::DirectMark => (
+                "direct".to_owned(),
+                vec!["--fwmark".to_owned(), topology::FWMARK.to_owned()],
+            ),
+            Upstream::DirectBind => (
+                "direct".to_owned(),
+                vec!["--bind-interface".to_owned(), topo.client_veth.clone()],
+            ),
+        };
+        let mut args = topo.prism_args(&upstream);
+        args.extend(extra);
+        args
+    }
+
+    /// The cases this upstream can carry. microsocks closes both directions at the first EOF
+    /// (no half-close), so through it only the cases that need no half-close from the proxy
+    /// run; dante carries half-closes and runs them all.
+    fn cases(self) -> &'static [Case] {
+        match self {
+            Upstream::Socks5Auth => &[
+                Case::Download,
+                Case::ResetByServer,
+                Case::ResetByClient,
+                Case::ClosedPort,
+            ],
+            _ => &Case::ALL,
+        }
+    }
+
+    /// Whether a reset crosses this upstream as a reset. microsocks, like most SOCKS5
+    /// servers (dante too), closes its other side with FIN when one side resets.
+    fn carries_resets(self) -> bool {
+        matches!(self, Upstream::DirectMark | Upstream::DirectBind)
+    }
+}
+
+/// One behaviour, checked for one upstream and family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Case {
+    Upload,
+    Download,
+    Concurrent,
+    HalfCloseClientFirst,
+    HalfCloseServerFirst,
+    ResetByServer,
+    ResetByClient,
+    ClosedPort,
+}
+
+impl Case {
+    const ALL: [Case; 8] = [
+        Case::Upload,
+        Case::Download,
+        Case::Concurrent,
+        Case::HalfCloseClientFirst,
+        Case::HalfCloseServerFirst,
+        Case::ResetByServer,
+        Case::ResetByClient,
+        Case::ClosedPort,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Case::Upload => "upload 64 MiB, SHA-256 checked",
+            Case::Download => "download 64 MiB, SHA-256 checked",
+            Case::Concurrent => "500 concurrent connections",
+            Case::HalfCloseClientFirst => "half-close, client first",
+            Case::HalfCloseServerFirst => "half-close, server first",
+            Case::ResetByServer => "reset by the server reaches the client",
+            Case::ResetByClient => "reset by the client reaches the server",
+            Case::ClosedPort => "closed port resets the client",
+        }
+    }
+}
+
+/// What a case runs with.
+#[derive(Debug, Clone)]
+struct Ctx {
+    target: IpAddr,
+    upstream: Upstream,
+    seen: Arc<Mutex<mpsc::UnboundedReceiver<Seen>>>,
+}
+
+impl Ctx {
+    fn addr(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.target, port)
+    }
+
+    async fn next_seen(&self) -> Result<Seen> {
+        let mut seen = self.seen.lock().await;
+        tokio::time::timeout(Duration::from_secs(20), seen.recv())
+            .await
+            .context("the server reported nothing within 20 s")?
+            .context("the servers stopped")
+    }
+
+    async fn forget_seen(&self) {
+        let mut seen = self.seen.lock().await;
+        while seen.try_recv().is_ok() {}
+    }
+}
+
+/// Runs `work` on a fresh thread inside namespace `ns`, on a single-threaded runtime.
+pub fn in_netns<T: Send + 'static>(
+    ns: &str,
+    work: impl AsyncFnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let ns = ns.to_owned();
+    std::thread::spawn(move || {
+        netns::enter(&ns)?;
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(work())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("a test thread panicked"))?
+}
+
+/// Builds the release `prism` binary and returns its path.
+pub fn build_prism() -> Result<PathBuf> {
+    let status = std::process::Command::new(env!("CARGO"))
+        .args(["build", "--release", "--quiet", "--package", "prism"])
+        .status()
+        .context("cannot run cargo")?;
+    ensure!(status.success(), "building prism failed");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("xtask has no parent directory")?;
+    Ok(root.join("target/release/prism"))
+}
+
+pub fn run(filter: Option<&str>) -> Result<()> {
+    ensure!(
+        crate::tools::is_root(),
+        "e2e needs root (network namespaces, TUN devices)"
+    );
+    netns::sweep();
+    crate::tools::ensure(&[
+        ("microsocks", "microsocks"),
+        ("danted", "dante-server"),
+        ("ip", "iproute2"),
+        ("ss", "iproute2"),
+        ("setpriv", "util-linux"),
+    ])?;
+    let prism = build_prism()?;
+    let logs = std::env::temp_dir().join(format!("prism-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&logs)?;
+    println!("e2e: logs in {}", logs.display());
+
+    let topo = Topology::build()?;
+    let servers = Servers::start(&topo.server, vec![topology::TARGET_V4, topology::TARGET_V6])?;
+    let _socks_auth = topo.start_socks(
+        topology::SOCKS_AUTH_PORT,
+        true,
+        &logs.join("microsocks-auth.log"),
+    )?;
+    let _dante = topo.start_dante(&logs)?;
+
+    let mut report = Report::default();
+    for upstream in Upstream::ALL {
+        suite(
+            &topo,
+            &servers,
+            &prism,
+            &logs,
+            upstream,
+            filter,
+            &mut report,
+        );
+    }
+    if selected(filter, "domain") {
+        report.record(
+            "socks5 domain",
+            "CONNECT by host name through dante",
+            domain(&topo),
+        );
+    }
+    if selected(filter, "contract") {
+        report.record(
+            "binary",
+            "one-line errors and clean exits",
+            contract(&topo, &prism, &logs),
+        );
+    }
+    drop(servers);
+    drop(topo);
+    report.finish()
+}
+
+fn selected(filter: Option<&str>, name: &str) -> bool {
+    filter.is_none_or(|f| name.contains(f))
+}
+
+#[derive(Debug, Default)]
+struct Report {
+    passed: usize,
+    failed: Vec<String>,
+}
+
+impl Report {
+    fn record(&mut self, group: &str, what: &str, result: Result<String>) {
+        match result {
+            Ok(note) => {
+                self.passed += 1;
+                println!("  ok    {group:<22} {what}{note}");
+            }
+            Err(error) => {
+                println!("  FAIL  {group:<22} {what}: {error:#}");
+                self.failed.push(format!("{group}: {what}: {error:#}"));
+            }
+        }
+    }
+
+    fn finish(self) -> Result<()> {
+        println!("e2e: {} passed, {} failed", self.passed, self.failed.len());
+        if self.failed.is_empty() {
+            Ok(())
+        } else {
+            bail!("e2e failures:\n{}", self.failed.join("\n"))
+        }
+    }
+}
+
+fn suite(
+    topo: &Topology,
+    servers: &Servers,
+    prism: &Path,
+    logs: &Path,
+    upstream: Upstream,
+    filter: Option<&str>,
+    report: &mut Report,
+) {
+    let cases: Vec<(IpAddr, Case)> = [topology::TARGET_V4, topology::TARGET_V6]
+        .into_iter()
+        .flat_map(|t| upstream.cases().iter().map(move |&c| (t, c)))
+        .filter(|(t, c)| {
+            let family = if t.is_ipv4() { "v4" } else { "v6" };
+            selected(filter, &format!("{} {family} {:?}", upstream.name(), c))
+        })
+        .collect();
+    if cases.is_empty() {
+        return;
+    }
+    println!("e2e: upstream {}", upstream.name());
+    let stats = logs.join(format!("stats-{}.json", upstream.name()));
+    let mut args = upstream.args(topo);
+    args.extend(["--stats-file".to_owned(), stats.display().to_string()]);
+    let log = logs.join(format!("prism-{}.log", upstream.name()));
+    let mut process = match topo.start_prism(prism, &args, &log) {
+        Ok(p) => p,
+        Err(error) => {
+            report.record(upstream.name(), "prism starts", Err(error));
+            return;
+        }
+    };
+    for (target, case) in cases {
+        let family = if target.is_ipv4() { "v4" } else { "v6" };
+        let ctx = Ctx {
+            target,
+            upstream,
+            seen: servers.seen(),
+        };
+        let started = Instant::now();
+        let result = in_netns(topo.client.name(), async move || {
+            ctx.forget_seen().await;
+            tokio::time::timeout(CASE_PATIENCE, run_case(case, &ctx))
+                .await
+                .with_context(|| format!("no result within {CASE_PATIENCE:?}"))?
+        });
+        let group = format!("{} {family}", upstream.name());
+        if result.is_err() {
+            save_kernel_counters(topo, logs, &format!("{group} {case:?}"));
+        }
+        let result =
+            result.map(|note| format!("{note} [{:.1} s]", started.elapsed().as_secs_f64()));
+        report.record(&group, case.name(), result);
+        if process.try_status().is_some() {
+            report.record(
+                &group,
+                "prism still running",
+                Err(anyhow::anyhow!(process.log())),
+            );
+            return;
+        }
+    }
+    report.record(
+        upstream.name(),
+        "SIGINT: exit 0, TUN and routes removed, no malformed drops",
+        stop_cleanly(topo, &mut process, Signal::SIGINT, &stats),
+    );
+}
+
+/// Keeps both kernels' TCP counters after a failure, to tell drops, overflows and resets apart.
+fn save_kernel_counters(topo: &Topology, logs: &Path, what: &str) {
+    let file = what.replace(' ', "-");
+    for ns in [&topo.client, &topo.server] {
+        if let Ok(counters) = ns.exec(&["nstat", "-az"]) {
+            let _ = std::fs::write(
+                logs.join(format!("nstat-{file}-{}.txt", ns.name())),
+                counters,
+            );
+        }
+    }
+}
+
+/// Stops prism with `signal` and checks the exit, the TUN and the counters.
+fn stop_cleanly(
+    topo: &Topology,
+    process: &mut Process,
+    signal: Signal,
+    stats: &Path,
+) -> Result<String> {
+    let status = process.stop(signal, Duration::from_secs(10))?;
+    ensure!(
+        status.success(),
+        "prism exited with {status}:\n{}",
+        process.log()
+    );
+    ensure!(topo.tun_gone(), "the TUN is still there after exit");
+    let routes = topo.client.ip("route show 10.200.0.0/16")?;
+    ensure!(
+        !routes.contains(topology::TUN),
+        "a route through the TUN is left: {routes}"
+    );
+    let counters = std::fs::read_to_string(stats).context("prism wrote no stats file")?;
+    for bad in ["drop_checksum", "drop_truncated", "drop_version"] {
+        ensure!(
+            counters.contains(&format!("\"{bad}\": 0")),
+            "kernel traffic was counted as malformed: {counters}"
+        );
+    }
+    Ok(String::new())
+}
+
+async fn run_case(case: Case, ctx: &Ctx) -> Result<String> {
+    match case {
+        Case::Upload => upload(ctx).await,
+        Case::Download => download(ctx).await,
+        Case::Concurrent => concurrent(ctx).await,
+        Case::HalfCloseClientFirst => half_close_client_first(ctx).await,
+        Case::HalfCloseServerFirst => half_close_server_first(ctx).await,
+        Case::ResetByServer => reset_by_server(ctx).await,
+        Case::ResetByClient => reset_by_client(ctx).await,
+        Case::ClosedPort => closed_port(ctx).await,
+    }
+}
+
+fn rate(bytes: usize, since: Instant) -> String {
+    let secs = since.elapsed().as_secs_f64().max(1e-9);
+    format!(" ({:.0} Mbit/s)", bytes as f64 * 8.0 / secs / 1e6)
+}
+
+async fn upload(ctx: &Ctx) -> Result<String> {
+    let data = pattern(1, BULK);
+    let expected = Sha256::digest(&data);
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(ctx.addr(servers::SINK)).await?;
+    stream.write_all(&data).await?;
+    stream.shutdown().await?;
+    let mut digest = [0u8; 32];
+    stream
+        .read_exact(&mut digest)
+        .await
+        .context("no digest from the server")?;
+    ensure!(
+        digest[..] == expected[..],
+        "the server received different bytes"
+    );
+    Ok(rate(BULK, started))
+}
+
+async fn download(ctx: &Ctx) -> Result<String> {
+    let expected = Sha256::digest(pattern(2, BULK));
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(ctx.addr(servers::SOURCE)).await?;
+    stream.write_u64(BULK as u64).await?;
+    stream.write_u64(2).await?;
+    let mut sha = Sha256::new();
+    let mut received = 0usize;
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        received += n;
+        sha.update(&buf[..n]);
+    }
+    ensure!(received == BULK, "received {received} bytes of {BULK}");
+    ensure!(
+        sha.finalize()[..] == expected[..],
+        "the client received different bytes"
+    );
+    Ok(rate(BULK, started))
+}
+
+async fn concurrent(ctx: &Ctx) -> Result<String> {
+    let addr = ctx.addr(servers::ECHO);
+    let streams = try_join_all((0..CONCURRENT).map(|_| TcpStream::connect(addr)))
+        .await
+        .context("not every connection was accepted")?;
+    // All are open at once; now each exchanges its own message.
+    try_join_all(
+        streams
+            .into_iter()
+            .enumerate()
+            .map(|(i, mut stream)| async move {
+                let message = pattern(i as u64 + 100, 1000 + i);
+                stream.write_all(&message).await?;
+                stream.shutdown().await?;
+                let mut echoed = Vec::new();
+                stream.read_to_end(&mut echoed).await?;
+                ensure!(echoed == message, "connection {i}: echo differs");
+                Ok(())
+            }),
+    )
+    .await?;
+    Ok(String::new())
+}
+
+async fn half_close_client_first(ctx: &Ctx) -> Result<String> {
+    let message = pattern(3, 1024 * 1024);
+    let mut stream = TcpStream::connect(ctx.addr(servers::ECHO)).await?;
+    let (mut reader, mut writer) = stream.split();
+    let write = async {
+        writer.write_all(&message).await?;
+        writer.shutdown().await // our FIN; the echo keeps coming
+    };
+    let mut echoed = Vec::new();
+    let (w, r) = tokio::join!(write, reader.read_to_end(&mut echoed));
+    w?;
+    r?;
+    ensure!(
+        echoed == message,
+        "after our FIN the server's remaining bytes did not all arrive"
+    );
+    Ok(String::new())
+}
+
+async fn half_close_server_first(ctx: &Ctx) -> Result<String> {
+    let mut stream = TcpStream::connect(ctx.addr(servers::CLOSES_FIRST)).await?;
+    let mut greeting = Vec::new();
+    stream.read_to_end(&mut greeting).await?;
+    ensure!(
+        greeting == servers::SERVER_FIRST,
+        "the server's bytes before its FIN differ"
+    );
+    let after = pattern(4, 256 * 1024);
+    stream
+        .write_all(&after)
+        .await
+        .context("cannot write after the server's FIN")?;
+    stream.shutdown().await?;
+    let expected = Seen::AfterFin {
+        bytes: after.len() as u64,
+        sha256: Sha256::digest(&after).into(),
+    };
+    let seen = ctx.next_seen().await?;
+    ensure!(seen == expected, "the server saw {seen:?} after its FIN");
+    Ok(String::new())
+}
+
+async fn reset_by_server(ctx: &Ctx) -> Result<String> {
+    let mut stream = TcpStream::connect(ctx.addr(servers::RESETS)).await?;
+    stream.write_all(b"ping").await?;
+    let mut buf = [0u8; 16];
+    let outcome = tokio::time::timeout(Duration::from_secs(20), stream.read(&mut buf))
+        .await
+        .context("the connection neither reset nor closed")?;
+    match outcome {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(" (RST)".to_owned()),
+        Ok(0) if !ctx.upstream.carries_resets() => {
+            Ok(" (FIN: the SOCKS5 server turns RST into FIN)".to_owned())
+        }
+        other => bail!("expected a reset, got {other:?}"),
+    }
+}
+
+async fn reset_by_client(ctx: &Ctx) -> Result<String> {
+    let mut stream = TcpStream::connect(ctx.addr(servers::OBSERVES)).await?;
+    stream.write_all(&[7u8; 1000]).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stream.set_zero_linger()?;
+    drop(stream);
+    match ctx.next_seen().await? {
+        Seen::Ended {
+            bytes: 1000,
+            reset: true,
+        } => Ok(" (RST)".to_owned()),
+        Seen::Ended {
+            bytes: 1000,
+            reset: false,
+        } if !ctx.upstream.carries_resets() => {
+            Ok(" (FIN: the SOCKS5 server turns RST into FIN)".to_owned())
+        }
+        other => bail!("expected the server to see 1000 bytes then a reset, saw {other:?}"),
+    }
+}
+
+async fn closed_port(ctx: &Ctx) -> Result<String> {
+    // Fast handshake: the handshake completes at once and the refusal then arrives as a reset,
+    // sometimes before connect() has even returned.
+    let mut stream = match TcpStream::connect(ctx.addr(servers::CLOSED)).await {
+        Ok(stream) => stream,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+            return Ok(" (reset before connect returned)".to_owned());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let mut buf = [0u8; 16];
+    let outcome = tokio::time::timeout(Duration::from_secs(20), stream.read(&mut buf))
+        .await
+        .context("the connection to a closed port stayed open")?;
+    match outcome {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(String::new()),
+        other => bail!("expected a reset for a closed port, got {other:?}"),
+    }
+}
+
+/// SOCKS5 CONNECT by host name (address type 3) through dante, which resolves it in the
+/// server namespace.
+fn domain(topo: &Topology) -> Result<String> {
+    in_netns(topo.client.name(), async || {
+        let url = format!("socks5://{}:{}", topology::SERVER_V4, topology::DANTE_PORT).parse()?;
+        let socks = Socks5::new(url, Direct::new());
+        let mut stream = socks
+            .connect(&Target::Domain(topology::TARGET_HOST.into(), servers::ECHO))
+            .await?;
+        let message = pattern(5, 4096);
+        stream.write_all(&message).await?;
+        stream.shutdown().await?;
+        let mut echoed = Vec::new();
+        stream.read_to_end(&mut echoed).await?;
+        ensure!(echoed == message, "echo by host name differs");
+        Ok(String::new())
+    })
+}
+
+/// The binary's contract: errors are one clear line and a non-zero exit; SIGTERM is a clean stop.
+fn contract(topo: &Topology, prism: &Path, logs: &Path) -> Result<String> {
+    let prism_str = prism.to_str().context("non-UTF-8 path")?;
+    let base = topo.prism_args("direct");
+    let with = |extra: &[&str]| -> Vec<String> {
+        let mut args = base.clone();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    };
+    let expect_error = |args: Vec<String>, as_nobody: bool, says: &str| -> Result<()> {
+        let mut command = if as_nobody {
+            let mut c = topo.client.command("setpriv");
+            c.args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                prism_str,
+            ]);
+            c
+        } else {
+            topo.client.command(prism)
+        };
+        let output = command.args(&args).output()?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        ensure!(!output.status.success(), "{args:?} succeeded");
+        ensure!(
+            stderr.contains(says),
+            "{args:?}: expected {says:?} in:\n{stderr}"
+        );
+        ensure!(topo.tun_gone(), "{args:?} left a TUN behind");
+        Ok(())
+    };
+    let mut bad_cidr = base.clone();
+    if let Some(a) = bad_cidr.iter_mut().find(|a| *a == "10.99.0.1/24") {
+        *a = "10.99.0.1/33".into();
+    }
+    expect_error(bad_cidr, false, "bad CIDR")?;
+    let mut bad_url = base.clone();
+    if let Some(a) = bad_url.iter_mut().find(|a| *a == "direct") {
+        *a = "socks5://nowhere".into();
+    }
+    expect_error(bad_url, false, "bad SOCKS5 URL")?;
+    expect_error(with(&[]), true, "permission denied; run as root")?;
+    let one_line = topo
+        .client
+        .command("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            prism_str,
+        ])
+        .args(&base)
+        .output()?;
+    let lines = String::from_utf8_lossy(&one_line.stderr).lines().count();
+    ensure!(lines == 1, "an error should be one line, got {lines}");
+
+    // A second prism on the same TUN name: busy. Then SIGTERM stops the first cleanly.
+    let stats = logs.join("stats-contract.json");
+    let mut first = topo.start_prism(
+        prism,
+        &with(&["--stats-file", &stats.display().to_string()]),
+        &logs.join("prism-contract.log"),
+    )?;
+    let second = topo.client.command(prism).args(&base).output()?;
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    ensure!(
+        !second.status.success(),
+        "a second prism on {} started",
+        topology::TUN
+    );
+    ensure!(stderr.contains("busy"), "expected \"busy\" in:\n{stderr}");
+    stop_cleanly(topo, &mut first, Signal::SIGTERM, &stats)?;
+    Ok(String::new())
+}

@@ -1,0 +1,67 @@
+//! Prism's developer tasks (the matklad xtask pattern): `cargo xtask <task>`.
+//!
+//! - `ci`: format check, clippy with `-D warnings`, the tests, and as root the e2e suite.
+//! - `e2e`: Prism between the Linux kernel's TCP and real servers, in network namespaces.
+//! - `demo`: the main job on an embedded default: namespaces, a web server, curl through Prism.
+//!
+//! Invariant: everything privileged creates its namespaces and processes through the guards in
+//! `netns.rs`, which remove them when dropped, pass or fail.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    clippy::panic,
+    reason = "developer tooling; failures are reported, not survived"
+)]
+#![allow(
+    unreachable_pub,
+    reason = "a binary: pub marks each module's interface"
+)]
+
+mod ci;
+mod demo;
+mod e2e;
+mod netns;
+mod servers;
+mod tools;
+mod topology;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(about = "Prism's developer tasks")]
+struct Xtask {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Format check, clippy, tests, and (as root) the e2e suite.
+    Ci,
+    /// End-to-end tests in network namespaces (root).
+    E2e {
+        /// Only cases whose name contains this (for example "socks5 v6" or "contract").
+        filter: Option<String>,
+    },
+    /// Fetch through Prism with curl on a self-contained topology and report (root).
+    Demo,
+}
+
+fn main() -> ExitCode {
+    let result = match Xtask::parse().task {
+        Task::Ci => ci::run(),
+        Task::E2e { filter } => e2e::run(filter.as_deref()),
+        Task::Demo => demo::run(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("xtask: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

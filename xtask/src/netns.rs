@@ -1,0 +1,206 @@
+//! Guards for what the privileged tasks create: network namespaces and processes. Each removes
+//! what it made when dropped, pass or fail; [`sweep`] removes what a killed run left behind.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// Every namespace xtask makes is named `prism-<role>-<pid>`.
+const PREFIX: &str = "prism-";
+
+/// Runs a command to completion; fails with its stderr if it fails.
+pub fn run(program: &str, args: &[&str]) -> Result<String> {
+    let output = Command::new(program)
+        .args(args)
+        .output()
+        .with_context(|| format!("cannot run {program}"))?;
+    if !output.status.success() {
+        bail!(
+            "{program} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+}
+
+/// A network namespace, deleted on drop.
+#[derive(Debug)]
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates `prism-<role>-<pid>` with loopback up.
+    pub fn create(role: &str) -> Result<Self> {
+        let name = format!("{PREFIX}{role}-{}", std::process::id());
+        run("ip", &["netns", "add", &name])?;
+        let ns = Self { name };
+        ns.ip("link set lo up")?;
+        Ok(ns)
+    }
+
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `ip <args>` inside the namespace (args split on whitespace).
+    pub fn ip(&self, args: &str) -> Result<String> {
+        let mut all = vec!["-n", &self.name];
+        all.extend(args.split_whitespace());
+        run("ip", &all)
+    }
+
+    /// Runs a command inside the namespace to completion.
+    pub fn exec(&self, args: &[&str]) -> Result<String> {
+        let mut all = vec!["netns", "exec", &self.name];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+
+    /// A command that will run inside the namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = Command::new("ip");
+        command.args(["netns", "exec", &self.name]).arg(program);
+        command
+    }
+
+    /// Hosts file for processes started in this namespace with `ip netns exec`.
+    pub fn set_hosts(&self, hosts: &str) -> Result<()> {
+        let dir = self.etc_dir();
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("hosts"), hosts)?;
+        Ok(())
+    }
+
+    fn etc_dir(&self) -> PathBuf {
+        Path::new("/etc/netns").join(&self.name)
+    }
+}
+
+/// Moves the calling thread into namespace `name`.
+pub fn enter(name: &str) -> Result<()> {
+    let file = File::open(Path::new("/var/run/netns").join(name))
+        .with_context(|| format!("namespace {name} is gone"))?;
+    nix::sched::setns(file, nix::sched::CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("cannot enter namespace {name}"))
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = run("ip", &["netns", "del", &self.name]);
+        let _ = std::fs::remove_dir_all(self.etc_dir());
+    }
+}
+
+/// Deletes namespaces left behind by xtask runs whose process is gone.
+pub fn sweep() {
+    let Ok(list) = run("ip", &["netns", "list"]) else {
+        return;
+    };
+    for line in list.lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        let Some(rest) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
+        let Some(pid) = rest.rsplit('-').next().and_then(|p| p.parse::<i32>().ok()) else {
+            continue;
+        };
+        if pid != std::process::id() as i32 && kill(Pid::from_raw(pid), None).is_err() {
+            eprintln!("xtask: removing namespace {name} left by an earlier run");
+            let _ = run("ip", &["netns", "del", name]);
+            let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(name));
+        }
+    }
+}
+
+/// A child process, killed on drop if still running.
+#[derive(Debug)]
+pub struct Process {
+    child: Child,
+    name: String,
+    log: Option<PathBuf>,
+}
+
+impl Process {
+    /// Starts `command` with stdout and stderr to `log` (or discarded).
+    pub fn spawn(name: &str, mut command: Command, log: Option<&Path>) -> Result<Self> {
+        let (out, err) = match log {
+            Some(path) => {
+                let file = File::create(path)?;
+                (Stdio::from(file.try_clone()?), Stdio::from(file))
+            }
+            None => (Stdio::null(), Stdio::null()),
+        };
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        Ok(Self {
+            child,
+            name: name.to_owned(),
+            log: log.map(Path::to_owned),
+        })
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> String {
+        self.log
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
+    }
+
+    /// Whether it has exited (and how).
+    pub fn try_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Sends `signal` and waits up to `patience` for the exit.
+    pub fn stop(&mut self, signal: Signal, patience: Duration) -> Result<ExitStatus> {
+        let pid = Pid::from_raw(self.child.id() as i32);
+        if self.try_status().is_none() {
+            kill(pid, signal).with_context(|| format!("cannot signal {}", self.name))?;
+        }
+        let deadline = Instant::now() + patience;
+        loop {
+            if let Some(status) = self.try_status() {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                bail!("{} did not exit within {patience:?} of {signal}", self.name);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if self.try_status().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Waits until `check` passes, up to `patience`.
+pub fn wait_for(what: &str, patience: Duration, mut check: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + patience;
+    while !check() {
+        if Instant::now() > deadline {
+            bail!("timed out after {patience:?} waiting for {what}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}

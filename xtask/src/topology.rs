@@ -1,0 +1,212 @@
+//! The standard e2e topology:
+//!
+//! ```text
+//!  client ns                                          server ns
+//!  kernel TCP client ── prism0 (TUN) ── prism ── veth ── microsocks, test servers
+//!  10.99.0.1/24, fd99::1/64            172.31.0.1   172.31.0.2   targets 10.200.0.1,
+//!                                      fd31::1      fd31::2      fd00:200::1 (on lo)
+//! ```
+//!
+//! The targets are routed into the TUN. `direct` upstream sockets must bypass it: with
+//! `--fwmark 0x99`, a rule sends marked packets to table 99, which routes the targets over the
+//! veth; with `--bind-interface`, a higher-metric veth route in the main table is the only one
+//! a socket bound to the veth can use.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+
+use crate::netns::{Netns, Process, wait_for};
+
+pub const TARGET_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 200, 0, 1));
+pub const TARGET_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 1));
+pub const TARGET_HOST: &str = "target.prism.test";
+pub const SERVER_V4: &str = "172.31.0.2";
+pub const SERVER_V6: &str = "fd31::2";
+pub const TUN: &str = "prism0";
+pub const FWMARK: &str = "0x99";
+/// microsocks, with username/password authentication.
+pub const SOCKS_AUTH_PORT: u16 = 1081;
+/// dante (danted), which carries half-closes.
+pub const DANTE_PORT: u16 = 1082;
+pub const SOCKS_USER: &str = "prism";
+pub const SOCKS_PASS: &str = "s3cret:pw";
+
+/// Both namespaces and the link between them.
+#[derive(Debug)]
+pub struct Topology {
+    pub client: Netns,
+    pub server: Netns,
+    /// The client's end of the veth.
+    pub client_veth: String,
+}
+
+impl Topology {
+    pub fn build() -> Result<Self> {
+        let client = Netns::create("client")?;
+        let server = Netns::create("server")?;
+        let pid = std::process::id();
+        let (cv, sv) = (format!("pvc{pid}"), format!("pvs{pid}"));
+        crate::netns::run(
+            "ip",
+            &[
+                "link",
+                "add",
+                &cv,
+                "netns",
+                client.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                &sv,
+                "netns",
+                server.name(),
+            ],
+        )?;
+        client.ip(&format!("addr add 172.31.0.1/24 dev {cv}"))?;
+        client.ip(&format!("-6 addr add fd31::1/64 dev {cv} nodad"))?;
+        client.ip(&format!("link set {cv} up"))?;
+        server.ip(&format!("addr add {SERVER_V4}/24 dev {sv}"))?;
+        server.ip(&format!("-6 addr add {SERVER_V6}/64 dev {sv} nodad"))?;
+        server.ip(&format!("link set {sv} up"))?;
+        server.ip(&format!("addr add {TARGET_V4}/32 dev lo"))?;
+        server.ip(&format!("-6 addr add {TARGET_V6}/128 dev lo nodad"))?;
+        // Bypass routes for `direct`: by mark (table 99) and by interface (higher metric).
+        client.ip(&format!("rule add fwmark {FWMARK} lookup 99"))?;
+        client.ip(&format!("-6 rule add fwmark {FWMARK} lookup 99"))?;
+        client.ip(&format!(
+            "route add 10.200.0.0/16 via {SERVER_V4} dev {cv} table 99"
+        ))?;
+        client.ip(&format!(
+            "-6 route add fd00:200::/64 via {SERVER_V6} dev {cv} table 99"
+        ))?;
+        client.ip(&format!(
+            "route add 10.200.0.0/16 via {SERVER_V4} dev {cv} metric 500"
+        ))?;
+        client.ip(&format!(
+            "-6 route add fd00:200::/64 via {SERVER_V6} dev {cv} metric 2000"
+        ))?;
+        server.set_hosts(&format!("127.0.0.1 localhost\n{TARGET_V4} {TARGET_HOST}\n"))?;
+        Ok(Self {
+            client,
+            server,
+            client_veth: cv,
+        })
+    }
+
+    /// Starts microsocks in the server namespace on `port`, with credentials if `auth`.
+    pub fn start_socks(&self, port: u16, auth: bool, log: &Path) -> Result<Process> {
+        let mut command = self.server.command("microsocks");
+        command.args(["-i", "::", "-p", &port.to_string()]);
+        if auth {
+            command.args(["-u", SOCKS_USER, "-P", SOCKS_PASS]);
+        }
+        let process = Process::spawn("microsocks", command, Some(log))?;
+        let ss = format!("sport = :{port}");
+        wait_for("microsocks to listen", Duration::from_secs(10), || {
+            self.server
+                .exec(&["ss", "-Hltn", &ss])
+                .is_ok_and(|out| !out.trim().is_empty())
+        })?;
+        Ok(process)
+    }
+
+    /// Starts dante's `danted` in the server namespace, with its configuration in `dir`.
+    pub fn start_dante(&self, dir: &Path) -> Result<Process> {
+        let config = dir.join("danted.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "logoutput: stderr\n\
+                 internal: {SERVER_V4} port = {DANTE_PORT}\n\
+                 internal: {SERVER_V6} port = {DANTE_PORT}\n\
+                 external: lo\n\
+                 clientmethod: none\n\
+                 socksmethod: none\n\
+                 user.privileged: root\n\
+                 user.unprivileged: nobody\n\
+                 client pass {{ from: 0/0 to: 0/0 log: error }}\n\
+                 socks pass {{ from: 0/0 to: 0/0 log: error }}\n"
+            ),
+        )?;
+        let mut command = self.server.command("danted");
+        command
+            .arg("-f")
+            .arg(&config)
+            .args(["-p"])
+            .arg(dir.join("danted.pid"));
+        let process = Process::spawn("danted", command, Some(&dir.join("danted.log")))?;
+        let ss = format!("sport = :{DANTE_PORT}");
+        wait_for("danted to listen", Duration::from_secs(10), || {
+            self.server
+                .exec(&["ss", "-Hltn", &ss])
+                .is_ok_and(|out| out.lines().count() >= 2)
+        })
+        .with_context(|| std::fs::read_to_string(dir.join("danted.log")).unwrap_or_default())?;
+        Ok(process)
+    }
+
+    /// The arguments of `prism run` in this topology.
+    pub fn prism_args(&self, upstream: &str) -> Vec<String> {
+        [
+            "run",
+            "--tun",
+            TUN,
+            "--address",
+            "10.99.0.1/24",
+            "--address",
+            "fd99::1/64",
+            "--route",
+            "10.200.0.0/16",
+            "--route",
+            "fd00:200::/64",
+            "--upstream",
+            upstream,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// Starts `prism` in the client namespace and waits until its routes are in place.
+    pub fn start_prism(&self, prism: &Path, args: &[String], log: &Path) -> Result<Process> {
+        let mut command: Command = self.client.command(prism);
+        command.args(args).env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or("info".into()),
+        );
+        let mut process = Process::spawn("prism", command, Some(log))?;
+        let ready = wait_for(
+            "prism to route into its TUN",
+            Duration::from_secs(20),
+            || {
+                self.client
+                    .ip(&format!("route show dev {TUN}"))
+                    .is_ok_and(|r| r.contains("10.200.0.0/16"))
+                    && self
+                        .client
+                        .ip(&format!("-6 route show dev {TUN}"))
+                        .is_ok_and(|r| r.contains("fd00:200::/64"))
+            },
+        );
+        if let Err(error) = ready {
+            if let Some(status) = process.try_status() {
+                bail!(
+                    "prism exited with {status} before it was ready:\n{}",
+                    process.log()
+                );
+            }
+            return Err(error).context(process.log());
+        }
+        Ok(process)
+    }
+
+    /// Whether the TUN is gone from the client namespace.
+    pub fn tun_gone(&self) -> bool {
+        self.client.ip(&format!("link show {TUN}")).is_err()
+    }
+}
