@@ -9,7 +9,8 @@
     clippy::unwrap_used,
     clippy::expect_used,
     clippy::panic,
-    reason = "test harness"
+    clippy::indexing_slicing,
+    reason = "test harness: a failure should stop the test loudly"
 )]
 
 use std::net::SocketAddr;

@@ -1,0 +1,443 @@
+//! The whole stack in process: a smoltcp client on an in-memory link, Prism, `serve` with a
+//! connector that sends every connection to a server on loopback.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing,
+    reason = "tests"
+)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use prism_stack::{Config, Rejection};
+use prism_tests::{Client, start_stack, tcp_flags_v4, tcp_v4};
+use prism_tunnel::{ConnectError, Connector, Target, serve};
+use smoltcp::socket::tcp::State;
+use smoltcp::wire::TcpControl;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+const CLIENT_V4: &str = "10.0.0.2";
+const TARGET_V4: &str = "192.0.2.1:80";
+const TARGET_V6: &str = "[2001:db8::1]:443";
+
+/// Sends every connection to one loopback address, whatever its destination.
+struct Redirect(SocketAddr);
+
+impl Connector for Redirect {
+    type Upstream = TcpStream;
+
+    async fn connect(&self, _target: &Target) -> Result<TcpStream, ConnectError> {
+        Ok(TcpStream::connect(self.0).await?)
+    }
+}
+
+/// A loopback server running `handler` for each connection; what the handler returns is sent
+/// on the returned channel.
+async fn upstream<T, F, Fut>(handler: F) -> (SocketAddr, mpsc::UnboundedReceiver<T>)
+where
+    T: Send + 'static,
+    F: Fn(TcpStream) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+{
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let handler = Arc::new(handler);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (handler, tx) = (Arc::clone(&handler), tx.clone());
+            tokio::spawn(async move {
+                let _ = tx.send(handler(stream).await);
+            });
+        }
+    });
+    (addr, rx)
+}
+
+/// A stack serving through `Redirect(to)`, and a client on it.
+fn prism_to(to: SocketAddr, config: Config) -> (Client, Arc<prism_stack::Counters>) {
+    let (link, requests, counters) = start_stack(config);
+    tokio::spawn(serve(requests, Arc::new(Redirect(to))));
+    (Client::new(link), counters)
+}
+
+fn local(port: u16, v6: bool) -> SocketAddr {
+    if v6 {
+        format!("[fd00::2]:{port}").parse().unwrap()
+    } else {
+        format!("{CLIENT_V4}:{port}").parse().unwrap()
+    }
+}
+
+fn data(len: usize, seed: u8) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+async fn echo(mut stream: TcpStream) -> Vec<u8> {
+    let mut all = Vec::new();
+    let mut buf = vec![0; 65536];
+    loop {
+        let n = stream.read(&mut buf).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        all.extend_from_slice(&buf[..n]);
+        stream.write_all(&buf[..n]).await.unwrap();
+    }
+    stream.shutdown().await.unwrap();
+    all
+}
+
+async fn bytes_both_ways(v6: bool) {
+    let (addr, mut seen) = upstream(echo).await;
+    let (mut client, counters) = prism_to(addr, Config::default());
+    let target = if v6 { TARGET_V6 } else { TARGET_V4 };
+    let h = client.connect(local(40000, v6), target.parse().unwrap(), 256 * 1024);
+    let message = data(4 * 1024 * 1024, 7);
+
+    // Send and receive at once: the echo comes back while we are still sending.
+    let mut sent = 0;
+    let mut echoed = Vec::new();
+    client
+        .until("the whole echo", |c| {
+            let socket = c.socket(h);
+            if socket.may_send() && sent < message.len() {
+                sent += socket.send_slice(&message[sent..]).unwrap();
+                if sent == message.len() {
+                    socket.close();
+                }
+            }
+            while socket.can_recv() {
+                socket
+                    .recv(|b| (b.len(), echoed.extend_from_slice(b)))
+                    .unwrap();
+            }
+            (echoed.len() == message.len() && !socket.may_recv()).then_some(())
+        })
+        .await;
+    assert!(echoed == message, "echo differs");
+    let received = client
+        .until("the upstream's EOF", |_| seen.try_recv().ok())
+        .await;
+    assert!(received == message, "the upstream got different bytes");
+    let counters = counters.snapshot();
+    assert_eq!(counters.connections_opened, 1);
+    assert_eq!(counters.drop_checksum + counters.drop_truncated, 0);
+}
+
+#[tokio::test]
+async fn four_mib_cross_intact_both_ways_over_ipv4() {
+    bytes_both_ways(false).await;
+}
+
+#[tokio::test]
+async fn four_mib_cross_intact_both_ways_over_ipv6() {
+    bytes_both_ways(true).await;
+}
+
+#[tokio::test]
+async fn after_the_clients_fin_the_upstreams_rest_still_arrives() {
+    // The upstream reads to EOF first, then answers: only possible if our FIN reached it as
+    // a half-close and its answer still reaches us.
+    let (addr, _seen) = upstream(|mut s: TcpStream| async move {
+        let mut request = Vec::new();
+        s.read_to_end(&mut request).await.unwrap();
+        s.write_all(&request.repeat(3)).await.unwrap();
+    })
+    .await;
+    let (mut client, _) = prism_to(addr, Config::default());
+    let h = client.connect(local(40001, false), TARGET_V4.parse().unwrap(), 65536);
+    client
+        .until("established", |c| c.socket(h).may_send().then_some(()))
+        .await;
+    client.send_all(h, b"question").await;
+    client.socket(h).close();
+    let answer = client.recv_to_end(h).await;
+    assert_eq!(answer, b"questionquestionquestion");
+}
+
+#[tokio::test]
+async fn after_the_upstreams_fin_the_client_can_still_send() {
+    let (addr, mut seen) = upstream(|mut s: TcpStream| async move {
+        s.write_all(b"bye").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).await.unwrap();
+        rest
+    })
+    .await;
+    let (mut client, _) = prism_to(addr, Config::default());
+    let h = client.connect(local(40002, false), TARGET_V4.parse().unwrap(), 65536);
+    let greeting = client.recv_to_end(h).await;
+    assert_eq!(greeting, b"bye");
+    assert_eq!(
+        client.socket(h).state(),
+        State::CloseWait,
+        "the upstream's FIN did not arrive"
+    );
+    client.send_all(h, b"still talking").await;
+    client.socket(h).close();
+    let rest = client
+        .until("the upstream's EOF", |_| seen.try_recv().ok())
+        .await;
+    assert_eq!(rest, b"still talking");
+}
+
+#[tokio::test]
+async fn a_client_reset_reaches_the_upstream() {
+    let (addr, mut seen) = upstream(|mut s: TcpStream| async move {
+        let mut buf = [0u8; 64];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) => return "eof",
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return "reset",
+                Err(_) => return "error",
+            }
+        }
+    })
+    .await;
+    let (mut client, counters) = prism_to(addr, Config::default());
+    let h = client.connect(local(40003, false), TARGET_V4.parse().unwrap(), 65536);
+    client
+        .until("established", |c| c.socket(h).may_send().then_some(()))
+        .await;
+    client.send_all(h, b"hello").await;
+    // Let the upstream connection come up before resetting.
+    client
+        .until("the request served", |_| {
+            (counters.snapshot().requests_offered == 1).then_some(())
+        })
+        .await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    client.socket(h).abort();
+    let ending = client
+        .until("the upstream's verdict", |_| seen.try_recv().ok())
+        .await;
+    assert_eq!(ending, "reset");
+}
+
+#[tokio::test]
+async fn an_upstream_reset_reaches_the_client() {
+    let (addr, _seen) = upstream(|mut s: TcpStream| async move {
+        let mut buf = [0u8; 5];
+        s.read_exact(&mut buf).await.unwrap();
+        s.set_zero_linger().unwrap();
+    })
+    .await;
+    let (mut client, counters) = prism_to(addr, Config::default());
+    let h = client.connect(local(40004, false), TARGET_V4.parse().unwrap(), 65536);
+    client
+        .until("established", |c| c.socket(h).may_send().then_some(()))
+        .await;
+    client.send_all(h, b"hello").await;
+    client
+        .until("a reset", |c| {
+            (c.socket(h).state() == State::Closed).then_some(())
+        })
+        .await;
+    assert_eq!(counters.snapshot().connections_reset, 1);
+}
+
+#[tokio::test]
+async fn a_rejected_request_resets_the_client() {
+    let (link, mut requests, counters) = start_stack(Config::default());
+    tokio::spawn(async move {
+        while let Some(request) = requests.next().await {
+            request.reject(Rejection::Refused);
+        }
+    });
+    let mut client = Client::new(link);
+    let h = client.connect(local(40005, false), TARGET_V4.parse().unwrap(), 4096);
+    client
+        .until("a reset", |c| {
+            (c.socket(h).state() == State::Closed).then_some(())
+        })
+        .await;
+    let counters = counters.snapshot();
+    assert_eq!(
+        (counters.requests_rejected, counters.connections_reset),
+        (1, 1)
+    );
+}
+
+#[tokio::test]
+async fn an_application_that_stopped_listening_resets_new_clients() {
+    let (link, requests, counters) = start_stack(Config::default());
+    drop(requests);
+    let mut client = Client::new(link);
+    let h = client.connect(local(40006, false), TARGET_V4.parse().unwrap(), 4096);
+    client
+        .until("a reset", |c| {
+            (c.socket(h).state() == State::Closed).then_some(())
+        })
+        .await;
+    assert_eq!(counters.snapshot().requests_dropped, 1);
+}
+
+#[tokio::test]
+async fn two_hundred_connections_at_once_each_get_their_own_bytes() {
+    let (addr, _seen) = upstream(echo).await;
+    let (mut client, counters) = prism_to(addr, Config::default());
+    let handles: Vec<_> = (0..200u16)
+        .map(|i| client.connect(local(41000 + i, false), TARGET_V4.parse().unwrap(), 8192))
+        .collect();
+    client
+        .until("all established", |c| {
+            handles
+                .iter()
+                .all(|&h| c.socket(h).may_send())
+                .then_some(())
+        })
+        .await;
+    for (i, &h) in handles.iter().enumerate() {
+        let message = data(1000, i as u8);
+        assert_eq!(client.socket(h).send_slice(&message).unwrap(), 1000);
+        client.socket(h).close();
+    }
+    let mut got = vec![Vec::new(); handles.len()];
+    client
+        .until("every echo", |c| {
+            let mut done = true;
+            for (i, &h) in handles.iter().enumerate() {
+                let socket = c.socket(h);
+                while socket.can_recv() {
+                    socket
+                        .recv(|b| (b.len(), got[i].extend_from_slice(b)))
+                        .unwrap();
+                }
+                done &= !socket.may_recv() && !socket.can_recv();
+            }
+            done.then_some(())
+        })
+        .await;
+    for (i, echoed) in got.iter().enumerate() {
+        assert_eq!(*echoed, data(1000, i as u8), "connection {i}");
+    }
+    assert_eq!(counters.snapshot().connections_opened, 200);
+}
+
+// Raw packets: what the stack answers to SYNs and junk, seen on the wire.
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+/// (SYN-ACKs, RSTs) among captured packets.
+fn count_replies(packets: &[Bytes]) -> (usize, usize) {
+    let flags: Vec<_> = packets.iter().filter_map(|p| tcp_flags_v4(p)).collect();
+    let syn_acks = flags.iter().filter(|(syn, ack, _, _)| *syn && *ack).count();
+    let rsts = flags.iter().filter(|(_, _, rst, _)| *rst).count();
+    (syn_acks, rsts)
+}
+
+#[tokio::test]
+async fn a_retransmitted_syn_creates_nothing_new() {
+    let (link, _requests, counters) = start_stack(Config::default());
+    let mut client = Client::new(link);
+    let syn = tcp_v4(
+        addr("10.0.0.2:50000"),
+        addr(TARGET_V4),
+        TcpControl::Syn,
+        1000,
+        &[],
+    );
+    client.inject(syn.clone()).await;
+    client.inject(syn.clone()).await;
+    client.inject(syn).await;
+    let replies = client.capture(Duration::from_millis(200)).await;
+    let (syn_acks, rsts) = count_replies(&replies);
+    assert!(syn_acks >= 1, "no SYN-ACK in {replies:?}");
+    assert_eq!(rsts, 0);
+    let counters = counters.snapshot();
+    assert_eq!(counters.connections_opened, 1, "{counters}");
+}
+
+#[tokio::test]
+async fn syns_beyond_the_half_open_cap_are_reset_and_counted() {
+    let mut config = Config::default();
+    config.max_half_open = 2;
+    let (link, _requests, counters) = start_stack(config);
+    let mut client = Client::new(link);
+    for port in [50001, 50002, 50003] {
+        let src = addr(&format!("10.0.0.2:{port}"));
+        client
+            .inject(tcp_v4(src, addr(TARGET_V4), TcpControl::Syn, 1, &[]))
+            .await;
+    }
+    let replies = client.capture(Duration::from_millis(200)).await;
+    assert_eq!(count_replies(&replies), (2, 1), "{replies:?}");
+    let counters = counters.snapshot();
+    assert_eq!((counters.connections_opened, counters.syn_refused), (2, 1));
+}
+
+#[tokio::test]
+async fn a_segment_for_no_connection_is_reset() {
+    let (link, _requests, counters) = start_stack(Config::default());
+    let mut client = Client::new(link);
+    let stray = tcp_v4(
+        addr("10.0.0.2:50004"),
+        addr(TARGET_V4),
+        TcpControl::Psh,
+        5,
+        b"data",
+    );
+    client.inject(stray).await;
+    let replies = client.capture(Duration::from_millis(200)).await;
+    assert_eq!(count_replies(&replies), (0, 1));
+    assert_eq!(counters.snapshot().no_connection, 1);
+}
+
+#[tokio::test]
+async fn junk_is_counted_and_changes_nothing_else() {
+    let (addr_up, _seen) = upstream(echo).await;
+    let (mut client, counters) = prism_to(addr_up, Config::default());
+    let good = tcp_v4(
+        addr("10.0.0.2:50005"),
+        addr(TARGET_V4),
+        TcpControl::Syn,
+        1,
+        &[],
+    );
+
+    let mut bad_checksum = good.to_vec();
+    let last = bad_checksum.len() - 1;
+    bad_checksum[last - 10] ^= 0x55; // inside the TCP header: checksum fails
+    let mut udp = good.to_vec();
+    udp[9] = 17; // protocol UDP
+    let ip = &mut smoltcp::wire::Ipv4Packet::new_unchecked(&mut udp[..]);
+    ip.fill_checksum();
+    let junk = [
+        Bytes::new(),
+        Bytes::from_static(&[0xff; 40]),
+        good.slice(..30),
+        Bytes::from(bad_checksum),
+        Bytes::from(udp),
+    ];
+    for packet in junk {
+        client.inject(packet).await;
+    }
+    let replies = client.capture(Duration::from_millis(100)).await;
+    assert!(replies.is_empty(), "junk was answered: {replies:?}");
+
+    // The stack still serves.
+    let h = client.connect(local(40007, false), TARGET_V4.parse().unwrap(), 4096);
+    client
+        .until("established", |c| c.socket(h).may_send().then_some(()))
+        .await;
+
+    let c = counters.snapshot();
+    assert_eq!(c.drop_version, 2, "{c}");
+    assert_eq!(c.drop_truncated, 1, "{c}");
+    assert_eq!(c.drop_checksum, 1, "{c}");
+    assert_eq!(c.drop_not_tcp, 1, "{c}");
+    assert_eq!(c.connections_opened, 1, "{c}");
+}
