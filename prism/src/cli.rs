@@ -79,6 +79,10 @@ pub(crate) struct RunArgs {
     /// Receive and send buffer of each TCP connection, in KiB.
     #[arg(long, default_value_t = 2048, value_name = "KIB", value_parser = clap::value_parser!(u32).range(4..=65536))]
     pub(crate) tcp_buffer_kib: u32,
+    /// Packets the kernel may queue on the TUN for Prism (Linux's default, 500, overflows when
+    /// hundreds of connections open at once).
+    #[arg(long, default_value_t = prism_device::tun::DEFAULT_QUEUE, value_name = "PACKETS")]
+    pub(crate) tun_queue: u32,
     /// Write the final counters as JSON to this file when stopping.
     #[arg(long, value_name = "FILE")]
     pub(crate) stats_file: Option<PathBuf>,

@@ -29,6 +29,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
             .iter()
             .map(|n| (n.addr(), n.prefix_len()))
             .collect(),
+        queue_len: args.tun_queue,
     })?;
     let mut routes = Routes::new()?;
     let served = serve_until_signal(&args, tun, &mut routes, async {

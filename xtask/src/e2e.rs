@@ -384,6 +384,7 @@ fn stop_cleanly(
     signal: Signal,
     stats: &Path,
 ) -> Result<String> {
+    let drops = tun_drops(topo);
     let status = process.stop(signal, Duration::from_secs(10))?;
     ensure!(
         status.success(),
@@ -403,7 +404,23 @@ fn stop_cleanly(
             "kernel traffic was counted as malformed: {counters}"
         );
     }
-    Ok(String::new())
+    Ok(drops)
+}
+
+/// Packets the kernel dropped at the TUN (its queue towards Prism full), for the report.
+fn tun_drops(topo: &Topology) -> String {
+    let Ok(out) = topo.client.ip(&format!("-s link show {}", topology::TUN)) else {
+        return String::new();
+    };
+    // `ip -s link`: the line after "TX:" holds bytes, packets, errors, dropped, ...
+    let mut lines = out.lines();
+    let tx = lines
+        .by_ref()
+        .find(|l| l.trim_start().starts_with("TX:"))
+        .and_then(|_| lines.next())
+        .and_then(|l| l.split_whitespace().nth(3).map(str::to_owned));
+    tx.map(|d| format!(" (kernel dropped {d} packets at the TUN queue)"))
+        .unwrap_or_default()
 }
 
 async fn run_case(case: Case, ctx: &Ctx) -> Result<String> {

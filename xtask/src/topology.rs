@@ -44,6 +44,15 @@ pub struct Topology {
     pub client_veth: String,
 }
 
+/// The MAC address of `dev` in `ns`.
+fn mac(ns: &Netns, dev: &str) -> Result<String> {
+    let out = ns.ip(&format!("-br link show dev {dev}"))?;
+    out.split_whitespace()
+        .find(|w| w.len() == 17 && w.matches(':').count() == 5)
+        .map(str::to_owned)
+        .with_context(|| format!("no MAC address for {dev} in {out:?}"))
+}
+
 impl Topology {
     pub fn build() -> Result<Self> {
         let client = Netns::create("client")?;
@@ -89,6 +98,22 @@ impl Topology {
         ))?;
         client.ip(&format!(
             "-6 route add fd00:200::/64 via {SERVER_V6} dev {cv} metric 2000"
+        ))?;
+        // Static neighbours: a burst of 500 connects would otherwise queue behind neighbour
+        // discovery and overflow the kernel's per-neighbour queue (noise in the test network,
+        // not in Prism).
+        let (client_mac, server_mac) = (mac(&client, &cv)?, mac(&server, &sv)?);
+        client.ip(&format!(
+            "neigh replace {SERVER_V4} lladdr {server_mac} dev {cv} nud permanent"
+        ))?;
+        client.ip(&format!(
+            "-6 neigh replace {SERVER_V6} lladdr {server_mac} dev {cv} nud permanent"
+        ))?;
+        server.ip(&format!(
+            "neigh replace 172.31.0.1 lladdr {client_mac} dev {sv} nud permanent"
+        ))?;
+        server.ip(&format!(
+            "-6 neigh replace fd31::1 lladdr {client_mac} dev {sv} nud permanent"
         ))?;
         server.set_hosts(&format!("127.0.0.1 localhost\n{TARGET_V4} {TARGET_HOST}\n"))?;
         Ok(Self {

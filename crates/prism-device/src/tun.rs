@@ -27,7 +27,14 @@ pub struct TunConfig {
     pub mtu: u16,
     /// Addresses with their prefix lengths, IPv4 and IPv6 in any order.
     pub addresses: Vec<(IpAddr, u8)>,
+    /// Packets the kernel may queue for Prism before it drops ([`DEFAULT_QUEUE`] if unsure).
+    /// Linux's default of 500 overflows when hundreds of connections open at once, and every
+    /// dropped SYN costs its client a one-second retransmission.
+    pub queue_len: u32,
 }
+
+/// A kernel-side TUN queue deep enough for bursts of a few thousand packets.
+pub const DEFAULT_QUEUE: u32 = 4096;
 
 /// Why a TUN device could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +107,7 @@ impl Tun {
         let device = DeviceBuilder::new()
             .name(&name)
             .mtu(config.mtu)
+            .tx_queue_len(config.queue_len)
             .enable(true)
             .build_async()
             .map_err(|source| Error::Open {
