@@ -52,7 +52,9 @@ enum Task {
 }
 
 fn main() -> ExitCode {
-    let result = match Xtask::parse().task {
+    let task = Xtask::parse().task;
+    netns::clean_up_on_signals();
+    let result = match task {
         Task::Ci => ci::run(),
         Task::E2e { filter } => e2e::run(filter.as_deref()),
         Task::Demo => demo::run(),

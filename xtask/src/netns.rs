@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -100,8 +101,48 @@ impl Drop for Netns {
     }
 }
 
+/// Children alive right now, killed by [`interrupted`].
+static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+
+/// Makes SIGINT, SIGTERM and SIGHUP clean up: every thread blocks them and one thread waits
+/// for them, then kills the children and removes this run's namespaces before exiting. Call
+/// first thing, before any other thread starts (threads inherit the blocked mask; spawned
+/// programs do not, std resets it).
+pub fn clean_up_on_signals() {
+    use nix::sys::signal::SigSet;
+    let mut set = SigSet::empty();
+    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        set.add(signal);
+    }
+    if set.thread_block().is_err() {
+        return;
+    }
+    thread::spawn(move || {
+        if let Ok(signal) = set.wait() {
+            eprintln!("xtask: {signal} received; removing what this run made");
+            interrupted();
+            std::process::exit(128 + signal as i32);
+        }
+    });
+}
+
+fn interrupted() {
+    let children = std::mem::take(&mut *CHILDREN.lock().unwrap_or_else(|e| e.into_inner()));
+    for pid in children {
+        let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+    }
+    remove_namespaces(|pid| pid == std::process::id() as i32);
+}
+
 /// Deletes namespaces left behind by xtask runs whose process is gone.
 pub fn sweep() {
+    remove_namespaces(|pid| {
+        pid != std::process::id() as i32 && kill(Pid::from_raw(pid), None).is_err()
+    });
+}
+
+/// Deletes the `prism-*-PID` namespaces whose PID `doomed` picks.
+fn remove_namespaces(doomed: impl Fn(i32) -> bool) {
     let Ok(list) = run("ip", &["netns", "list"]) else {
         return;
     };
@@ -113,8 +154,8 @@ pub fn sweep() {
         let Some(pid) = rest.rsplit('-').next().and_then(|p| p.parse::<i32>().ok()) else {
             continue;
         };
-        if pid != std::process::id() as i32 && kill(Pid::from_raw(pid), None).is_err() {
-            eprintln!("xtask: removing namespace {name} left by an earlier run");
+        if doomed(pid) {
+            eprintln!("xtask: removing namespace {name}");
             let _ = run("ip", &["netns", "del", name]);
             let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(name));
         }
@@ -145,6 +186,10 @@ impl Process {
             .stderr(err)
             .spawn()
             .with_context(|| format!("cannot start {name}"))?;
+        CHILDREN
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(child.id());
         Ok(Self {
             child,
             name: name.to_owned(),
@@ -186,6 +231,11 @@ impl Process {
 
 impl Drop for Process {
     fn drop(&mut self) {
+        let id = self.child.id();
+        CHILDREN
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|&pid| pid != id);
         if self.try_status().is_none() {
             let _ = self.child.kill();
             let _ = self.child.wait();
