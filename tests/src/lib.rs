@@ -22,8 +22,8 @@ use prism_stack::{Config, Requests, Stack};
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::wire::{
-    HardwareAddress, IpAddress, IpCidr, IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket,
-    TcpRepr, TcpSeqNumber,
+    HardwareAddress, Icmpv4Packet, Icmpv6Packet, IpAddress, IpCidr, IpProtocol, Ipv4Packet,
+    Ipv4Repr, Ipv6Packet, Ipv6Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
 };
 use tokio::time::{Instant, timeout};
 
@@ -210,19 +210,29 @@ impl Client {
     }
 }
 
-/// An IPv4 TCP segment from `src` to `dst` with the given control flag, sequence number and
-/// payload, checksums filled.
-pub fn tcp_v4(
+/// A TCP segment (IPv4 or IPv6, by the addresses) from `src` to `dst` with the given control
+/// flag, sequence number and payload, checksums filled.
+pub fn tcp_segment(
     src: SocketAddr,
     dst: SocketAddr,
     control: TcpControl,
     seq: u32,
     payload: &[u8],
 ) -> Bytes {
-    let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (src, dst) else {
-        panic!("IPv4 addresses expected");
-    };
-    let tcp = TcpRepr {
+    match (src, dst) {
+        (SocketAddr::V4(_), SocketAddr::V4(_)) => tcp_v4(src, dst, control, seq, payload),
+        _ => tcp_v6(src, dst, control, seq, payload),
+    }
+}
+
+fn tcp_repr(
+    src: SocketAddr,
+    dst: SocketAddr,
+    control: TcpControl,
+    seq: u32,
+    payload: &[u8],
+) -> TcpRepr<'_> {
+    TcpRepr {
         src_port: src.port(),
         dst_port: dst.port(),
         control,
@@ -235,7 +245,52 @@ pub fn tcp_v4(
         sack_ranges: [None; 3],
         timestamp: None,
         payload,
+    }
+}
+
+fn tcp_v6(
+    src: SocketAddr,
+    dst: SocketAddr,
+    control: TcpControl,
+    seq: u32,
+    payload: &[u8],
+) -> Bytes {
+    let (SocketAddr::V6(s), SocketAddr::V6(d)) = (src, dst) else {
+        panic!("IPv6 addresses expected");
     };
+    let tcp = tcp_repr(src, dst, control, seq, payload);
+    let ip = Ipv6Repr {
+        src_addr: *s.ip(),
+        dst_addr: *d.ip(),
+        next_header: IpProtocol::Tcp,
+        payload_len: tcp.buffer_len(),
+        hop_limit: 64,
+    };
+    let mut bytes = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
+    let mut packet = Ipv6Packet::new_unchecked(&mut bytes);
+    ip.emit(&mut packet);
+    tcp.emit(
+        &mut TcpPacket::new_unchecked(packet.payload_mut()),
+        &IpAddress::from(*s.ip()),
+        &IpAddress::from(*d.ip()),
+        &smoltcp::phy::ChecksumCapabilities::default(),
+    );
+    Bytes::from(bytes)
+}
+
+/// An IPv4 TCP segment from `src` to `dst` with the given control flag, sequence number and
+/// payload, checksums filled.
+pub fn tcp_v4(
+    src: SocketAddr,
+    dst: SocketAddr,
+    control: TcpControl,
+    seq: u32,
+    payload: &[u8],
+) -> Bytes {
+    let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (src, dst) else {
+        panic!("IPv4 addresses expected");
+    };
+    let tcp = tcp_repr(src.into(), dst.into(), control, seq, payload);
     let ip = Ipv4Repr {
         src_addr: *src.ip(),
         dst_addr: *dst.ip(),
@@ -253,6 +308,90 @@ pub fn tcp_v4(
         &smoltcp::phy::ChecksumCapabilities::default(),
     );
     Bytes::from(bytes)
+}
+
+/// What a packet the stack sent is, for assertions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reply {
+    /// TCP with these flags.
+    Tcp {
+        syn: bool,
+        ack: bool,
+        rst: bool,
+        fin: bool,
+    },
+    /// ICMPv4 or ICMPv6 with this type and code; `quotes_port` is the quoted TCP source port.
+    Icmp {
+        v6: bool,
+        kind: u8,
+        code: u8,
+        quotes_port: u16,
+    },
+    /// Anything else.
+    Other,
+}
+
+/// Reads a packet the stack sent.
+pub fn reply(packet: &[u8]) -> Reply {
+    let (protocol, payload) = match packet.first().map(|b| b >> 4) {
+        Some(4) => {
+            let Ok(ip) = Ipv4Packet::new_checked(packet) else {
+                return Reply::Other;
+            };
+            (ip.next_header(), ip.payload().to_vec())
+        }
+        Some(6) => {
+            let Ok(ip) = Ipv6Packet::new_checked(packet) else {
+                return Reply::Other;
+            };
+            (ip.next_header(), ip.payload().to_vec())
+        }
+        _ => return Reply::Other,
+    };
+    match protocol {
+        IpProtocol::Tcp => {
+            let Ok(tcp) = TcpPacket::new_checked(&payload[..]) else {
+                return Reply::Other;
+            };
+            Reply::Tcp {
+                syn: tcp.syn(),
+                ack: tcp.ack(),
+                rst: tcp.rst(),
+                fin: tcp.fin(),
+            }
+        }
+        IpProtocol::Icmp => {
+            let Ok(icmp) = Icmpv4Packet::new_checked(&payload[..]) else {
+                return Reply::Other;
+            };
+            let quoted = icmp.data();
+            let port = quoted
+                .get(20..22)
+                .map_or(0, |p| u16::from_be_bytes([p[0], p[1]]));
+            Reply::Icmp {
+                v6: false,
+                kind: icmp.msg_type().into(),
+                code: icmp.msg_code(),
+                quotes_port: port,
+            }
+        }
+        IpProtocol::Icmpv6 => {
+            let Ok(icmp) = Icmpv6Packet::new_checked(&payload[..]) else {
+                return Reply::Other;
+            };
+            let quoted = icmp.payload();
+            let port = quoted
+                .get(40..42)
+                .map_or(0, |p| u16::from_be_bytes([p[0], p[1]]));
+            Reply::Icmp {
+                v6: true,
+                kind: icmp.msg_type().into(),
+                code: icmp.msg_code(),
+                quotes_port: port,
+            }
+        }
+        _ => Reply::Other,
+    }
 }
 
 /// The TCP flags of an IPv4 packet the stack sent: (syn, ack, rst, fin), or `None` if it is

@@ -8,7 +8,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
-use prism_stack::Config;
+use std::sync::Arc;
+
+use prism_stack::{Config, Handshake, Rejection};
 use prism_tests::{Client, start_stack, tcp_v4};
 use smoltcp::wire::{IpAddress, Ipv4Packet, TcpControl, TcpPacket};
 
@@ -66,7 +68,16 @@ fn mutate(rng: &mut Rng, seeds: &[Bytes]) -> Bytes {
 }
 
 #[tokio::test]
-async fn mutated_packets_never_stop_the_stack() {
+async fn mutated_packets_never_stop_a_fast_stack() {
+    hostile(Handshake::Fast).await;
+}
+
+#[tokio::test]
+async fn mutated_packets_never_stop_a_consistent_stack() {
+    hostile(Handshake::Consistent).await;
+}
+
+async fn hostile(handshake: Handshake) {
     let iterations: usize = std::env::var("PRISM_HOSTILE_ITERATIONS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -78,10 +89,21 @@ async fn mutated_packets_never_stop_the_stack() {
     let mut config = Config::default();
     config.tcp_rx_buffer = 8192;
     config.tcp_tx_buffer = 8192;
+    config.handshake = Arc::new(handshake);
+    config.pending_timeout = Duration::from_millis(50);
     let (link, mut requests, counters) = start_stack(config);
     tokio::spawn(async move {
+        // Every kind of answer, in turn: accept, refuse, unreachable, and silence.
+        let mut held = Vec::new();
+        let mut turn = 0usize;
         while let Some(request) = requests.next().await {
-            drop(request.accept());
+            turn += 1;
+            match turn % 4 {
+                0 => drop(request.accept()),
+                1 => request.reject(Rejection::Refused),
+                2 => request.reject(Rejection::HostUnreachable),
+                _ => held.push(request),
+            }
         }
     });
     let mut client = Client::new(link);
@@ -105,11 +127,17 @@ async fn mutated_packets_never_stop_the_stack() {
     }
     client.capture(Duration::from_millis(50)).await;
 
-    // Still serving: a real connection completes its handshake.
-    let h = client.connect("10.0.0.2:39999".parse().unwrap(), b, 4096);
+    // Still serving: real connections complete their handshakes (the application accepts
+    // one request in four, so eight connections are enough).
+    let handles: Vec<_> = (0..8)
+        .map(|i| client.connect(format!("10.0.0.2:{}", 39000 + i).parse().unwrap(), b, 4096))
+        .collect();
     client
         .until("a handshake after the junk", |c| {
-            c.socket(h).may_send().then_some(())
+            handles
+                .iter()
+                .any(|&h| c.socket(h).may_send())
+                .then_some(())
         })
         .await;
     let c = counters.snapshot();
@@ -124,5 +152,5 @@ async fn mutated_packets_never_stop_the_stack() {
         + c.drop_address
         + c.drop_not_tcp;
     assert!(drops > 0 && c.connections_opened > 0, "{c}");
-    eprintln!("seed {seed}, {iterations} packets: {c}");
+    eprintln!("{handshake}: seed {seed}, {iterations} packets: {c}");
 }

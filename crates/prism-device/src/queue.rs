@@ -48,6 +48,12 @@ impl PrismDevice {
         self.rx.len()
     }
 
+    /// Queues a packet built outside smoltcp (an ICMP error, say) for transmission, after what
+    /// smoltcp has queued so far.
+    pub fn push_tx(&mut self, packet: Bytes) {
+        self.tx.push_back(packet);
+    }
+
     /// Takes the next packet smoltcp transmitted.
     pub fn pop_tx(&mut self) -> Option<Bytes> {
         self.tx.pop_front()

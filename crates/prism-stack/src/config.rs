@@ -1,8 +1,10 @@
 //! [`Config`]: the knobs of the stack.
 
 use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
-use prism_trap::Handshake;
+use prism_trap::{Handshake, HandshakePolicy};
 
 /// How the stack is set up. `Config::default()` suits a TUN with a 1500-byte MTU.
 #[derive(Debug, Clone)]
@@ -24,8 +26,13 @@ pub struct Config {
     pub max_half_open: usize,
     /// Most requests waiting for the application; connections beyond it get RST.
     pub request_queue: usize,
-    /// The default handshake for new connections.
-    pub handshake: Handshake,
+    /// Picks each new connection's handshake at its SYN. A plain [`Handshake`] applies to all.
+    pub handshake: Arc<dyn HandshakePolicy>,
+    /// Most consistent handshakes waiting for the application's answer; SYNs beyond it get RST.
+    pub max_pending: usize,
+    /// How long a consistent handshake waits for the application's answer before the client
+    /// is told the host is unreachable.
+    pub pending_timeout: Duration,
 }
 
 impl Default for Config {
@@ -38,7 +45,9 @@ impl Default for Config {
             stream_buffer: 256 * 1024,
             max_half_open: 4096,
             request_queue: 1024,
-            handshake: Handshake::Fast,
+            handshake: Arc::new(Handshake::Fast),
+            max_pending: 1024,
+            pending_timeout: Duration::from_secs(15),
         }
     }
 }

@@ -78,6 +78,14 @@ counters! {
     no_connection,
     /// Connections opened (SYN accepted).
     connections_opened,
+    /// Retransmitted SYNs absorbed while a consistent handshake waited.
+    syn_absorbed,
+    /// Consistent SYNs refused because the pending cap was reached.
+    pending_refused,
+    /// Consistent handshakes the application did not answer in time.
+    pending_timeouts,
+    /// ICMP destination-unreachable errors sent.
+    unreachable_sent,
     /// Connections offered to the application.
     requests_offered,
     /// Connections refused because the application's request queue was full or gone.

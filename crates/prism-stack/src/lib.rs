@@ -23,5 +23,5 @@ mod timers;
 pub use config::Config;
 pub use conn::{Rejection, Request, Stream};
 pub use counters::{Counters, Snapshot};
-pub use prism_trap::Handshake;
+pub use prism_trap::{Handshake, HandshakePolicy, PortPolicy};
 pub use stack::{Requests, Stack};

@@ -18,7 +18,10 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use prism_device::{BATCH, Link, LinkClosed, Medium, PrismDevice};
-use prism_trap::{Decision, FourTuple, Malformed, Packet, Segment, Table, classify};
+use prism_trap::{
+    Decision, FourTuple, Handshake, Malformed, Packet, Segment, Table, Unreachable, classify,
+    unreachable,
+};
 use smoltcp::iface::{Config as IfaceConfig, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::phy::{Checksum, ChecksumCapabilities};
 use smoltcp::socket::tcp::{self, State as TcpState};
@@ -28,7 +31,7 @@ use tokio::time::{Instant, sleep_until};
 use tracing::{debug, trace};
 
 use crate::Config;
-use crate::conn::{Answer, ConnId, Request, Shared};
+use crate::conn::{Answer, ConnId, Rejection, Request, Shared, State};
 use crate::counters::Counters;
 use crate::timers::Timers;
 
@@ -62,9 +65,13 @@ enum Event {
 /// Where a connection is in its life, as far as the application is concerned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
-    /// The client's handshake has not completed.
+    /// Fast handshake: the SYN-ACK is out; the application hears of the connection when the
+    /// client completes the handshake.
     Handshake,
-    /// The application has been given a [`Request`].
+    /// Consistent handshake: the application has the [`Request`]; the SYN-ACK waits for its
+    /// answer.
+    Pending,
+    /// The application has the [`Request`] (and, once it accepted, the stream).
     Offered,
 }
 
@@ -74,12 +81,35 @@ struct Conn {
     sockets: SocketSet<'static>,
     handle: SocketHandle,
     shared: Arc<Shared>,
+    handshake: Handshake,
     phase: Phase,
-    handshake_deadline: Instant,
+    /// The client's SYN, kept while a consistent handshake waits: an ICMP error quotes it.
+    syn: Option<Bytes>,
+    /// When an unfinished handshake gives up; `None` once the connection is established.
+    deadline: Option<Instant>,
     /// `close()` was called: our FIN is queued or sent.
     fin_sent: bool,
     /// Already queued for servicing in this round.
     dirty: bool,
+}
+
+impl Conn {
+    /// A consistent handshake whose SYN-ACK still waits for the application's answer: counts
+    /// against the pending cap from its SYN on.
+    fn awaits_answer(&self) -> bool {
+        self.handshake == Handshake::Consistent && self.phase != Phase::Offered
+    }
+}
+
+/// How servicing a connection ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    /// It lives on.
+    Alive,
+    /// It ended (gracefully, by reset, or refused): forget it.
+    Finished,
+    /// It was answered with an ICMP error: forget it without sending anything else.
+    Unreachable,
 }
 
 /// The userspace TCP stack. Build it with [`Stack::new`], spawn [`Stack::run`], and take
@@ -102,6 +132,8 @@ pub struct Stack {
     epoch: Instant,
     next_id: ConnId,
     dirty: Vec<ConnId>,
+    /// Consistent handshakes waiting for the application.
+    pending: usize,
 }
 
 impl std::fmt::Debug for Stack {
@@ -154,6 +186,7 @@ impl Stack {
             epoch,
             next_id: 0,
             dirty: Vec::new(),
+            pending: 0,
         };
         (stack, Requests(requests_rx))
     }
@@ -230,9 +263,21 @@ impl Stack {
                     continue;
                 }
             };
-            let target = self.target(&segment);
+            let target = self.target(&segment, &packet);
+            let conn = target.and_then(|id| self.conns.get_mut(&id));
+            if let Some(conn) = &conn {
+                if conn.awaits_answer()
+                    && segment.is_initial_syn()
+                    && conn.sockets.get::<tcp::Socket>(conn.handle).state() == TcpState::SynReceived
+                {
+                    // The client retransmits its SYN while the upstream connects: the request
+                    // is out already, and there is nothing to answer yet.
+                    Counters::add(&self.counters.syn_absorbed, 1);
+                    continue;
+                }
+            }
             self.device.push_rx(packet);
-            let sockets = match target.and_then(|id| self.conns.get_mut(&id)) {
+            let sockets = match conn {
                 Some(conn) => {
                     if !conn.dirty {
                         conn.dirty = true;
@@ -259,13 +304,13 @@ impl Stack {
     }
 
     /// The connection a segment goes to, opening one for a new SYN.
-    fn target(&mut self, segment: &Segment) -> Option<ConnId> {
+    fn target(&mut self, segment: &Segment, packet: &Bytes) -> Option<ConnId> {
         match self.table.decide(segment) {
             Decision::Existing(id) => Some(id),
-            Decision::Open => self.open(segment.tuple),
+            Decision::Open => self.open(segment.tuple, packet),
             Decision::Reopen(old) => {
                 self.retire(old);
-                self.open(segment.tuple)
+                self.open(segment.tuple, packet)
             }
             Decision::Refuse => {
                 debug!(tuple = ?segment.tuple, "half-open cap reached; SYN refused");
@@ -279,8 +324,14 @@ impl Stack {
         }
     }
 
-    /// Creates the listening socket for exactly `tuple`.
-    fn open(&mut self, tuple: FourTuple) -> Option<ConnId> {
+    /// Creates the listening socket for exactly `tuple`, whose SYN is `syn`.
+    fn open(&mut self, tuple: FourTuple, syn: &Bytes) -> Option<ConnId> {
+        let handshake = self.config.handshake.handshake(&tuple);
+        if handshake == Handshake::Consistent && self.pending >= self.config.max_pending {
+            debug!(?tuple, "pending cap reached; SYN refused");
+            Counters::add(&self.counters.pending_refused, 1);
+            return None;
+        }
         let endpoint = IpListenEndpoint {
             addr: Some(tuple.destination.ip().into()),
             port: tuple.destination.port(),
@@ -291,6 +342,7 @@ impl Stack {
         );
         // Prism relays what the application already batched; Nagle would only add delay.
         socket.set_nagle_enabled(false);
+        socket.pause_synack(handshake == Handshake::Consistent);
         if socket.listen(endpoint).is_err() {
             // Port 0: not a connectable endpoint. smoltcp answers it as a closed port.
             return None;
@@ -304,7 +356,14 @@ impl Stack {
             self.config.stream_buffer.max(1),
             self.wake_tx.clone(),
         ));
+        let wait = match handshake {
+            Handshake::Consistent => self.config.pending_timeout,
+            _ => HANDSHAKE_TIMEOUT,
+        };
         self.table.insert(tuple, id);
+        if handshake == Handshake::Consistent {
+            self.pending += 1;
+        }
         self.conns.insert(
             id,
             Conn {
@@ -312,24 +371,34 @@ impl Stack {
                 sockets,
                 handle,
                 shared,
+                handshake,
                 phase: Phase::Handshake,
-                handshake_deadline: Instant::now() + HANDSHAKE_TIMEOUT,
+                syn: (handshake == Handshake::Consistent).then(|| syn.clone()),
+                deadline: Some(Instant::now() + wait),
                 fin_sent: false,
                 dirty: false,
             },
         );
         Counters::add(&self.counters.connections_opened, 1);
-        trace!(id, ?tuple, "connection opened");
+        trace!(id, ?tuple, %handshake, "connection opened");
         Some(id)
     }
 
     /// Forgets a connection whose tuple a new SYN reuses (it was closing gracefully).
     fn retire(&mut self, id: ConnId) {
         if let Some(conn) = self.conns.remove(&id) {
-            self.table.remove(&conn.tuple);
-            self.timers.set(id, None);
+            self.forget(id, &conn);
             Counters::add(&self.counters.connections_closed, 1);
         }
+    }
+
+    /// Drops every trace of a connection that is no longer in `conns`.
+    fn forget(&mut self, id: ConnId, conn: &Conn) {
+        if conn.awaits_answer() {
+            self.pending -= 1;
+        }
+        self.table.remove(&conn.tuple);
+        self.timers.set(id, None);
     }
 
     fn mark(&mut self, id: ConnId) {
@@ -359,31 +428,150 @@ impl Stack {
         conn.shared.clear_notice();
         let shared = Arc::clone(&conn.shared);
         let mut state = shared.lock();
-        let mut wake_read = false;
-        let mut wake_write = false;
-        let socket = conn.sockets.get_mut::<tcp::Socket>(conn.handle);
+        let mut wakers = (false, false);
 
-        if conn.phase == Phase::Handshake {
-            match socket.state() {
-                TcpState::Listen | TcpState::SynReceived => {
-                    if Instant::now() >= conn.handshake_deadline {
-                        socket.abort();
-                    }
+        let expired = conn.deadline.is_some_and(|d| Instant::now() >= d);
+        let mut fate = match conn.phase {
+            Phase::Handshake => self.service_handshake(&mut conn, expired),
+            Phase::Pending => self.service_pending(&mut conn, &state, expired),
+            Phase::Offered => Fate::Alive,
+        };
+        if fate == Fate::Alive && conn.phase == Phase::Offered {
+            self.service_offered(&mut conn, &mut state, expired, &mut wakers);
+        }
+
+        if fate != Fate::Unreachable {
+            // Transmit everything smoltcp has for this connection (one segment per pass).
+            while self
+                .iface
+                .poll_egress(now, &mut self.device, &mut conn.sockets)
+                == PollResult::SocketStateChanged
+            {}
+            fate = self.fate_after_egress(&conn);
+        }
+
+        if fate == Fate::Alive {
+            let mut deadline = self
+                .iface
+                .poll_at(now, &conn.sockets)
+                .map(|at| self.to_instant(at));
+            if let Some(limit) = conn.deadline {
+                deadline = Some(deadline.map_or(limit, |d| d.min(limit)));
+            }
+            self.timers.set(id, deadline);
+        } else {
+            let graceful = fate == Fate::Finished && conn.fin_sent && state.inbound_fin;
+            match (fate, graceful) {
+                (Fate::Unreachable, _) => {}
+                (_, true) => Counters::add(&self.counters.connections_closed, 1),
+                (_, false) => Counters::add(&self.counters.connections_reset, 1),
+            }
+            if !graceful {
+                state.reset = true;
+            }
+            wakers = (true, true);
+            self.forget(id, &conn);
+            trace!(id, ?fate, graceful, "connection finished");
+        }
+        let wakers = state.take_wakers(wakers.0, wakers.1);
+        drop(state);
+        wakers.wake();
+        if fate == Fate::Alive {
+            self.conns.insert(id, conn);
+        }
+    }
+
+    /// Before the application knows: a fast handshake completing is offered; a consistent
+    /// SYN, once smoltcp holds it, is offered at once with the SYN-ACK withheld.
+    fn service_handshake(&mut self, conn: &mut Conn, expired: bool) -> Fate {
+        let tcp_state = conn.sockets.get::<tcp::Socket>(conn.handle).state();
+        match (tcp_state, conn.handshake) {
+            (TcpState::SynReceived, Handshake::Consistent) => {
+                if self.offer(conn) {
+                    conn.phase = Phase::Pending;
+                } else {
+                    conn.sockets.get_mut::<tcp::Socket>(conn.handle).abort();
                 }
-                TcpState::Closed | TcpState::TimeWait => {}
-                _ => {
-                    self.table.established(&conn.tuple);
-                    conn.phase = Phase::Offered;
-                    if !self.offer(conn.tuple, &conn.shared) {
-                        socket.abort();
-                    }
+            }
+            (TcpState::Listen | TcpState::SynReceived, _) => {
+                if expired {
+                    conn.sockets.get_mut::<tcp::Socket>(conn.handle).abort();
+                }
+            }
+            (TcpState::Closed | TcpState::TimeWait, _) => {}
+            _ => {
+                self.table.established(&conn.tuple);
+                conn.deadline = None;
+                conn.phase = Phase::Offered;
+                if !self.offer(conn) {
+                    conn.sockets.get_mut::<tcp::Socket>(conn.handle).abort();
                 }
             }
         }
+        Fate::Alive
+    }
 
+    /// A consistent handshake waiting for the application: accepted, the SYN-ACK goes out;
+    /// rejected (or not answered in time), the client gets a RST or an ICMP error.
+    fn service_pending(&mut self, conn: &mut Conn, state: &State, expired: bool) -> Fate {
+        let why = match state.answer {
+            Answer::Pending if expired => {
+                debug!(tuple = ?conn.tuple, "no answer in time; host unreachable");
+                Counters::add(&self.counters.pending_timeouts, 1);
+                Rejection::TimedOut
+            }
+            Answer::Pending => return Fate::Alive,
+            Answer::Accepted => {
+                let socket = conn.sockets.get_mut::<tcp::Socket>(conn.handle);
+                socket.pause_synack(false);
+                conn.phase = Phase::Offered;
+                self.pending -= 1;
+                conn.syn = None;
+                conn.deadline = Some(Instant::now() + HANDSHAKE_TIMEOUT);
+                return Fate::Alive;
+            }
+            Answer::Rejected(why) => {
+                Counters::add(&self.counters.requests_rejected, 1);
+                why
+            }
+        };
+        let reason = match why {
+            Rejection::HostUnreachable | Rejection::TimedOut => Unreachable::Host,
+            Rejection::NetworkUnreachable => Unreachable::Network,
+            Rejection::Prohibited => Unreachable::Prohibited,
+            Rejection::Refused => {
+                // smoltcp answers the withheld SYN with RST|ACK: ECONNREFUSED for the client.
+                conn.sockets.get_mut::<tcp::Socket>(conn.handle).abort();
+                return Fate::Alive;
+            }
+        };
+        let error = conn.syn.as_deref().and_then(|syn| unreachable(syn, reason));
+        if let Some(error) = error {
+            self.device.push_tx(Bytes::from(error));
+            Counters::add(&self.counters.unreachable_sent, 1);
+        }
+        Fate::Unreachable
+    }
+
+    /// A connection the application has: its answer, and bytes both ways.
+    fn service_offered(
+        &mut self,
+        conn: &mut Conn,
+        state: &mut State,
+        expired: bool,
+        wakers: &mut (bool, bool),
+    ) {
+        let socket = conn.sockets.get_mut::<tcp::Socket>(conn.handle);
+        if conn.deadline.is_some() && !matches!(socket.state(), TcpState::SynReceived) {
+            // A consistent handshake the application accepted has completed.
+            self.table.established(&conn.tuple);
+            conn.deadline = None;
+        } else if expired {
+            socket.abort();
+        }
         match state.answer {
             Answer::Rejected(why) if socket.is_open() => {
-                debug!(id, ?why, "application rejected the connection");
+                debug!(tuple = ?conn.tuple, ?why, "application rejected the connection");
                 Counters::add(&self.counters.requests_rejected, 1);
                 socket.abort();
             }
@@ -394,7 +582,7 @@ impl Stack {
                     match socket.send_slice(&state.outbound) {
                         Ok(n) if n > 0 => {
                             state.outbound.advance(n);
-                            wake_write = true;
+                            wakers.1 = true;
                         }
                         _ => break,
                     }
@@ -402,6 +590,7 @@ impl Stack {
                 if state.outbound.is_empty()
                     && (state.outbound_shutdown || state.app_gone)
                     && !conn.fin_sent
+                    && socket.may_send()
                 {
                     socket.close();
                     conn.fin_sent = true;
@@ -414,7 +603,7 @@ impl Stack {
                         }
                     }
                 } else {
-                    let cap = shared.capacity;
+                    let cap = conn.shared.capacity;
                     while state.inbound_len < cap && socket.can_recv() {
                         let room = cap - state.inbound_len;
                         let chunk = socket.recv(|b| {
@@ -425,7 +614,7 @@ impl Stack {
                             Ok(chunk) if !chunk.is_empty() => {
                                 state.inbound_len += chunk.len();
                                 state.inbound.push_back(chunk);
-                                wake_read = true;
+                                wakers.0 = true;
                             }
                             _ => break,
                         }
@@ -433,72 +622,38 @@ impl Stack {
                     state.inbound_blocked = socket.can_recv();
                     if !state.inbound_fin && !socket.can_recv() && fin_received(socket.state()) {
                         state.inbound_fin = true;
-                        wake_read = true;
+                        wakers.0 = true;
                     }
                 }
             }
             _ => {}
         }
+    }
 
-        // Transmit everything smoltcp has for this connection (one segment per pass).
-        while self
-            .iface
-            .poll_egress(now, &mut self.device, &mut conn.sockets)
-            == PollResult::SocketStateChanged
-        {}
-
+    /// Whether the socket's state ends the connection.
+    fn fate_after_egress(&mut self, conn: &Conn) -> Fate {
         let socket = conn.sockets.get::<tcp::Socket>(conn.handle);
-        let finished = match (socket.state(), conn.phase) {
-            (TcpState::Closed, _) => true,
+        match (socket.state(), conn.phase) {
+            (TcpState::Closed, _) => Fate::Finished,
             // A RST during the handshake sends smoltcp back to Listen.
-            (TcpState::Listen, Phase::Handshake) => true,
+            (TcpState::Listen, Phase::Handshake | Phase::Pending) => Fate::Finished,
             (TcpState::TimeWait, _) => {
                 self.table.closing(&conn.tuple);
-                false
+                Fate::Alive
             }
-            _ => false,
-        };
-        if finished {
-            let graceful = conn.fin_sent && state.inbound_fin;
-            if graceful {
-                Counters::add(&self.counters.connections_closed, 1);
-            } else {
-                state.reset = true;
-                Counters::add(&self.counters.connections_reset, 1);
-            }
-            wake_read = true;
-            wake_write = true;
-            self.table.remove(&conn.tuple);
-            self.timers.set(id, None);
-            trace!(id, graceful, "connection finished");
-        } else {
-            let mut deadline = self
-                .iface
-                .poll_at(now, &conn.sockets)
-                .map(|at| self.to_instant(at));
-            if conn.phase == Phase::Handshake {
-                deadline = Some(
-                    deadline.map_or(conn.handshake_deadline, |d| d.min(conn.handshake_deadline)),
-                );
-            }
-            self.timers.set(id, deadline);
-        }
-        let wakers = state.take_wakers(wake_read, wake_write);
-        drop(state);
-        wakers.wake();
-        if !finished {
-            self.conns.insert(id, conn);
+            _ => Fate::Alive,
         }
     }
 
-    /// Hands a connection whose handshake completed to the application. False when the
-    /// application is not taking connections (its queue is full or gone).
-    fn offer(&self, tuple: FourTuple, shared: &Arc<Shared>) -> bool {
+    /// Hands a connection to the application. False when the application is not taking
+    /// connections (its queue is full or gone).
+    fn offer(&self, conn: &Conn) -> bool {
+        let tuple = conn.tuple;
         let request = Request::new(
-            Arc::clone(shared),
+            Arc::clone(&conn.shared),
             tuple.source,
             tuple.destination,
-            self.config.handshake,
+            conn.handshake,
         );
         match self.requests.try_send(request) {
             Ok(()) => {

@@ -6,16 +6,23 @@
 //! - [`Table`] maps 4-tuples to connections and decides what a segment means: an existing
 //!   connection, a new connection to open (a SYN to a new tuple), a refusal (the half-open cap is
 //!   reached), or no connection at all.
-//! - [`Handshake`] names how a new connection's handshake is answered.
+//! - [`Handshake`] names how a new connection's handshake is answered, and a
+//!   [`HandshakePolicy`] picks it per connection at the SYN.
+//! - [`unreachable`] builds the ICMP error that tells a client its destination cannot be
+//!   reached (the consistent handshake's answer to an unreachable upstream).
 //!
 //! Invariants: pure functions and state machines only: no sockets, tasks or clocks, so
 //! everything here is unit-tested with real packet bytes. Malformed input returns an error,
 //! never panics. Next: `prism-stack` calls [`classify`] and [`Table::decide`] for every packet.
 
 mod handshake;
+mod icmp;
+mod policy;
 mod segment;
 mod table;
 
 pub use handshake::{Handshake, ParseHandshakeError};
+pub use icmp::{Unreachable, unreachable};
+pub use policy::{HandshakePolicy, PortPolicy};
 pub use segment::{FourTuple, Malformed, Packet, Segment, classify};
 pub use table::{Decision, Table};
