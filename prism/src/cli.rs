@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
-use prism_tunnel::Socks5Url;
+use prism_tunnel::{Handshake, Socks5Url};
 
 /// Prism: send a machine's TCP through a proxy or tunnel, terminated in userspace.
 #[derive(Debug, Parser)]
@@ -73,6 +73,20 @@ pub(crate) struct RunArgs {
     /// Mark upstream sockets (SO_MARK), for a policy-routing rule that bypasses the TUN.
     #[arg(long, value_name = "N", value_parser = parse_u32)]
     pub(crate) fwmark: Option<u32>,
+    /// How SYNs are answered: `fast` (SYN-ACK at once) or `consistent` (SYN-ACK only once the
+    /// upstream connected; RST or ICMP unreachable when it failed).
+    #[arg(long, default_value_t = Handshake::Fast, value_name = "MODE")]
+    pub(crate) handshake: Handshake,
+    /// A destination port with its own handshake, as PORT=fast or PORT=consistent
+    /// (repeatable), for example `--handshake-port 22=consistent`.
+    #[arg(long = "handshake-port", value_name = "PORT=MODE", value_parser = parse_port_mode)]
+    pub(crate) handshake_ports: Vec<(u16, Handshake)>,
+    /// Seconds an upstream connect (including the SOCKS5 exchange) may take.
+    #[arg(long, default_value_t = 10, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub(crate) connect_timeout: u64,
+    /// Most consistent handshakes waiting for their upstream; SYNs beyond it get RST.
+    #[arg(long, default_value_t = 1024, value_name = "N")]
+    pub(crate) max_pending: usize,
     /// Most connections whose handshake has not completed; SYNs beyond it get RST.
     #[arg(long, default_value_t = 4096, value_name = "N")]
     pub(crate) max_half_open: usize,
@@ -86,6 +100,14 @@ pub(crate) struct RunArgs {
     /// Write the final counters as JSON to this file when stopping.
     #[arg(long, value_name = "FILE")]
     pub(crate) stats_file: Option<PathBuf>,
+}
+
+fn parse_port_mode(s: &str) -> Result<(u16, Handshake), String> {
+    let bad = || format!("bad handshake port {s:?}; expected PORT=fast or PORT=consistent");
+    let (port, mode) = s.split_once('=').ok_or_else(bad)?;
+    let port = port.parse().map_err(|_| bad())?;
+    let mode = mode.parse().map_err(|_| bad())?;
+    Ok((port, mode))
 }
 
 fn parse_u32(s: &str) -> Result<u32, String> {
@@ -129,8 +151,59 @@ mod tests {
         .unwrap();
         let Command::Run(args) = cli.command;
         assert_eq!(args.addresses.len(), 2);
+        assert_eq!(args.handshake, Handshake::Fast);
         assert_eq!(args.fwmark, Some(0x99));
         assert!(matches!(args.upstream, UpstreamArg::Socks5(_)));
+    }
+
+    #[test]
+    fn handshake_flags_parse() {
+        let cli = parse(&[
+            "run",
+            "--tun",
+            "t",
+            "--address",
+            "10.0.0.1/24",
+            "--upstream",
+            "direct",
+            "--handshake",
+            "consistent",
+            "--handshake-port",
+            "80=fast",
+            "--handshake-port",
+            "22=consistent",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command;
+        assert_eq!(args.handshake, Handshake::Consistent);
+        assert_eq!(
+            args.handshake_ports,
+            [(80, Handshake::Fast), (22, Handshake::Consistent)]
+        );
+        for bad in ["slow", "80", "80=slow", "x=fast"] {
+            let flag = if bad.contains('=') || bad == "80" {
+                "--handshake-port"
+            } else {
+                "--handshake"
+            };
+            let error = parse(&[
+                "run",
+                "--tun",
+                "t",
+                "--address",
+                "10.0.0.1/24",
+                "--upstream",
+                "direct",
+                flag,
+                bad,
+            ])
+            .unwrap_err()
+            .to_string();
+            assert!(
+                error.contains("expected") || error.contains("unknown handshake"),
+                "{bad}: {error}"
+            );
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@ use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
+    accept_stop_signals();
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
@@ -38,6 +39,21 @@ fn main() -> ExitCode {
         Err(error) => {
             eprintln!("prism: error: {error:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// A parent may have blocked SIGINT and SIGTERM, and a blocked mask survives exec: prism
+/// would then never stop. Unblock them before any thread starts (threads inherit the mask).
+fn accept_stop_signals() {
+    #[cfg(unix)]
+    {
+        use nix::sys::signal::{SigSet, Signal};
+        let mut stop = SigSet::empty();
+        stop.add(Signal::SIGINT);
+        stop.add(Signal::SIGTERM);
+        if let Err(error) = stop.thread_unblock() {
+            eprintln!("prism: warning: cannot unblock SIGINT/SIGTERM: {error}");
         }
     }
 }

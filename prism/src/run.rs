@@ -2,11 +2,12 @@
 
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use prism_device::Link;
 use prism_device::tun::{Tun, TunConfig};
-use prism_stack::{Config, Snapshot, Stack};
+use prism_stack::{Config, HandshakePolicy, PortPolicy, Snapshot, Stack};
 use prism_tunnel::{Direct, Socks5, serve};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
@@ -57,6 +58,11 @@ async fn serve_until_signal(
     let mut config = Config::default();
     config.mtu = usize::from(args.mtu);
     config.max_half_open = args.max_half_open;
+    config.handshake = handshake_policy(args);
+    config.max_pending = args.max_pending;
+    let connect_timeout = Duration::from_secs(args.connect_timeout);
+    // The connectors give up first and answer precisely; this only catches an answer lost.
+    config.pending_timeout = connect_timeout + Duration::from_secs(5);
     config.tcp_rx_buffer = args.tcp_buffer_kib as usize * 1024;
     config.tcp_tx_buffer = config.tcp_rx_buffer;
     config.addresses = args
@@ -70,7 +76,7 @@ async fn serve_until_signal(
     let pump = tun.spawn(device_end);
     let stack = tokio::spawn(stack.run());
 
-    let mut direct = Direct::new();
+    let mut direct = Direct::new().timeout(connect_timeout);
     if let Some(interface) = &args.bind_interface {
         direct = direct.bind_interface(interface);
     }
@@ -87,7 +93,13 @@ async fn serve_until_signal(
             tokio::spawn(serve(requests, Arc::new(Socks5::new(url.clone(), direct))))
         }
     };
-    info!(tun = %name, upstream = %upstream_name, routes = ?args.routes, "serving");
+    info!(
+        tun = %name,
+        upstream = %upstream_name,
+        handshake = %args.handshake,
+        routes = ?args.routes,
+        "serving"
+    );
 
     let outcome = tokio::select! {
         signal = stop => {
@@ -112,6 +124,17 @@ async fn serve_until_signal(
         }
     }
     outcome
+}
+
+fn handshake_policy(args: &RunArgs) -> Arc<dyn HandshakePolicy> {
+    if args.handshake_ports.is_empty() {
+        Arc::new(args.handshake)
+    } else {
+        Arc::new(PortPolicy {
+            default: args.handshake,
+            ports: args.handshake_ports.iter().copied().collect(),
+        })
+    }
 }
 
 /// The stack names itself by the first address after the TUN's own in each prefix; with AnyIP

@@ -36,14 +36,23 @@ enum Upstream {
     Socks5Auth,
     DirectMark,
     DirectBind,
+    /// dante behind a link that adds 150 ms, fast handshake.
+    SlowFast,
+    /// dante behind a link that adds 150 ms, consistent handshake.
+    SlowConsistent,
+    /// `direct` with a fwmark, consistent handshake.
+    DirectConsistent,
 }
 
 impl Upstream {
-    const ALL: [Upstream; 4] = [
+    const ALL: [Upstream; 7] = [
         Upstream::Dante,
         Upstream::Socks5Auth,
         Upstream::DirectMark,
         Upstream::DirectBind,
+        Upstream::SlowFast,
+        Upstream::SlowConsistent,
+        Upstream::DirectConsistent,
     ];
 
     fn name(self) -> &'static str {
@@ -52,6 +61,9 @@ impl Upstream {
             Upstream::Socks5Auth => "socks5-microsocks-auth",
             Upstream::DirectMark => "direct-fwmark",
             Upstream::DirectBind => "direct-bind",
+            Upstream::SlowFast => "fast-150ms-socks5",
+            Upstream::SlowConsistent => "consistent-150ms-socks5",
+            Upstream::DirectConsistent => "consistent-direct",
         }
     }
 
@@ -79,7 +91,20 @@ impl Upstream {
                 "direct".to_owned(),
                 vec!["--bind-interface".to_owned(), topo.client_veth.clone()],
             ),
+            Upstream::SlowFast | Upstream::SlowConsistent => (
+                format!("socks5://{}:{}", topology::SERVER_V4, topology::DELAY_PORT),
+                vec![],
+            ),
+            Upstream::DirectConsistent => (
+                "direct".to_owned(),
+                vec!["--fwmark".to_owned(), topology::FWMARK.to_owned()],
+            ),
         };
+        let mode = match self {
+            Upstream::SlowConsistent | Upstream::DirectConsistent => "consistent",
+            _ => "fast",
+        };
+        let extra = [extra, vec!["--handshake".to_owned(), mode.to_owned()]].concat();
         let mut args = topo.prism_args(&upstream);
         args.extend(extra);
         args
@@ -96,6 +121,20 @@ impl Upstream {
                 Case::ResetByClient,
                 Case::ClosedPort,
             ],
+            Upstream::SlowFast => &[Case::FastConnectIsImmediate],
+            Upstream::SlowConsistent => &[
+                Case::ConsistentConnectWaits,
+                Case::ConsistentClosedPort,
+                Case::ConsistentUnreachable,
+            ],
+            Upstream::DirectConsistent => &[
+                Case::ConsistentClosedPort,
+                Case::ConsistentUnreachable,
+                Case::Upload,
+                Case::Concurrent,
+                Case::HalfCloseClientFirst,
+                Case::ResetByServer,
+            ],
             _ => &Case::ALL,
         }
     }
@@ -103,7 +142,10 @@ impl Upstream {
     /// Whether a reset crosses this upstream as a reset. microsocks, like most SOCKS5
     /// servers (dante too), closes its other side with FIN when one side resets.
     fn carries_resets(self) -> bool {
-        matches!(self, Upstream::DirectMark | Upstream::DirectBind)
+        matches!(
+            self,
+            Upstream::DirectMark | Upstream::DirectBind | Upstream::DirectConsistent
+        )
     }
 }
 
@@ -118,6 +160,10 @@ enum Case {
     ResetByServer,
     ResetByClient,
     ClosedPort,
+    FastConnectIsImmediate,
+    ConsistentConnectWaits,
+    ConsistentClosedPort,
+    ConsistentUnreachable,
 }
 
 impl Case {
@@ -142,6 +188,10 @@ impl Case {
             Case::ResetByServer => "reset by the server reaches the client",
             Case::ResetByClient => "reset by the client reaches the server",
             Case::ClosedPort => "closed port resets the client",
+            Case::FastConnectIsImmediate => "fast: connect() returns at once",
+            Case::ConsistentConnectWaits => "consistent: connect() waits for the upstream",
+            Case::ConsistentClosedPort => "consistent: closed port is ECONNREFUSED",
+            Case::ConsistentUnreachable => "consistent: unreachable host never connects",
         }
     }
 }
@@ -229,6 +279,12 @@ pub fn run(filter: Option<&str>) -> Result<()> {
         &logs.join("microsocks-auth.log"),
     )?;
     let _dante = topo.start_dante(&logs)?;
+    let _delay = crate::delay::DelayLink::start(
+        &topo.server,
+        SocketAddr::new(topology::SERVER_V4.parse()?, topology::DELAY_PORT),
+        SocketAddr::new(topology::SERVER_V4.parse()?, topology::DANTE_PORT),
+        topology::DELAY,
+    )?;
 
     let mut report = Report::default();
     for upstream in Upstream::ALL {
@@ -433,6 +489,10 @@ async fn run_case(case: Case, ctx: &Ctx) -> Result<String> {
         Case::ResetByServer => reset_by_server(ctx).await,
         Case::ResetByClient => reset_by_client(ctx).await,
         Case::ClosedPort => closed_port(ctx).await,
+        Case::FastConnectIsImmediate => connect_times(ctx, false).await,
+        Case::ConsistentConnectWaits => connect_times(ctx, true).await,
+        Case::ConsistentClosedPort => consistent_closed_port(ctx).await,
+        Case::ConsistentUnreachable => consistent_unreachable(ctx).await,
     }
 }
 
@@ -605,6 +665,68 @@ async fn closed_port(ctx: &Ctx) -> Result<String> {
     match outcome {
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => Ok(String::new()),
         other => bail!("expected a reset for a closed port, got {other:?}"),
+    }
+}
+
+/// Times five connects through the 150 ms proxy. Fast: the handshake completes at once (the
+/// quickest under 5 ms). Consistent: each takes at least the 150 ms the proxy's answer needs.
+/// Either way the connection then carries an echo.
+async fn connect_times(ctx: &Ctx, consistent: bool) -> Result<String> {
+    let mut times = Vec::new();
+    for i in 0..5u64 {
+        let started = Instant::now();
+        let mut stream = TcpStream::connect(ctx.addr(servers::ECHO)).await?;
+        times.push(started.elapsed());
+        let message = pattern(i, 1000);
+        stream.write_all(&message).await?;
+        stream.shutdown().await?;
+        let mut echoed = Vec::new();
+        stream.read_to_end(&mut echoed).await?;
+        ensure!(echoed == message, "connection {i}: echo differs");
+    }
+    times.sort();
+    let (min, median) = (times[0], times[2]);
+    if consistent {
+        ensure!(
+            min >= topology::DELAY,
+            "a connect returned after {min:?}, before the upstream could have answered"
+        );
+    } else {
+        ensure!(
+            min < Duration::from_millis(5),
+            "the quickest connect took {min:?}"
+        );
+    }
+    Ok(format!(" (median {:.1} ms)", median.as_secs_f64() * 1e3))
+}
+
+async fn consistent_closed_port(ctx: &Ctx) -> Result<String> {
+    match TcpStream::connect(ctx.addr(servers::CLOSED)).await {
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => Ok(String::new()),
+        other => bail!("expected ECONNREFUSED, got {other:?}"),
+    }
+}
+
+async fn consistent_unreachable(ctx: &Ctx) -> Result<String> {
+    let target = if ctx.target.is_ipv4() {
+        topology::UNREACHABLE_V4
+    } else {
+        topology::UNREACHABLE_V6
+    };
+    let attempt = tokio::time::timeout(
+        Duration::from_secs(30),
+        TcpStream::connect(SocketAddr::new(target, servers::ECHO)),
+    )
+    .await;
+    use std::io::ErrorKind as K;
+    match attempt {
+        Err(_) => Ok(" (timed out)".to_owned()),
+        Ok(Err(e)) if matches!(e.kind(), K::HostUnreachable | K::NetworkUnreachable) => {
+            Ok(format!(" ({e})"))
+        }
+        Ok(Err(e)) if e.kind() == K::TimedOut => Ok(" (ETIMEDOUT)".to_owned()),
+        Ok(Ok(_)) => bail!("connected to an unreachable host"),
+        Ok(Err(e)) => bail!("expected EHOSTUNREACH or a timeout, got {e}"),
     }
 }
 

@@ -20,6 +20,7 @@
 )]
 
 mod ci;
+mod delay;
 mod demo;
 mod e2e;
 mod netns;

@@ -104,24 +104,20 @@ impl Drop for Netns {
 /// Children alive right now, killed by [`interrupted`].
 static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 
-/// Makes SIGINT, SIGTERM and SIGHUP clean up: every thread blocks them and one thread waits
-/// for them, then kills the children and removes this run's namespaces before exiting. Call
-/// first thing, before any other thread starts (threads inherit the blocked mask; spawned
-/// programs do not, std resets it).
+/// Makes SIGINT, SIGTERM and SIGHUP clean up: a handler (signal-hook's self-pipe) wakes one
+/// thread, which kills the children and removes this run's namespaces before exiting. The
+/// signals are caught, not blocked: a blocked mask would be inherited by every program this
+/// process starts (std does not reset it), and prism would never see its SIGINT.
 pub fn clean_up_on_signals() {
-    use nix::sys::signal::SigSet;
-    let mut set = SigSet::empty();
-    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        set.add(signal);
-    }
-    if set.thread_block().is_err() {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) else {
         return;
-    }
+    };
     thread::spawn(move || {
-        if let Ok(signal) = set.wait() {
-            eprintln!("xtask: {signal} received; removing what this run made");
+        if let Some(signal) = signals.forever().next() {
+            eprintln!("xtask: signal {signal} received; removing what this run made");
             interrupted();
-            std::process::exit(128 + signal as i32);
+            std::process::exit(128 + signal);
         }
     });
 }

@@ -24,6 +24,13 @@ use crate::netns::{Netns, Process, wait_for};
 pub const TARGET_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 200, 0, 1));
 pub const TARGET_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 1));
 pub const TARGET_HOST: &str = "target.prism.test";
+/// Addresses routed into the TUN that the server side cannot reach (an `unreachable` route).
+pub const UNREACHABLE_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 200, 9, 9));
+pub const UNREACHABLE_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 9, 9));
+/// The delay link in front of dante.
+pub const DELAY_PORT: u16 = 1090;
+/// What the delay link adds.
+pub const DELAY: std::time::Duration = std::time::Duration::from_millis(150);
 pub const SERVER_V4: &str = "172.31.0.2";
 pub const SERVER_V6: &str = "fd31::2";
 pub const TUN: &str = "prism0";
@@ -115,6 +122,12 @@ impl Topology {
         server.ip(&format!(
             "-6 neigh replace fd31::1 lladdr {client_mac} dev {sv} nud permanent"
         ))?;
+        // Some targets are unreachable: dante's connects fail there, and with forwarding on, so
+        // do direct connects (the server answers with ICMP host unreachable).
+        server.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
+        server.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
+        server.ip("route add unreachable 10.200.9.0/24")?;
+        server.ip("-6 route add unreachable fd00:200::9:0/112")?;
         server.set_hosts(&format!("127.0.0.1 localhost\n{TARGET_V4} {TARGET_HOST}\n"))?;
         Ok(Self {
             client,

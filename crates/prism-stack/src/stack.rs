@@ -451,10 +451,16 @@ impl Stack {
         }
 
         if fate == Fate::Alive {
-            let mut deadline = self
-                .iface
-                .poll_at(now, &conn.sockets)
-                .map(|at| self.to_instant(at));
+            // smoltcp's poll_at says "now" for a withheld SYN-ACK for as long as it is withheld
+            // (pause_synack is not in its reckoning): polling on it would spin. Until the
+            // application answers, only the pending deadline matters.
+            let mut deadline = if conn.awaits_answer() {
+                None
+            } else {
+                self.iface
+                    .poll_at(now, &conn.sockets)
+                    .map(|at| self.to_instant(at))
+            };
             if let Some(limit) = conn.deadline {
                 deadline = Some(deadline.map_or(limit, |d| d.min(limit)));
             }

@@ -55,6 +55,11 @@ impl Direct {
         self
     }
 
+    /// The connect timeout.
+    pub fn connect_timeout(&self) -> Duration {
+        self.timeout
+    }
+
     /// Connects to one socket address with this connector's binding and mark.
     pub async fn connect_addr(&self, addr: SocketAddr) -> Result<TcpStream, ConnectError> {
         let socket = self.socket(addr)?;

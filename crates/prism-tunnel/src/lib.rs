@@ -20,6 +20,8 @@ mod socks5;
 pub use connector::{Connector, Target, Upstream, serve};
 pub use direct::Direct;
 pub use error::ConnectError;
-pub use prism_stack::{Handshake, Rejection, Request, Requests, Stream};
+pub use prism_stack::{
+    Handshake, HandshakePolicy, PortPolicy, Rejection, Request, Requests, Stream,
+};
 pub use relay::relay;
 pub use socks5::{Socks5, Socks5Url, Socks5UrlError};

@@ -112,7 +112,19 @@ impl Socks5 {
 impl Connector for Socks5 {
     type Upstream = TcpStream;
 
+    /// The whole exchange (reaching the proxy, negotiating, the proxy's own connect) is
+    /// bounded by the connect timeout of the [`Direct`] it was built with: a proxy that never
+    /// answers must not hold a consistent handshake for ever.
     async fn connect(&self, target: &Target) -> Result<TcpStream, ConnectError> {
+        match tokio::time::timeout(self.direct.connect_timeout(), self.exchange(target)).await {
+            Ok(result) => result,
+            Err(_) => Err(ConnectError::TimedOut),
+        }
+    }
+}
+
+impl Socks5 {
+    async fn exchange(&self, target: &Target) -> Result<TcpStream, ConnectError> {
         let proxy = self
             .direct
             .connect_host(&self.url.host, self.url.port)
@@ -145,9 +157,8 @@ impl Connector for Socks5 {
             Err(error) => Err(self.map_error(error)),
         }
     }
-}
 
-impl Socks5 {
+    /// SOCKS5 reply codes as the client should hear them.
     fn map_error(&self, error: tokio_socks::Error) -> ConnectError {
         use tokio_socks::Error as E;
         match error {
@@ -163,8 +174,85 @@ impl Socks5 {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    /// A scripted SOCKS5 server on loopback: accepts no-auth, reads one CONNECT, then answers
+    /// with `reply` (after `delay`), or never answers when `reply` is `None`.
+    async fn scripted(reply: Option<u8>, delay: Duration) -> Socks5 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut greeting = [0u8; 2];
+            s.read_exact(&mut greeting).await.unwrap();
+            let mut methods = vec![0u8; usize::from(greeting[1])];
+            s.read_exact(&mut methods).await.unwrap();
+            s.write_all(&[5, 0]).await.unwrap();
+            let mut request = [0u8; 10]; // VER CMD RSV ATYP=1 addr(4) port(2)
+            s.read_exact(&mut request).await.unwrap();
+            tokio::time::sleep(delay).await;
+            match reply {
+                Some(code) => {
+                    s.write_all(&[5, code, 0, 1, 0, 0, 0, 0, 0, 0])
+                        .await
+                        .unwrap();
+                    let mut rest = Vec::new();
+                    let _ = s.read_to_end(&mut rest).await;
+                }
+                None => tokio::time::sleep(Duration::from_secs(3600)).await,
+            }
+        });
+        let url = format!("socks5://{addr}").parse().unwrap();
+        Socks5::new(url, Direct::new().timeout(Duration::from_millis(300)))
+    }
+
+    fn target() -> Target {
+        Target::Ip("192.0.2.7:443".parse().unwrap())
+    }
+
+    #[tokio::test]
+    async fn reply_codes_map_to_precise_errors() {
+        type Expect = fn(&ConnectError) -> bool;
+        let cases: [(u8, Expect); 6] = [
+            (1, |e| matches!(e, ConnectError::Proxy { .. })),
+            (2, |e| matches!(e, ConnectError::NotAllowed)),
+            (3, |e| matches!(e, ConnectError::NetworkUnreachable)),
+            (4, |e| matches!(e, ConnectError::HostUnreachable)),
+            (5, |e| matches!(e, ConnectError::Refused)),
+            (6, |e| matches!(e, ConnectError::TtlExpired)),
+        ];
+        for (code, expected) in cases {
+            let socks = scripted(Some(code), Duration::ZERO).await;
+            let error = socks.connect(&target()).await.unwrap_err();
+            assert!(expected(&error), "reply {code}: {error:?}");
+        }
+        let socks = scripted(Some(0), Duration::ZERO).await;
+        socks.connect(&target()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_proxy_that_never_answers_times_out() {
+        let socks = scripted(None, Duration::ZERO).await;
+        let error = socks.connect(&target()).await.unwrap_err();
+        assert!(matches!(error, ConnectError::TimedOut), "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_proxy_is_a_proxy_error() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let socks = Socks5::new(format!("socks5://{addr}").parse().unwrap(), Direct::new());
+        let error = socks.connect(&target()).await.unwrap_err();
+        assert!(matches!(error, ConnectError::Proxy { .. }), "{error:?}");
+        assert!(
+            error.to_string().contains("cannot reach the proxy"),
+            "{error}"
+        );
+    }
 
     #[test]
     fn urls_parse_with_and_without_credentials() {
