@@ -3,8 +3,10 @@
 //! Builds the e2e topology, serves a 64 MiB file and a small page with Python's `http.server`
 //! in the server namespace, starts dante as the SOCKS5 proxy and `prism run` with a SOCKS5
 //! upstream in the client namespace, then fetches through Prism with curl (IPv4, IPv6, and
-//! many small pages at once), checks what arrived, and prints what moved and how fast.
+//! many small pages at once), checks what arrived, and prints what moved and how fast. Last,
+//! the fast and consistent handshakes side by side through a proxy 150 ms away.
 
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -12,6 +14,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use nix::sys::signal::Signal;
 use sha2::{Digest, Sha256};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
 
 use crate::netns::{Process, wait_for};
 use crate::servers::pattern;
@@ -43,7 +47,7 @@ pub fn run() -> Result<()> {
     result
 }
 
-fn demo(prism: &Path, dir: &Path) -> Result<()> {
+fn demo(prism_path: &Path, dir: &Path) -> Result<()> {
     let www = dir.join("www");
     let blob = pattern(42, BLOB);
     let blob_sha = Sha256::digest(&blob);
@@ -63,7 +67,7 @@ fn demo(prism: &Path, dir: &Path) -> Result<()> {
         topology::DANTE_PORT
     ));
     args.extend(["--stats-file".to_owned(), stats.display().to_string()]);
-    let mut prism = topo.start_prism(prism, &args, &dir.join("prism.log"))?;
+    let mut prism = topo.start_prism(prism_path, &args, &dir.join("prism.log"))?;
 
     println!();
     println!(
@@ -141,7 +145,80 @@ fn demo(prism: &Path, dir: &Path) -> Result<()> {
             "STILL THERE"
         }
     );
+    handshakes(prism_path, &topo, dir)
+}
+
+/// The two handshakes side by side, through a SOCKS5 proxy 150 ms away: how long connect()
+/// takes, and what a closed port and an unroutable host look like to the client.
+fn handshakes(prism: &Path, topo: &Topology, dir: &Path) -> Result<()> {
+    let server: IpAddr = topology::SERVER_V4.parse()?;
+    let _delay = crate::delay::DelayLink::start(
+        &topo.server,
+        SocketAddr::new(server, topology::DELAY_PORT),
+        SocketAddr::new(server, topology::DANTE_PORT),
+        topology::DELAY,
+    )?;
+    let upstream = format!("socks5://{}:{}", topology::SERVER_V4, topology::DELAY_PORT);
+    let mut columns: Vec<[String; 3]> = Vec::new();
+    for mode in ["fast", "consistent"] {
+        let mut args = topo.prism_args(&upstream);
+        args.extend(["--handshake".to_owned(), mode.to_owned()]);
+        let log = dir.join(format!("prism-{mode}.log"));
+        let mut prism = topo.start_prism(prism, &args, &log)?;
+        let seen = crate::e2e::in_netns(topo.client.name(), async || {
+            let open = SocketAddr::new(topology::TARGET_V4, PORT);
+            let closed = SocketAddr::new(topology::TARGET_V4, crate::servers::CLOSED);
+            let unroutable = SocketAddr::new(topology::UNREACHABLE_V4, PORT);
+            let mut times = Vec::new();
+            for _ in 0..5 {
+                let started = Instant::now();
+                let stream = TcpStream::connect(open).await?;
+                times.push(started.elapsed());
+                drop(stream);
+            }
+            times.sort();
+            Ok([
+                format!("{:.1} ms", times[2].as_secs_f64() * 1e3),
+                outcome(closed).await,
+                outcome(unroutable).await,
+            ])
+        })?;
+        let status = prism.stop(Signal::SIGINT, Duration::from_secs(10))?;
+        ensure!(status.success(), "prism ({mode}) exited with {status}");
+        columns.push(seen);
+    }
+    println!();
+    println!("  Handshakes side by side, SOCKS5 proxy 150 ms away (prism run --handshake ...):");
+    println!("  {:<40} {:<28} consistent", "", "fast");
+    let rows = [
+        "connect() to an open port (median of 5)",
+        "connect() to a closed port",
+        "connect() to an unroutable host",
+    ];
+    for (i, row) in rows.iter().enumerate() {
+        println!("  {row:<40} {:<28} {}", columns[0][i], columns[1][i]);
+    }
     Ok(())
+}
+
+/// What a client sees when it connects to `addr` and reads.
+async fn outcome(addr: SocketAddr) -> String {
+    let connect = tokio::time::timeout(Duration::from_secs(20), TcpStream::connect(addr));
+    match connect.await {
+        Err(_) => "no answer in 20 s".to_owned(),
+        Ok(Err(e)) => format!("fails: {e}"),
+        Ok(Ok(mut stream)) => {
+            let mut buf = [0u8; 1];
+            match tokio::time::timeout(Duration::from_secs(20), stream.read(&mut buf)).await {
+                Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                    "connects, then reset".to_owned()
+                }
+                Ok(Ok(0)) => "connects, then closed".to_owned(),
+                Ok(other) => format!("connects, then {other:?}"),
+                Err(_) => "connects, then silence".to_owned(),
+            }
+        }
+    }
 }
 
 fn start_web(topo: &Topology, www: &Path, log: &Path) -> Result<Process> {

@@ -224,7 +224,7 @@ impl Ctx {
 }
 
 /// Runs `work` on a fresh thread inside namespace `ns`, on a single-threaded runtime.
-pub fn in_netns<T: Send + 'static>(
+pub(crate) fn in_netns<T: Send + 'static>(
     ns: &str,
     work: impl AsyncFnOnce() -> Result<T> + Send + 'static,
 ) -> Result<T> {
