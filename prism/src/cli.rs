@@ -52,9 +52,22 @@ fn parse_cidr(s: &str) -> Result<IpNet, String> {
 
 #[derive(Debug, Args)]
 pub(crate) struct RunArgs {
-    /// Name of the TUN device to create.
+    /// Name of the TUN (or, with --tap, TAP) device to create.
     #[arg(long, value_name = "NAME")]
     pub(crate) tun: String,
+    /// Create a TAP device (Ethernet) instead of a TUN: Prism is a gateway on that segment,
+    /// answering ARP and neighbor solicitations; routes go via --gateway.
+    #[arg(long, requires = "gateways")]
+    pub(crate) tap: bool,
+    /// With --tap: the virtual gateway's address, IPv4 and/or IPv6 (repeatable).
+    #[arg(long = "gateway", value_name = "IP", requires = "tap")]
+    pub(crate) gateways: Vec<std::net::IpAddr>,
+    /// With --tap: the virtual gateway's MAC (default 02:50:52:49:53:4d).
+    #[arg(long, value_name = "MAC", requires = "tap", value_parser = parse_mac)]
+    pub(crate) gateway_mac: Option<[u8; 6]>,
+    /// With --tap: answer ARP and neighbor solicitations for every on-link address.
+    #[arg(long, requires = "tap")]
+    pub(crate) proxy_arp: bool,
     /// Address of the TUN device, IPv4 or IPv6 (repeatable).
     #[arg(long = "address", value_name = "CIDR", required = true, value_parser = parse_cidr)]
     pub(crate) addresses: Vec<IpNet>,
@@ -100,6 +113,19 @@ pub(crate) struct RunArgs {
     /// Write the final counters as JSON to this file when stopping.
     #[arg(long, value_name = "FILE")]
     pub(crate) stats_file: Option<PathBuf>,
+}
+
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let bad = || format!("bad MAC {s:?}; expected six hex bytes such as 02:50:52:49:53:4d");
+    let bytes: Vec<u8> = s
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).map_err(|_| bad()))
+        .collect::<Result<_, _>>()?;
+    let mac: [u8; 6] = bytes.try_into().map_err(|_| bad())?;
+    if mac[0] & 1 != 0 {
+        return Err(format!("bad MAC {s:?}: a gateway MAC must be unicast"));
+    }
+    Ok(mac)
 }
 
 fn parse_port_mode(s: &str) -> Result<(u16, Handshake), String> {
@@ -154,6 +180,53 @@ mod tests {
         assert_eq!(args.handshake, Handshake::Fast);
         assert_eq!(args.fwmark, Some(0x99));
         assert!(matches!(args.upstream, UpstreamArg::Socks5(_)));
+    }
+
+    #[test]
+    fn tap_flags_parse_and_depend_on_each_other() {
+        let base = [
+            "run",
+            "--tun",
+            "tap0",
+            "--address",
+            "10.0.0.1/24",
+            "--upstream",
+            "direct",
+        ];
+        let with = |extra: &[&str]| {
+            let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+            parse(&args)
+        };
+        let cli = with(&[
+            "--tap",
+            "--gateway",
+            "10.0.0.2",
+            "--gateway",
+            "fd00::2",
+            "--gateway-mac",
+            "02:00:00:aa:bb:cc",
+            "--proxy-arp",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command;
+        assert!(args.tap && args.proxy_arp);
+        assert_eq!(args.gateways.len(), 2);
+        assert_eq!(args.gateway_mac, Some([2, 0, 0, 0xaa, 0xbb, 0xcc]));
+        assert!(with(&["--tap"]).is_err(), "--tap needs a --gateway");
+        assert!(
+            with(&["--gateway", "10.0.0.2"]).is_err(),
+            "--gateway needs --tap"
+        );
+        let error = with(&[
+            "--tap",
+            "--gateway",
+            "10.0.0.2",
+            "--gateway-mac",
+            "01:00:00:00:00:01",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("unicast"), "{error}");
     }
 
     #[test]

@@ -9,6 +9,8 @@ mod cli;
 mod routes;
 #[cfg(target_os = "linux")]
 mod run;
+#[cfg(target_os = "linux")]
+mod tap;
 
 use std::process::ExitCode;
 
@@ -62,6 +64,10 @@ async fn execute(cli: cli::Cli) -> anyhow::Result<()> {
     match cli.command {
         #[cfg(target_os = "linux")]
         cli::Command::Run(args) => run::run(args).await,
+        #[cfg(target_os = "macos")]
+        cli::Command::Run(args) if args.tap => {
+            anyhow::bail!("--tap needs a TAP device, and macOS has only L3 utun devices")
+        }
         #[cfg(not(target_os = "linux"))]
         cli::Command::Run(_) => anyhow::bail!("prism run supports only Linux for now"),
     }

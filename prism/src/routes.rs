@@ -14,16 +14,26 @@ pub(crate) struct Routes {
     added: Vec<(IpNet, RouteMessage)>,
 }
 
-fn message(net: IpNet, index: u32) -> RouteMessage {
-    match net.network() {
-        IpAddr::V4(addr) => RouteMessageBuilder::<std::net::Ipv4Addr>::new()
-            .destination_prefix(addr, net.prefix_len())
-            .output_interface(index)
-            .build(),
-        IpAddr::V6(addr) => RouteMessageBuilder::<std::net::Ipv6Addr>::new()
-            .destination_prefix(addr, net.prefix_len())
-            .output_interface(index)
-            .build(),
+fn message(net: IpNet, index: u32, via: Option<IpAddr>) -> RouteMessage {
+    match (net.network(), via) {
+        (IpAddr::V4(addr), via) => {
+            let mut route = RouteMessageBuilder::<std::net::Ipv4Addr>::new()
+                .destination_prefix(addr, net.prefix_len())
+                .output_interface(index);
+            if let Some(IpAddr::V4(gateway)) = via {
+                route = route.gateway(gateway);
+            }
+            route.build()
+        }
+        (IpAddr::V6(addr), via) => {
+            let mut route = RouteMessageBuilder::<std::net::Ipv6Addr>::new()
+                .destination_prefix(addr, net.prefix_len())
+                .output_interface(index);
+            if let Some(IpAddr::V6(gateway)) = via {
+                route = route.gateway(gateway);
+            }
+            route.build()
+        }
     }
 }
 
@@ -39,15 +49,23 @@ impl Routes {
         })
     }
 
-    /// Routes `net` through interface `index` (named `name` in messages).
-    pub(crate) async fn add(&mut self, net: IpNet, index: u32, name: &str) -> Result<()> {
-        let route = message(net.trunc(), index);
+    /// Routes `net` through interface `index` (named `name` in messages), via the next hop
+    /// `via` if given (TAP mode).
+    pub(crate) async fn add(
+        &mut self,
+        net: IpNet,
+        index: u32,
+        name: &str,
+        via: Option<IpAddr>,
+    ) -> Result<()> {
+        let route = message(net.trunc(), index, via);
+        let hop = via.map(|v| format!(" via {v}")).unwrap_or_default();
         self.handle
             .route()
             .add(route.clone())
             .execute()
             .await
-            .with_context(|| format!("cannot add route {net} via {name}"))?;
+            .with_context(|| format!("cannot add route {net}{hop} dev {name}"))?;
         self.added.push((net, route));
         Ok(())
     }

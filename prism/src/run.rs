@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use prism_device::Link;
-use prism_device::tun::{Tun, TunConfig};
-use prism_stack::{Config, HandshakePolicy, PortPolicy, Snapshot, Stack};
+use prism_device::tun::{Layer, Tun, TunConfig};
+use prism_stack::{Config, HandshakePolicy, PortPolicy, Stack};
 use prism_tunnel::{Direct, Socks5, serve};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{info, warn};
@@ -30,6 +30,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
             .iter()
             .map(|n| (n.addr(), n.prefix_len()))
             .collect(),
+        layer: if args.tap { Layer::Ethernet } else { Layer::Ip },
         queue_len: args.tun_queue,
     })?;
     let mut routes = Routes::new()?;
@@ -52,7 +53,8 @@ async fn serve_until_signal(
 ) -> Result<()> {
     let (name, index) = (tun.name().to_owned(), tun.index());
     for &net in &args.routes {
-        routes.add(net, index, &name).await?;
+        let via = next_hop(args, net)?;
+        routes.add(net, index, &name, via).await?;
     }
 
     let mut config = Config::default();
@@ -73,7 +75,35 @@ async fn serve_until_signal(
     let (stack_end, device_end) = Link::pair(LINK_QUEUE);
     let (stack, requests) = Stack::new(config, stack_end);
     let counters = stack.counters();
-    let pump = tun.spawn(device_end);
+    let l2_counters = crate::tap::SharedCounters::default();
+    let (pump, bridge) = if args.tap {
+        // TAP: device frames <-> gateway <-> the stack's IP packets.
+        let (tap_end, frames_end) = Link::pair(LINK_QUEUE);
+        let gateway = prism_l2::Gateway::new(prism_l2::Config {
+            mac: prism_l2::Mac(args.gateway_mac.unwrap_or(prism_l2::DEFAULT_MAC.0)),
+            ipv4: args
+                .gateways
+                .iter()
+                .filter_map(|g| match g {
+                    IpAddr::V4(a) => Some(*a),
+                    IpAddr::V6(_) => None,
+                })
+                .collect(),
+            ipv6: args
+                .gateways
+                .iter()
+                .filter_map(|g| match g {
+                    IpAddr::V6(a) => Some(*a),
+                    IpAddr::V4(_) => None,
+                })
+                .collect(),
+            proxy_arp: args.proxy_arp,
+        });
+        let bridge = crate::tap::bridge(gateway, frames_end, device_end, Arc::clone(&l2_counters));
+        (tun.spawn(tap_end), Some(bridge))
+    } else {
+        (tun.spawn(device_end), None)
+    };
     let stack = tokio::spawn(stack.run());
 
     let mut direct = Direct::new().timeout(connect_timeout);
@@ -116,10 +146,19 @@ async fn serve_until_signal(
     routes.remove_all().await;
     stack.abort();
     server.abort();
+    if let Some(bridge) = bridge {
+        bridge.abort();
+    }
     let snapshot = counters.snapshot();
+    let mut fields = snapshot.fields();
+    if args.tap {
+        let l2 = l2_counters.lock().map(|c| *c).unwrap_or_default();
+        info!(?l2, "gateway");
+        fields.extend(l2.fields().into_iter().map(|(k, v)| (l2_name(k), v)));
+    }
     info!(counters = %snapshot, "stopped");
     if let Some(path) = &args.stats_file {
-        if let Err(error) = std::fs::write(path, stats_json(&snapshot)) {
+        if let Err(error) = std::fs::write(path, stats_json(&fields)) {
             warn!(path = %path.display(), %error, "cannot write the stats file");
         }
     }
@@ -147,11 +186,46 @@ fn stack_address(tun_address: IpAddr) -> IpAddr {
 }
 
 /// The counters as one flat JSON object (names are plain identifiers, values integers).
-fn stats_json(snapshot: &Snapshot) -> String {
-    let fields: Vec<String> = snapshot
-        .fields()
-        .into_iter()
+fn stats_json(fields: &[(&'static str, u64)]) -> String {
+    let fields: Vec<String> = fields
+        .iter()
         .map(|(name, value)| format!("\"{name}\": {value}"))
         .collect();
     format!("{{{}}}\n", fields.join(", "))
+}
+
+/// The gateway's counter names in the stats file: `l2_` and the name.
+fn l2_name(name: &'static str) -> &'static str {
+    match name {
+        "frames_in" => "l2_frames_in",
+        "packets_in" => "l2_packets_in",
+        "arp_replies" => "l2_arp_replies",
+        "neighbor_adverts" => "l2_neighbor_adverts",
+        "drop_malformed" => "l2_drop_malformed",
+        "drop_vlan" => "l2_drop_vlan",
+        "drop_ethertype" => "l2_drop_ethertype",
+        "drop_not_for_us" => "l2_drop_not_for_us",
+        "drop_link_local" => "l2_drop_link_local",
+        "drop_arp" => "l2_drop_arp",
+        "drop_ndp" => "l2_drop_ndp",
+        "egress_no_peer" => "l2_egress_no_peer",
+        "frames_out" => "l2_frames_out",
+        _ => "l2_other",
+    }
+}
+
+/// In TAP mode a route goes via the gateway of its family; a TUN needs no next hop.
+fn next_hop(args: &RunArgs, net: ipnet::IpNet) -> Result<Option<IpAddr>> {
+    if !args.tap {
+        return Ok(None);
+    }
+    let gateway = args
+        .gateways
+        .iter()
+        .find(|g| g.is_ipv4() == net.addr().is_ipv4())
+        .copied();
+    match gateway {
+        Some(g) => Ok(Some(g)),
+        None => anyhow::bail!("route {net} needs a --gateway of its address family in TAP mode"),
+    }
 }

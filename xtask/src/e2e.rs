@@ -42,10 +42,16 @@ enum Upstream {
     SlowConsistent,
     /// `direct` with a fwmark, consistent handshake.
     DirectConsistent,
+    /// TAP mode through dante.
+    TapDante,
+    /// TAP mode, `direct` with a fwmark.
+    TapDirect,
+    /// TAP mode with 9000-byte jumbo frames, `direct`.
+    TapJumbo,
 }
 
 impl Upstream {
-    const ALL: [Upstream; 7] = [
+    const ALL: [Upstream; 10] = [
         Upstream::Dante,
         Upstream::Socks5Auth,
         Upstream::DirectMark,
@@ -53,6 +59,9 @@ impl Upstream {
         Upstream::SlowFast,
         Upstream::SlowConsistent,
         Upstream::DirectConsistent,
+        Upstream::TapDante,
+        Upstream::TapDirect,
+        Upstream::TapJumbo,
     ];
 
     fn name(self) -> &'static str {
@@ -64,12 +73,15 @@ impl Upstream {
             Upstream::SlowFast => "fast-150ms-socks5",
             Upstream::SlowConsistent => "consistent-150ms-socks5",
             Upstream::DirectConsistent => "consistent-direct",
+            Upstream::TapDante => "tap-socks5-dante",
+            Upstream::TapDirect => "tap-direct",
+            Upstream::TapJumbo => "tap-jumbo-9000",
         }
     }
 
     fn args(self, topo: &Topology) -> Vec<String> {
         let (upstream, extra) = match self {
-            Upstream::Dante => (
+            Upstream::Dante | Upstream::TapDante => (
                 format!("socks5://{}:{}", topology::SERVER_V4, topology::DANTE_PORT),
                 vec![],
             ),
@@ -95,9 +107,18 @@ impl Upstream {
                 format!("socks5://{}:{}", topology::SERVER_V4, topology::DELAY_PORT),
                 vec![],
             ),
-            Upstream::DirectConsistent => (
+            Upstream::DirectConsistent | Upstream::TapDirect => (
                 "direct".to_owned(),
                 vec!["--fwmark".to_owned(), topology::FWMARK.to_owned()],
+            ),
+            Upstream::TapJumbo => (
+                "direct".to_owned(),
+                vec![
+                    "--fwmark".to_owned(),
+                    topology::FWMARK.to_owned(),
+                    "--mtu".to_owned(),
+                    "9000".to_owned(),
+                ],
             ),
         };
         let mode = match self {
@@ -105,9 +126,20 @@ impl Upstream {
             _ => "fast",
         };
         let extra = [extra, vec!["--handshake".to_owned(), mode.to_owned()]].concat();
-        let mut args = topo.prism_args(&upstream);
+        let mut args = if self.is_tap() {
+            topo.prism_tap_args(&upstream)
+        } else {
+            topo.prism_args(&upstream)
+        };
         args.extend(extra);
         args
+    }
+
+    fn is_tap(self) -> bool {
+        matches!(
+            self,
+            Upstream::TapDante | Upstream::TapDirect | Upstream::TapJumbo
+        )
     }
 
     /// The cases this upstream can carry. microsocks closes both directions at the first EOF
@@ -135,6 +167,20 @@ impl Upstream {
                 Case::HalfCloseClientFirst,
                 Case::ResetByServer,
             ],
+            Upstream::TapDante => &[
+                Case::Upload,
+                Case::Download,
+                Case::Concurrent,
+                Case::HalfCloseClientFirst,
+                Case::HalfCloseServerFirst,
+                Case::ResetByServer,
+                Case::ResetByClient,
+                Case::ClosedPort,
+                Case::GatewayResolved,
+                Case::Arping,
+                Case::GarbageFrames,
+            ],
+            Upstream::TapJumbo => &[Case::Upload, Case::Download, Case::Concurrent],
             _ => &Case::ALL,
         }
     }
@@ -144,7 +190,11 @@ impl Upstream {
     fn carries_resets(self) -> bool {
         matches!(
             self,
-            Upstream::DirectMark | Upstream::DirectBind | Upstream::DirectConsistent
+            Upstream::DirectMark
+                | Upstream::DirectBind
+                | Upstream::DirectConsistent
+                | Upstream::TapDirect
+                | Upstream::TapJumbo
         )
     }
 }
@@ -164,6 +214,9 @@ enum Case {
     ConsistentConnectWaits,
     ConsistentClosedPort,
     ConsistentUnreachable,
+    GatewayResolved,
+    Arping,
+    GarbageFrames,
 }
 
 impl Case {
@@ -192,6 +245,9 @@ impl Case {
             Case::ConsistentConnectWaits => "consistent: connect() waits for the upstream",
             Case::ConsistentClosedPort => "consistent: closed port is ECONNREFUSED",
             Case::ConsistentUnreachable => "consistent: unreachable host never connects",
+            Case::GatewayResolved => "the kernel resolved the gateway by ARP and NDP",
+            Case::Arping => "arping gets the gateway's answer",
+            Case::GarbageFrames => "garbage frames change nothing but drop counters",
         }
     }
 }
@@ -265,6 +321,8 @@ pub fn run(filter: Option<&str>) -> Result<()> {
         ("ip", "iproute2"),
         ("ss", "iproute2"),
         ("setpriv", "util-linux"),
+        ("arping", "iputils-arping"),
+        ("python3", "python3"),
     ])?;
     let prism = build_prism()?;
     let logs = std::env::temp_dir().join(format!("prism-e2e-{}", std::process::id()));
@@ -391,12 +449,17 @@ fn suite(
             seen: servers.seen(),
         };
         let started = Instant::now();
-        let result = in_netns(topo.client.name(), async move || {
-            ctx.forget_seen().await;
-            tokio::time::timeout(CASE_PATIENCE, run_case(case, &ctx))
-                .await
-                .with_context(|| format!("no result within {CASE_PATIENCE:?}"))?
-        });
+        let result = match case {
+            Case::GatewayResolved => gateway_resolved(topo, target),
+            Case::Arping => arping(topo, target),
+            Case::GarbageFrames => garbage_frames(topo, target),
+            _ => in_netns(topo.client.name(), async move || {
+                ctx.forget_seen().await;
+                tokio::time::timeout(CASE_PATIENCE, run_case(case, &ctx))
+                    .await
+                    .with_context(|| format!("no result within {CASE_PATIENCE:?}"))?
+            }),
+        };
         let group = format!("{} {family}", upstream.name());
         if result.is_err() {
             save_kernel_counters(topo, logs, &format!("{group} {case:?}"));
@@ -418,6 +481,14 @@ fn suite(
         "SIGINT: exit 0, TUN and routes removed, no malformed drops",
         stop_cleanly(topo, &mut process, Signal::SIGINT, &stats),
     );
+    let garbage = format!("{} v4 {:?}", upstream.name(), Case::GarbageFrames);
+    if upstream.cases().contains(&Case::GarbageFrames) && selected(filter, &garbage) {
+        report.record(
+            upstream.name(),
+            "the garbage is in the gateway's drop counters",
+            garbage_counted(&stats),
+        );
+    }
 }
 
 /// Keeps both kernels' TCP counters after a failure, to tell drops, overflows and resets apart.
@@ -493,6 +564,9 @@ async fn run_case(case: Case, ctx: &Ctx) -> Result<String> {
         Case::ConsistentConnectWaits => connect_times(ctx, true).await,
         Case::ConsistentClosedPort => consistent_closed_port(ctx).await,
         Case::ConsistentUnreachable => consistent_unreachable(ctx).await,
+        Case::GatewayResolved | Case::Arping | Case::GarbageFrames => {
+            bail!("{case:?} runs outside the client thread")
+        }
     }
 }
 
@@ -728,6 +802,155 @@ async fn consistent_unreachable(ctx: &Ctx) -> Result<String> {
         Ok(Ok(_)) => bail!("connected to an unreachable host"),
         Ok(Err(e)) => bail!("expected EHOSTUNREACH or a timeout, got {e}"),
     }
+}
+
+/// After traffic, the client kernel's neighbor table holds the gateway's MAC for its IPv4 and
+/// IPv6 addresses, learned by real ARP and neighbor discovery.
+fn gateway_resolved(topo: &Topology, target: IpAddr) -> Result<String> {
+    let gateway = if target.is_ipv4() {
+        topology::TAP_GATEWAY_V4
+    } else {
+        topology::TAP_GATEWAY_V6
+    };
+    let neigh = topo
+        .client
+        .ip(&format!("neigh show {gateway} dev {}", topology::TUN))?;
+    ensure!(
+        neigh.contains(topology::GATEWAY_MAC),
+        "the neighbor table has no {} for {gateway}: {neigh:?}",
+        topology::GATEWAY_MAC
+    );
+    Ok(format!(" ({})", neigh.trim()))
+}
+
+/// `arping` (iputils) asks for the gateway and gets its MAC back.
+fn arping(topo: &Topology, target: IpAddr) -> Result<String> {
+    if !target.is_ipv4() {
+        return Ok(" (ARP is IPv4; IPv6 is covered by the neighbor check)".to_owned());
+    }
+    let out = topo.client.exec(&[
+        "arping",
+        "-c",
+        "2",
+        "-w",
+        "5",
+        "-I",
+        topology::TUN,
+        topology::TAP_GATEWAY_V4,
+    ])?;
+    ensure!(
+        out.to_lowercase().contains(topology::GATEWAY_MAC),
+        "arping saw no reply from {}: {out}",
+        topology::GATEWAY_MAC
+    );
+    let line = out
+        .lines()
+        .find(|l| l.contains("reply"))
+        .unwrap_or_default();
+    Ok(format!(" ({})", line.trim()))
+}
+
+/// Frames the gateway must drop, injected on the TAP from the client side with an AF_PACKET
+/// socket: random bytes, a VLAN-tagged frame, LLDP, an IPv4 frame too short to hold a header,
+/// and frames for another MAC. Afterwards a connection still works; the counts are checked
+/// when prism stops.
+fn garbage_frames(topo: &Topology, target: IpAddr) -> Result<String> {
+    if !target.is_ipv4() {
+        return Ok(" (once per pass)".to_owned());
+    }
+    let script = format!(
+        r#"
+import os, random, socket
+random.seed(7)
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(("{tun}", 0))
+gw = bytes.fromhex("{mac}")
+me = bytes.fromhex("020000000001")
+frames = [os.urandom(random.randint(14, 200)) for _ in range({random})]
+frames += [gw + me + b"\x81\x00\x00\x05\x08\x00" + os.urandom(46)] * {vlan}
+frames += [gw + me + b"\x88\xcc" + os.urandom(46)] * {lldp}
+frames += [gw + me + b"\x08\x00" + os.urandom(10)] * {short}
+frames += [bytes.fromhex("020000000099") + me + b"\x08\x00" + os.urandom(46)] * {stranger}
+sent = 0
+for f in frames:
+    try:
+        s.send(f)
+        sent += 1
+    except OSError:
+        pass
+print(sent)
+"#,
+        tun = topology::TUN,
+        mac = topology::GATEWAY_MAC.replace(':', ""),
+        random = GARBAGE.random,
+        vlan = GARBAGE.vlan,
+        lldp = GARBAGE.lldp,
+        short = GARBAGE.short,
+        stranger = GARBAGE.stranger,
+    );
+    let sent = topo.client.exec(&["python3", "-c", &script])?;
+    let ctx_target = target;
+    in_netns(topo.client.name(), async move || {
+        let mut stream = TcpStream::connect(SocketAddr::new(ctx_target, servers::ECHO)).await?;
+        let message = pattern(9, 10_000);
+        stream.write_all(&message).await?;
+        stream.shutdown().await?;
+        let mut echoed = Vec::new();
+        stream.read_to_end(&mut echoed).await?;
+        ensure!(echoed == message, "after the garbage, an echo differs");
+        Ok(())
+    })?;
+    Ok(format!(" ({} frames injected)", sent.trim()))
+}
+
+/// How many of each kind of garbage frame the TAP pass injects.
+struct Garbage {
+    random: usize,
+    vlan: usize,
+    lldp: usize,
+    short: usize,
+    stranger: usize,
+}
+
+const GARBAGE: Garbage = Garbage {
+    random: 50,
+    vlan: 3,
+    lldp: 3,
+    short: 3,
+    stranger: 3,
+};
+
+/// The gateway counted the injected garbage by kind.
+fn garbage_counted(stats: &Path) -> Result<String> {
+    let counters = std::fs::read_to_string(stats).context("prism wrote no stats file")?;
+    let count = |name: &str| -> u64 {
+        counters
+            .split(&format!("\"{name}\": "))
+            .nth(1)
+            .and_then(|rest| rest.split([',', '}']).next())
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let checks = [
+        ("l2_drop_vlan", GARBAGE.vlan),
+        ("l2_drop_malformed", GARBAGE.short),
+        ("l2_drop_not_for_us", GARBAGE.stranger),
+        ("l2_drop_ethertype", GARBAGE.lldp),
+    ];
+    for (name, at_least) in checks {
+        ensure!(
+            count(name) >= at_least as u64,
+            "{name} is {} in {counters}",
+            count(name)
+        );
+    }
+    Ok(format!(
+        " (vlan {}, malformed {}, not for us {}, ethertype {})",
+        count("l2_drop_vlan"),
+        count("l2_drop_malformed"),
+        count("l2_drop_not_for_us"),
+        count("l2_drop_ethertype")
+    ))
 }
 
 /// SOCKS5 CONNECT by host name (address type 3) through dante, which resolves it in the

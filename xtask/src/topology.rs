@@ -34,6 +34,11 @@ pub const DELAY: std::time::Duration = std::time::Duration::from_millis(150);
 pub const SERVER_V4: &str = "172.31.0.2";
 pub const SERVER_V6: &str = "fd31::2";
 pub const TUN: &str = "prism0";
+/// Prism's gateway on the TAP segment.
+pub const TAP_GATEWAY_V4: &str = "10.99.0.2";
+pub const TAP_GATEWAY_V6: &str = "fd99::2";
+/// The gateway's default MAC, as `ip neigh` prints it.
+pub const GATEWAY_MAC: &str = "02:50:52:49:53:4d";
 pub const FWMARK: &str = "0x99";
 /// microsocks, with username/password authentication.
 pub const SOCKS_AUTH_PORT: u16 = 1081;
@@ -198,6 +203,34 @@ impl Topology {
             "10.99.0.1/24",
             "--address",
             "fd99::1/64",
+            "--route",
+            "10.200.0.0/16",
+            "--route",
+            "fd00:200::/64",
+            "--upstream",
+            upstream,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    }
+
+    /// The arguments of `prism run --tap` in this topology: Prism is the gateway 10.99.0.2 and
+    /// fd99::2 on the TAP segment.
+    pub fn prism_tap_args(&self, upstream: &str) -> Vec<String> {
+        [
+            "run",
+            "--tap",
+            "--tun",
+            TUN,
+            "--address",
+            "10.99.0.1/24",
+            "--address",
+            "fd99::1/64",
+            "--gateway",
+            TAP_GATEWAY_V4,
+            "--gateway",
+            TAP_GATEWAY_V6,
             "--route",
             "10.200.0.0/16",
             "--route",

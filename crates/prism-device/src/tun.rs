@@ -1,5 +1,5 @@
-//! Linux TUN adapter on tun-rs: opens the device, gives it its addresses, and pumps packets
-//! between it and a [`Link`].
+//! Linux TUN and TAP adapter on tun-rs: opens the device, gives it its addresses, and pumps
+//! packets (TUN) or frames (TAP) between it and a [`Link`].
 //!
 //! Reading makes the one copy from the kernel: packets are read into slices of a large shared
 //! buffer that become `Bytes` without another copy. Routes are not managed here (the `prism`
@@ -27,11 +27,26 @@ pub struct TunConfig {
     pub mtu: u16,
     /// Addresses with their prefix lengths, IPv4 and IPv6 in any order.
     pub addresses: Vec<(IpAddr, u8)>,
+    /// TUN (IP packets) or TAP (Ethernet frames).
+    pub layer: Layer,
     /// Packets the kernel may queue for Prism before it drops ([`DEFAULT_QUEUE`] if unsure).
     /// Linux's default of 500 overflows when hundreds of connections open at once, and every
     /// dropped SYN costs its client a one-second retransmission.
     pub queue_len: u32,
 }
+
+/// What the device carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Layer {
+    /// IP packets (TUN).
+    #[default]
+    Ip,
+    /// Ethernet frames (TAP); `prism-l2` turns them into IP packets and back.
+    Ethernet,
+}
+
+/// Room for an Ethernet header (with a VLAN tag) beyond the MTU when reading frames.
+const FRAME_OVERHEAD: usize = 18;
 
 /// A kernel-side TUN queue deep enough for bursts of a few thousand packets.
 pub const DEFAULT_QUEUE: u32 = 4096;
@@ -104,8 +119,13 @@ impl Tun {
     /// Creates (or attaches to) the TUN device, assigns the addresses and brings it up.
     pub fn open(config: &TunConfig) -> Result<Tun, Error> {
         let name = config.name.clone();
+        let layer = match config.layer {
+            Layer::Ip => tun_rs::Layer::L3,
+            Layer::Ethernet => tun_rs::Layer::L2,
+        };
         let device = DeviceBuilder::new()
             .name(&name)
+            .layer(layer)
             .mtu(config.mtu)
             .tx_queue_len(config.queue_len)
             .enable(true)
@@ -150,7 +170,7 @@ impl Tun {
     /// Pumps packets between the device and `link` until either side closes. The returned
     /// task ends with the device error that stopped it, or `Ok` when the link closed.
     pub fn spawn(self, link: Link) -> JoinHandle<io::Result<()>> {
-        let mtu = usize::from(self.device.mtu().unwrap_or(1500)).max(1280);
+        let mtu = usize::from(self.device.mtu().unwrap_or(1500)).max(1280) + FRAME_OVERHEAD;
         let (mut inbound, outbound) = link.split();
         let reader = Arc::clone(&self.device);
         let writer = self.device;

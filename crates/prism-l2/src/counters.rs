@@ -31,3 +31,24 @@ pub struct Counters {
     /// Frames sent (wrapped packets and replies).
     pub frames_out: u64,
 }
+
+impl Counters {
+    /// Every counter by name, in a fixed order.
+    pub fn fields(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("frames_in", self.frames_in),
+            ("packets_in", self.packets_in),
+            ("arp_replies", self.arp_replies),
+            ("neighbor_adverts", self.neighbor_adverts),
+            ("drop_malformed", self.drop_malformed),
+            ("drop_vlan", self.drop_vlan),
+            ("drop_ethertype", self.drop_ethertype),
+            ("drop_not_for_us", self.drop_not_for_us),
+            ("drop_link_local", self.drop_link_local),
+            ("drop_arp", self.drop_arp),
+            ("drop_ndp", self.drop_ndp),
+            ("egress_no_peer", self.egress_no_peer),
+            ("frames_out", self.frames_out),
+        ]
+    }
+}

@@ -1,0 +1,63 @@
+//! TAP mode: the task between the TAP device's frames and the stack's IP packets, with a
+//! `prism_l2::Gateway` deciding what each frame is. This is the glue an embedder copies to put
+//! Prism on an Ethernet segment; the gateway itself is pure and lives in prism-l2.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use prism_device::{BATCH, Link};
+use prism_l2::{Counters, Gateway, Ingress};
+use tokio::task::JoinHandle;
+
+/// The gateway's counters, as last published by the bridge.
+pub(crate) type SharedCounters = Arc<Mutex<Counters>>;
+
+/// Runs the bridge until either side closes. `frames` is the far end of the TAP adapter's
+/// link, `packets` the far end of the stack's.
+pub(crate) fn bridge(
+    mut gateway: Gateway,
+    frames: Link,
+    packets: Link,
+    counters: SharedCounters,
+) -> JoinHandle<()> {
+    let (mut frames_in, frames_out) = frames.split();
+    let (mut packets_in, packets_out) = packets.split();
+    tokio::spawn(async move {
+        let mut batch = Vec::with_capacity(BATCH);
+        let mut outgoing = Vec::with_capacity(BATCH);
+        loop {
+            tokio::select! {
+                n = frames_in.recv_many(&mut batch, BATCH) => {
+                    if n == 0 {
+                        break;
+                    }
+                    for frame in batch.drain(..) {
+                        let sent = match gateway.ingress(&frame) {
+                            Ingress::Packet(packet) => packets_out.send(packet).await.is_ok(),
+                            Ingress::Reply(reply) => frames_out.send(Bytes::from(reply)).await.is_ok(),
+                            Ingress::Dropped(_) => true,
+                        };
+                        if !sent {
+                            return;
+                        }
+                    }
+                }
+                n = packets_in.recv_many(&mut outgoing, BATCH) => {
+                    if n == 0 {
+                        break;
+                    }
+                    for packet in outgoing.drain(..) {
+                        if let Some(frame) = gateway.egress(&packet) {
+                            if frames_out.send(Bytes::from(frame)).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+            if let Ok(mut shared) = counters.lock() {
+                *shared = gateway.counters();
+            }
+        }
+    })
+}
