@@ -1,0 +1,305 @@
+//! Relay datagrams: authenticated and encrypted with XChaCha20-Poly1305 under a key derived
+//! from the pre-shared key.
+//!
+//! ```text
+//!  0        1      2 .. 17        18 .. 25          26 ..            last 16
+//!  version  kind   session id     counter (BE)      ciphertext       Poly1305 tag
+//! ```
+//!
+//! The header is authenticated as associated data. The 24-byte nonce is the session id (16
+//! random bytes a client picks at start) followed by the counter, so clients that share a key
+//! never reuse a nonce; each direction has its own key (HKDF-SHA256 of the pre-shared key).
+//! Pure: the caller moves the datagrams.
+
+use std::net::IpAddr;
+
+use bytes::{Bytes, BytesMut};
+use chacha20poly1305::aead::{AeadInPlace, KeyInit};
+use chacha20poly1305::{Tag, XChaCha20Poly1305, XNonce};
+use hkdf::Hkdf;
+use sha2::Sha256;
+
+/// The version this code speaks.
+pub const VERSION: u8 = 1;
+/// Header bytes before the ciphertext.
+pub const HEADER: usize = 1 + 1 + 16 + 8;
+/// Authentication tag bytes after it.
+pub const TAG: usize = 16;
+/// Bytes a datagram adds to what it carries.
+pub const OVERHEAD: usize = HEADER + TAG;
+/// Shortest pre-shared key accepted.
+pub const MIN_KEY: usize = 16;
+
+/// What a datagram carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A client announcing its session and its tunnel addresses.
+    Hello = 1,
+    /// One whole IP packet.
+    Data = 2,
+}
+
+/// The clear part of a datagram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// What the payload is.
+    pub kind: Kind,
+    /// The client session the datagram belongs to.
+    pub session: [u8; 16],
+    /// Per-direction, per-session sequence number; each value is used once.
+    pub counter: u64,
+}
+
+impl Header {
+    fn encode(&self) -> [u8; HEADER] {
+        let mut out = [0u8; HEADER];
+        out[0] = VERSION;
+        out[1] = self.kind as u8;
+        out[2..18].copy_from_slice(&self.session);
+        out[18..26].copy_from_slice(&self.counter.to_be_bytes());
+        out
+    }
+
+    fn nonce(&self) -> XNonce {
+        let mut nonce = [0u8; 24];
+        nonce[..16].copy_from_slice(&self.session);
+        nonce[16..].copy_from_slice(&self.counter.to_be_bytes());
+        XNonce::from(nonce)
+    }
+}
+
+/// Why a datagram was refused. Each is a counted drop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// Shorter than header and tag.
+    #[error("truncated datagram")]
+    Truncated,
+    /// Another protocol version.
+    #[error("unknown version")]
+    Version,
+    /// An unknown kind.
+    #[error("unknown kind")]
+    Kind,
+    /// Forged, corrupted, or sealed with another key.
+    #[error("authentication failed")]
+    Auth,
+}
+
+/// A pre-shared key that is too short to be one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the relay key must be at least {MIN_KEY} bytes; use 32 random bytes, for example `openssl rand -hex 32`"
+)]
+pub struct KeyTooShort;
+
+/// One direction's cipher.
+#[derive(Clone)]
+pub struct Key(XChaCha20Poly1305);
+
+impl std::fmt::Debug for Key {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Key(..)")
+    }
+}
+
+/// Both directions' keys, derived from the pre-shared key.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    /// Client to server.
+    pub to_server: Key,
+    /// Server to client.
+    pub to_client: Key,
+}
+
+impl Keys {
+    /// Derives the keys from a pre-shared key of at least [`MIN_KEY`] bytes.
+    pub fn derive(psk: &[u8]) -> Result<Keys, KeyTooShort> {
+        if psk.len() < MIN_KEY {
+            return Err(KeyTooShort);
+        }
+        let hkdf = Hkdf::<Sha256>::new(Some(b"prism relay v1"), psk);
+        let key = |info: &[u8]| {
+            let mut k = [0u8; 32];
+            // 32 bytes is far below HKDF-SHA256's limit of 8160; expand cannot fail.
+            let _ = hkdf.expand(info, &mut k);
+            Key(XChaCha20Poly1305::new(&k.into()))
+        };
+        Ok(Keys {
+            to_server: key(b"client to server"),
+            to_client: key(b"server to client"),
+        })
+    }
+}
+
+/// Seals `payload` into a datagram.
+pub fn seal(key: &Key, header: &Header, payload: &[u8]) -> Vec<u8> {
+    let aad = header.encode();
+    let mut datagram = Vec::with_capacity(OVERHEAD + payload.len());
+    datagram.extend_from_slice(&aad);
+    datagram.extend_from_slice(payload);
+    let body = datagram.get_mut(HEADER..).unwrap_or_default();
+    // Encryption fails only for payloads beyond 256 GiB.
+    let tag = key
+        .0
+        .encrypt_in_place_detached(&header.nonce(), &aad, body)
+        .unwrap_or_default();
+    datagram.extend_from_slice(&tag);
+    datagram
+}
+
+/// Opens a datagram in place; the payload comes back as a slice of the same buffer.
+pub fn open(key: &Key, mut datagram: BytesMut) -> Result<(Header, Bytes), FrameError> {
+    if datagram.len() < OVERHEAD {
+        return Err(FrameError::Truncated);
+    }
+    let header = parse_header(&datagram)?;
+    let aad: [u8; HEADER] = header.encode();
+    let end = datagram.len() - TAG;
+    let tag = Tag::clone_from_slice(datagram.get(end..).unwrap_or_default());
+    let body = datagram.get_mut(HEADER..end).unwrap_or_default();
+    key.0
+        .decrypt_in_place_detached(&header.nonce(), &aad, body, &tag)
+        .map_err(|_| FrameError::Auth)?;
+    Ok((header, datagram.freeze().slice(HEADER..end)))
+}
+
+fn parse_header(datagram: &[u8]) -> Result<Header, FrameError> {
+    let get = |range: std::ops::Range<usize>| datagram.get(range).ok_or(FrameError::Truncated);
+    if get(0..1)? != [VERSION] {
+        return Err(FrameError::Version);
+    }
+    let kind = match get(1..2)? {
+        [1] => Kind::Hello,
+        [2] => Kind::Data,
+        _ => return Err(FrameError::Kind),
+    };
+    let mut session = [0u8; 16];
+    session.copy_from_slice(get(2..18)?);
+    let mut counter = [0u8; 8];
+    counter.copy_from_slice(get(18..26)?);
+    Ok(Header {
+        kind,
+        session,
+        counter: u64::from_be_bytes(counter),
+    })
+}
+
+/// A hello's payload: the client's tunnel addresses.
+pub fn encode_addresses(addresses: &[IpAddr]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for address in addresses {
+        match address {
+            IpAddr::V4(a) => {
+                out.push(4);
+                out.extend_from_slice(&a.octets());
+            }
+            IpAddr::V6(a) => {
+                out.push(6);
+                out.extend_from_slice(&a.octets());
+            }
+        }
+    }
+    out
+}
+
+/// Reads a hello's payload; `None` if it is not a well-formed address list.
+pub fn decode_addresses(mut bytes: &[u8]) -> Option<Vec<IpAddr>> {
+    let mut out = Vec::new();
+    while let Some((&family, rest)) = bytes.split_first() {
+        let (address, rest): (IpAddr, &[u8]) = match family {
+            4 => {
+                let octets: [u8; 4] = rest.get(..4)?.try_into().ok()?;
+                (octets.into(), rest.get(4..)?)
+            }
+            6 => {
+                let octets: [u8; 16] = rest.get(..16)?.try_into().ok()?;
+                (octets.into(), rest.get(16..)?)
+            }
+            _ => return None,
+        };
+        out.push(address);
+        bytes = rest;
+    }
+    (!out.is_empty()).then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> Keys {
+        Keys::derive(b"a pre-shared key of enough bytes").unwrap()
+    }
+
+    fn header(counter: u64) -> Header {
+        Header {
+            kind: Kind::Data,
+            session: [7; 16],
+            counter,
+        }
+    }
+
+    #[test]
+    fn a_sealed_packet_opens_to_itself() {
+        let k = keys();
+        let packet = b"\x45\x00 an IP packet".to_vec();
+        let datagram = seal(&k.to_server, &header(42), &packet);
+        assert_eq!(datagram.len(), packet.len() + OVERHEAD);
+        let (h, payload) = open(&k.to_server, BytesMut::from(&datagram[..])).unwrap();
+        assert_eq!(h, header(42));
+        assert_eq!(&payload[..], &packet[..]);
+    }
+
+    #[test]
+    fn the_wrong_key_direction_or_session_fails_authentication() {
+        let k = keys();
+        let datagram = seal(&k.to_server, &header(1), b"payload");
+        let other = Keys::derive(b"another pre-shared key entirely").unwrap();
+        for key in [&other.to_server, &k.to_client] {
+            assert_eq!(
+                open(key, BytesMut::from(&datagram[..])).unwrap_err(),
+                FrameError::Auth
+            );
+        }
+    }
+
+    #[test]
+    fn every_flipped_bit_and_every_truncation_is_refused() {
+        let k = keys();
+        let datagram = seal(&k.to_server, &header(9), b"some packet bytes");
+        for i in 0..datagram.len() {
+            for bit in 0..8 {
+                let mut forged = datagram.clone();
+                forged[i] ^= 1 << bit;
+                assert!(
+                    open(&k.to_server, BytesMut::from(&forged[..])).is_err(),
+                    "byte {i} bit {bit}"
+                );
+            }
+        }
+        for len in 0..datagram.len() {
+            assert!(
+                open(&k.to_server, BytesMut::from(&datagram[..len])).is_err(),
+                "length {len}"
+            );
+        }
+    }
+
+    #[test]
+    fn short_keys_are_refused() {
+        assert_eq!(Keys::derive(b"short").unwrap_err(), KeyTooShort);
+    }
+
+    #[test]
+    fn address_lists_round_trip_and_junk_is_refused() {
+        let addresses: Vec<IpAddr> = vec!["10.99.0.1".parse().unwrap(), "fd99::1".parse().unwrap()];
+        assert_eq!(
+            decode_addresses(&encode_addresses(&addresses)),
+            Some(addresses)
+        );
+        assert_eq!(decode_addresses(&[]), None);
+        assert_eq!(decode_addresses(&[4, 1, 2]), None);
+        assert_eq!(decode_addresses(&[5, 1, 2, 3, 4]), None);
+    }
+}

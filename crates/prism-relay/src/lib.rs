@@ -1,0 +1,21 @@
+//! The blind relay: every packet that is not TCP crosses the VPN whole (UDP, ICMP, ICMPv6, GRE,
+//! ESP, any protocol), with no per-flow state on the client.
+//!
+//! Pure cores: [`route`] is the one place that splits TCP (to the stack) from the rest (to the
+//! relay); [`prohibited`] answers non-TCP with ICMP "administratively prohibited" when no relay
+//! is configured; [`frame`] seals and opens datagrams (XChaCha20-Poly1305, HKDF-derived
+//! per-direction keys); [`ReplayWindow`] accepts each counter once.
+//!
+//! Invariants: packets pass as `Bytes` slices, never copied to be split; a datagram that does
+//! not authenticate, replays, or carries a packet from or to an address its session does not
+//! own is dropped and counted, and never reaches a TUN. Next: the `prism` binary's relay
+//! client and `prism relay-server` move the datagrams.
+
+pub mod frame;
+mod refuse;
+mod replay;
+mod split;
+
+pub use refuse::prohibited;
+pub use replay::{ReplayWindow, WINDOW};
+pub use split::{Route, route};
