@@ -16,9 +16,53 @@ pub(crate) struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once at start; boxing would only complicate the argument code"
+)]
 pub(crate) enum Command {
     /// Create a TUN device and serve every TCP connection routed into it.
     Run(RunArgs),
+    /// The far end of the relay: write clients' non-TCP packets to a TUN, send replies back.
+    RelayServer(RelayServerArgs),
+}
+
+/// Where the pre-shared relay key comes from: a flag, a file, or the environment.
+#[derive(Debug, Args)]
+pub(crate) struct KeyArgs {
+    /// The pre-shared key (16 bytes or more; prefer the file or the environment variable,
+    /// which other users cannot read from the process list).
+    #[arg(
+        long = "key",
+        value_name = "KEY",
+        env = "PRISM_RELAY_KEY",
+        hide_env_values = true
+    )]
+    pub(crate) key: Option<String>,
+    /// A file holding the pre-shared key (surrounding whitespace is ignored).
+    #[arg(long = "key-file", value_name = "FILE", conflicts_with = "key")]
+    pub(crate) key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RelayServerArgs {
+    /// UDP address to listen on, such as 0.0.0.0:5555 or [::]:5555.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub(crate) listen: std::net::SocketAddr,
+    /// Name of the TUN device to create.
+    #[arg(long, value_name = "NAME")]
+    pub(crate) tun: String,
+    /// Address of the TUN device (repeatable); its prefix must cover the clients' addresses.
+    #[arg(long = "address", value_name = "CIDR", required = true, value_parser = parse_cidr)]
+    pub(crate) addresses: Vec<IpNet>,
+    /// MTU of the TUN device.
+    #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u16).range(1280..))]
+    pub(crate) mtu: u16,
+    #[command(flatten)]
+    pub(crate) key: KeyArgs,
+    /// Write the final counters as JSON to this file when stopping.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) stats_file: Option<PathBuf>,
 }
 
 /// Where accepted connections go.
@@ -113,6 +157,39 @@ pub(crate) struct RunArgs {
     /// Write the final counters as JSON to this file when stopping.
     #[arg(long, value_name = "FILE")]
     pub(crate) stats_file: Option<PathBuf>,
+    /// Send every non-TCP packet through the relay server at udp://HOST:PORT. Without it,
+    /// non-TCP packets are answered with ICMP administratively prohibited.
+    #[arg(long, value_name = "URL", value_parser = parse_relay)]
+    pub(crate) relay: Option<(String, u16)>,
+    /// The relay's pre-shared key (or --relay-key-file, or PRISM_RELAY_KEY).
+    #[arg(
+        long,
+        value_name = "KEY",
+        env = "PRISM_RELAY_KEY",
+        hide_env_values = true,
+        requires = "relay"
+    )]
+    pub(crate) relay_key: Option<String>,
+    /// A file holding the relay's pre-shared key.
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with = "relay_key",
+        requires = "relay"
+    )]
+    pub(crate) relay_key_file: Option<PathBuf>,
+}
+
+fn parse_relay(s: &str) -> Result<(String, u16), String> {
+    let bad = || format!("bad relay {s:?}; expected udp://HOST:PORT");
+    let rest = s.strip_prefix("udp://").ok_or_else(bad)?;
+    let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let port = port.parse().map_err(|_| bad())?;
+    if host.is_empty() {
+        return Err(bad());
+    }
+    Ok((host.to_owned(), port))
 }
 
 fn parse_mac(s: &str) -> Result<[u8; 6], String> {
@@ -149,6 +226,55 @@ mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
 
+    fn run_args(cli: Cli) -> RunArgs {
+        match cli.command {
+            Command::Run(args) => args,
+            other => panic!("not `run`: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn relay_flags_parse() {
+        let base = [
+            "run",
+            "--tun",
+            "t",
+            "--address",
+            "10.0.0.1/24",
+            "--upstream",
+            "direct",
+        ];
+        let with = |extra: &[&str]| {
+            let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+            parse(&args)
+        };
+        let args =
+            run_args(with(&["--relay", "udp://[fd00::1]:5555", "--relay-key-file", "/k"]).unwrap());
+        assert_eq!(args.relay, Some(("fd00::1".to_owned(), 5555)));
+        for bad in ["tcp://h:1", "udp://h", "udp://:5", "udp://h:x"] {
+            let error = with(&["--relay", bad]).unwrap_err().to_string();
+            assert!(error.contains("expected udp://HOST:PORT"), "{bad}: {error}");
+        }
+        assert!(
+            with(&["--relay-key-file", "/k"]).is_err(),
+            "a key without a relay"
+        );
+
+        let server = parse(&[
+            "relay-server",
+            "--listen",
+            "0.0.0.0:5555",
+            "--tun",
+            "r0",
+            "--address",
+            "10.98.0.1/24",
+            "--key-file",
+            "/k",
+        ])
+        .unwrap();
+        assert!(matches!(server.command, Command::RelayServer(_)));
+    }
+
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("prism").chain(args.iter().copied()))
     }
@@ -175,7 +301,7 @@ mod tests {
             "0x99",
         ])
         .unwrap();
-        let Command::Run(args) = cli.command;
+        let args = run_args(cli);
         assert_eq!(args.addresses.len(), 2);
         assert_eq!(args.handshake, Handshake::Fast);
         assert_eq!(args.fwmark, Some(0x99));
@@ -208,7 +334,7 @@ mod tests {
             "--proxy-arp",
         ])
         .unwrap();
-        let Command::Run(args) = cli.command;
+        let args = run_args(cli);
         assert!(args.tap && args.proxy_arp);
         assert_eq!(args.gateways.len(), 2);
         assert_eq!(args.gateway_mac, Some([2, 0, 0, 0xaa, 0xbb, 0xcc]));
@@ -247,7 +373,7 @@ mod tests {
             "22=consistent",
         ])
         .unwrap();
-        let Command::Run(args) = cli.command;
+        let args = run_args(cli);
         assert_eq!(args.handshake, Handshake::Consistent);
         assert_eq!(
             args.handshake_ports,

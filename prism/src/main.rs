@@ -6,6 +6,8 @@
 
 mod cli;
 #[cfg(target_os = "linux")]
+mod relay;
+#[cfg(target_os = "linux")]
 mod routes;
 #[cfg(target_os = "linux")]
 mod run;
@@ -64,11 +66,17 @@ async fn execute(cli: cli::Cli) -> anyhow::Result<()> {
     match cli.command {
         #[cfg(target_os = "linux")]
         cli::Command::Run(args) => run::run(args).await,
+        #[cfg(target_os = "linux")]
+        cli::Command::RelayServer(args) => relay::serve(args).await,
         #[cfg(target_os = "macos")]
         cli::Command::Run(args) if args.tap => {
             anyhow::bail!("--tap needs a TAP device, and macOS has only L3 utun devices")
         }
         #[cfg(not(target_os = "linux"))]
         cli::Command::Run(_) => anyhow::bail!("prism run supports only Linux for now"),
+        #[cfg(not(target_os = "linux"))]
+        cli::Command::RelayServer(_) => {
+            anyhow::bail!("prism relay-server supports only Linux for now")
+        }
     }
 }

@@ -72,12 +72,14 @@ async fn serve_until_signal(
         .iter()
         .map(|n| (stack_address(n.addr()), n.prefix_len()))
         .collect();
-    let (stack_end, device_end) = Link::pair(LINK_QUEUE);
+    let (stack_end, stack_far) = Link::pair(LINK_QUEUE);
     let (stack, requests) = Stack::new(config, stack_end);
     let counters = stack.counters();
     let l2_counters = crate::tap::SharedCounters::default();
+    // The split sits between the device (the TUN, or the TAP's gateway) and the stack.
+    let (split_device, device_end) = Link::pair(LINK_QUEUE);
     let (pump, bridge) = if args.tap {
-        // TAP: device frames <-> gateway <-> the stack's IP packets.
+        // TAP: device frames <-> gateway <-> IP packets.
         let (tap_end, frames_end) = Link::pair(LINK_QUEUE);
         let gateway = prism_l2::Gateway::new(prism_l2::Config {
             mac: prism_l2::Mac(args.gateway_mac.unwrap_or(prism_l2::DEFAULT_MAC.0)),
@@ -104,6 +106,18 @@ async fn serve_until_signal(
     } else {
         (tun.spawn(device_end), None)
     };
+    let relay_counters = Arc::new(prism_relay::Counters::default());
+    let relay = match &args.relay {
+        Some((host, port)) => Some(open_relay(args, host, *port, &relay_counters).await?),
+        None => None,
+    };
+    let keepalive = relay.as_ref().map(|r| r.keep_alive());
+    let split = tokio::spawn(prism_relay::run_split(
+        split_device,
+        stack_far,
+        relay,
+        Arc::clone(&relay_counters),
+    ));
     let stack = tokio::spawn(stack.run());
 
     let mut direct = Direct::new().timeout(connect_timeout);
@@ -149,8 +163,18 @@ async fn serve_until_signal(
     if let Some(bridge) = bridge {
         bridge.abort();
     }
+    split.abort();
+    if let Some(keepalive) = keepalive {
+        keepalive.abort();
+    }
     let snapshot = counters.snapshot();
     let mut fields = snapshot.fields();
+    fields.extend(
+        relay_counters
+            .fields()
+            .into_iter()
+            .map(|(k, v)| (relay_name(k), v)),
+    );
     if args.tap {
         let l2 = l2_counters.lock().map(|c| *c).unwrap_or_default();
         info!(?l2, "gateway");
@@ -211,6 +235,50 @@ fn l2_name(name: &'static str) -> &'static str {
         "egress_no_peer" => "l2_egress_no_peer",
         "frames_out" => "l2_frames_out",
         _ => "l2_other",
+    }
+}
+
+/// Connects the relay client, with the same routing bypass as the direct upstream.
+async fn open_relay(
+    args: &RunArgs,
+    host: &str,
+    port: u16,
+    counters: &Arc<prism_relay::Counters>,
+) -> Result<Arc<prism_relay::UdpTunnel>> {
+    let keys = crate::relay::keys(args.relay_key.as_deref(), args.relay_key_file.as_deref())?;
+    let server = tokio::net::lookup_host((host, port))
+        .await
+        .with_context(|| format!("cannot resolve the relay {host}:{port}"))?
+        .next()
+        .with_context(|| format!("the relay {host} has no address"))?;
+    let options = prism_relay::SocketOptions {
+        bind_interface: args.bind_interface.clone(),
+        fwmark: args.fwmark,
+    };
+    let addresses = args.addresses.iter().map(|n| n.addr()).collect();
+    prism_relay::UdpTunnel::connect(server, keys, addresses, &options, Arc::clone(counters))
+        .await
+        .with_context(|| format!("cannot reach the relay {server}"))
+}
+
+/// The relay's counter names in the stats file: `relay_` and the name.
+fn relay_name(name: &'static str) -> &'static str {
+    match name {
+        "sent" => "relay_sent",
+        "received" => "relay_received",
+        "to_stack" => "relay_to_stack",
+        "prohibited" => "relay_prohibited",
+        "drop_malformed" => "relay_drop_malformed",
+        "drop_truncated" => "relay_drop_truncated",
+        "drop_version" => "relay_drop_version",
+        "drop_auth" => "relay_drop_auth",
+        "drop_replay" => "relay_drop_replay",
+        "drop_session" => "relay_drop_session",
+        "drop_spoofed" => "relay_drop_spoofed",
+        "drop_address_taken" => "relay_drop_address_taken",
+        "drop_no_session" => "relay_drop_no_session",
+        "hellos" => "relay_hellos",
+        _ => "relay_other",
     }
 }
 

@@ -6,16 +6,27 @@
 //! is configured; [`frame`] seals and opens datagrams (XChaCha20-Poly1305, HKDF-derived
 //! per-direction keys); [`ReplayWindow`] accepts each counter once.
 //!
+//! I/O at the edge: [`run_split`] is the task that applies the split; [`UdpTunnel`] is the
+//! client end of the UDP transport (a [`PacketTunnel`]), [`Server`] the far end.
+//!
 //! Invariants: packets pass as `Bytes` slices, never copied to be split; a datagram that does
 //! not authenticate, replays, or carries a packet from or to an address its session does not
 //! own is dropped and counted, and never reaches a TUN. Next: the `prism` binary's relay
 //! client and `prism relay-server` move the datagrams.
 
+mod counters;
 pub mod frame;
 mod refuse;
 mod replay;
+mod server;
 mod split;
+mod splitter;
+mod tunnel;
 
+pub use counters::Counters;
 pub use refuse::prohibited;
 pub use replay::{ReplayWindow, WINDOW};
+pub use server::{SESSION_IDLE, Server};
 pub use split::{Route, route};
+pub use splitter::run_split;
+pub use tunnel::{HELLO_INTERVAL, PacketTunnel, SocketOptions, UdpTunnel};

@@ -1,0 +1,58 @@
+//! [`Counters`]: what the relay moved and what it refused.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+macro_rules! counters {
+    ($($(#[$doc:meta])* $name:ident,)*) => {
+        /// Live counters of a relay client or server.
+        #[derive(Debug, Default)]
+        pub struct Counters {
+            $($(#[$doc])* pub $name: AtomicU64,)*
+        }
+
+        impl Counters {
+            /// Every counter by name, in a fixed order.
+            pub fn fields(&self) -> Vec<(&'static str, u64)> {
+                vec![$((stringify!($name), self.$name.load(Ordering::Relaxed)),)*]
+            }
+        }
+    };
+}
+
+counters! {
+    /// Packets sent into the tunnel.
+    sent,
+    /// Packets received from the tunnel and delivered.
+    received,
+    /// TCP packets handed to the stack by the split.
+    to_stack,
+    /// Non-TCP packets answered with ICMP administratively prohibited (no relay).
+    prohibited,
+    /// Non-IP packets the split dropped.
+    drop_malformed,
+    /// Datagrams shorter than a header and tag.
+    drop_truncated,
+    /// Datagrams of another version or kind.
+    drop_version,
+    /// Datagrams that did not authenticate (forged, corrupted, another key).
+    drop_auth,
+    /// Datagrams whose counter was seen before or is too old.
+    drop_replay,
+    /// Datagrams for a session the receiver does not know.
+    drop_session,
+    /// Packets whose source (server) or destination (client) the session does not own.
+    drop_spoofed,
+    /// Hellos claiming an address another live session owns.
+    drop_address_taken,
+    /// Packets from the server's TUN for an address no session owns.
+    drop_no_session,
+    /// Hellos accepted (sessions registered or refreshed).
+    hellos,
+}
+
+impl Counters {
+    /// Adds one to `counter`.
+    pub fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,219 @@
+//! [`Server`]: the far end of the UDP relay. It writes each client's packets to its own TUN
+//! (the kernel there routes and NATs them onward) and sends the replies back to the client
+//! they belong to.
+//!
+//! A client announces its tunnel addresses in a hello; an address belongs to one live session
+//! at a time. A client may only send packets from its own addresses (anti-spoofing), and the
+//! server routes replies by destination address to the session that owns it.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use prism_device::Link;
+use tokio::net::UdpSocket;
+use tokio::time::Instant;
+use tracing::{debug, info};
+
+use crate::frame::{self, FrameError, Header, Keys, Kind};
+use crate::tunnel::endpoints;
+use crate::{Counters, ReplayWindow};
+
+/// A session silent this long is forgotten (its client says hello every 5 s).
+pub const SESSION_IDLE: Duration = Duration::from_secs(60);
+const MAX_DATAGRAM: usize = 65535;
+
+#[derive(Debug)]
+struct Session {
+    endpoint: SocketAddr,
+    addresses: Vec<IpAddr>,
+    replay: ReplayWindow,
+    counter: u64,
+    seen: Instant,
+}
+
+/// The relay server.
+#[derive(Debug)]
+pub struct Server {
+    socket: UdpSocket,
+    keys: Keys,
+    sessions: HashMap<[u8; 16], Session>,
+    owners: HashMap<IpAddr, [u8; 16]>,
+    counters: Arc<Counters>,
+}
+
+impl Server {
+    /// Listens on `listen`.
+    pub async fn bind(
+        listen: SocketAddr,
+        keys: Keys,
+        counters: Arc<Counters>,
+    ) -> std::io::Result<Self> {
+        Ok(Self {
+            socket: UdpSocket::bind(listen).await?,
+            keys,
+            sessions: HashMap::new(),
+            owners: HashMap::new(),
+            counters,
+        })
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.socket.local_addr()
+    }
+
+    /// Serves until the TUN's link closes. `tun` is the far end of the TUN adapter's link.
+    pub async fn run(mut self, tun: Link) {
+        let (mut from_tun, to_tun) = tun.split();
+        let mut buf = BytesMut::with_capacity(MAX_DATAGRAM);
+        let mut sweep = tokio::time::interval(SESSION_IDLE / 2);
+        loop {
+            tokio::select! {
+                received = self.socket.recv_buf_from(&mut buf) => {
+                    let Ok((n, from)) = received else { continue };
+                    let datagram = buf.split_to(n);
+                    if buf.capacity() < MAX_DATAGRAM {
+                        buf = BytesMut::with_capacity(MAX_DATAGRAM * 4);
+                    }
+                    if let Some(packet) = self.inbound(datagram, from) {
+                        if to_tun.send(packet).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                packet = from_tun.recv() => {
+                    let Some(packet) = packet else { return };
+                    self.outbound(&packet).await;
+                }
+                _ = sweep.tick() => self.forget_idle(),
+            }
+        }
+    }
+
+    /// Checks a datagram from a client; `Some(packet)` for the TUN.
+    fn inbound(&mut self, datagram: BytesMut, from: SocketAddr) -> Option<bytes::Bytes> {
+        let c = &self.counters;
+        let (header, payload) = match frame::open(&self.keys.to_server, datagram) {
+            Ok(opened) => opened,
+            Err(FrameError::Truncated) => return bump(&c.drop_truncated),
+            Err(FrameError::Version | FrameError::Kind) => return bump(&c.drop_version),
+            Err(_) => return bump(&c.drop_auth),
+        };
+        match header.kind {
+            Kind::Hello => {
+                self.hello(&header, &payload, from);
+                None
+            }
+            Kind::Data => {
+                let Some(session) = self.sessions.get_mut(&header.session) else {
+                    return bump(&c.drop_session);
+                };
+                if !session.replay.accept(header.counter) {
+                    return bump(&c.drop_replay);
+                }
+                session.endpoint = from;
+                session.seen = Instant::now();
+                let owned =
+                    endpoints(&payload).is_some_and(|(src, _)| session.addresses.contains(&src));
+                if !owned {
+                    return bump(&c.drop_spoofed);
+                }
+                Counters::bump(&c.received);
+                Some(payload)
+            }
+        }
+    }
+
+    fn hello(&mut self, header: &Header, payload: &[u8], from: SocketAddr) {
+        let c = Arc::clone(&self.counters);
+        let Some(addresses) = frame::decode_addresses(payload) else {
+            Counters::bump(&c.drop_version);
+            return;
+        };
+        let taken = addresses.iter().any(|a| {
+            self.owners
+                .get(a)
+                .is_some_and(|owner| *owner != header.session && self.sessions.contains_key(owner))
+        });
+        if taken {
+            debug!(?addresses, "hello claims addresses another session owns");
+            Counters::bump(&c.drop_address_taken);
+            return;
+        }
+        let session = self.sessions.entry(header.session).or_insert_with(|| {
+            info!(client = %from, ?addresses, "relay session");
+            Session {
+                endpoint: from,
+                addresses: Vec::new(),
+                replay: ReplayWindow::default(),
+                counter: 0,
+                seen: Instant::now(),
+            }
+        });
+        if !session.replay.accept(header.counter) {
+            Counters::bump(&c.drop_replay);
+            return;
+        }
+        session.endpoint = from;
+        session.seen = Instant::now();
+        for old in std::mem::replace(&mut session.addresses, addresses.clone()) {
+            self.owners.remove(&old);
+        }
+        for address in addresses {
+            self.owners.insert(address, header.session);
+        }
+        Counters::bump(&c.hellos);
+    }
+
+    /// Sends a packet from the TUN to the client that owns its destination.
+    async fn outbound(&mut self, packet: &[u8]) {
+        let c = Arc::clone(&self.counters);
+        let session = endpoints(packet)
+            .and_then(|(_, dst)| self.owners.get(&dst))
+            .and_then(|id| self.sessions.get_mut(id).map(|s| (*id, s)));
+        let Some((id, session)) = session else {
+            Counters::bump(&c.drop_no_session);
+            return;
+        };
+        let header = Header {
+            kind: Kind::Data,
+            session: id,
+            counter: session.counter,
+        };
+        session.counter += 1;
+        let datagram = frame::seal(&self.keys.to_client, &header, packet);
+        if self
+            .socket
+            .send_to(&datagram, session.endpoint)
+            .await
+            .is_ok()
+        {
+            Counters::bump(&c.sent);
+        }
+    }
+
+    fn forget_idle(&mut self) {
+        let now = Instant::now();
+        let idle: Vec<[u8; 16]> = self
+            .sessions
+            .iter()
+            .filter(|(_, s)| now.duration_since(s.seen) > SESSION_IDLE)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in idle {
+            if let Some(session) = self.sessions.remove(&id) {
+                for address in session.addresses {
+                    self.owners.remove(&address);
+                }
+            }
+        }
+    }
+}
+
+fn bump<T>(counter: &std::sync::atomic::AtomicU64) -> Option<T> {
+    Counters::bump(counter);
+    None
+}

@@ -1,0 +1,90 @@
+//! [`run_split`]: the task that applies [`route`](crate::route) to every packet from the
+//! device: TCP to the stack, the rest to the relay (or, without one, an ICMP "administratively
+//! prohibited" back), and merges what the stack and the relay send back to the device. Packets
+//! pass through as the same `Bytes`.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use prism_device::{BATCH, Link};
+use tracing::debug;
+
+use crate::{Counters, PacketTunnel, Route, prohibited, route};
+
+/// Runs until the device or the stack goes away. `device` is the far end of the device
+/// adapter's link, `stack` the far end of the stack's.
+pub async fn run_split<T: PacketTunnel>(
+    device: Link,
+    stack: Link,
+    relay: Option<Arc<T>>,
+    counters: Arc<Counters>,
+) {
+    let (mut from_device, to_device) = device.split();
+    let (mut from_stack, to_stack) = stack.split();
+    let inbound = {
+        let to_device = to_device.clone();
+        let relay = relay.clone();
+        let counters = Arc::clone(&counters);
+        async move {
+            let mut batch = Vec::with_capacity(BATCH);
+            while from_device.recv_many(&mut batch, BATCH).await > 0 {
+                for packet in batch.drain(..) {
+                    match route(&packet) {
+                        Route::Stack => {
+                            Counters::bump(&counters.to_stack);
+                            if to_stack.send(packet).await.is_err() {
+                                return;
+                            }
+                        }
+                        Route::Relay => match &relay {
+                            Some(relay) => {
+                                if let Err(error) = relay.send(packet).await {
+                                    debug!(%error, "relay send failed; packet dropped");
+                                }
+                            }
+                            None => {
+                                if let Some(error) = prohibited(&packet) {
+                                    Counters::bump(&counters.prohibited);
+                                    if to_device.send(Bytes::from(error)).await.is_err() {
+                                        return;
+                                    }
+                                }
+                            }
+                        },
+                        Route::Malformed => Counters::bump(&counters.drop_malformed),
+                    }
+                }
+            }
+        }
+    };
+    let outbound = {
+        let to_device = to_device.clone();
+        async move {
+            while let Some(packet) = from_stack.recv().await {
+                if to_device.send(packet).await.is_err() {
+                    return;
+                }
+            }
+        }
+    };
+    let returning = async move {
+        let Some(relay) = relay else {
+            return std::future::pending().await;
+        };
+        loop {
+            match relay.recv().await {
+                Ok(packet) => {
+                    if to_device.send(packet).await.is_err() {
+                        return;
+                    }
+                }
+                Err(error) => debug!(%error, "relay receive failed"),
+            }
+        }
+    };
+    tokio::select! {
+        () = inbound => {}
+        () = outbound => {}
+        () = returning => {}
+    }
+}

@@ -1,0 +1,210 @@
+//! [`PacketTunnel`]: the datagram transport the relay sends whole IP packets through, and
+//! [`UdpTunnel`], the authenticated, encrypted UDP transport Prism ships. A product plugs its
+//! own transport in by implementing the trait.
+
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use chacha20poly1305::aead::OsRng;
+use chacha20poly1305::aead::rand_core::RngCore;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::UdpSocket;
+use tokio::task::JoinHandle;
+use tracing::debug;
+
+use crate::frame::{self, FrameError, Header, Keys, Kind};
+use crate::{Counters, ReplayWindow};
+
+/// How often a client repeats its hello (it also keeps NAT mappings open).
+pub const HELLO_INTERVAL: Duration = Duration::from_secs(5);
+/// Largest datagram read.
+const MAX_DATAGRAM: usize = 65535;
+/// Receive arena; a fresh one is allocated when less than a datagram's room is left.
+const ARENA: usize = 256 * 1024;
+
+/// A transport for whole IP packets.
+pub trait PacketTunnel: Send + Sync + 'static {
+    /// Sends one packet.
+    fn send(&self, packet: Bytes) -> impl Future<Output = io::Result<()>> + Send;
+    /// Receives the next packet that passed every check.
+    fn recv(&self) -> impl Future<Output = io::Result<Bytes>> + Send;
+}
+
+/// How the client's UDP socket is kept out of the TUN.
+#[derive(Debug, Clone, Default)]
+pub struct SocketOptions {
+    /// SO_BINDTODEVICE (Linux).
+    pub bind_interface: Option<String>,
+    /// SO_MARK (Linux).
+    pub fwmark: Option<u32>,
+}
+
+/// The client end of the UDP relay.
+#[derive(Debug)]
+pub struct UdpTunnel {
+    socket: UdpSocket,
+    keys: Keys,
+    session: [u8; 16],
+    counter: AtomicU64,
+    hello: Vec<u8>,
+    addresses: Vec<IpAddr>,
+    replay: Mutex<ReplayWindow>,
+    arena: tokio::sync::Mutex<BytesMut>,
+    counters: Arc<Counters>,
+}
+
+impl UdpTunnel {
+    /// Opens a session with the relay server at `server`, for a client whose tunnel addresses
+    /// are `addresses`, and sends the first hello.
+    pub async fn connect(
+        server: SocketAddr,
+        keys: Keys,
+        addresses: Vec<IpAddr>,
+        options: &SocketOptions,
+        counters: Arc<Counters>,
+    ) -> io::Result<Arc<UdpTunnel>> {
+        let socket = Socket::new(
+            Domain::for_address(server),
+            Type::DGRAM,
+            Some(Protocol::UDP),
+        )?;
+        socket.set_nonblocking(true)?;
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        {
+            if let Some(interface) = &options.bind_interface {
+                socket.bind_device(Some(interface.as_bytes()))?;
+            }
+            if let Some(mark) = options.fwmark {
+                socket.set_mark(mark)?;
+            }
+        }
+        let socket = UdpSocket::from_std(socket.into())?;
+        socket.connect(server).await?;
+        let mut session = [0u8; 16];
+        OsRng.fill_bytes(&mut session);
+        let tunnel = Arc::new(UdpTunnel {
+            socket,
+            keys,
+            session,
+            counter: AtomicU64::new(0),
+            hello: frame::encode_addresses(&addresses),
+            addresses,
+            replay: Mutex::new(ReplayWindow::default()),
+            arena: tokio::sync::Mutex::new(BytesMut::new()),
+            counters,
+        });
+        tunnel.say_hello().await?;
+        Ok(tunnel)
+    }
+
+    async fn say_hello(&self) -> io::Result<()> {
+        let datagram = self.seal(Kind::Hello, &self.hello);
+        self.socket.send(&datagram).await.map(|_| ())
+    }
+
+    fn seal(&self, kind: Kind, payload: &[u8]) -> Vec<u8> {
+        let header = Header {
+            kind,
+            session: self.session,
+            counter: self.counter.fetch_add(1, Ordering::Relaxed),
+        };
+        frame::seal(&self.keys.to_server, &header, payload)
+    }
+
+    /// Repeats the hello every [`HELLO_INTERVAL`], so a restarted server learns the session
+    /// again and NAT mappings stay open.
+    pub fn keep_alive(self: &Arc<Self>) -> JoinHandle<()> {
+        let tunnel = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HELLO_INTERVAL);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if let Err(error) = tunnel.say_hello().await {
+                    debug!(%error, "relay hello not sent");
+                }
+            }
+        })
+    }
+
+    /// Checks one received datagram; `Some(packet)` if it is to be delivered.
+    fn accept(&self, datagram: BytesMut) -> Option<Bytes> {
+        let c = &self.counters;
+        let (header, packet) = match frame::open(&self.keys.to_client, datagram) {
+            Ok(opened) => opened,
+            Err(FrameError::Truncated) => return bump(&c.drop_truncated),
+            Err(FrameError::Version | FrameError::Kind) => return bump(&c.drop_version),
+            Err(_) => return bump(&c.drop_auth),
+        };
+        if header.session != self.session || header.kind != Kind::Data {
+            return bump(&c.drop_session);
+        }
+        let fresh = self
+            .replay
+            .lock()
+            .map(|mut w| w.accept(header.counter))
+            .unwrap_or(false);
+        if !fresh {
+            return bump(&c.drop_replay);
+        }
+        if !destination(&packet).is_some_and(|d| self.addresses.contains(&d)) {
+            return bump(&c.drop_spoofed);
+        }
+        Counters::bump(&c.received);
+        Some(packet)
+    }
+}
+
+fn bump<T>(counter: &AtomicU64) -> Option<T> {
+    Counters::bump(counter);
+    None
+}
+
+/// The source and destination addresses of an IP packet.
+pub(crate) fn endpoints(packet: &[u8]) -> Option<(IpAddr, IpAddr)> {
+    use smoltcp::wire::{Ipv4Packet, Ipv6Packet};
+    match packet.first().map(|b| b >> 4) {
+        Some(4) => {
+            let ip = Ipv4Packet::new_checked(packet).ok()?;
+            Some((ip.src_addr().into(), ip.dst_addr().into()))
+        }
+        Some(6) => {
+            let ip = Ipv6Packet::new_checked(packet).ok()?;
+            Some((ip.src_addr().into(), ip.dst_addr().into()))
+        }
+        _ => None,
+    }
+}
+
+/// The destination address of an IP packet.
+fn destination(packet: &[u8]) -> Option<IpAddr> {
+    endpoints(packet).map(|(_, dst)| dst)
+}
+
+impl PacketTunnel for UdpTunnel {
+    async fn send(&self, packet: Bytes) -> io::Result<()> {
+        let datagram = self.seal(Kind::Data, &packet);
+        self.socket.send(&datagram).await?;
+        Counters::bump(&self.counters.sent);
+        Ok(())
+    }
+
+    async fn recv(&self) -> io::Result<Bytes> {
+        let mut arena = self.arena.lock().await;
+        loop {
+            if arena.capacity() - arena.len() < MAX_DATAGRAM {
+                *arena = BytesMut::with_capacity(ARENA);
+            }
+            let n = self.socket.recv_buf(&mut *arena).await?;
+            let datagram = arena.split_to(n);
+            if let Some(packet) = self.accept(datagram) {
+                return Ok(packet);
+            }
+        }
+    }
+}

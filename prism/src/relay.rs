@@ -1,0 +1,75 @@
+//! The relay on both ends: the key, the client tunnel for `prism run --relay`, and
+//! `prism relay-server`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use prism_device::Link;
+use prism_device::tun::{Layer, Tun, TunConfig};
+use prism_relay::frame::Keys;
+use prism_relay::{Counters, Server};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::info;
+
+use crate::cli::RelayServerArgs;
+
+/// The pre-shared key from a flag (or its environment variable) or a file.
+pub(crate) fn keys(key: Option<&str>, file: Option<&Path>) -> Result<Keys> {
+    let material = match (key, file) {
+        (_, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the relay key from {}", path.display()))?
+            .trim()
+            .to_owned(),
+        (Some(key), None) => key.to_owned(),
+        (None, None) => anyhow::bail!(
+            "a relay needs a key: --relay-key-file FILE, PRISM_RELAY_KEY, or the key flag"
+        ),
+    };
+    Ok(Keys::derive(material.as_bytes())?)
+}
+
+/// The counters as JSON fields.
+pub(crate) fn fields(counters: &Counters) -> Vec<(&'static str, u64)> {
+    counters.fields()
+}
+
+/// `prism relay-server`: a TUN for the clients' packets and the UDP server, until a signal.
+pub(crate) async fn serve(args: RelayServerArgs) -> Result<()> {
+    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let keys = keys(args.key.key.as_deref(), args.key.key_file.as_deref())?;
+    let tun = Tun::open(&TunConfig {
+        name: args.tun.clone(),
+        mtu: args.mtu,
+        addresses: args
+            .addresses
+            .iter()
+            .map(|n| (n.addr(), n.prefix_len()))
+            .collect(),
+        layer: Layer::Ip,
+        queue_len: prism_device::tun::DEFAULT_QUEUE,
+    })?;
+    let counters = Arc::new(Counters::default());
+    let server = Server::bind(args.listen, keys, Arc::clone(&counters))
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let (server_end, tun_end) = Link::pair(4096);
+    let pump = tun.spawn(tun_end);
+    let relay = tokio::spawn(server.run(server_end));
+    info!(listen = %args.listen, tun = %args.tun, "relay server");
+    tokio::select! {
+        _ = sigint.recv() => info!("stopping on SIGINT"),
+        _ = sigterm.recv() => info!("stopping on SIGTERM"),
+        ended = pump => anyhow::bail!("TUN {} stopped: {ended:?}", args.tun),
+    }
+    relay.abort();
+    if let Some(path) = &args.stats_file {
+        let json: Vec<String> = fields(&counters)
+            .into_iter()
+            .map(|(k, v)| format!("\"{k}\": {v}"))
+            .collect();
+        let _ = std::fs::write(path, format!("{{{}}}\n", json.join(", ")));
+    }
+    Ok(())
+}
