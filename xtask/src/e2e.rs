@@ -181,6 +181,17 @@ impl Upstream {
                 Case::GarbageFrames,
             ],
             Upstream::TapJumbo => &[Case::Upload, Case::Download, Case::Concurrent],
+            Upstream::DirectMark => &[
+                Case::Upload,
+                Case::Download,
+                Case::Concurrent,
+                Case::HalfCloseClientFirst,
+                Case::HalfCloseServerFirst,
+                Case::ResetByServer,
+                Case::ResetByClient,
+                Case::ClosedPort,
+                Case::PingProhibited,
+            ],
             _ => &Case::ALL,
         }
     }
@@ -217,6 +228,7 @@ enum Case {
     GatewayResolved,
     Arping,
     GarbageFrames,
+    PingProhibited,
 }
 
 impl Case {
@@ -248,6 +260,7 @@ impl Case {
             Case::GatewayResolved => "the kernel resolved the gateway by ARP and NDP",
             Case::Arping => "arping gets the gateway's answer",
             Case::GarbageFrames => "garbage frames change nothing but drop counters",
+            Case::PingProhibited => "without a relay, ping is told administratively prohibited",
         }
     }
 }
@@ -322,6 +335,7 @@ pub fn run(filter: Option<&str>) -> Result<()> {
         ("ss", "iproute2"),
         ("setpriv", "util-linux"),
         ("arping", "iputils-arping"),
+        ("ping", "iputils-ping"),
         ("python3", "python3"),
     ])?;
     let prism = build_prism()?;
@@ -363,6 +377,11 @@ pub fn run(filter: Option<&str>) -> Result<()> {
             domain(&topo),
         );
     }
+    if selected(filter, "relay") {
+        if let Err(error) = crate::relay_e2e::run(&topo, &prism, &logs, &mut report) {
+            report.record("relay", "the relay suite runs", Err(error));
+        }
+    }
     if selected(filter, "contract") {
         report.record(
             "binary",
@@ -380,13 +399,13 @@ fn selected(filter: Option<&str>, name: &str) -> bool {
 }
 
 #[derive(Debug, Default)]
-struct Report {
+pub(crate) struct Report {
     passed: usize,
     failed: Vec<String>,
 }
 
 impl Report {
-    fn record(&mut self, group: &str, what: &str, result: Result<String>) {
+    pub(crate) fn record(&mut self, group: &str, what: &str, result: Result<String>) {
         match result {
             Ok(note) => {
                 self.passed += 1;
@@ -453,6 +472,7 @@ fn suite(
             Case::GatewayResolved => gateway_resolved(topo, target),
             Case::Arping => arping(topo, target),
             Case::GarbageFrames => garbage_frames(topo, target),
+            Case::PingProhibited => ping_prohibited(topo, target),
             _ => in_netns(topo.client.name(), async move || {
                 ctx.forget_seen().await;
                 tokio::time::timeout(CASE_PATIENCE, run_case(case, &ctx))
@@ -564,7 +584,7 @@ async fn run_case(case: Case, ctx: &Ctx) -> Result<String> {
         Case::ConsistentConnectWaits => connect_times(ctx, true).await,
         Case::ConsistentClosedPort => consistent_closed_port(ctx).await,
         Case::ConsistentUnreachable => consistent_unreachable(ctx).await,
-        Case::GatewayResolved | Case::Arping | Case::GarbageFrames => {
+        Case::GatewayResolved | Case::Arping | Case::GarbageFrames | Case::PingProhibited => {
             bail!("{case:?} runs outside the client thread")
         }
     }
@@ -802,6 +822,29 @@ async fn consistent_unreachable(ctx: &Ctx) -> Result<String> {
         Ok(Ok(_)) => bail!("connected to an unreachable host"),
         Ok(Err(e)) => bail!("expected EHOSTUNREACH or a timeout, got {e}"),
     }
+}
+
+/// Without `--relay`, non-TCP gets ICMP "administratively prohibited" back at once; iputils
+/// ping reports it ("Packet filtered" / "Administratively prohibited") and fails.
+fn ping_prohibited(topo: &Topology, target: IpAddr) -> Result<String> {
+    let to = target.to_string();
+    let mut args = vec!["ping", "-c", "1", "-W", "2"];
+    if target.is_ipv6() {
+        args.push("-6");
+    }
+    args.push(&to);
+    let output = topo.client.command(args[0]).args(&args[1..]).output()?;
+    let out = String::from_utf8_lossy(&output.stdout).to_lowercase();
+    ensure!(
+        !output.status.success(),
+        "ping succeeded without a relay:\n{out}"
+    );
+    ensure!(
+        out.contains("packet filtered") || out.contains("administratively prohibited"),
+        "ping did not report the prohibition:\n{out}"
+    );
+    let line = out.lines().find(|l| l.contains("from")).unwrap_or_default();
+    Ok(format!(" ({})", line.trim()))
 }
 
 /// After traffic, the client kernel's neighbor table holds the gateway's MAC for its IPv4 and

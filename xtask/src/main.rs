@@ -24,6 +24,7 @@ mod delay;
 mod demo;
 mod e2e;
 mod netns;
+mod relay_e2e;
 mod servers;
 mod tools;
 mod topology;
