@@ -402,6 +402,7 @@ fn selected(filter: Option<&str>, name: &str) -> bool {
 pub(crate) struct Report {
     passed: usize,
     failed: Vec<String>,
+    skipped: Vec<String>,
 }
 
 impl Report {
@@ -418,8 +419,19 @@ impl Report {
         }
     }
 
+    /// A check this machine cannot run, with the reason; never counted as passed.
+    pub(crate) fn skip(&mut self, group: &str, what: &str, why: &str) {
+        println!("  SKIP  {group:<22} {what}: {why}");
+        self.skipped.push(format!("{group}: {what}: {why}"));
+    }
+
     fn finish(self) -> Result<()> {
-        println!("e2e: {} passed, {} failed", self.passed, self.failed.len());
+        println!(
+            "e2e: {} passed, {} failed, {} skipped",
+            self.passed,
+            self.failed.len(),
+            self.skipped.len()
+        );
         if self.failed.is_empty() {
             Ok(())
         } else {

@@ -188,6 +188,23 @@ pub(crate) fn run(
         udp_bulk(topo, &sink),
     );
     report.record(
+        "relay v4",
+        "raw GRE (47) and ESP (50) packets cross and come back",
+        raw_protocols(topo, &target),
+    );
+    let gre_what = "a GRE tunnel inside the relay carries a ping";
+    let esp_what = "an ESP tunnel inside the relay carries a ping";
+    match kernel_lacks(topo) {
+        None => {
+            report.record("relay v4", gre_what, gre(topo, &target));
+            report.record("relay v4", esp_what, esp(topo, &target));
+        }
+        Some(why) => {
+            report.skip("relay v4", gre_what, why);
+            report.skip("relay v4", esp_what, why);
+        }
+    }
+    report.record(
         "relay",
         "forged datagrams at the relay port are refused",
         forge(topo),
@@ -227,6 +244,196 @@ fn ping(topo: &Topology, to: &str, v6: bool) -> Result<String> {
         "not every echo came back:\n{out}"
     );
     Ok(format!(" ({})", summary.unwrap_or_default().trim()))
+}
+
+/// Whether this kernel can make GRE devices and ESP states; `Some(reason)` if not.
+fn kernel_lacks(topo: &Topology) -> Option<&'static str> {
+    let gre = topo
+        .client
+        .ip("link add pgreprobe type gre local 10.99.0.1 remote 172.32.0.2");
+    let _ = topo.client.ip("link del pgreprobe");
+    let esp = topo.client.ip(
+        "xfrm state add src 10.0.0.1 dst 10.0.0.2 proto esp spi 0x999 mode tunnel \
+         enc cbc(aes) 0x0102030405060708090a0b0c0d0e0f10 auth-trunc hmac(sha256) \
+         0x0102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f20 128",
+    );
+    let _ = topo.client.ip("xfrm state flush");
+    match (gre, esp) {
+        (Ok(_), Ok(_)) => None,
+        _ => Some("this kernel has no GRE or ESP (xfrm) support and no modules to load"),
+    }
+}
+
+/// Raw IP packets of protocols 47 (GRE) and 50 (ESP) from the client's tunnel address to the
+/// target, and the target's raw reply back: the relay carries any protocol, whole, both ways
+/// through the server's NAT.
+fn raw_protocols(topo: &Topology, target: &Target) -> Result<String> {
+    let responder = r#"
+import socket, select, sys
+socks = [socket.socket(socket.AF_INET, socket.SOCK_RAW, p) for p in (47, 50)]
+for s in socks: s.settimeout(10)
+answered = 0
+while answered < 2:
+    ready, _, _ = select.select(socks, [], [], 10)
+    if not ready: sys.exit(1)
+    for s in ready:
+        data, (src, _) = s.recvfrom(2048)
+        payload = data[(data[0] & 15) * 4:]
+        if b"prism relay" in payload:
+            s.sendto(payload.replace(b"prism relay", b"echo! relay"), (src, 0))
+            answered += 1
+"#;
+    let mut responder_cmd = target.ns.command("python3");
+    responder_cmd.args(["-c", responder]);
+    let mut responder = Process::spawn("raw responder", responder_cmd, None)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let sender = format!(
+        r#"
+import socket
+# GRE version 0 carrying IPv4 (flags 0, protocol 0x0800); ESP: SPI and sequence number.
+headers = {{47: bytes([0, 0, 8, 0]), 50: bytes([0, 0, 1, 0, 0, 0, 0, 1])}}
+for proto in (50, 47):
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, proto)
+    s.settimeout(5)
+    message = headers[proto] + b"prism relay protocol %d" % proto
+    s.sendto(message, ("{TARGET_V4}", 0))
+    try:
+        while True:
+            data, (src, _) = s.recvfrom(2048)
+            payload = data[(data[0] & 15) * 4:]
+            if payload == message.replace(b"prism relay", b"echo! relay"):
+                print("protocol", proto, "from", src)
+                break
+    except TimeoutError:
+        print("protocol", proto, "timed out")
+"#
+    );
+    let out = topo.client.exec(&["python3", "-c", &sender]);
+    let _ = responder.stop(Signal::SIGTERM, Duration::from_secs(2));
+    let out = out?;
+    ensure!(
+        out.lines().count() == 2,
+        "not both protocols came back: {out:?}"
+    );
+    Ok(format!(" ({})", out.lines().collect::<Vec<_>>().join(", ")))
+}
+
+/// The relay server masquerades, so the target sees the client's outer packets from the
+/// server's address on the target link.
+const NATED_CLIENT: &str = "172.32.0.1";
+const CLIENT_TUNNEL: &str = "10.99.0.1";
+
+/// A GRE tunnel (IP protocol 47) from the client's tunnel address to the target, with its own
+/// inner addresses; a ping across it must come back.
+fn gre(topo: &Topology, target: &Target) -> Result<String> {
+    topo.client.ip(&format!(
+        "tunnel add pgre mode gre local {CLIENT_TUNNEL} remote {TARGET_V4} ttl 64"
+    ))?;
+    topo.client.ip("addr add 192.168.77.1/30 dev pgre")?;
+    topo.client.ip("link set pgre up")?;
+    target.ns.ip(&format!(
+        "tunnel add pgre mode gre local {TARGET_V4} remote {NATED_CLIENT} ttl 64"
+    ))?;
+    target.ns.ip("addr add 192.168.77.2/30 dev pgre")?;
+    target.ns.ip("link set pgre up")?;
+    let out = topo
+        .client
+        .exec(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "192.168.77.2"]);
+    let _ = topo.client.ip("tunnel del pgre");
+    let _ = target.ns.ip("tunnel del pgre");
+    let out = out?;
+    ensure!(
+        out.contains("3 received"),
+        "not every echo came back over GRE:\n{out}"
+    );
+    let rtt = out.lines().find(|l| l.contains("rtt")).unwrap_or_default();
+    Ok(format!(" ({})", rtt.trim()))
+}
+
+/// An ESP tunnel (IP protocol 50) with static keys (`ip xfrm`) between the client and the
+/// target; a ping between the inner addresses 192.168.88.1 and .2 must come back.
+fn esp(topo: &Topology, target: &Target) -> Result<String> {
+    const KEY: &str = "0x6d6f72652074686e2033322062797465732c206f6620636f757273652e2e2e21";
+    const AUTH: &str = "0x0102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f20";
+    let sa = |ns: &Netns, src: &str, dst: &str, spi: &str| {
+        ns.ip(&format!(
+            "xfrm state add src {src} dst {dst} proto esp spi {spi} mode tunnel \
+             enc cbc(aes) {KEY} auth-trunc hmac(sha256) {AUTH} 128"
+        ))
+    };
+    let policy = |ns: &Netns, inner: (&str, &str), outer: (&str, &str), dir: &str, spi: &str| {
+        ns.ip(&format!(
+            "xfrm policy add src {}/32 dst {}/32 dir {dir} tmpl src {} dst {} proto esp spi {spi} mode tunnel",
+            inner.0, inner.1, outer.0, outer.1
+        ))
+    };
+    let (c, t) = (&topo.client, &target.ns);
+    // Client: out 10.99.0.1 -> target (spi 0x100), in target -> 10.99.0.1 (spi 0x200).
+    sa(c, CLIENT_TUNNEL, TARGET_V4, "0x100")?;
+    sa(c, TARGET_V4, CLIENT_TUNNEL, "0x200")?;
+    policy(
+        c,
+        ("192.168.88.1", "192.168.88.2"),
+        (CLIENT_TUNNEL, TARGET_V4),
+        "out",
+        "0x100",
+    )?;
+    policy(
+        c,
+        ("192.168.88.2", "192.168.88.1"),
+        (TARGET_V4, CLIENT_TUNNEL),
+        "in",
+        "0x200",
+    )?;
+    c.ip("addr add 192.168.88.1/32 dev lo")?;
+    c.ip(&format!(
+        "route add 192.168.88.2/32 dev {} src 192.168.88.1",
+        topology::TUN
+    ))?;
+    // Target: the client appears as the NATed 172.32.0.1.
+    sa(t, NATED_CLIENT, TARGET_V4, "0x100")?;
+    sa(t, TARGET_V4, NATED_CLIENT, "0x200")?;
+    policy(
+        t,
+        ("192.168.88.1", "192.168.88.2"),
+        (NATED_CLIENT, TARGET_V4),
+        "in",
+        "0x100",
+    )?;
+    policy(
+        t,
+        ("192.168.88.2", "192.168.88.1"),
+        (TARGET_V4, NATED_CLIENT),
+        "out",
+        "0x200",
+    )?;
+    t.ip("addr add 192.168.88.2/32 dev lo")?;
+    t.ip(&format!(
+        "route add 192.168.88.1/32 via {NATED_CLIENT} src 192.168.88.2"
+    ))?;
+    let out = c.exec(&[
+        "ping",
+        "-c",
+        "3",
+        "-i",
+        "0.2",
+        "-W",
+        "2",
+        "-I",
+        "192.168.88.1",
+        "192.168.88.2",
+    ]);
+    for ns in [c, t] {
+        let _ = ns.ip("xfrm policy flush");
+        let _ = ns.ip("xfrm state flush");
+    }
+    let out = out?;
+    ensure!(
+        out.contains("3 received"),
+        "not every echo came back over ESP:\n{out}"
+    );
+    let rtt = out.lines().find(|l| l.contains("rtt")).unwrap_or_default();
+    Ok(format!(" ({})", rtt.trim()))
 }
 
 fn dig(topo: &Topology) -> Result<String> {
