@@ -170,6 +170,10 @@ pub(crate) struct RunArgs {
         requires = "relay"
     )]
     pub(crate) relay_key: Option<String>,
+    /// The path MTU towards the relay server; packets that would not fit once wrapped are
+    /// answered with ICMP fragmentation needed / packet too big.
+    #[arg(long, default_value_t = 1500, value_name = "BYTES", value_parser = clap::value_parser!(u16).range(1280..))]
+    pub(crate) relay_path_mtu: u16,
     /// A file holding the relay's pre-shared key.
     #[arg(
         long,

@@ -112,10 +112,12 @@ async fn serve_until_signal(
         None => None,
     };
     let keepalive = relay.as_ref().map(|r| r.keep_alive());
+    let relay_mtu = relay_mtu(args);
     let split = tokio::spawn(prism_relay::run_split(
         split_device,
         stack_far,
         relay,
+        relay_mtu,
         Arc::clone(&relay_counters),
     ));
     let stack = tokio::spawn(stack.run());
@@ -261,6 +263,16 @@ async fn open_relay(
         .with_context(|| format!("cannot reach the relay {server}"))
 }
 
+/// The largest packet the relay carries whole: the path MTU towards the relay server, less the
+/// outer IP and UDP headers and the relay's own header and tag.
+fn relay_mtu(args: &RunArgs) -> usize {
+    let outer = match &args.relay {
+        Some((host, _)) if host.parse::<std::net::Ipv6Addr>().is_ok() => 40 + 8,
+        _ => 20 + 8,
+    };
+    usize::from(args.relay_path_mtu).saturating_sub(outer + prism_relay::frame::OVERHEAD)
+}
+
 /// The relay's counter names in the stats file: `relay_` and the name.
 fn relay_name(name: &'static str) -> &'static str {
     match name {
@@ -269,6 +281,8 @@ fn relay_name(name: &'static str) -> &'static str {
         "to_stack" => "relay_to_stack",
         "prohibited" => "relay_prohibited",
         "drop_malformed" => "relay_drop_malformed",
+        "drop_link_local" => "relay_drop_link_local",
+        "too_big" => "relay_too_big",
         "drop_truncated" => "relay_drop_truncated",
         "drop_version" => "relay_drop_version",
         "drop_auth" => "relay_drop_auth",

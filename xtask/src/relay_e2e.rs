@@ -189,6 +189,16 @@ pub(crate) fn run(
     );
     report.record(
         "relay v4",
+        "too big for the relay: ICMP fragmentation needed, then fits",
+        path_mtu(topo, false),
+    );
+    report.record(
+        "relay v6",
+        "too big for the relay: ICMPv6 packet too big, then fits",
+        path_mtu(topo, true),
+    );
+    report.record(
+        "relay v4",
         "raw GRE (47) and ESP (50) packets cross and come back",
         raw_protocols(topo, &target),
     );
@@ -244,6 +254,49 @@ fn ping(topo: &Topology, to: &str, v6: bool) -> Result<String> {
         "not every echo came back:\n{out}"
     );
     Ok(format!(" ({})", summary.unwrap_or_default().trim()))
+}
+
+/// The relay server is reached over IPv4 with a 1500-byte path, so the relay carries packets of
+/// up to 1430 bytes (1500 less 28 bytes of outer IPv4 and UDP, less 42 of relay header and
+/// tag), whatever their own family. A larger ping that may not be fragmented is answered with
+/// that MTU: over IPv4 one that fits then gets through; over IPv6 the kernel learns the MTU from
+/// "packet too big" and fragments, and the fragments are relayed.
+fn path_mtu(topo: &Topology, v6: bool) -> Result<String> {
+    let ping = |extra: &[&str]| -> Result<String> {
+        let mut command = topo.client.command("ping");
+        command.args(["-c", "1", "-W", "2"]).args(extra);
+        let output = command.output()?;
+        Ok(format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    };
+    if v6 {
+        let first = ping(&["-6", "-s", "1450", TARGET_V6])?;
+        ensure!(
+            first.to_lowercase().contains("mtu=1430")
+                || first.to_lowercase().contains("mtu = 1430"),
+            "no packet-too-big with mtu 1430:\n{first}"
+        );
+        let second = ping(&["-6", "-s", "1450", TARGET_V6])?;
+        ensure!(
+            second.contains("1 received"),
+            "after learning the MTU the ping still fails:\n{second}"
+        );
+        return Ok(" (told mtu 1430, then fragmented and delivered)".to_owned());
+    }
+    let first = ping(&["-M", "do", "-s", "1450", TARGET_V4])?;
+    ensure!(
+        first.contains("mtu = 1430") || first.contains("mtu=1430"),
+        "no fragmentation-needed with mtu 1430:\n{first}"
+    );
+    let fits = ping(&["-M", "do", "-s", "1400", TARGET_V4])?;
+    ensure!(
+        fits.contains("1 received"),
+        "a 1428-byte ping did not get through:\n{fits}"
+    );
+    Ok(" (told mtu 1430; 1428 bytes then get through)".to_owned())
 }
 
 /// Whether this kernel can make GRE devices and ESP states; `Some(reason)` if not.

@@ -30,6 +30,10 @@ counters! {
     prohibited,
     /// Non-IP packets the split dropped.
     drop_malformed,
+    /// Multicast, broadcast and link-local packets the split kept off the relay.
+    drop_link_local,
+    /// Packets too big for the relay, answered with ICMP fragmentation needed / packet too big.
+    too_big,
     /// Datagrams shorter than a header and tag.
     drop_truncated,
     /// Datagrams of another version or kind.

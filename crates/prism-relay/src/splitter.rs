@@ -9,14 +9,17 @@ use bytes::Bytes;
 use prism_device::{BATCH, Link};
 use tracing::debug;
 
+use crate::split::too_big;
 use crate::{Counters, PacketTunnel, Route, prohibited, route};
 
 /// Runs until the device or the stack goes away. `device` is the far end of the device
-/// adapter's link, `stack` the far end of the stack's.
+/// adapter's link, `stack` the far end of the stack's. `relay_mtu` is the largest packet the
+/// relay carries whole; larger ones that may not be fragmented are answered with ICMP.
 pub async fn run_split<T: PacketTunnel>(
     device: Link,
     stack: Link,
     relay: Option<Arc<T>>,
+    relay_mtu: usize,
     counters: Arc<Counters>,
 ) {
     let (mut from_device, to_device) = device.split();
@@ -38,7 +41,15 @@ pub async fn run_split<T: PacketTunnel>(
                         }
                         Route::Relay => match &relay {
                             Some(relay) => {
-                                if let Err(error) = relay.send(packet).await {
+                                if let Some(mtu) = too_big(&packet, relay_mtu) {
+                                    Counters::bump(&counters.too_big);
+                                    let error = prism_trap::too_big(&packet, mtu);
+                                    if let Some(error) = error {
+                                        if to_device.send(Bytes::from(error)).await.is_err() {
+                                            return;
+                                        }
+                                    }
+                                } else if let Err(error) = relay.send(packet).await {
                                     debug!(%error, "relay send failed; packet dropped");
                                 }
                             }
@@ -51,6 +62,7 @@ pub async fn run_split<T: PacketTunnel>(
                                 }
                             }
                         },
+                        Route::Local => Counters::bump(&counters.drop_link_local),
                         Route::Malformed => Counters::bump(&counters.drop_malformed),
                     }
                 }

@@ -38,6 +38,15 @@ pub fn unreachable(original: &[u8], why: Unreachable) -> Option<Vec<u8>> {
 }
 
 fn unreachable_v4(original: &[u8], why: Unreachable) -> Option<Vec<u8>> {
+    let reason = match why {
+        Unreachable::Network => Icmpv4DstUnreachable::NetUnreachable,
+        Unreachable::Host => Icmpv4DstUnreachable::HostUnreachable,
+        Unreachable::Prohibited => Icmpv4DstUnreachable::CommProhibited,
+    };
+    unreachable_v4_with(original, reason)
+}
+
+fn unreachable_v4_with(original: &[u8], reason: Icmpv4DstUnreachable) -> Option<Vec<u8>> {
     let ip = Ipv4Packet::new_checked(original).ok()?;
     let header = Ipv4Repr {
         src_addr: ip.src_addr(),
@@ -49,11 +58,7 @@ fn unreachable_v4(original: &[u8], why: Unreachable) -> Option<Vec<u8>> {
     // RFC 792: the original header and the first 8 bytes of its payload.
     let data = ip.payload().get(..8).unwrap_or(ip.payload());
     let icmp = Icmpv4Repr::DstUnreachable {
-        reason: match why {
-            Unreachable::Network => Icmpv4DstUnreachable::NetUnreachable,
-            Unreachable::Host => Icmpv4DstUnreachable::HostUnreachable,
-            Unreachable::Prohibited => Icmpv4DstUnreachable::CommProhibited,
-        },
+        reason,
         header,
         data,
     };
@@ -94,6 +99,11 @@ fn unreachable_v6(original: &[u8], why: Unreachable) -> Option<Vec<u8>> {
         header,
         data,
     };
+    emit_v6(&ip, &icmp)
+}
+
+/// An ICMPv6 error about `ip`, from its destination back to its source.
+fn emit_v6(ip: &Ipv6Packet<&[u8]>, icmp: &Icmpv6Repr<'_>) -> Option<Vec<u8>> {
     let outer = Ipv6Repr {
         src_addr: ip.dst_addr(),
         dst_addr: ip.src_addr(),
@@ -112,6 +122,42 @@ fn unreachable_v6(original: &[u8], why: Unreachable) -> Option<Vec<u8>> {
         &caps,
     );
     Some(bytes)
+}
+
+/// The error telling the source of `original` that it is larger than `mtu` allows: ICMP
+/// "fragmentation needed" with the next-hop MTU (RFC 1191) for IPv4, "packet too big" for
+/// IPv6, so path-MTU discovery shrinks what it sends. `None` if `original` is not IP.
+pub fn too_big(original: &[u8], mtu: u16) -> Option<Vec<u8>> {
+    match original.first().map(|b| b >> 4) {
+        Some(4) => {
+            let mut error = unreachable_v4_with(original, Icmpv4DstUnreachable::FragRequired)?;
+            let mut ip = Ipv4Packet::new_checked(&mut error[..]).ok()?;
+            let mut icmp = Icmpv4Packet::new_checked(ip.payload_mut()).ok()?;
+            // RFC 1191 puts the next-hop MTU in bytes 6-7 of the ICMP header, the field smoltcp
+            // names the echo sequence number for echo messages.
+            icmp.set_echo_seq_no(mtu);
+            icmp.fill_checksum();
+            Some(error)
+        }
+        Some(6) => {
+            let ip = Ipv6Packet::new_checked(original).ok()?;
+            let header = Ipv6Repr {
+                src_addr: ip.src_addr(),
+                dst_addr: ip.dst_addr(),
+                next_header: ip.next_header(),
+                payload_len: ip.payload().len(),
+                hop_limit: ip.hop_limit(),
+            };
+            let data = ip.payload().get(..ICMPV6_QUOTE).unwrap_or(ip.payload());
+            let icmp = Icmpv6Repr::PktTooBig {
+                mtu: u32::from(mtu),
+                header,
+                data,
+            };
+            emit_v6(&ip, &icmp)
+        }
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -182,6 +228,29 @@ mod tests {
         assert!(icmp.verify_checksum(&ip.src_addr(), &ip.dst_addr()));
         assert_eq!((u8::from(icmp.msg_type()), icmp.msg_code()), (1, 3));
         assert_eq!(icmp.payload(), &syn[..]);
+    }
+
+    #[test]
+    fn too_big_carries_the_mtu() {
+        let error = too_big(&syn_v4(), 1400).unwrap();
+        let ip = Ipv4Packet::new_checked(&error[..]).unwrap();
+        let icmp = Icmpv4Packet::new_checked(ip.payload()).unwrap();
+        assert!(icmp.verify_checksum());
+        assert_eq!((u8::from(icmp.msg_type()), icmp.msg_code()), (3, 4));
+        assert_eq!(&ip.payload()[6..8], &1400u16.to_be_bytes());
+
+        let mut syn = vec![0u8; 60];
+        syn[0] = 0x60;
+        syn[5] = 20;
+        syn[6] = 6;
+        syn[7] = 64;
+        syn[23] = 2;
+        syn[39] = 1;
+        let error = too_big(&syn, 1280).unwrap();
+        let ip = Ipv6Packet::new_checked(&error[..]).unwrap();
+        let icmp = Icmpv6Packet::new_checked(ip.payload()).unwrap();
+        assert_eq!(u8::from(icmp.msg_type()), 2);
+        assert_eq!(icmp.pkt_too_big_mtu(), 1280);
     }
 
     #[test]

@@ -22,7 +22,7 @@ mod segment;
 mod table;
 
 pub use handshake::{Handshake, ParseHandshakeError};
-pub use icmp::{Unreachable, unreachable};
+pub use icmp::{Unreachable, too_big, unreachable};
 pub use policy::{HandshakePolicy, PortPolicy};
 pub use segment::{FourTuple, Malformed, Packet, Segment, classify};
 pub use table::{Decision, Table};
