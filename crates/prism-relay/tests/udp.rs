@@ -185,3 +185,50 @@ async fn forged_truncated_replayed_and_wrong_key_datagrams_never_reach_the_tun()
     );
     drop(s.client);
 }
+
+#[tokio::test]
+async fn a_client_accepts_only_packets_for_its_own_addresses() {
+    // The test stands in for the server: it learns the session from the hello and seals
+    // replies with the server-to-client key.
+    let fake_server = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let counters = Arc::new(Counters::default());
+    let client = UdpTunnel::connect(
+        fake_server.local_addr().unwrap(),
+        Keys::derive(PSK).unwrap(),
+        vec![IpAddr::from([10, 99, 0, 1])],
+        &SocketOptions::default(),
+        Arc::clone(&counters),
+    )
+    .await
+    .unwrap();
+    let mut hello = vec![0u8; 2048];
+    let (_, client_addr) = fake_server.recv_from(&mut hello).await.unwrap();
+    let mut session = [0u8; 16];
+    session.copy_from_slice(&hello[2..18]);
+    let keys = Keys::derive(PSK).unwrap();
+    let seal = |counter: u64, dst: [u8; 4]| {
+        prism_relay::frame::seal(
+            &keys.to_client,
+            &prism_relay::frame::Header {
+                kind: prism_relay::frame::Kind::Data,
+                session,
+                counter,
+            },
+            &packet([192, 0, 2, 1], dst, 1),
+        )
+    };
+    fake_server
+        .send_to(&seal(0, [10, 99, 0, 9]), client_addr)
+        .await
+        .unwrap();
+    fake_server
+        .send_to(&seal(1, [10, 99, 0, 1]), client_addr)
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(2), client.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, packet([192, 0, 2, 1], [10, 99, 0, 1], 1));
+    assert_eq!(counters.drop_spoofed.load(Ordering::Relaxed), 1);
+}
