@@ -19,6 +19,7 @@
     reason = "a binary: pub marks each module's interface"
 )]
 
+mod bench;
 mod ci;
 mod delay;
 mod demo;
@@ -51,6 +52,17 @@ enum Task {
     },
     /// Fetch through Prism with curl on a self-contained topology and report (root).
     Demo,
+    /// Measure Prism against kernel routing; write docs/bench/ (root).
+    Bench,
+    /// Internal: run the test servers in namespace NS until killed (a separate process, so
+    /// the bench's client and server sockets do not share one file-descriptor limit).
+    #[command(hide = true)]
+    ServeTargets {
+        /// The namespace.
+        ns: String,
+        /// Addresses to listen on.
+        addresses: Vec<std::net::IpAddr>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -60,6 +72,8 @@ fn main() -> ExitCode {
         Task::Ci => ci::run(),
         Task::E2e { filter } => e2e::run(filter.as_deref()),
         Task::Demo => demo::run(),
+        Task::Bench => bench::run(),
+        Task::ServeTargets { ns, addresses } => bench::serve_targets(&ns, addresses),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -67,10 +67,15 @@ pub struct Servers {
 impl Servers {
     /// Starts every server on each of `addresses` inside `ns`.
     pub fn start(ns: &Netns, addresses: Vec<std::net::IpAddr>) -> Result<Self> {
+        Self::start_in(ns.name(), addresses)
+    }
+
+    /// Starts every server on each of `addresses` inside the namespace named `name`.
+    pub fn start_in(name: &str, addresses: Vec<std::net::IpAddr>) -> Result<Self> {
         let (stop_tx, stop_rx) = oneshot::channel();
         let (seen_tx, seen_rx) = mpsc::unbounded_channel();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let name = ns.name().to_owned();
+        let name = name.to_owned();
         let thread = std::thread::spawn(move || {
             let started = (|| -> Result<tokio::runtime::Runtime> {
                 crate::netns::enter(&name)?;

@@ -1,0 +1,430 @@
+//! `cargo xtask bench`: Prism against the kernel on the same topology, measured in one run.
+//!
+//! Systems: the kernel routing the traffic with no TUN (the client's bypass route over the
+//! veth), Prism with a SOCKS5 upstream (dante in the server namespace), and Prism `direct`.
+//! Measures: one TCP flow up and down and 8 flows (iperf3, 10 s each); 1-byte request/response
+//! p50 and p99 on one connection; new connections per second (connect, one exchange, close);
+//! RSS of the stack's process with 2,000 connections open through SOCKS5 and 10,000 through
+//! `direct`, and one flow's throughput while the 10,000 stay open; Prism's CPU seconds per GB.
+//! Writes `docs/bench/results.json` and `docs/bench/results.md`. Nothing here asserts a speed.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use futures_util::future::try_join_all;
+use nix::sys::signal::Signal;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::e2e::{build_prism, in_netns};
+use crate::netns::{Process, wait_for};
+use crate::servers::{self, Servers};
+use crate::topology::{self, Topology};
+
+const IPERF_PORT: u16 = 5201;
+const IPERF_SECONDS: &str = "10";
+
+/// One system's figures; `None` where a measure does not apply.
+#[derive(Debug, Default)]
+struct Figures {
+    name: String,
+    up_mbit: Option<f64>,
+    down_mbit: Option<f64>,
+    parallel_mbit: Option<f64>,
+    rr_p50_us: Option<f64>,
+    rr_p99_us: Option<f64>,
+    conn_per_s: Option<f64>,
+    rss_2000_mb: Option<f64>,
+    rss_10000_mb: Option<f64>,
+    up_with_10000_idle_mbit: Option<f64>,
+    cpu_s_per_gb: Option<f64>,
+}
+
+/// Raises this process's soft descriptor limit to its hard limit where it is lower (children
+/// inherit it). Best effort: some sandboxes refuse any setrlimit; 20,000 per process is what
+/// the bench is built around.
+fn raise_fd_limit() -> Result<()> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    if soft < hard {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+    Ok(())
+}
+
+/// `xtask serve-targets NS ADDR...`: the test servers, until killed.
+pub(crate) fn serve_targets(ns: &str, addresses: Vec<std::net::IpAddr>) -> Result<()> {
+    raise_fd_limit()?;
+    let _servers = Servers::start_in(ns, addresses)?;
+    loop {
+        std::thread::park();
+    }
+}
+
+pub(crate) fn run() -> Result<()> {
+    ensure!(
+        crate::tools::is_root(),
+        "bench needs root (network namespaces, TUN)"
+    );
+    crate::netns::sweep();
+    crate::tools::ensure(&[
+        ("iperf3", "iperf3"),
+        ("danted", "dante-server"),
+        ("ip", "iproute2"),
+        ("ss", "iproute2"),
+    ])?;
+    raise_fd_limit()?;
+    let prism = build_prism()?;
+    let logs = std::env::temp_dir().join(format!("prism-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&logs)?;
+    println!("bench: logs in {}", logs.display());
+
+    let topo = Topology::build()?;
+    // The servers run in a process of their own: with 10,000 connections held, the client
+    // sockets and the accepted ones would not fit one process's 20,000 descriptors.
+    let mut servers_cmd = std::process::Command::new(std::env::current_exe()?);
+    servers_cmd.args([
+        "serve-targets",
+        topo.server.name(),
+        &topology::TARGET_V4.to_string(),
+    ]);
+    let servers = Process::spawn("test servers", servers_cmd, Some(&logs.join("servers.log")))?;
+    wait_for("the test servers", Duration::from_secs(10), || {
+        topo.server
+            .exec(&["ss", "-Hltn", &format!("sport = :{}", servers::ECHO)])
+            .is_ok_and(|o| !o.trim().is_empty())
+    })?;
+    let _dante = topo.start_dante(&logs)?;
+    let mut iperf_cmd = topo.server.command("iperf3");
+    iperf_cmd.args([
+        "-s",
+        "-B",
+        &topology::TARGET_V4.to_string(),
+        "-p",
+        &IPERF_PORT.to_string(),
+    ]);
+    let _iperf = Process::spawn("iperf3 server", iperf_cmd, Some(&logs.join("iperf3.log")))?;
+    wait_for("iperf3 to listen", Duration::from_secs(10), || {
+        topo.server
+            .exec(&["ss", "-Hltn", &format!("sport = :{IPERF_PORT}")])
+            .is_ok_and(|o| !o.trim().is_empty())
+    })?;
+
+    let mut results = Vec::new();
+
+    println!("bench: kernel routing (no TUN)");
+    results.push(measure(&topo, "kernel routing, no TUN", None, false)?);
+
+    let socks = format!("socks5://{}:{}", topology::SERVER_V4, topology::DANTE_PORT);
+    println!("bench: prism, SOCKS5 upstream (dante)");
+    let mut p = topo.start_prism(
+        &prism,
+        &topo.prism_args(&socks),
+        &logs.join("prism-socks.log"),
+    )?;
+    let pid = p.pid();
+    let mut figures = measure(&topo, "prism, SOCKS5 (dante)", Some(pid), false)?;
+    figures.rss_2000_mb = Some(hold_connections(&topo, 2000, pid)?);
+    results.push(figures);
+    stop(&mut p)?;
+
+    println!("bench: prism, direct upstream");
+    let mut args = topo.prism_args("direct");
+    args.extend(["--fwmark".to_owned(), topology::FWMARK.to_owned()]);
+    let mut p = topo.start_prism(&prism, &args, &logs.join("prism-direct.log"))?;
+    let pid = p.pid();
+    results.push(measure(&topo, "prism, direct", Some(pid), true)?);
+    stop(&mut p)?;
+    drop(servers);
+
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/bench");
+    std::fs::create_dir_all(&out)?;
+    let table = markdown(&results);
+    println!("\n{table}");
+    std::fs::write(out.join("results.md"), &table)?;
+    std::fs::write(out.join("results.json"), json(&results))?;
+    println!("bench: wrote docs/bench/results.md and results.json");
+    Ok(())
+}
+
+fn stop(process: &mut Process) -> Result<()> {
+    let status = process.stop(Signal::SIGINT, Duration::from_secs(10))?;
+    ensure!(status.success(), "prism exited with {status}");
+    Ok(())
+}
+
+/// Everything but the connection-count measures, for one system.
+fn measure(topo: &Topology, name: &str, pid: Option<u32>, many: bool) -> Result<Figures> {
+    let mut f = Figures {
+        name: name.to_owned(),
+        ..Figures::default()
+    };
+    let cpu_before = pid.map(cpu_seconds).transpose()?;
+    let (up, up_bytes) = iperf(topo, &[])?;
+    let (down, down_bytes) = iperf(topo, &["-R"])?;
+    if let (Some(before), Some(pid)) = (cpu_before, pid) {
+        let used = cpu_seconds(pid)? - before;
+        f.cpu_s_per_gb = Some(used / ((up_bytes + down_bytes) as f64 / 1e9));
+    }
+    f.up_mbit = Some(up);
+    f.down_mbit = Some(down);
+    f.parallel_mbit = Some(iperf(topo, &["-P", "8"])?.0);
+    let (p50, p99) = request_response(topo)?;
+    f.rr_p50_us = Some(p50);
+    f.rr_p99_us = Some(p99);
+    f.conn_per_s = Some(connections_per_second(topo)?);
+    if many {
+        if let Some(pid) = pid {
+            let (rss, up_idle) = ten_thousand(topo, pid)?;
+            f.rss_10000_mb = Some(rss);
+            f.up_with_10000_idle_mbit = Some(up_idle);
+        }
+    }
+    println!("  {f:?}");
+    Ok(f)
+}
+
+/// One iperf3 run from the client namespace; (Mbit/s received, bytes).
+fn iperf(topo: &Topology, extra: &[&str]) -> Result<(f64, u64)> {
+    let target = topology::TARGET_V4.to_string();
+    let port = IPERF_PORT.to_string();
+    let mut args = vec![
+        "iperf3",
+        "-c",
+        &target,
+        "-p",
+        &port,
+        "-t",
+        IPERF_SECONDS,
+        "-J",
+    ];
+    args.extend_from_slice(extra);
+    let out = topo.client.exec(&args)?;
+    let received = out
+        .split("\"sum_received\"")
+        .nth(1)
+        .context("iperf3 printed no sum_received")?;
+    let number = |key: &str| -> Result<f64> {
+        received
+            .split(&format!("\"{key}\":"))
+            .nth(1)
+            .and_then(|r| r.split([',', '}']).next())
+            .and_then(|n| n.trim().parse().ok())
+            .with_context(|| format!("no {key} in iperf3's output"))
+    };
+    Ok((number("bits_per_second")? / 1e6, number("bytes")? as u64))
+}
+
+/// 20,000 one-byte round trips on one connection to the echo server; (p50, p99) in µs.
+fn request_response(topo: &Topology) -> Result<(f64, f64)> {
+    in_netns(topo.client.name(), async || {
+        let mut stream =
+            TcpStream::connect(SocketAddr::new(topology::TARGET_V4, servers::ECHO)).await?;
+        stream.set_nodelay(true)?;
+        let mut times = Vec::with_capacity(20_000);
+        let mut byte = [0u8; 1];
+        for i in 0..21_000u32 {
+            let started = Instant::now();
+            stream.write_all(&[i as u8]).await?;
+            stream.read_exact(&mut byte).await?;
+            if i >= 1000 {
+                times.push(started.elapsed().as_secs_f64() * 1e6);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        Ok((times[times.len() / 2], times[times.len() * 99 / 100]))
+    })
+}
+
+/// Connect, one exchange, close, for 5 s, 16 at a time; connections per second.
+fn connections_per_second(topo: &Topology) -> Result<f64> {
+    in_netns(topo.client.name(), async || {
+        let addr = SocketAddr::new(topology::TARGET_V4, servers::ECHO);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let started = Instant::now();
+        let workers = (0..16).map(|_| async move {
+            let mut done = 0u64;
+            while Instant::now() < deadline {
+                let mut stream = TcpStream::connect(addr).await?;
+                stream.write_all(b"x").await?;
+                let mut byte = [0u8; 1];
+                stream.read_exact(&mut byte).await?;
+                drop(stream);
+                done += 1;
+            }
+            Ok::<u64, anyhow::Error>(done)
+        });
+        let total: u64 = try_join_all(workers).await?.into_iter().sum();
+        Ok(total as f64 / started.elapsed().as_secs_f64())
+    })
+}
+
+/// Opens `n` connections, each exchanging a byte, holds them, reads the RSS of `pid` (MB).
+fn hold_connections(topo: &Topology, n: usize, pid: u32) -> Result<f64> {
+    let name = topo.client.name().to_owned();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        in_netns(&name, async move || {
+            let streams = open_many(n).await?;
+            let _ = ready_tx.send(streams.len());
+            let _ = done_rx.await;
+            drop(streams);
+            Ok(())
+        })
+    });
+    let opened = ready_rx
+        .recv()
+        .context("the connections could not be opened")?;
+    ensure!(opened == n, "only {opened} of {n} connections opened");
+    std::thread::sleep(Duration::from_millis(500));
+    let rss = rss_mb(pid)?;
+    let _ = done_tx.send(());
+    holder
+        .join()
+        .map_err(|_| anyhow::anyhow!("the holder panicked"))??;
+    Ok(rss)
+}
+
+async fn open_many(n: usize) -> Result<Vec<TcpStream>> {
+    let addr = SocketAddr::new(topology::TARGET_V4, servers::ECHO);
+    let mut streams = Vec::with_capacity(n);
+    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+        let opened = try_join_all(chunk.iter().map(|_| async move {
+            let mut stream = TcpStream::connect(addr).await?;
+            stream.write_all(b"x").await?;
+            let mut byte = [0u8; 1];
+            stream.read_exact(&mut byte).await?;
+            Ok::<TcpStream, anyhow::Error>(stream)
+        }))
+        .await?;
+        streams.extend(opened);
+    }
+    Ok(streams)
+}
+
+/// RSS with 10,000 direct connections open, and one upload's throughput meanwhile.
+fn ten_thousand(topo: &Topology, pid: u32) -> Result<(f64, f64)> {
+    let name = topo.client.name().to_owned();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        in_netns(&name, async move || {
+            let streams = open_many(10_000).await?;
+            let _ = ready_tx.send(streams.len());
+            let _ = done_rx.await;
+            drop(streams);
+            Ok(())
+        })
+    });
+    let opened = ready_rx
+        .recv()
+        .context("10,000 connections could not be opened")?;
+    ensure!(
+        opened == 10_000,
+        "only {opened} of 10,000 connections opened"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let rss = rss_mb(pid)?;
+    let up = iperf(topo, &[])?.0;
+    let _ = done_tx.send(());
+    holder
+        .join()
+        .map_err(|_| anyhow::anyhow!("the holder panicked"))??;
+    Ok((rss, up))
+}
+
+fn rss_mb(pid: u32) -> Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kb: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS")?;
+    Ok(kb / 1024.0)
+}
+
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .context("bad /proc stat")?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: f64 = fields
+        .get(11)
+        .and_then(|u| u.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|s| s.parse::<f64>().ok())
+            .unwrap_or(0.0);
+    let hz = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    Ok(ticks / hz)
+}
+
+fn cell(v: Option<f64>, digits: usize) -> String {
+    v.map(|x| format!("{x:.digits$}"))
+        .unwrap_or_else(|| "-".to_owned())
+}
+
+fn markdown(results: &[Figures]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "| system | upload Mbit/s | download Mbit/s | 8 flows Mbit/s | RR p50/p99 µs | new conn/s | RSS 2000 conns MB | RSS 10000 conns MB | upload with 10000 idle Mbit/s | CPU s/GB |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
+    for f in results {
+        let _ = writeln!(
+            s,
+            "| {} | {} | {} | {} | {}/{} | {} | {} | {} | {} | {} |",
+            f.name,
+            cell(f.up_mbit, 0),
+            cell(f.down_mbit, 0),
+            cell(f.parallel_mbit, 0),
+            cell(f.rr_p50_us, 0),
+            cell(f.rr_p99_us, 0),
+            cell(f.conn_per_s, 0),
+            cell(f.rss_2000_mb, 1),
+            cell(f.rss_10000_mb, 1),
+            cell(f.up_with_10000_idle_mbit, 0),
+            cell(f.cpu_s_per_gb, 2),
+        );
+    }
+    s
+}
+
+fn json(results: &[Figures]) -> String {
+    let num = |v: Option<f64>| {
+        v.map(|x| format!("{x:.3}"))
+            .unwrap_or_else(|| "null".to_owned())
+    };
+    let rows: Vec<String> = results
+        .iter()
+        .map(|f| {
+            format!(
+                "  {{\"system\": \"{}\", \"upload_mbit\": {}, \"download_mbit\": {}, \"parallel8_mbit\": {}, \"rr_p50_us\": {}, \"rr_p99_us\": {}, \"conn_per_s\": {}, \"rss_2000_mb\": {}, \"rss_10000_mb\": {}, \"upload_with_10000_idle_mbit\": {}, \"cpu_s_per_gb\": {}}}",
+                f.name,
+                num(f.up_mbit),
+                num(f.down_mbit),
+                num(f.parallel_mbit),
+                num(f.rr_p50_us),
+                num(f.rr_p99_us),
+                num(f.conn_per_s),
+                num(f.rss_2000_mb),
+                num(f.rss_10000_mb),
+                num(f.up_with_10000_idle_mbit),
+                num(f.cpu_s_per_gb),
+            )
+        })
+        .collect();
+    format!("[\n{}\n]\n", rows.join(",\n"))
+}
