@@ -134,6 +134,7 @@ pub(crate) fn run() -> Result<()> {
     println!("bench: prism, direct upstream");
     let mut args = topo.prism_args("direct");
     args.extend(["--fwmark".to_owned(), topology::FWMARK.to_owned()]);
+    args.extend(extra_args());
     let mut p = topo.start_prism(&prism, &args, &logs.join("prism-direct.log"))?;
     let pid = p.pid();
     results.push(measure(&topo, "prism, direct", Some(pid), true)?);
@@ -148,6 +149,14 @@ pub(crate) fn run() -> Result<()> {
     std::fs::write(out.join("results.json"), json(&results))?;
     println!("bench: wrote docs/bench/results.md and results.json");
     Ok(())
+}
+
+/// Extra flags for prism from `PRISM_BENCH_ARGS` (whitespace-separated), for experiments such
+/// as `--tcp-buffer-kib 256`. The figures committed in docs/bench use none.
+fn extra_args() -> Vec<String> {
+    std::env::var("PRISM_BENCH_ARGS")
+        .map(|a| a.split_whitespace().map(str::to_owned).collect())
+        .unwrap_or_default()
 }
 
 fn stop(process: &mut Process) -> Result<()> {
