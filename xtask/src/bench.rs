@@ -126,8 +126,11 @@ pub(crate) fn run() -> Result<()> {
         &logs.join("prism-socks.log"),
     )?;
     let pid = p.pid();
+    // Held connections first, on a fresh process: later tests free memory that the allocator
+    // returns to the OS only after a while, which would blur the figure.
+    let rss_2000 = hold_connections(&topo, 2000, pid)?;
     let mut figures = measure(&topo, "prism, SOCKS5 (dante)", Some(pid), false)?;
-    figures.rss_2000_mb = Some(hold_connections(&topo, 2000, pid)?);
+    figures.rss_2000_mb = Some(rss_2000);
     results.push(figures);
     stop(&mut p)?;
 
@@ -171,6 +174,13 @@ fn measure(topo: &Topology, name: &str, pid: Option<u32>, many: bool) -> Result<
         name: name.to_owned(),
         ..Figures::default()
     };
+    if many {
+        if let Some(pid) = pid {
+            let (rss, up_idle) = ten_thousand(topo, pid)?;
+            f.rss_10000_mb = Some(rss);
+            f.up_with_10000_idle_mbit = Some(up_idle);
+        }
+    }
     let cpu_before = pid.map(cpu_seconds).transpose()?;
     let (up, up_bytes) = iperf(topo, &[])?;
     let (down, down_bytes) = iperf(topo, &["-R"])?;
@@ -185,13 +195,6 @@ fn measure(topo: &Topology, name: &str, pid: Option<u32>, many: bool) -> Result<
     f.rr_p50_us = Some(p50);
     f.rr_p99_us = Some(p99);
     f.conn_per_s = Some(connections_per_second(topo)?);
-    if many {
-        if let Some(pid) = pid {
-            let (rss, up_idle) = ten_thousand(topo, pid)?;
-            f.rss_10000_mb = Some(rss);
-            f.up_with_10000_idle_mbit = Some(up_idle);
-        }
-    }
     println!("  {f:?}");
     Ok(f)
 }
