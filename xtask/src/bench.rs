@@ -118,6 +118,47 @@ pub(crate) fn run() -> Result<()> {
     println!("bench: kernel routing (no TUN)");
     results.push(measure(&topo, "kernel routing, no TUN", None, false)?);
 
+    for offload in [false, true] {
+        let name = if offload {
+            "bare TUN forwarder, offload"
+        } else {
+            "bare TUN forwarder"
+        };
+        println!("bench: {name}");
+        let mut command = std::process::Command::new(std::env::current_exe()?);
+        command.args(["tun-forward", topo.client.name(), topo.server.name()]);
+        if offload {
+            command.arg("--offload");
+        }
+        let log = logs.join(format!("forward-{offload}.log"));
+        let mut forwarder = Process::spawn(name, command, Some(&log))?;
+        wait_for("the forwarder's routes", Duration::from_secs(10), || {
+            topo.server
+                .ip(&format!("link show {} up", crate::forward::SERVER_TUN))
+                .is_ok_and(|o| o.contains("UP"))
+        })
+        .with_context(|| forwarder.log())?;
+        let mut f = Figures {
+            name: name.to_owned(),
+            ..Figures::default()
+        };
+        f.up_mbit = Some(iperf(&topo, &[])?.0);
+        f.down_mbit = Some(iperf(&topo, &["-R"])?.0);
+        f.parallel_mbit = Some(iperf(&topo, &["-P", "8"])?.0);
+        let (p50, p99) = request_response(&topo)?;
+        f.rr_p50_us = Some(p50);
+        f.rr_p99_us = Some(p99);
+        println!("  {f:?}");
+        results.push(f);
+        let _ = forwarder.stop(Signal::SIGTERM, Duration::from_secs(5));
+        // The TUNs go with the process; wait until the client's route is gone.
+        wait_for("the forwarder's TUN to go", Duration::from_secs(10), || {
+            topo.client
+                .ip(&format!("link show {}", crate::forward::CLIENT_TUN))
+                .is_err()
+        })?;
+    }
+
     let socks = format!("socks5://{}:{}", topology::SERVER_V4, topology::DANTE_PORT);
     println!("bench: prism, SOCKS5 upstream (dante)");
     let mut p = topo.start_prism(

@@ -24,6 +24,7 @@ mod ci;
 mod delay;
 mod demo;
 mod e2e;
+mod forward;
 mod netns;
 mod relay_e2e;
 mod servers;
@@ -57,6 +58,17 @@ enum Task {
     /// Internal: run the test servers in namespace NS until killed (a separate process, so
     /// the bench's client and server sockets do not share one file-descriptor limit).
     #[command(hide = true)]
+    TunForward {
+        /// Namespace of the first TUN (where the traffic comes from).
+        client_ns: String,
+        /// Namespace the second TUN moves to.
+        server_ns: String,
+        /// Use virtio-net headers (GSO/GRO).
+        #[arg(long)]
+        offload: bool,
+    },
+    /// Internal: the test servers for the bench.
+    #[command(hide = true)]
     ServeTargets {
         /// The namespace.
         ns: String,
@@ -74,6 +86,11 @@ fn main() -> ExitCode {
         Task::Demo => demo::run(),
         Task::Bench => bench::run(),
         Task::ServeTargets { ns, addresses } => bench::serve_targets(&ns, addresses),
+        Task::TunForward {
+            client_ns,
+            server_ns,
+            offload,
+        } => forward::run(&client_ns, &server_ns, offload),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
