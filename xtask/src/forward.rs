@@ -78,7 +78,8 @@ async fn copy_offload(from: &AsyncDevice, to: &AsyncDevice) -> Result<()> {
             .await?;
         out.clear();
         for (buf, &size) in bufs.iter().zip(&sizes).take(n) {
-            let mut packet = BytesMut::with_capacity(VIRTIO_NET_HDR_LEN + size);
+            // Room to grow: send_multiple coalesces segments into the first buffer of a flow.
+            let mut packet = BytesMut::with_capacity(VIRTIO_NET_HDR_LEN + 65536);
             packet.resize(VIRTIO_NET_HDR_LEN, 0);
             packet.extend_from_slice(&buf[..size]);
             out.push(packet);
