@@ -92,11 +92,7 @@ pub(crate) fn run() -> Result<()> {
         &topology::TARGET_V4.to_string(),
     ]);
     let servers = Process::spawn("test servers", servers_cmd, Some(&logs.join("servers.log")))?;
-    wait_for("the test servers", Duration::from_secs(10), || {
-        topo.server
-            .exec(&["ss", "-Hltn", &format!("sport = :{}", servers::ECHO)])
-            .is_ok_and(|o| !o.trim().is_empty())
-    })?;
+    topology::wait_listening(&topo.server, servers::ECHO, 1, "the test servers")?;
     let _dante = topo.start_dante(&logs)?;
     let mut iperf_cmd = topo.server.command("iperf3");
     iperf_cmd.args([
@@ -107,11 +103,7 @@ pub(crate) fn run() -> Result<()> {
         &IPERF_PORT.to_string(),
     ]);
     let _iperf = Process::spawn("iperf3 server", iperf_cmd, Some(&logs.join("iperf3.log")))?;
-    wait_for("iperf3 to listen", Duration::from_secs(10), || {
-        topo.server
-            .exec(&["ss", "-Hltn", &format!("sport = :{IPERF_PORT}")])
-            .is_ok_and(|o| !o.trim().is_empty())
-    })?;
+    topology::wait_listening(&topo.server, IPERF_PORT, 1, "iperf3")?;
 
     let mut results = Vec::new();
 
@@ -315,8 +307,14 @@ fn connections_per_second(topo: &Topology) -> Result<f64> {
     })
 }
 
-/// Opens `n` connections, each exchanging a byte, holds them, reads the RSS of `pid` (MB).
-fn hold_connections(topo: &Topology, n: usize, pid: u32) -> Result<f64> {
+/// Opens `n` connections (each exchanges a byte) and holds them while it reads the RSS of `pid`
+/// (MB) and runs `during`.
+fn holding<T>(
+    topo: &Topology,
+    n: usize,
+    pid: u32,
+    during: impl FnOnce() -> Result<T>,
+) -> Result<(f64, T)> {
     let name = topo.client.name().to_owned();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
@@ -335,11 +333,21 @@ fn hold_connections(topo: &Topology, n: usize, pid: u32) -> Result<f64> {
     ensure!(opened == n, "only {opened} of {n} connections opened");
     std::thread::sleep(Duration::from_millis(500));
     let rss = rss_mb(pid)?;
+    let result = during();
     let _ = done_tx.send(());
     holder
         .join()
         .map_err(|_| anyhow::anyhow!("the holder panicked"))??;
-    Ok(rss)
+    Ok((rss, result?))
+}
+
+fn hold_connections(topo: &Topology, n: usize, pid: u32) -> Result<f64> {
+    holding(topo, n, pid, || Ok(())).map(|(rss, ())| rss)
+}
+
+/// RSS with 10,000 direct connections open, and one upload's throughput meanwhile.
+fn ten_thousand(topo: &Topology, pid: u32) -> Result<(f64, f64)> {
+    holding(topo, 10_000, pid, || Ok(iperf(topo, &[])?.0))
 }
 
 async fn open_many(n: usize) -> Result<Vec<TcpStream>> {
@@ -357,37 +365,6 @@ async fn open_many(n: usize) -> Result<Vec<TcpStream>> {
         streams.extend(opened);
     }
     Ok(streams)
-}
-
-/// RSS with 10,000 direct connections open, and one upload's throughput meanwhile.
-fn ten_thousand(topo: &Topology, pid: u32) -> Result<(f64, f64)> {
-    let name = topo.client.name().to_owned();
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel::<()>();
-    let holder = std::thread::spawn(move || {
-        in_netns(&name, async move || {
-            let streams = open_many(10_000).await?;
-            let _ = ready_tx.send(streams.len());
-            let _ = done_rx.await;
-            drop(streams);
-            Ok(())
-        })
-    });
-    let opened = ready_rx
-        .recv()
-        .context("10,000 connections could not be opened")?;
-    ensure!(
-        opened == 10_000,
-        "only {opened} of 10,000 connections opened"
-    );
-    std::thread::sleep(Duration::from_millis(500));
-    let rss = rss_mb(pid)?;
-    let up = iperf(topo, &[])?.0;
-    let _ = done_tx.send(());
-    holder
-        .join()
-        .map_err(|_| anyhow::anyhow!("the holder panicked"))??;
-    Ok((rss, up))
 }
 
 fn rss_mb(pid: u32) -> Result<f64> {

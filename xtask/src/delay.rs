@@ -4,75 +4,29 @@
 //! what the consistent handshake's e2e measures against.
 
 use std::net::SocketAddr;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::netns::Netns;
+use crate::netns::{Netns, NsTask};
 
-/// A running delay link, stopped on drop.
-#[derive(Debug)]
-pub struct DelayLink {
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
-}
-
-impl DelayLink {
-    /// Listens on `listen` inside `ns` and forwards each connection to `server`, delaying the
-    /// server's bytes by `delay`.
-    pub fn start(
-        ns: &Netns,
-        listen: SocketAddr,
-        server: SocketAddr,
-        delay: Duration,
-    ) -> Result<Self> {
-        let (stop_tx, stop_rx) = oneshot::channel();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let name = ns.name().to_owned();
-        let thread = std::thread::spawn(move || {
-            let ready = ready_tx.clone();
-            let run = move || -> Result<()> {
-                crate::netns::enter(&name)?;
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?;
-                runtime.block_on(async move {
-                    let listener = TcpListener::bind(listen).await?;
-                    let _ = ready.send(Ok(()));
-                    tokio::select! {
-                        () = accept_loop(listener, server, delay) => {}
-                        _ = stop_rx => {}
-                    }
-                    Ok(())
-                })
-            };
-            if let Err(error) = run() {
-                let _ = ready_tx.send(Err(error));
-            }
-        });
-        ready_rx.recv().context("the delay link died")??;
-        Ok(Self {
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for DelayLink {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
+/// Listens on `listen` inside `ns` and forwards each connection to `server`, delaying the
+/// server's bytes by `delay`; the link runs until the returned task is dropped.
+pub fn start(
+    ns: &Netns,
+    listen: SocketAddr,
+    server: SocketAddr,
+    delay: Duration,
+) -> Result<NsTask> {
+    NsTask::start(ns.name(), "the delay link", move || async move {
+        let listener = TcpListener::bind(listen).await?;
+        Ok(accept_loop(listener, server, delay))
+    })
 }
 
 async fn accept_loop(listener: TcpListener, server: SocketAddr, delay: Duration) {

@@ -17,7 +17,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-use crate::netns::{Process, wait_for};
+use crate::netns::Process;
 use crate::servers::pattern;
 use crate::topology::{self, Topology};
 
@@ -152,7 +152,7 @@ fn demo(prism_path: &Path, dir: &Path) -> Result<()> {
 /// takes, and what a closed port and an unroutable host look like to the client.
 fn handshakes(prism: &Path, topo: &Topology, dir: &Path) -> Result<()> {
     let server: IpAddr = topology::SERVER_V4.parse()?;
-    let _delay = crate::delay::DelayLink::start(
+    let _delay = crate::delay::start(
         &topo.server,
         SocketAddr::new(server, topology::DELAY_PORT),
         SocketAddr::new(server, topology::DANTE_PORT),
@@ -234,12 +234,7 @@ fn start_web(topo: &Topology, www: &Path, log: &Path) -> Result<Process> {
         ])
         .arg(www);
     let process = Process::spawn("python3 http.server", command, Some(log))?;
-    let ss = format!("sport = :{PORT}");
-    wait_for("the web server to listen", Duration::from_secs(10), || {
-        topo.server
-            .exec(&["ss", "-Hltn", &ss])
-            .is_ok_and(|out| !out.trim().is_empty())
-    })?;
+    topology::wait_listening(&topo.server, PORT, 1, "the web server")?;
     Ok(process)
 }
 

@@ -351,7 +351,7 @@ pub fn run(filter: Option<&str>) -> Result<()> {
         &logs.join("microsocks-auth.log"),
     )?;
     let _dante = topo.start_dante(&logs)?;
-    let _delay = crate::delay::DelayLink::start(
+    let _delay = crate::delay::start(
         &topo.server,
         SocketAddr::new(topology::SERVER_V4.parse()?, topology::DELAY_PORT),
         SocketAddr::new(topology::SERVER_V4.parse()?, topology::DANTE_PORT),
@@ -975,17 +975,20 @@ const GARBAGE: Garbage = Garbage {
     stranger: 3,
 };
 
+/// One counter from a stats file's flat JSON object (0 if absent).
+pub(crate) fn stat(counters: &str, name: &str) -> u64 {
+    counters
+        .split(&format!("\"{name}\": "))
+        .nth(1)
+        .and_then(|rest| rest.split([',', '}']).next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// The gateway counted the injected garbage by kind.
 fn garbage_counted(stats: &Path) -> Result<String> {
     let counters = std::fs::read_to_string(stats).context("prism wrote no stats file")?;
-    let count = |name: &str| -> u64 {
-        counters
-            .split(&format!("\"{name}\": "))
-            .nth(1)
-            .and_then(|rest| rest.split([',', '}']).next())
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap_or(0)
-    };
+    let count = |name: &str| stat(&counters, name);
     let checks = [
         ("l2_drop_vlan", GARBAGE.vlan),
         ("l2_drop_malformed", GARBAGE.short),

@@ -244,6 +244,67 @@ impl Drop for Process {
     }
 }
 
+/// Work on its own thread inside a namespace, on a single-threaded runtime, until dropped.
+#[derive(Debug)]
+pub struct NsTask {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl NsTask {
+    /// Enters namespace `ns`, runs `setup` (which binds its sockets, say) and then the future it
+    /// returns until the task is dropped. Returns once `setup` succeeded, or with its error.
+    pub fn start<W, F, S>(ns: &str, what: &str, setup: W) -> Result<Self>
+    where
+        W: FnOnce() -> F + Send + 'static,
+        F: std::future::Future<Output = Result<S>>,
+        S: std::future::Future<Output = ()>,
+    {
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<()>>();
+        let name = ns.to_owned();
+        let thread = thread::spawn(move || {
+            let ready = ready_tx.clone();
+            let run = move || -> Result<()> {
+                enter(&name)?;
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?;
+                runtime.block_on(async move {
+                    let serve = setup().await?;
+                    let _ = ready.send(Ok(()));
+                    tokio::select! {
+                        () = serve => {}
+                        _ = stop_rx => {}
+                    }
+                    Ok(())
+                })
+            };
+            if let Err(error) = run() {
+                let _ = ready_tx.send(Err(error));
+            }
+        });
+        ready_rx
+            .recv()
+            .with_context(|| format!("{what} died before it was ready"))??;
+        Ok(Self {
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for NsTask {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// Waits until `check` passes, up to `patience`.
 pub fn wait_for(what: &str, patience: Duration, mut check: impl FnMut() -> bool) -> Result<()> {
     let deadline = Instant::now() + patience;

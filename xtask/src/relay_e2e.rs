@@ -12,7 +12,7 @@ use nix::sys::signal::Signal;
 use sha2::{Digest, Sha256};
 use tokio::net::UdpSocket;
 
-use crate::netns::{Netns, Process, run as sh, wait_for};
+use crate::netns::{Netns, NsTask, Process, run as sh, wait_for};
 use crate::servers::pattern;
 use crate::topology::{self, Topology};
 
@@ -523,14 +523,7 @@ fn forge(topo: &Topology) -> Result<String> {
 
 fn forgeries_counted(stats: &Path) -> Result<String> {
     let counters = std::fs::read_to_string(stats).context("the relay server wrote no stats")?;
-    let count = |name: &str| -> u64 {
-        counters
-            .split(&format!("\"{name}\": "))
-            .nth(1)
-            .and_then(|rest| rest.split([',', '}']).next())
-            .and_then(|n| n.trim().parse().ok())
-            .unwrap_or(0)
-    };
+    let count = |name: &str| crate::e2e::stat(&counters, name);
     ensure!(
         count("drop_auth") >= FORGED as u64,
         "drop_auth is {} in {counters}",
@@ -550,54 +543,18 @@ fn forgeries_counted(stats: &Path) -> Result<String> {
 }
 
 /// A UDP sink in the target namespace: numbered chunks in, and on request the list of what is
-/// missing, or the SHA-256 of the whole once complete.
-struct UdpSink {
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
+/// missing, or the SHA-256 of the whole once complete. Stops when dropped.
+struct UdpSink(#[allow(dead_code, reason = "held for its Drop")] NsTask);
 
 impl UdpSink {
     fn start(ns: &Netns) -> Result<Self> {
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let name = ns.name().to_owned();
-        let thread = std::thread::spawn(move || {
-            let ready = ready_tx.clone();
-            let run = move || -> Result<()> {
-                crate::netns::enter(&name)?;
-                tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?
-                    .block_on(async move {
-                        let socket =
-                            UdpSocket::bind((TARGET_V4.parse::<Ipv4Addr>()?, UDP_PORT)).await?;
-                        let _ = ready.send(Ok(()));
-                        tokio::select! {
-                            r = sink(socket) => r,
-                            _ = stop_rx => Ok(()),
-                        }
-                    })
-            };
-            if let Err(e) = run() {
-                let _ = ready_tx.send(Err(e));
-            }
-        });
-        ready_rx.recv().context("the UDP sink died")??;
-        Ok(Self {
-            stop: Some(stop_tx),
-            thread: Some(thread),
-        })
-    }
-}
-
-impl Drop for UdpSink {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
+        let task = NsTask::start(ns.name(), "the UDP sink", || async {
+            let socket = UdpSocket::bind((TARGET_V4.parse::<Ipv4Addr>()?, UDP_PORT)).await?;
+            Ok(async move {
+                let _ = sink(socket).await;
+            })
+        })?;
+        Ok(Self(task))
     }
 }
 

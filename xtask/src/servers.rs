@@ -5,15 +5,14 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use anyhow::{Context, Result};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, mpsc};
 
-use crate::netns::Netns;
+use crate::netns::{Netns, NsTask};
 
 /// Reads to EOF, answers with the SHA-256 of what it read, closes.
 pub const SINK: u16 = 5001;
@@ -59,8 +58,7 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 /// The servers, running until dropped.
 #[derive(Debug)]
 pub struct Servers {
-    stop: Option<oneshot::Sender<()>>,
-    thread: Option<JoinHandle<()>>,
+    _task: NsTask,
     seen: Arc<Mutex<mpsc::UnboundedReceiver<Seen>>>,
 }
 
@@ -72,50 +70,26 @@ impl Servers {
 
     /// Starts every server on each of `addresses` inside the namespace named `name`.
     pub fn start_in(name: &str, addresses: Vec<std::net::IpAddr>) -> Result<Self> {
-        let (stop_tx, stop_rx) = oneshot::channel();
         let (seen_tx, seen_rx) = mpsc::unbounded_channel();
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        let name = name.to_owned();
-        let thread = std::thread::spawn(move || {
-            let started = (|| -> Result<tokio::runtime::Runtime> {
-                crate::netns::enter(&name)?;
-                Ok(tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()?)
-            })();
-            let runtime = match started {
-                Ok(rt) => rt,
-                Err(error) => {
-                    let _ = ready_tx.send(Err(error));
-                    return;
+        let task = NsTask::start(name, "the test servers", move || async move {
+            let mut listeners = Vec::new();
+            for ip in addresses {
+                for port in [SINK, SOURCE, ECHO, CLOSES_FIRST, RESETS, OBSERVES] {
+                    let addr = SocketAddr::new(ip, port);
+                    let listener =
+                        listen(addr).with_context(|| format!("cannot listen on {addr}"))?;
+                    listeners.push((port, listener));
                 }
-            };
-            runtime.block_on(async move {
-                let mut listeners = Vec::new();
-                for ip in addresses {
-                    for port in [SINK, SOURCE, ECHO, CLOSES_FIRST, RESETS, OBSERVES] {
-                        let addr = SocketAddr::new(ip, port);
-                        match listen(addr) {
-                            Ok(l) => listeners.push((port, l)),
-                            Err(e) => {
-                                let _ = ready_tx.send(Err(anyhow::Error::new(e)
-                                    .context(format!("cannot listen on {addr}"))));
-                                return;
-                            }
-                        }
-                    }
-                }
-                let _ = ready_tx.send(Ok(()));
+            }
+            Ok(async move {
                 for (port, listener) in listeners {
                     tokio::spawn(accept_loop(port, listener, seen_tx.clone()));
                 }
-                let _ = stop_rx.await;
-            });
-        });
-        ready_rx.recv().context("the server thread died")??;
+                std::future::pending::<()>().await
+            })
+        })?;
         Ok(Self {
-            stop: Some(stop_tx),
-            thread: Some(thread),
+            _task: task,
             seen: Arc::new(Mutex::new(seen_rx)),
         })
     }
@@ -123,17 +97,6 @@ impl Servers {
     /// The queue of what the servers saw.
     pub fn seen(&self) -> Arc<Mutex<mpsc::UnboundedReceiver<Seen>>> {
         Arc::clone(&self.seen)
-    }
-}
-
-impl Drop for Servers {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
     }
 }
 

@@ -56,6 +56,19 @@ pub struct Topology {
     pub client_veth: String,
 }
 
+/// Waits until `ns` has at least `sockets` TCP listeners on `port`.
+pub fn wait_listening(ns: &Netns, port: u16, sockets: usize, what: &str) -> Result<()> {
+    let filter = format!("sport = :{port}");
+    wait_for(
+        &format!("{what} to listen on {port}"),
+        Duration::from_secs(10),
+        || {
+            ns.exec(&["ss", "-Hltn", &filter])
+                .is_ok_and(|out| out.lines().count() >= sockets)
+        },
+    )
+}
+
 /// The MAC address of `dev` in `ns`.
 fn mac(ns: &Netns, dev: &str) -> Result<String> {
     let out = ns.ip(&format!("-br link show dev {dev}"))?;
@@ -149,12 +162,7 @@ impl Topology {
             command.args(["-u", SOCKS_USER, "-P", SOCKS_PASS]);
         }
         let process = Process::spawn("microsocks", command, Some(log))?;
-        let ss = format!("sport = :{port}");
-        wait_for("microsocks to listen", Duration::from_secs(10), || {
-            self.server
-                .exec(&["ss", "-Hltn", &ss])
-                .is_ok_and(|out| !out.trim().is_empty())
-        })?;
+        wait_listening(&self.server, port, 1, "microsocks")?;
         Ok(process)
     }
 
@@ -183,13 +191,9 @@ impl Topology {
             .args(["-p"])
             .arg(dir.join("danted.pid"));
         let process = Process::spawn("danted", command, Some(&dir.join("danted.log")))?;
-        let ss = format!("sport = :{DANTE_PORT}");
-        wait_for("danted to listen", Duration::from_secs(10), || {
-            self.server
-                .exec(&["ss", "-Hltn", &ss])
-                .is_ok_and(|out| out.lines().count() >= 2)
-        })
-        .with_context(|| std::fs::read_to_string(dir.join("danted.log")).unwrap_or_default())?;
+        // One listening socket per address, IPv4 and IPv6.
+        wait_listening(&self.server, DANTE_PORT, 2, "danted")
+            .with_context(|| std::fs::read_to_string(dir.join("danted.log")).unwrap_or_default())?;
         Ok(process)
     }
 
@@ -218,29 +222,10 @@ impl Topology {
     /// The arguments of `prism run --tap` in this topology: Prism is the gateway 10.99.0.2 and
     /// fd99::2 on the TAP segment.
     pub fn prism_tap_args(&self, upstream: &str) -> Vec<String> {
-        [
-            "run",
-            "--tap",
-            "--tun",
-            TUN,
-            "--address",
-            "10.99.0.1/24",
-            "--address",
-            "fd99::1/64",
-            "--gateway",
-            TAP_GATEWAY_V4,
-            "--gateway",
-            TAP_GATEWAY_V6,
-            "--route",
-            "10.200.0.0/16",
-            "--route",
-            "fd00:200::/64",
-            "--upstream",
-            upstream,
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        let mut args = self.prism_args(upstream);
+        args.insert(1, "--tap".to_owned());
+        args.extend(["--gateway", TAP_GATEWAY_V4, "--gateway", TAP_GATEWAY_V6].map(str::to_owned));
+        args
     }
 
     /// Starts `prism` in the client namespace and waits until its routes are in place.
