@@ -106,11 +106,16 @@ pub(crate) fn run() -> Result<()> {
     topology::wait_listening(&topo.server, IPERF_PORT, 1, "iperf3")?;
 
     let mut results = Vec::new();
+    // PRISM_BENCH_ONLY=kernel|forward|prism measures one kind of system (for experiments).
+    let only = std::env::var("PRISM_BENCH_ONLY").unwrap_or_default();
+    let wanted = |kind: &str| only.is_empty() || only == kind;
 
-    println!("bench: kernel routing (no TUN)");
-    results.push(measure(&topo, "kernel routing, no TUN", None, false)?);
+    if wanted("kernel") {
+        println!("bench: kernel routing (no TUN)");
+        results.push(measure(&topo, "kernel routing, no TUN", None, false)?);
+    }
 
-    for offload in [false, true] {
+    for offload in [false, true].into_iter().filter(|_| wanted("forward")) {
         let name = if offload {
             "bare TUN forwarder, offload"
         } else {
@@ -151,6 +156,10 @@ pub(crate) fn run() -> Result<()> {
         })?;
     }
 
+    if !wanted("prism") {
+        println!("\n{}", markdown(&results));
+        return Ok(());
+    }
     let socks = format!("socks5://{}:{}", topology::SERVER_V4, topology::DANTE_PORT);
     println!("bench: prism, SOCKS5 upstream (dante)");
     let mut p = topo.start_prism(
