@@ -12,6 +12,8 @@ mod routes;
 #[cfg(target_os = "linux")]
 mod run;
 #[cfg(target_os = "linux")]
+mod stats;
+#[cfg(target_os = "linux")]
 mod tap;
 
 use std::process::ExitCode;

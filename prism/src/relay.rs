@@ -9,7 +9,6 @@ use prism_device::Link;
 use prism_device::tun::{Layer, Tun, TunConfig};
 use prism_relay::frame::Keys;
 use prism_relay::{Counters, Server};
-use tokio::signal::unix::{SignalKind, signal};
 use tracing::info;
 
 use crate::cli::RelayServerArgs;
@@ -29,15 +28,9 @@ pub(crate) fn keys(key: Option<&str>, file: Option<&Path>) -> Result<Keys> {
     Ok(Keys::derive(material.as_bytes())?)
 }
 
-/// The counters as JSON fields.
-pub(crate) fn fields(counters: &Counters) -> Vec<(&'static str, u64)> {
-    counters.fields()
-}
-
 /// `prism relay-server`: a TUN for the clients' packets and the UDP server, until a signal.
 pub(crate) async fn serve(args: RelayServerArgs) -> Result<()> {
-    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+    let stop = crate::stats::stop_signal()?;
     let keys = keys(args.key.key.as_deref(), args.key.key_file.as_deref())?;
     let tun = Tun::open(&TunConfig {
         name: args.tun.clone(),
@@ -59,17 +52,12 @@ pub(crate) async fn serve(args: RelayServerArgs) -> Result<()> {
     let relay = tokio::spawn(server.run(server_end));
     info!(listen = %args.listen, tun = %args.tun, "relay server");
     tokio::select! {
-        _ = sigint.recv() => info!("stopping on SIGINT"),
-        _ = sigterm.recv() => info!("stopping on SIGTERM"),
+        signal = stop => info!(signal, "stopping"),
         ended = pump => anyhow::bail!("TUN {} stopped: {ended:?}", args.tun),
     }
     relay.abort();
     if let Some(path) = &args.stats_file {
-        let json: Vec<String> = fields(&counters)
-            .into_iter()
-            .map(|(k, v)| format!("\"{k}\": {v}"))
-            .collect();
-        let _ = std::fs::write(path, format!("{{{}}}\n", json.join(", ")));
+        crate::stats::write(path, crate::stats::prefixed("", counters.fields()));
     }
     Ok(())
 }

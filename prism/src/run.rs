@@ -9,8 +9,7 @@ use prism_device::Link;
 use prism_device::tun::{Layer, Tun, TunConfig};
 use prism_stack::{Config, HandshakePolicy, PortPolicy, Stack};
 use prism_tunnel::{Direct, Socks5, serve};
-use tokio::signal::unix::{SignalKind, signal};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::cli::{RunArgs, UpstreamArg};
 use crate::routes::Routes;
@@ -19,9 +18,7 @@ use crate::routes::Routes;
 const LINK_QUEUE: usize = 4096;
 
 pub(crate) async fn run(args: RunArgs) -> Result<()> {
-    let mut sigint = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
-    let mut sigterm = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
-
+    let stop = crate::stats::stop_signal()?;
     let tun = Tun::open(&TunConfig {
         name: args.tun.clone(),
         mtu: args.mtu,
@@ -34,13 +31,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
         queue_len: args.tun_queue,
     })?;
     let mut routes = Routes::new()?;
-    let served = serve_until_signal(&args, tun, &mut routes, async {
-        tokio::select! {
-            _ = sigint.recv() => "SIGINT",
-            _ = sigterm.recv() => "SIGTERM",
-        }
-    })
-    .await;
+    let served = serve_until_signal(&args, tun, &mut routes, stop).await;
     routes.remove_all().await;
     served
 }
@@ -170,23 +161,16 @@ async fn serve_until_signal(
         keepalive.abort();
     }
     let snapshot = counters.snapshot();
-    let mut fields = snapshot.fields();
-    fields.extend(
-        relay_counters
-            .fields()
-            .into_iter()
-            .map(|(k, v)| (relay_name(k), v)),
-    );
-    if args.tap {
-        let l2 = l2_counters.lock().map(|c| *c).unwrap_or_default();
-        info!(?l2, "gateway");
-        fields.extend(l2.fields().into_iter().map(|(k, v)| (l2_name(k), v)));
-    }
     info!(counters = %snapshot, "stopped");
     if let Some(path) = &args.stats_file {
-        if let Err(error) = std::fs::write(path, stats_json(&fields)) {
-            warn!(path = %path.display(), %error, "cannot write the stats file");
-        }
+        let l2 = match args.tap {
+            true => l2_counters.lock().map(|c| c.fields()).unwrap_or_default(),
+            false => Vec::new(),
+        };
+        let fields = crate::stats::prefixed("", snapshot.fields())
+            .chain(crate::stats::prefixed("relay_", relay_counters.fields()))
+            .chain(crate::stats::prefixed("l2_", l2));
+        crate::stats::write(path, fields);
     }
     outcome
 }
@@ -208,35 +192,6 @@ fn stack_address(tun_address: IpAddr) -> IpAddr {
     match tun_address {
         IpAddr::V4(a) => IpAddr::V4(u32::from(a).wrapping_add(1).into()),
         IpAddr::V6(a) => IpAddr::V6(u128::from(a).wrapping_add(1).into()),
-    }
-}
-
-/// The counters as one flat JSON object (names are plain identifiers, values integers).
-fn stats_json(fields: &[(&'static str, u64)]) -> String {
-    let fields: Vec<String> = fields
-        .iter()
-        .map(|(name, value)| format!("\"{name}\": {value}"))
-        .collect();
-    format!("{{{}}}\n", fields.join(", "))
-}
-
-/// The gateway's counter names in the stats file: `l2_` and the name.
-fn l2_name(name: &'static str) -> &'static str {
-    match name {
-        "frames_in" => "l2_frames_in",
-        "packets_in" => "l2_packets_in",
-        "arp_replies" => "l2_arp_replies",
-        "neighbor_adverts" => "l2_neighbor_adverts",
-        "drop_malformed" => "l2_drop_malformed",
-        "drop_vlan" => "l2_drop_vlan",
-        "drop_ethertype" => "l2_drop_ethertype",
-        "drop_not_for_us" => "l2_drop_not_for_us",
-        "drop_link_local" => "l2_drop_link_local",
-        "drop_arp" => "l2_drop_arp",
-        "drop_ndp" => "l2_drop_ndp",
-        "egress_no_peer" => "l2_egress_no_peer",
-        "frames_out" => "l2_frames_out",
-        _ => "l2_other",
     }
 }
 
@@ -271,29 +226,6 @@ fn relay_mtu(args: &RunArgs) -> usize {
         _ => 20 + 8,
     };
     usize::from(args.relay_path_mtu).saturating_sub(outer + prism_relay::frame::OVERHEAD)
-}
-
-/// The relay's counter names in the stats file: `relay_` and the name.
-fn relay_name(name: &'static str) -> &'static str {
-    match name {
-        "sent" => "relay_sent",
-        "received" => "relay_received",
-        "to_stack" => "relay_to_stack",
-        "prohibited" => "relay_prohibited",
-        "drop_malformed" => "relay_drop_malformed",
-        "drop_link_local" => "relay_drop_link_local",
-        "too_big" => "relay_too_big",
-        "drop_truncated" => "relay_drop_truncated",
-        "drop_version" => "relay_drop_version",
-        "drop_auth" => "relay_drop_auth",
-        "drop_replay" => "relay_drop_replay",
-        "drop_session" => "relay_drop_session",
-        "drop_spoofed" => "relay_drop_spoofed",
-        "drop_address_taken" => "relay_drop_address_taken",
-        "drop_no_session" => "relay_drop_no_session",
-        "hellos" => "relay_hellos",
-        _ => "relay_other",
-    }
 }
 
 /// In TAP mode a route goes via the gateway of its family; a TUN needs no next hop.

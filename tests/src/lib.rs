@@ -393,14 +393,3 @@ pub fn reply(packet: &[u8]) -> Reply {
         _ => Reply::Other,
     }
 }
-
-/// The TCP flags of an IPv4 packet the stack sent: (syn, ack, rst, fin), or `None` if it is
-/// not IPv4 TCP.
-pub fn tcp_flags_v4(packet: &[u8]) -> Option<(bool, bool, bool, bool)> {
-    let ip = Ipv4Packet::new_checked(packet).ok()?;
-    if ip.next_header() != IpProtocol::Tcp {
-        return None;
-    }
-    let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
-    Some((tcp.syn(), tcp.ack(), tcp.rst(), tcp.fin()))
-}

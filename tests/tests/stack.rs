@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use prism_stack::{Config, Rejection};
-use prism_tests::{Client, start_stack, tcp_flags_v4, tcp_v4};
+use prism_tests::{Client, Reply, reply, start_stack, tcp_v4};
 use prism_tunnel::{ConnectError, Connector, Target, serve};
 use smoltcp::socket::tcp::State;
 use smoltcp::wire::TcpControl;
@@ -333,9 +333,24 @@ fn addr(s: &str) -> SocketAddr {
 
 /// (SYN-ACKs, RSTs) among captured packets.
 fn count_replies(packets: &[Bytes]) -> (usize, usize) {
-    let flags: Vec<_> = packets.iter().filter_map(|p| tcp_flags_v4(p)).collect();
-    let syn_acks = flags.iter().filter(|(syn, ack, _, _)| *syn && *ack).count();
-    let rsts = flags.iter().filter(|(_, _, rst, _)| *rst).count();
+    let replies: Vec<Reply> = packets.iter().map(|p| reply(p)).collect();
+    let syn_acks = replies
+        .iter()
+        .filter(|r| {
+            matches!(
+                r,
+                Reply::Tcp {
+                    syn: true,
+                    ack: true,
+                    ..
+                }
+            )
+        })
+        .count();
+    let rsts = replies
+        .iter()
+        .filter(|r| matches!(r, Reply::Tcp { rst: true, .. }))
+        .count();
     (syn_acks, rsts)
 }
 

@@ -16,6 +16,6 @@ mod queue;
 #[cfg(target_os = "linux")]
 pub mod tun;
 
-pub use link::{BATCH, Link, LinkClosed, TrySendError};
+pub use link::{BATCH, Link, LinkClosed};
 pub use queue::PrismDevice;
 pub use smoltcp::phy::Medium;

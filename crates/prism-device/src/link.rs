@@ -53,28 +53,11 @@ impl Link {
         self.outbound.send(packet).await.map_err(|_| LinkClosed)
     }
 
-    /// Sends one packet if there is room now; gives it back otherwise.
-    pub fn try_send(&self, packet: Bytes) -> Result<(), TrySendError> {
-        self.outbound.try_send(packet).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(p) => TrySendError::Full(p),
-            mpsc::error::TrySendError::Closed(_) => TrySendError::Closed,
-        })
-    }
-
     /// Splits the end into its receiving and sending halves, for adapters that read and write
     /// from different tasks.
     pub fn split(self) -> (mpsc::Receiver<Bytes>, mpsc::Sender<Bytes>) {
         (self.inbound, self.outbound)
     }
-}
-
-/// Why [`Link::try_send`] did not send.
-#[derive(Debug)]
-pub enum TrySendError {
-    /// The other end is behind; the packet is given back.
-    Full(Bytes),
-    /// The other end is gone.
-    Closed,
 }
 
 #[cfg(test)]
@@ -100,9 +83,6 @@ mod tests {
         drop(a);
         let mut batch = Vec::new();
         assert_eq!(b.recv_batch(&mut batch).await, Err(LinkClosed));
-        assert!(matches!(
-            b.try_send(Bytes::new()),
-            Err(TrySendError::Closed)
-        ));
+        assert_eq!(b.send(Bytes::new()).await, Err(LinkClosed));
     }
 }

@@ -170,12 +170,17 @@ impl Server {
 
     /// Sends a packet from the TUN to the client that owns its destination.
     async fn outbound(&mut self, packet: &[u8]) {
-        let c = Arc::clone(&self.counters);
-        let session = endpoints(packet)
-            .and_then(|(_, dst)| self.owners.get(&dst))
-            .and_then(|id| self.sessions.get_mut(id).map(|s| (*id, s)));
-        let Some((id, session)) = session else {
-            Counters::bump(&c.drop_no_session);
+        let Self {
+            socket,
+            keys,
+            sessions,
+            owners,
+            counters,
+        } = self;
+        let owner = endpoints(packet).and_then(|(_, dst)| owners.get(&dst));
+        let Some((id, session)) = owner.and_then(|id| sessions.get_mut(id).map(|s| (*id, s)))
+        else {
+            Counters::bump(&counters.drop_no_session);
             return;
         };
         let header = Header {
@@ -184,14 +189,9 @@ impl Server {
             counter: session.counter,
         };
         session.counter += 1;
-        let datagram = frame::seal(&self.keys.to_client, &header, packet);
-        if self
-            .socket
-            .send_to(&datagram, session.endpoint)
-            .await
-            .is_ok()
-        {
-            Counters::bump(&c.sent);
+        let datagram = frame::seal(&keys.to_client, &header, packet);
+        if socket.send_to(&datagram, session.endpoint).await.is_ok() {
+            Counters::bump(&counters.sent);
         }
     }
 

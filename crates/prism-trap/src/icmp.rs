@@ -82,14 +82,7 @@ fn unreachable_v4_with(original: &[u8], reason: Icmpv4DstUnreachable) -> Option<
 
 fn unreachable_v6(original: &[u8], why: Unreachable) -> Option<Vec<u8>> {
     let ip = Ipv6Packet::new_checked(original).ok()?;
-    let header = Ipv6Repr {
-        src_addr: ip.src_addr(),
-        dst_addr: ip.dst_addr(),
-        next_header: ip.next_header(),
-        payload_len: ip.payload().len(),
-        hop_limit: ip.hop_limit(),
-    };
-    let data = ip.payload().get(..ICMPV6_QUOTE).unwrap_or(ip.payload());
+    let (header, data) = quote_v6(&ip);
     let icmp = Icmpv6Repr::DstUnreachable {
         reason: match why {
             Unreachable::Network => Icmpv6DstUnreachable::NoRoute,
@@ -100,6 +93,20 @@ fn unreachable_v6(original: &[u8], why: Unreachable) -> Option<Vec<u8>> {
         data,
     };
     emit_v6(&ip, &icmp)
+}
+
+/// What an ICMPv6 error quotes of `ip`: its header, and as much of its payload as keeps the
+/// error within the IPv6 minimum MTU.
+fn quote_v6<'a>(ip: &Ipv6Packet<&'a [u8]>) -> (Ipv6Repr, &'a [u8]) {
+    let header = Ipv6Repr {
+        src_addr: ip.src_addr(),
+        dst_addr: ip.dst_addr(),
+        next_header: ip.next_header(),
+        payload_len: ip.payload().len(),
+        hop_limit: ip.hop_limit(),
+    };
+    let payload: &'a [u8] = ip.payload();
+    (header, payload.get(..ICMPV6_QUOTE).unwrap_or(payload))
 }
 
 /// An ICMPv6 error about `ip`, from its destination back to its source.
@@ -141,14 +148,7 @@ pub fn too_big(original: &[u8], mtu: u16) -> Option<Vec<u8>> {
         }
         Some(6) => {
             let ip = Ipv6Packet::new_checked(original).ok()?;
-            let header = Ipv6Repr {
-                src_addr: ip.src_addr(),
-                dst_addr: ip.dst_addr(),
-                next_header: ip.next_header(),
-                payload_len: ip.payload().len(),
-                hop_limit: ip.hop_limit(),
-            };
-            let data = ip.payload().get(..ICMPV6_QUOTE).unwrap_or(ip.payload());
+            let (header, data) = quote_v6(&ip);
             let icmp = Icmpv6Repr::PktTooBig {
                 mtu: u32::from(mtu),
                 header,
