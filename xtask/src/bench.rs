@@ -16,11 +16,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, ensure};
 use futures_util::future::try_join_all;
 use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::chart;
 use crate::e2e::{build_prism, in_netns};
 use crate::netns::{Process, wait_for};
+use crate::peers::{self, Peer};
 use crate::servers::{self, Servers};
 use crate::topology::{self, Topology};
 
@@ -28,19 +31,24 @@ const IPERF_PORT: u16 = 5201;
 const IPERF_SECONDS: &str = "10";
 
 /// One system's figures; `None` where a measure does not apply.
-#[derive(Debug, Default)]
-struct Figures {
-    name: String,
-    up_mbit: Option<f64>,
-    down_mbit: Option<f64>,
-    parallel_mbit: Option<f64>,
-    rr_p50_us: Option<f64>,
-    rr_p99_us: Option<f64>,
-    conn_per_s: Option<f64>,
-    rss_2000_mb: Option<f64>,
-    rss_10000_mb: Option<f64>,
-    up_with_10000_idle_mbit: Option<f64>,
-    cpu_s_per_gb: Option<f64>,
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub(crate) struct Figures {
+    #[serde(rename = "system")]
+    pub(crate) name: String,
+    #[serde(rename = "upload_mbit")]
+    pub(crate) up_mbit: Option<f64>,
+    #[serde(rename = "download_mbit")]
+    pub(crate) down_mbit: Option<f64>,
+    #[serde(rename = "parallel8_mbit")]
+    pub(crate) parallel_mbit: Option<f64>,
+    pub(crate) rr_p50_us: Option<f64>,
+    pub(crate) rr_p99_us: Option<f64>,
+    pub(crate) conn_per_s: Option<f64>,
+    pub(crate) rss_2000_mb: Option<f64>,
+    pub(crate) rss_10000_mb: Option<f64>,
+    #[serde(rename = "upload_with_10000_idle_mbit")]
+    pub(crate) up_with_10000_idle_mbit: Option<f64>,
+    pub(crate) cpu_s_per_gb: Option<f64>,
 }
 
 /// Raises this process's soft descriptor limit to its hard limit where it is lower (children
@@ -64,7 +72,7 @@ pub(crate) fn serve_targets(ns: &str, addresses: Vec<std::net::IpAddr>) -> Resul
     }
 }
 
-pub(crate) fn run() -> Result<()> {
+pub(crate) fn run(peers: bool) -> Result<()> {
     ensure!(
         crate::tools::is_root(),
         "bench needs root (network namespaces, TUN)"
@@ -78,6 +86,11 @@ pub(crate) fn run() -> Result<()> {
     ])?;
     raise_fd_limit()?;
     let prism = build_prism()?;
+    if peers {
+        for peer in Peer::ALL {
+            peers::install(peer)?;
+        }
+    }
     let logs = std::env::temp_dir().join(format!("prism-bench-{}", std::process::id()));
     std::fs::create_dir_all(&logs)?;
     println!("bench: logs in {}", logs.display());
@@ -106,7 +119,7 @@ pub(crate) fn run() -> Result<()> {
     topology::wait_listening(&topo.server, IPERF_PORT, 1, "iperf3")?;
 
     let mut results = Vec::new();
-    // PRISM_BENCH_ONLY=kernel|forward|prism measures one kind of system (for experiments).
+    // PRISM_BENCH_ONLY=kernel|forward|prism|peers measures one kind of system (for experiments).
     let only = std::env::var("PRISM_BENCH_ONLY").unwrap_or_default();
     let wanted = |kind: &str| only.is_empty() || only == kind;
 
@@ -156,43 +169,60 @@ pub(crate) fn run() -> Result<()> {
         })?;
     }
 
-    if !wanted("prism") {
-        println!("\n{}", markdown(&results));
-        return Ok(());
-    }
-    let socks = format!("socks5://{}:{}", topology::SERVER_V4, topology::DANTE_PORT);
-    println!("bench: prism, SOCKS5 upstream (dante)");
-    let mut p = topo.start_prism(
-        &prism,
-        &topo.prism_args(&socks),
-        &logs.join("prism-socks.log"),
-    )?;
-    let pid = p.pid();
-    // Held connections first, on a fresh process: later tests free memory that the allocator
-    // returns to the OS only after a while, which would blur the figure.
-    let rss_2000 = hold_connections(&topo, 2000, pid)?;
-    let mut figures = measure(&topo, "prism, SOCKS5 (dante)", Some(pid), false)?;
-    figures.rss_2000_mb = Some(rss_2000);
-    results.push(figures);
-    stop(&mut p)?;
+    if wanted("prism") {
+        let socks = format!("socks5://{}:{}", topology::SERVER_V4, topology::DANTE_PORT);
+        println!("bench: prism, SOCKS5 upstream (dante)");
+        let mut args = topo.prism_args(&socks);
+        args.extend(extra_args());
+        let mut p = topo.start_prism(&prism, &args, &logs.join("prism-socks.log"))?;
+        results.push(measure_stack(&topo, "prism, SOCKS5 (dante)", p.pid())?);
+        stop(&mut p)?;
 
-    println!("bench: prism, direct upstream");
-    let mut args = topo.prism_args("direct");
-    args.extend(["--fwmark".to_owned(), topology::FWMARK.to_owned()]);
-    args.extend(extra_args());
-    let mut p = topo.start_prism(&prism, &args, &logs.join("prism-direct.log"))?;
-    let pid = p.pid();
-    results.push(measure(&topo, "prism, direct", Some(pid), true)?);
-    stop(&mut p)?;
+        println!("bench: prism, direct upstream");
+        let mut args = topo.prism_args("direct");
+        args.extend(["--fwmark".to_owned(), topology::FWMARK.to_owned()]);
+        args.extend(extra_args());
+        let mut p = topo.start_prism(&prism, &args, &logs.join("prism-direct.log"))?;
+        let pid = p.pid();
+        results.push(measure(&topo, "prism, direct", Some(pid), true)?);
+        stop(&mut p)?;
+    }
+
+    if peers && (only.is_empty() || only == "peers") {
+        for peer in Peer::ALL {
+            println!("bench: {}", peer.name());
+            let mut running = peers::start(peer, &topo, &logs)?;
+            results.push(measure_stack(&topo, peer.name(), running.process.pid())?);
+            // Peers exit on SIGINT or SIGTERM; what they return then is not the bench's concern.
+            let _ = running
+                .process
+                .stop(Signal::SIGTERM, Duration::from_secs(10));
+            drop(running);
+            peers::wait_gone(&topo)?;
+        }
+    }
     drop(servers);
 
+    if only.is_empty() {
+        write_results(&results)?;
+    } else {
+        println!("\n{}", markdown(&results));
+    }
+    Ok(())
+}
+
+/// Writes the table, the JSON and the chart into docs/bench.
+fn write_results(results: &[Figures]) -> Result<()> {
     let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/bench");
     std::fs::create_dir_all(&out)?;
-    let table = markdown(&results);
+    let table = markdown(results);
     println!("\n{table}");
     std::fs::write(out.join("results.md"), &table)?;
-    std::fs::write(out.join("results.json"), json(&results))?;
-    println!("bench: wrote docs/bench/results.md and results.json");
+    let mut json = serde_json::to_string_pretty(results)?;
+    json.push('\n');
+    std::fs::write(out.join("results.json"), json)?;
+    std::fs::write(out.join("results.svg"), chart::render(results)?)?;
+    println!("bench: wrote docs/bench/results.md, results.json and results.svg");
     Ok(())
 }
 
@@ -202,6 +232,16 @@ fn extra_args() -> Vec<String> {
     std::env::var("PRISM_BENCH_ARGS")
         .map(|a| a.split_whitespace().map(str::to_owned).collect())
         .unwrap_or_default()
+}
+
+/// A userspace stack behind SOCKS5 (or a peer's own proxy): RSS with 2,000 connections held,
+/// then everything else. The connections come first, on a fresh process: later tests free
+/// memory that allocators return to the OS only after a while, which would blur the figure.
+fn measure_stack(topo: &Topology, name: &str, pid: u32) -> Result<Figures> {
+    let rss_2000 = hold_connections(topo, 2000, pid)?;
+    let mut figures = measure(topo, name, Some(pid), false)?;
+    figures.rss_2000_mb = Some(rss_2000);
+    Ok(figures)
 }
 
 fn stop(process: &mut Process) -> Result<()> {
@@ -293,26 +333,33 @@ fn request_response(topo: &Topology) -> Result<(f64, f64)> {
     })
 }
 
-/// Connect, one exchange, close, for 5 s, 16 at a time; connections per second.
+/// Connect, one exchange, close, for 5 s, 16 at a time; connections per second. Failed
+/// attempts are not counted (and are printed).
 fn connections_per_second(topo: &Topology) -> Result<f64> {
     in_netns(topo.client.name(), async || {
         let addr = SocketAddr::new(topology::TARGET_V4, servers::ECHO);
         let deadline = Instant::now() + Duration::from_secs(5);
         let started = Instant::now();
         let workers = (0..16).map(|_| async move {
-            let mut done = 0u64;
+            let (mut done, mut failed) = (0u64, 0u64);
             while Instant::now() < deadline {
-                let mut stream = TcpStream::connect(addr).await?;
-                stream.write_all(b"x").await?;
-                let mut byte = [0u8; 1];
-                stream.read_exact(&mut byte).await?;
-                drop(stream);
-                done += 1;
+                match exchange_one(addr).await {
+                    Ok(stream) => {
+                        drop(stream);
+                        done += 1;
+                    }
+                    Err(_) => failed += 1,
+                }
             }
-            Ok::<u64, anyhow::Error>(done)
+            (done, failed)
         });
-        let total: u64 = try_join_all(workers).await?.into_iter().sum();
-        Ok(total as f64 / started.elapsed().as_secs_f64())
+        let counts = futures_util::future::join_all(workers).await;
+        let done: u64 = counts.iter().map(|c| c.0).sum();
+        let failed: u64 = counts.iter().map(|c| c.1).sum();
+        if failed > 0 {
+            println!("  connections per second: {failed} attempts failed");
+        }
+        Ok(done as f64 / started.elapsed().as_secs_f64())
     })
 }
 
@@ -336,9 +383,14 @@ fn holding<T>(
             Ok(())
         })
     });
-    let opened = ready_rx
-        .recv()
-        .context("the connections could not be opened")?;
+    let Ok(opened) = ready_rx.recv() else {
+        // The holder ended without opening them all: its error says why.
+        let error = match holder.join() {
+            Ok(Err(error)) => error,
+            _ => anyhow::anyhow!("the holder ended early"),
+        };
+        return Err(error.context(format!("opening {n} connections")));
+    };
     ensure!(opened == n, "only {opened} of {n} connections opened");
     std::thread::sleep(Duration::from_millis(500));
     let rss = rss_mb(pid)?;
@@ -359,21 +411,46 @@ fn ten_thousand(topo: &Topology, pid: u32) -> Result<(f64, f64)> {
     holding(topo, 10_000, pid, || Ok(iperf(topo, &[])?.0))
 }
 
+/// Opens `n` connections, 500 at a time, each exchanging a byte. A connection that fails is
+/// tried again, up to 5 times in all: some peers refuse SYNs that arrive in a burst, and the
+/// memory figure is about holding connections, not about opening them (the refusals are
+/// printed).
 async fn open_many(n: usize) -> Result<Vec<TcpStream>> {
     let addr = SocketAddr::new(topology::TARGET_V4, servers::ECHO);
+    let refusals = std::sync::atomic::AtomicUsize::new(0);
     let mut streams = Vec::with_capacity(n);
     for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
-        let opened = try_join_all(chunk.iter().map(|_| async move {
-            let mut stream = TcpStream::connect(addr).await?;
-            stream.write_all(b"x").await?;
-            let mut byte = [0u8; 1];
-            stream.read_exact(&mut byte).await?;
-            Ok::<TcpStream, anyhow::Error>(stream)
+        let opened = try_join_all(chunk.iter().map(|_| async {
+            let mut attempt = 0;
+            loop {
+                match exchange_one(addr).await {
+                    Ok(stream) => return Ok::<TcpStream, anyhow::Error>(stream),
+                    Err(error) if attempt >= 4 => return Err(error),
+                    Err(_) => {
+                        refusals.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        attempt += 1;
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            }
         }))
         .await?;
         streams.extend(opened);
     }
+    let refusals = refusals.into_inner();
+    if refusals > 0 {
+        println!("  opening {n} connections: {refusals} attempts failed and were retried");
+    }
     Ok(streams)
+}
+
+/// Connects and exchanges one byte with the echo server.
+async fn exchange_one(addr: SocketAddr) -> Result<TcpStream> {
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.write_all(b"x").await?;
+    let mut byte = [0u8; 1];
+    stream.read_exact(&mut byte).await?;
+    Ok(stream)
 }
 
 fn rss_mb(pid: u32) -> Result<f64> {
@@ -441,29 +518,12 @@ fn markdown(results: &[Figures]) -> String {
     s
 }
 
-fn json(results: &[Figures]) -> String {
-    let num = |v: Option<f64>| {
-        v.map(|x| format!("{x:.3}"))
-            .unwrap_or_else(|| "null".to_owned())
-    };
-    let rows: Vec<String> = results
-        .iter()
-        .map(|f| {
-            format!(
-                "  {{\"system\": \"{}\", \"upload_mbit\": {}, \"download_mbit\": {}, \"parallel8_mbit\": {}, \"rr_p50_us\": {}, \"rr_p99_us\": {}, \"conn_per_s\": {}, \"rss_2000_mb\": {}, \"rss_10000_mb\": {}, \"upload_with_10000_idle_mbit\": {}, \"cpu_s_per_gb\": {}}}",
-                f.name,
-                num(f.up_mbit),
-                num(f.down_mbit),
-                num(f.parallel_mbit),
-                num(f.rr_p50_us),
-                num(f.rr_p99_us),
-                num(f.conn_per_s),
-                num(f.rss_2000_mb),
-                num(f.rss_10000_mb),
-                num(f.up_with_10000_idle_mbit),
-                num(f.cpu_s_per_gb),
-            )
-        })
-        .collect();
-    format!("[\n{}\n]\n", rows.join(",\n"))
+/// `xtask bench-chart`: draws docs/bench/results.svg again from results.json.
+pub(crate) fn redraw_chart() -> Result<()> {
+    let out = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/bench");
+    let json = std::fs::read_to_string(out.join("results.json"))?;
+    let results: Vec<Figures> = serde_json::from_str(&json).context("docs/bench/results.json")?;
+    std::fs::write(out.join("results.svg"), chart::render(&results)?)?;
+    println!("bench: wrote docs/bench/results.svg");
+    Ok(())
 }

@@ -20,12 +20,14 @@
 )]
 
 mod bench;
+mod chart;
 mod ci;
 mod delay;
 mod demo;
 mod e2e;
 mod forward;
 mod netns;
+mod peers;
 mod relay_e2e;
 mod servers;
 mod tools;
@@ -53,10 +55,16 @@ enum Task {
     },
     /// Fetch through Prism with curl on a self-contained topology and report (root).
     Demo,
-    /// Measure Prism against kernel routing; write docs/bench/ (root).
-    Bench,
-    /// Internal: run the test servers in namespace NS until killed (a separate process, so
-    /// the bench's client and server sockets do not share one file-descriptor limit).
+    /// Measure Prism against kernel routing and a bare TUN forwarder; write docs/bench/ (root).
+    Bench {
+        /// Also measure tun2proxy and shadowsocks-rust's tun mode (built with `cargo install`
+        /// into a cache on first use).
+        #[arg(long)]
+        peers: bool,
+    },
+    /// Draw docs/bench/results.svg again from docs/bench/results.json.
+    BenchChart,
+    /// Internal: the bare TUN-to-TUN forwarder the bench measures.
     #[command(hide = true)]
     TunForward {
         /// Namespace of the first TUN (where the traffic comes from).
@@ -67,7 +75,8 @@ enum Task {
         #[arg(long)]
         offload: bool,
     },
-    /// Internal: the test servers for the bench.
+    /// Internal: run the test servers in namespace NS until killed (a separate process, so
+    /// the bench's client and server sockets do not share one file-descriptor limit).
     #[command(hide = true)]
     ServeTargets {
         /// The namespace.
@@ -84,7 +93,8 @@ fn main() -> ExitCode {
         Task::Ci => ci::run(),
         Task::E2e { filter } => e2e::run(filter.as_deref()),
         Task::Demo => demo::run(),
-        Task::Bench => bench::run(),
+        Task::Bench { peers } => bench::run(peers),
+        Task::BenchChart => bench::redraw_chart(),
         Task::ServeTargets { ns, addresses } => bench::serve_targets(&ns, addresses),
         Task::TunForward {
             client_ns,
