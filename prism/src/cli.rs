@@ -154,6 +154,10 @@ pub(crate) struct RunArgs {
     /// hundreds of connections open at once).
     #[arg(long, default_value_t = prism_device::tun::DEFAULT_QUEUE, value_name = "PACKETS")]
     pub(crate) tun_queue: u32,
+    /// Do not ask the TUN for offload. With offload (the default on a TUN; never on a TAP) the
+    /// kernel and Prism exchange TCP segments of up to 64 KB and leave checksums partial.
+    #[arg(long)]
+    pub(crate) no_offload: bool,
     /// Write the final counters as JSON to this file when stopping.
     #[arg(long, value_name = "FILE")]
     pub(crate) stats_file: Option<PathBuf>,

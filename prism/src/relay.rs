@@ -42,6 +42,9 @@ pub(crate) async fn serve(args: RelayServerArgs) -> Result<()> {
             .collect(),
         layer: Layer::Ip,
         queue_len: prism_device::tun::DEFAULT_QUEUE,
+        // The server relays whole packets between clients and its TUN; plain is what both
+        // speak.
+        offload: false,
     })?;
     let counters = Arc::new(Counters::default());
     let server = Server::bind(args.listen, keys, Arc::clone(&counters))

@@ -29,6 +29,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
             .collect(),
         layer: if args.tap { Layer::Ethernet } else { Layer::Ip },
         queue_len: args.tun_queue,
+        offload: !args.no_offload,
     })?;
     let mut routes = Routes::new()?;
     let served = serve_until_signal(&args, tun, &mut routes, stop).await;
@@ -43,6 +44,8 @@ async fn serve_until_signal(
     stop: impl std::future::Future<Output = &'static str>,
 ) -> Result<()> {
     let (name, index) = (tun.name().to_owned(), tun.index());
+    let offload = tun.offload();
+    info!(offload, "TUN open");
     for &net in &args.routes {
         let via = next_hop(args, net)?;
         routes.add(net, index, &name, via).await?;
@@ -58,6 +61,7 @@ async fn serve_until_signal(
     config.pending_timeout = connect_timeout + Duration::from_secs(5);
     config.tcp_rx_buffer = args.tcp_buffer_kib as usize * 1024;
     config.tcp_tx_buffer = config.tcp_rx_buffer;
+    config.offload = offload;
     config.addresses = args
         .addresses
         .iter()
@@ -109,6 +113,7 @@ async fn serve_until_signal(
         stack_far,
         relay,
         relay_mtu,
+        offload,
         Arc::clone(&relay_counters),
     ));
     let stack = tokio::spawn(stack.run());

@@ -35,6 +35,8 @@ enum Upstream {
     Dante,
     Socks5Auth,
     DirectMark,
+    /// `direct` bound to the veth, on a TUN without offload (plain IP packets): every other
+    /// TUN pass uses offload, the default.
     DirectBind,
     /// dante behind a link that adds 150 ms, fast handshake.
     SlowFast,
@@ -69,7 +71,7 @@ impl Upstream {
             Upstream::Dante => "socks5-dante",
             Upstream::Socks5Auth => "socks5-microsocks-auth",
             Upstream::DirectMark => "direct-fwmark",
-            Upstream::DirectBind => "direct-bind",
+            Upstream::DirectBind => "direct-bind-no-offload",
             Upstream::SlowFast => "fast-150ms-socks5",
             Upstream::SlowConsistent => "consistent-150ms-socks5",
             Upstream::DirectConsistent => "consistent-direct",
@@ -101,7 +103,11 @@ impl Upstream {
             ),
             Upstream::DirectBind => (
                 "direct".to_owned(),
-                vec!["--bind-interface".to_owned(), topo.client_veth.clone()],
+                vec![
+                    "--bind-interface".to_owned(),
+                    topo.client_veth.clone(),
+                    "--no-offload".to_owned(),
+                ],
             ),
             Upstream::SlowFast | Upstream::SlowConsistent => (
                 format!("socks5://{}:{}", topology::SERVER_V4, topology::DELAY_PORT),

@@ -6,15 +6,19 @@
 //! - [`Link`] bridges those queues to tokio: one end for the stack, one for the adapter that
 //!   talks to the operating system.
 //! - [`tun`] (Linux) is that adapter for a TUN device.
+//! - [`vnet`] is the offload bookkeeping of an offloading TUN: virtio-net headers, partial TCP
+//!   checksums, super-packets.
 //!
-//! Invariant: nothing here parses packets or knows about TCP. A packet is an opaque `Bytes`;
-//! deciding what it is belongs to `prism-trap` and `prism-stack`. Next: `prism-stack` owns a
-//! `PrismDevice` and drives it.
+//! Invariant: nothing here decides what a packet is for. A packet is a `Bytes`; the only
+//! reading of its contents is the offload work a NIC would do (headers, checksums,
+//! segmentation). Where it goes belongs to `prism-trap`, `prism-relay` and `prism-stack`.
+//! Next: `prism-stack` owns a `PrismDevice` and drives it.
 
 mod link;
 mod queue;
 #[cfg(target_os = "linux")]
 pub mod tun;
+pub mod vnet;
 
 pub use link::{BATCH, Link, LinkClosed};
 pub use queue::PrismDevice;

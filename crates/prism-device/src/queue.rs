@@ -3,12 +3,22 @@
 //! Received packets are `Bytes` handed over without a copy; smoltcp reads them in place.
 //! Transmitted packets are written by smoltcp into a fresh buffer that becomes a `Bytes`, the
 //! only copy on the way out.
+//!
+//! With [`PrismDevice::set_offload`], the device stands for an offloading TUN: smoltcp may
+//! write TCP segments of up to 64 KB and leaves their checksums out, and every transmitted
+//! packet comes out as a virtio-net frame ([`crate::vnet`]) that tells the kernel to segment
+//! it and finish the checksum.
 
 use std::collections::VecDeque;
 
 use bytes::{Bytes, BytesMut};
-use smoltcp::phy::{self, ChecksumCapabilities, DeviceCapabilities, Medium};
+use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium, PacketMeta};
 use smoltcp::time::Instant;
+
+use crate::vnet;
+
+/// The largest IP packet an offloading device takes: the IPv4 total length's limit.
+const SUPER_PACKET: usize = 65535;
 
 /// A smoltcp device over an RX and a TX queue of packets.
 #[derive(Debug)]
@@ -16,6 +26,7 @@ pub struct PrismDevice {
     capabilities: DeviceCapabilities,
     rx: VecDeque<Bytes>,
     tx: VecDeque<Bytes>,
+    offload: bool,
 }
 
 impl PrismDevice {
@@ -29,13 +40,31 @@ impl PrismDevice {
             capabilities,
             rx: VecDeque::new(),
             tx: VecDeque::new(),
+            offload: false,
         }
+    }
+
+    /// Makes the device an offloading one (see the module documentation): TCP segments up to
+    /// 64 KB with their checksums left to the kernel, and virtio-net frames out. Received
+    /// packets stay plain IP packets: whoever reads the frames strips their headers.
+    pub fn set_offload(&mut self) {
+        self.offload = true;
+        self.capabilities.checksum.tcp = Checksum::None;
+        self.capabilities.segmentation.tcpv4 = std::num::NonZeroUsize::new(SUPER_PACKET);
+        // smoltcp 0.14 sizes IPv6 super-packets but then drops every IPv6 packet above the MTU
+        // ("IPv6 fragmentation support is unimplemented"), so IPv6 leaves in MTU-sized
+        // segments, still with partial checksums. Received IPv6 super-packets are fine.
+        self.capabilities.segmentation.tcpv6 = None;
     }
 
     /// Declares which checksums smoltcp must verify on receive and fill in on transmit. A stack
     /// that has already verified incoming checksums sets `Checksum::Tx` to avoid doing it twice.
+    /// An offloading device keeps TCP's at `Checksum::None` whatever this says.
     pub fn set_checksum(&mut self, checksum: ChecksumCapabilities) {
         self.capabilities.checksum = checksum;
+        if self.offload {
+            self.capabilities.checksum.tcp = Checksum::None;
+        }
     }
 
     /// Queues a received packet for smoltcp.
@@ -48,9 +77,14 @@ impl PrismDevice {
         self.rx.len()
     }
 
-    /// Queues a packet built outside smoltcp (an ICMP error, say) for transmission, after what
-    /// smoltcp has queued so far.
+    /// Queues a packet built outside smoltcp (an ICMP error, say, with complete checksums) for
+    /// transmission, after what smoltcp has queued so far.
     pub fn push_tx(&mut self, packet: Bytes) {
+        let packet = if self.offload {
+            vnet::frame(&packet)
+        } else {
+            packet
+        };
         self.tx.push_back(packet);
     }
 
@@ -71,11 +105,11 @@ impl phy::Device for PrismDevice {
 
     fn receive(&mut self, _timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
         let packet = self.rx.pop_front()?;
-        Some((RxToken(packet), TxToken(&mut self.tx)))
+        Some((RxToken(packet), TxToken::new(&mut self.tx, self.offload)))
     }
 
     fn transmit(&mut self, _timestamp: Instant) -> Option<Self::TxToken<'_>> {
-        Some(TxToken(&mut self.tx))
+        Some(TxToken::new(&mut self.tx, self.offload))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -98,17 +132,45 @@ impl phy::RxToken for RxToken {
 
 /// Room for one transmitted packet at the back of the TX queue.
 #[derive(Debug)]
-pub struct TxToken<'a>(&'a mut VecDeque<Bytes>);
+pub struct TxToken<'a> {
+    queue: &'a mut VecDeque<Bytes>,
+    /// Frame the packet for an offloading TUN.
+    offload: bool,
+    /// Payload bytes per segment, when smoltcp wrote a super-packet.
+    segment_size: Option<u16>,
+}
+
+impl<'a> TxToken<'a> {
+    fn new(queue: &'a mut VecDeque<Bytes>, offload: bool) -> Self {
+        Self {
+            queue,
+            offload,
+            segment_size: None,
+        }
+    }
+}
 
 impl phy::TxToken for TxToken<'_> {
     fn consume<R, F>(self, len: usize, f: F) -> R
     where
         F: FnOnce(&mut [u8]) -> R,
     {
-        let mut buffer = BytesMut::zeroed(len);
-        let result = f(&mut buffer);
-        self.0.push_back(buffer.freeze());
+        if !self.offload {
+            let mut buffer = BytesMut::zeroed(len);
+            let result = f(&mut buffer);
+            self.queue.push_back(buffer.freeze());
+            return result;
+        }
+        let mut buffer = BytesMut::zeroed(vnet::HEADER_LEN + len);
+        let (header, packet) = buffer.split_at_mut(vnet::HEADER_LEN);
+        let result = f(packet);
+        header.copy_from_slice(&vnet::offload_tcp(packet, self.segment_size).to_bytes());
+        self.queue.push_back(buffer.freeze());
         result
+    }
+
+    fn set_meta(&mut self, meta: PacketMeta) {
+        self.segment_size = meta.segmentation_offload_size.map(|s| s.get());
     }
 }
 

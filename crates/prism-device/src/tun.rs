@@ -11,9 +11,10 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::task::JoinHandle;
+use tracing::debug;
 use tun_rs::{AsyncDevice, DeviceBuilder};
 
-use crate::{BATCH, Link};
+use crate::{BATCH, Link, vnet};
 
 /// Bytes read ahead in one shared buffer before a fresh one is allocated.
 const READ_ARENA: usize = 256 * 1024;
@@ -33,6 +34,9 @@ pub struct TunConfig {
     /// Linux's default of 500 overflows when hundreds of connections open at once, and every
     /// dropped SYN costs its client a one-second retransmission.
     pub queue_len: u32,
+    /// Ask for offload (virtio-net frames, TSO both ways, partial checksums) on a TUN. The
+    /// kernel may refuse; [`Tun::offload`] says what was granted. Ignored for TAP.
+    pub offload: bool,
 }
 
 /// What the device carries.
@@ -85,6 +89,13 @@ pub enum Error {
     },
 }
 
+/// A write error that concerns only the packet written, not the device.
+fn refused_packet(error: &io::Error) -> bool {
+    const EINVAL: i32 = 22;
+    const EMSGSIZE: i32 = 90;
+    matches!(error.raw_os_error(), Some(EINVAL | EMSGSIZE))
+}
+
 /// An I/O error in words a user can act on.
 fn describe(error: &io::Error) -> String {
     const EBUSY: i32 = 16;
@@ -128,6 +139,7 @@ impl Tun {
             .layer(layer)
             .mtu(config.mtu)
             .tx_queue_len(config.queue_len)
+            .offload(config.offload && config.layer == Layer::Ip)
             .enable(true)
             .build_async()
             .map_err(|source| Error::Open {
@@ -167,10 +179,20 @@ impl Tun {
         self.index
     }
 
+    /// Whether the device offloads: it then reads and writes virtio-net frames
+    /// ([`crate::vnet`]), and the stack on its link must be told so.
+    pub fn offload(&self) -> bool {
+        self.device.tcp_gso()
+    }
+
     /// Pumps packets between the device and `link` until either side closes. The returned
     /// task ends with the device error that stopped it, or `Ok` when the link closed.
     pub fn spawn(self, link: Link) -> JoinHandle<io::Result<()>> {
-        let mtu = usize::from(self.device.mtu().unwrap_or(1500)).max(1280) + FRAME_OVERHEAD;
+        let largest = if self.offload() {
+            vnet::HEADER_LEN + usize::from(u16::MAX)
+        } else {
+            usize::from(self.device.mtu().unwrap_or(1500)).max(1280) + FRAME_OVERHEAD
+        };
         let (mut inbound, outbound) = link.split();
         let reader = Arc::clone(&self.device);
         let writer = self.device;
@@ -178,8 +200,8 @@ impl Tun {
             let read = async move {
                 let mut arena = BytesMut::zeroed(READ_ARENA);
                 loop {
-                    if arena.len() < mtu {
-                        arena = BytesMut::zeroed(READ_ARENA.max(mtu));
+                    if arena.len() < largest {
+                        arena = BytesMut::zeroed(READ_ARENA.max(4 * largest));
                     }
                     let n = reader.recv(&mut arena).await?;
                     let packet = arena.split_to(n).freeze();
@@ -192,7 +214,14 @@ impl Tun {
                 let mut batch = Vec::with_capacity(BATCH);
                 while inbound.recv_many(&mut batch, BATCH).await > 0 {
                     for packet in batch.drain(..) {
-                        writer.send(&packet).await?;
+                        if let Err(error) = writer.send(&packet).await {
+                            if !refused_packet(&error) {
+                                return Err(error);
+                            }
+                            // One packet the kernel will not take (a frame it finds malformed,
+                            // or too large): that packet is lost, the device lives on.
+                            debug!(%error, len = packet.len(), "TUN refused a packet; dropped");
+                        }
                     }
                 }
                 Ok::<(), io::Error>(())

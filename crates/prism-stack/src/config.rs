@@ -33,6 +33,10 @@ pub struct Config {
     /// How long a consistent handshake waits for the application's answer before the client
     /// is told the host is unreachable.
     pub pending_timeout: Duration,
+    /// The link carries virtio-net frames ([`prism_device::vnet`]) of an offloading TUN: TCP
+    /// segments of up to 64 KB pass both ways, and checksums the kernel vouches for are
+    /// neither verified nor computed. Set it exactly when the device offloads.
+    pub offload: bool,
 }
 
 impl Default for Config {
@@ -48,6 +52,7 @@ impl Default for Config {
             handshake: Arc::new(Handshake::Fast),
             max_pending: 1024,
             pending_timeout: Duration::from_secs(15),
+            offload: false,
         }
     }
 }

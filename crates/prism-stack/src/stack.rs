@@ -17,10 +17,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use prism_device::{BATCH, Link, LinkClosed, Medium, PrismDevice};
+use prism_device::{BATCH, Link, LinkClosed, Medium, PrismDevice, vnet};
 use prism_trap::{
-    Decision, FourTuple, Handshake, Malformed, Packet, Segment, Table, Unreachable, classify,
-    unreachable,
+    Checksums, Decision, FourTuple, Handshake, Malformed, Packet, Segment, Table, Unreachable,
+    classify_with, unreachable,
 };
 use smoltcp::iface::{Config as IfaceConfig, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::phy::{Checksum, ChecksumCapabilities};
@@ -153,6 +153,9 @@ impl Stack {
         let mut checksum = ChecksumCapabilities::default();
         checksum.ipv4 = Checksum::Tx;
         checksum.tcp = Checksum::Tx;
+        if config.offload {
+            device.set_offload();
+        }
         device.set_checksum(checksum);
 
         let epoch = Instant::now();
@@ -249,8 +252,23 @@ impl Stack {
     /// Feeds a batch of packets to their connections.
     fn ingress(&mut self, batch: &mut Vec<Bytes>, now: smoltcp::time::Instant) {
         Counters::add(&self.counters.packets_in, batch.len() as u64);
-        for packet in batch.drain(..) {
-            let segment = match classify(&packet) {
+        for frame in batch.drain(..) {
+            let (packet, checksums) = if self.config.offload {
+                match vnet::unframe(&frame) {
+                    // A super-packet from the kernel is one TCP segment to smoltcp.
+                    Some((header, packet)) if header.checksum_trusted() => {
+                        (packet, Checksums::Trusted)
+                    }
+                    Some((_, packet)) => (packet, Checksums::Verify),
+                    None => {
+                        Counters::add(&self.counters.drop_truncated, 1);
+                        continue;
+                    }
+                }
+            } else {
+                (frame, Checksums::Verify)
+            };
+            let segment = match classify_with(&packet, checksums) {
                 Ok(Packet::Tcp(segment)) => segment,
                 Ok(Packet::Other { protocol }) => {
                     trace!(protocol, "non-TCP packet dropped");

@@ -24,5 +24,5 @@ mod table;
 pub use handshake::{Handshake, ParseHandshakeError};
 pub use icmp::{Unreachable, too_big, unreachable};
 pub use policy::{HandshakePolicy, PortPolicy};
-pub use segment::{FourTuple, Malformed, Packet, Segment, classify};
+pub use segment::{Checksums, FourTuple, Malformed, Packet, Segment, classify, classify_with};
 pub use table::{Decision, Table};

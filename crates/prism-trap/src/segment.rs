@@ -70,18 +70,34 @@ pub enum Malformed {
     Address,
 }
 
-/// Classifies one IP packet.
+/// Whether [`classify_with`] checks a packet's checksums.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checksums {
+    /// Verify them: the packet may come from anywhere.
+    Verify,
+    /// The kernel vouches for them (an offloading TUN's `NEEDS_CSUM` or `DATA_VALID`): a
+    /// local socket wrote the data, and its TCP checksum field holds only a partial sum.
+    Trusted,
+}
+
+/// Classifies one IP packet, verifying its checksums.
 pub fn classify(packet: &[u8]) -> Result<Packet, Malformed> {
+    classify_with(packet, Checksums::Verify)
+}
+
+/// Classifies one IP packet, verifying its checksums unless `checksums` says they are trusted.
+pub fn classify_with(packet: &[u8], checksums: Checksums) -> Result<Packet, Malformed> {
+    let verify = checksums == Checksums::Verify;
     match packet.first().map(|b| b >> 4) {
-        Some(4) => classify_v4(packet),
-        Some(6) => classify_v6(packet),
+        Some(4) => classify_v4(packet, verify),
+        Some(6) => classify_v6(packet, verify),
         _ => Err(Malformed::Version),
     }
 }
 
-fn classify_v4(bytes: &[u8]) -> Result<Packet, Malformed> {
+fn classify_v4(bytes: &[u8], verify: bool) -> Result<Packet, Malformed> {
     let ip = Ipv4Packet::new_checked(bytes).map_err(|_| Malformed::Truncated)?;
-    if !ip.verify_checksum() {
+    if verify && !ip.verify_checksum() {
         return Err(Malformed::Checksum);
     }
     let protocol = ip.next_header();
@@ -93,10 +109,15 @@ fn classify_v4(bytes: &[u8]) -> Result<Packet, Malformed> {
     if ip.more_frags() || ip.frag_offset() != 0 {
         return Err(Malformed::Fragment);
     }
-    tcp_segment(ip.payload(), ip.src_addr().into(), ip.dst_addr().into())
+    tcp_segment(
+        ip.payload(),
+        ip.src_addr().into(),
+        ip.dst_addr().into(),
+        verify,
+    )
 }
 
-fn classify_v6(bytes: &[u8]) -> Result<Packet, Malformed> {
+fn classify_v6(bytes: &[u8], verify: bool) -> Result<Packet, Malformed> {
     let ip = Ipv6Packet::new_checked(bytes).map_err(|_| Malformed::Truncated)?;
     let protocol = ip.next_header();
     if protocol != IpProtocol::Tcp {
@@ -104,15 +125,25 @@ fn classify_v6(bytes: &[u8]) -> Result<Packet, Malformed> {
             protocol: protocol.into(),
         });
     }
-    tcp_segment(ip.payload(), ip.src_addr().into(), ip.dst_addr().into())
+    tcp_segment(
+        ip.payload(),
+        ip.src_addr().into(),
+        ip.dst_addr().into(),
+        verify,
+    )
 }
 
-fn tcp_segment(payload: &[u8], src: IpAddress, dst: IpAddress) -> Result<Packet, Malformed> {
+fn tcp_segment(
+    payload: &[u8],
+    src: IpAddress,
+    dst: IpAddress,
+    verify: bool,
+) -> Result<Packet, Malformed> {
     if !src.is_unicast() || !dst.is_unicast() {
         return Err(Malformed::Address);
     }
     let tcp = TcpPacket::new_checked(payload).map_err(|_| Malformed::Truncated)?;
-    if !tcp.verify_checksum(&src, &dst) {
+    if verify && !tcp.verify_checksum(&src, &dst) {
         return Err(Malformed::Checksum);
     }
     Ok(Packet::Tcp(Segment {
@@ -181,6 +212,17 @@ mod tests {
             };
             assert!(!segment.is_initial_syn(), "flags {flags:#x}");
         }
+    }
+
+    #[test]
+    fn trusted_checksums_are_not_verified() {
+        let mut bytes = syn_v4();
+        bytes[36] ^= 0xff; // the partial sum an offloading TUN leaves in the TCP checksum
+        assert_eq!(classify(&bytes), Err(Malformed::Checksum));
+        assert!(matches!(
+            classify_with(&bytes, Checksums::Trusted),
+            Ok(Packet::Tcp(_))
+        ));
     }
 
     #[test]

@@ -1,0 +1,385 @@
+//! virtio-net frames: what an offloading TUN (`IFF_VNET_HDR`) reads and writes.
+//!
+//! Each frame is a 10-byte [`Header`] followed by an IP packet. The header lets a packet be up
+//! to 64 KB (a GSO super-packet, which the kernel segments at `gso_size`, or delivers whole to
+//! a local socket) and lets its TCP or UDP checksum be left partial (`NEEDS_CSUM`: the field
+//! holds the pseudo-header sum, and whoever needs the full checksum finishes it).
+//!
+//! A link whose device offloads carries frames end to end: the stack reads a frame's header to
+//! know whether the kernel vouches for its checksum, and writes one to hand the kernel
+//! super-packets with partial checksums. Consumers that need plain IP packets (the relay) turn
+//! a frame into packets with [`to_plain`], and frame theirs with [`frame`].
+
+use bytes::{Bytes, BytesMut};
+use smoltcp::wire::{IpProtocol, Ipv4Address, Ipv4Packet, Ipv6Address, Ipv6Packet, checksum};
+
+/// Bytes of the header before every packet.
+pub const HEADER_LEN: usize = 10;
+
+/// `flags`: the checksum is partial; finish it from `csum_start`, store it at `csum_offset`.
+pub const F_NEEDS_CSUM: u8 = 1;
+/// `flags`: the checksum was verified (or need not be).
+pub const F_DATA_VALID: u8 = 2;
+/// `gso_type`: one packet, not a super-packet.
+pub const GSO_NONE: u8 = 0;
+/// `gso_type`: an IPv4 TCP super-packet.
+pub const GSO_TCPV4: u8 = 1;
+/// `gso_type`: an IPv6 TCP super-packet.
+pub const GSO_TCPV6: u8 = 4;
+/// `gso_type`: a UDP super-packet (UDP_SEGMENT), either IP version.
+pub const GSO_UDP_L4: u8 = 5;
+/// `gso_type` bit: the TCP super-packet carries ECN CWR.
+pub const GSO_ECN: u8 = 0x80;
+
+/// Offset of the checksum field in a TCP header.
+const TCP_CHECKSUM_OFFSET: u16 = 16;
+
+/// A virtio-net header (the legacy layout Linux TUN uses, in the host's byte order).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Header {
+    /// `F_NEEDS_CSUM`, `F_DATA_VALID`.
+    pub flags: u8,
+    /// `GSO_*`.
+    pub gso_type: u8,
+    /// Length of the IP and transport headers of a super-packet.
+    pub hdr_len: u16,
+    /// Payload bytes per segment of a super-packet.
+    pub gso_size: u16,
+    /// Where the partial checksum's coverage starts (the transport header).
+    pub csum_start: u16,
+    /// Offset of the checksum field from `csum_start`.
+    pub csum_offset: u16,
+}
+
+impl Header {
+    /// A plain packet with complete checksums.
+    pub const PLAIN: Header = Header {
+        flags: 0,
+        gso_type: GSO_NONE,
+        hdr_len: 0,
+        gso_size: 0,
+        csum_start: 0,
+        csum_offset: 0,
+    };
+
+    /// Reads the header at the start of `frame`.
+    pub fn parse(frame: &[u8]) -> Option<Header> {
+        let b: [u8; HEADER_LEN] = frame.get(..HEADER_LEN)?.try_into().ok()?;
+        Some(Header {
+            flags: b[0],
+            gso_type: b[1],
+            hdr_len: u16::from_ne_bytes([b[2], b[3]]),
+            gso_size: u16::from_ne_bytes([b[4], b[5]]),
+            csum_start: u16::from_ne_bytes([b[6], b[7]]),
+            csum_offset: u16::from_ne_bytes([b[8], b[9]]),
+        })
+    }
+
+    /// The header's 10 bytes.
+    pub fn to_bytes(self) -> [u8; HEADER_LEN] {
+        let [h0, h1] = self.hdr_len.to_ne_bytes();
+        let [g0, g1] = self.gso_size.to_ne_bytes();
+        let [s0, s1] = self.csum_start.to_ne_bytes();
+        let [o0, o1] = self.csum_offset.to_ne_bytes();
+        [self.flags, self.gso_type, h0, h1, g0, g1, s0, s1, o0, o1]
+    }
+
+    /// The kernel vouches for the packet's checksums: it left them partial (a local socket
+    /// wrote the data) or checked them.
+    pub fn checksum_trusted(&self) -> bool {
+        self.flags & (F_NEEDS_CSUM | F_DATA_VALID) != 0
+    }
+
+    /// A super-packet the kernel expects to be segmented.
+    pub fn is_gso(&self) -> bool {
+        self.gso_type & !GSO_ECN != GSO_NONE
+    }
+}
+
+/// Splits a frame into its header and its packet, sharing the bytes. `None` when the frame is
+/// shorter than a header.
+pub fn unframe(frame: &Bytes) -> Option<(Header, Bytes)> {
+    let header = Header::parse(frame)?;
+    Some((header, frame.slice(HEADER_LEN..)))
+}
+
+/// Frames a plain IP packet (with complete checksums). Copies it once.
+pub fn frame(packet: &[u8]) -> Bytes {
+    let mut out = BytesMut::with_capacity(HEADER_LEN + packet.len());
+    out.extend_from_slice(&Header::PLAIN.to_bytes());
+    out.extend_from_slice(packet);
+    out.freeze()
+}
+
+/// Why a frame could not be made plain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// Shorter than a header, or the header does not fit the packet.
+    #[error("malformed virtio-net frame")]
+    Malformed,
+    /// A super-packet of a kind that cannot be segmented here.
+    #[error("virtio-net super-packet that cannot be segmented")]
+    Unsegmentable,
+}
+
+/// Turns a frame into plain IP packets with complete checksums, appended to `out`: a partial
+/// checksum is finished (one copy of the packet), a super-packet is segmented. A plain frame
+/// costs nothing.
+pub fn to_plain(frame: &Bytes, out: &mut Vec<Bytes>) -> Result<(), FrameError> {
+    let (header, packet) = unframe(frame).ok_or(FrameError::Malformed)?;
+    if header.is_gso() {
+        return segment(header, &packet, out);
+    }
+    if header.flags & F_NEEDS_CSUM == 0 {
+        out.push(packet);
+        return Ok(());
+    }
+    let mut packet = BytesMut::from(&packet[..]);
+    finish_checksum(&mut packet, header.csum_start, header.csum_offset)?;
+    out.push(packet.freeze());
+    Ok(())
+}
+
+/// Finishes a partial checksum: the field holds the pseudo-header sum; the sum of everything
+/// from `start` replaces it.
+fn finish_checksum(packet: &mut [u8], start: u16, offset: u16) -> Result<(), FrameError> {
+    let start = usize::from(start);
+    let at = start + usize::from(offset);
+    if at + 2 > packet.len() {
+        return Err(FrameError::Malformed);
+    }
+    let sum = checksum::data(packet.get(start..).unwrap_or_default());
+    if let Some(field) = packet.get_mut(at..at + 2) {
+        field.copy_from_slice(&(!sum).to_be_bytes());
+    }
+    Ok(())
+}
+
+#[cfg(target_os = "linux")]
+fn segment(header: Header, packet: &[u8], out: &mut Vec<Bytes>) -> Result<(), FrameError> {
+    let is_v6 = packet.first().map(|b| b >> 4) == Some(6);
+    let hdr = tun_rs::VirtioNetHdr {
+        flags: header.flags,
+        gso_type: header.gso_type,
+        hdr_len: header.hdr_len,
+        gso_size: header.gso_size,
+        csum_start: header.csum_start,
+        csum_offset: header.csum_offset,
+    };
+    let segment_len = usize::from(header.hdr_len) + usize::from(header.gso_size);
+    if header.gso_size == 0 {
+        return Err(FrameError::Malformed);
+    }
+    let count = packet.len().div_ceil(usize::from(header.gso_size)).max(1);
+    let mut bufs = vec![vec![0u8; segment_len]; count];
+    let mut sizes = vec![0usize; count];
+    let mut input = packet.to_vec();
+    let n = tun_rs::gso_split(&mut input, hdr, &mut bufs, &mut sizes, 0, is_v6)
+        .map_err(|_| FrameError::Unsegmentable)?;
+    for (buf, size) in bufs.into_iter().zip(sizes).take(n) {
+        let mut buf = buf;
+        buf.truncate(size);
+        out.push(Bytes::from(buf));
+    }
+    Ok(())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn segment(_header: Header, _packet: &[u8], _out: &mut Vec<Bytes>) -> Result<(), FrameError> {
+    Err(FrameError::Unsegmentable)
+}
+
+/// The header for a packet smoltcp just wrote with its TCP checksum left out: for TCP, the
+/// pseudo-header sum goes into the checksum field and the header says `NEEDS_CSUM`, and a
+/// payload larger than `segment_size` makes it a super-packet. Any other packet is plain (its
+/// checksums are complete).
+pub fn offload_tcp(packet: &mut [u8], segment_size: Option<u16>) -> Header {
+    let Some((ip_header_len, src_dst, tcp_len)) = tcp_in(packet) else {
+        return Header::PLAIN;
+    };
+    let Ok(tcp_len16) = u16::try_from(tcp_len) else {
+        return Header::PLAIN;
+    };
+    let pseudo = match src_dst {
+        Addresses::V4(src, dst) => {
+            checksum::pseudo_header_v4(&src, &dst, IpProtocol::Tcp, u32::from(tcp_len16))
+        }
+        Addresses::V6(src, dst) => {
+            checksum::pseudo_header_v6(&src, &dst, IpProtocol::Tcp, u32::from(tcp_len16))
+        }
+    };
+    let at = ip_header_len + usize::from(TCP_CHECKSUM_OFFSET);
+    let Some(field) = packet.get_mut(at..at + 2) else {
+        return Header::PLAIN;
+    };
+    field.copy_from_slice(&pseudo.to_be_bytes());
+    let tcp_header_len = packet
+        .get(ip_header_len + 12)
+        .map_or(20, |b| usize::from(b >> 4) * 4);
+    let headers = ip_header_len + tcp_header_len;
+    let csum_start = u16::try_from(ip_header_len).unwrap_or(u16::MAX);
+    let mut header = Header {
+        flags: F_NEEDS_CSUM,
+        gso_type: GSO_NONE,
+        hdr_len: 0,
+        gso_size: 0,
+        csum_start,
+        csum_offset: TCP_CHECKSUM_OFFSET,
+    };
+    if let Some(size) = segment_size {
+        if packet.len() > headers + usize::from(size) {
+            header.gso_type = match src_dst {
+                Addresses::V4(..) => GSO_TCPV4,
+                Addresses::V6(..) => GSO_TCPV6,
+            };
+            header.gso_size = size;
+            header.hdr_len = u16::try_from(headers).unwrap_or(u16::MAX);
+        }
+    }
+    header
+}
+
+enum Addresses {
+    V4(Ipv4Address, Ipv4Address),
+    V6(Ipv6Address, Ipv6Address),
+}
+
+/// For a TCP packet: the IP header's length, the addresses, and the TCP length.
+fn tcp_in(packet: &[u8]) -> Option<(usize, Addresses, usize)> {
+    match packet.first()? >> 4 {
+        4 => {
+            let ip = Ipv4Packet::new_checked(packet).ok()?;
+            (ip.next_header() == IpProtocol::Tcp).then(|| {
+                let header_len = usize::from(ip.header_len());
+                let tcp_len = usize::from(ip.total_len()).saturating_sub(header_len);
+                (
+                    header_len,
+                    Addresses::V4(ip.src_addr(), ip.dst_addr()),
+                    tcp_len,
+                )
+            })
+        }
+        6 => {
+            let ip = Ipv6Packet::new_checked(packet).ok()?;
+            (ip.next_header() == IpProtocol::Tcp).then(|| {
+                (
+                    40,
+                    Addresses::V6(ip.src_addr(), ip.dst_addr()),
+                    usize::from(ip.payload_len()),
+                )
+            })
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smoltcp::wire::TcpPacket;
+
+    /// An IPv4 TCP packet 10.0.0.1:80 -> 10.0.0.2:1234 with `payload` bytes and both checksums
+    /// complete.
+    fn tcp_v4(payload: usize) -> Vec<u8> {
+        let total = 20 + 20 + payload;
+        let mut p = vec![0u8; total];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        p[8] = 64;
+        p[9] = 6;
+        p[12..16].copy_from_slice(&[10, 0, 0, 1]);
+        p[16..20].copy_from_slice(&[10, 0, 0, 2]);
+        p[20..22].copy_from_slice(&80u16.to_be_bytes());
+        p[22..24].copy_from_slice(&1234u16.to_be_bytes());
+        p[32] = 5 << 4;
+        p[33] = 0x18; // PSH|ACK
+        for (i, b) in p[40..].iter_mut().enumerate() {
+            *b = (i * 7) as u8;
+        }
+        let mut ip = Ipv4Packet::new_unchecked(&mut p[..]);
+        ip.fill_checksum();
+        let (src, dst) = (ip.src_addr(), ip.dst_addr());
+        TcpPacket::new_unchecked(ip.payload_mut()).fill_checksum(&src.into(), &dst.into());
+        p
+    }
+
+    #[test]
+    fn headers_round_trip() {
+        let header = Header {
+            flags: F_NEEDS_CSUM,
+            gso_type: GSO_TCPV6,
+            hdr_len: 72,
+            gso_size: 1428,
+            csum_start: 40,
+            csum_offset: 16,
+        };
+        assert_eq!(Header::parse(&header.to_bytes()), Some(header));
+        assert_eq!(Header::parse(&[0; 9]), None);
+        assert!(header.checksum_trusted() && header.is_gso());
+        assert!(!Header::PLAIN.checksum_trusted() && !Header::PLAIN.is_gso());
+    }
+
+    #[test]
+    fn a_partial_checksum_finished_is_the_full_checksum() {
+        let complete = tcp_v4(3000);
+        let mut partial = complete.clone();
+        let header = offload_tcp(&mut partial, Some(1460));
+        assert_eq!(header.flags, F_NEEDS_CSUM);
+        assert_eq!((header.csum_start, header.csum_offset), (20, 16));
+        assert_eq!(header.gso_type, GSO_TCPV4);
+        assert_eq!((header.gso_size, header.hdr_len), (1460, 40));
+        assert_ne!(
+            partial, complete,
+            "the field must hold the pseudo-header sum"
+        );
+
+        let mut framed = header.to_bytes().to_vec();
+        framed.extend_from_slice(&partial);
+        let mut out = Vec::new();
+        // Segmented by the same rules the kernel applies.
+        to_plain(&Bytes::from(framed), &mut out).unwrap();
+        assert_eq!(out.len(), 3);
+        let payload: Vec<u8> = out
+            .iter()
+            .flat_map(|s| {
+                let ip = Ipv4Packet::new_checked(&s[..]).unwrap();
+                assert!(ip.verify_checksum());
+                let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+                assert!(tcp.verify_checksum(&ip.src_addr().into(), &ip.dst_addr().into()));
+                tcp.payload().to_vec()
+            })
+            .collect();
+        assert_eq!(payload, complete[40..]);
+    }
+
+    #[test]
+    fn small_tcp_packets_need_only_the_checksum_finished() {
+        let complete = tcp_v4(100);
+        let mut partial = complete.clone();
+        let header = offload_tcp(&mut partial, Some(1460));
+        assert_eq!(header.gso_type, GSO_NONE);
+        let mut framed = header.to_bytes().to_vec();
+        framed.extend_from_slice(&partial);
+        let mut out = Vec::new();
+        to_plain(&Bytes::from(framed), &mut out).unwrap();
+        assert_eq!(out, vec![Bytes::from(complete)]);
+    }
+
+    #[test]
+    fn other_packets_pass_plain() {
+        let mut udp = tcp_v4(10);
+        udp[9] = 17;
+        let before = udp.clone();
+        assert_eq!(offload_tcp(&mut udp, Some(1460)), Header::PLAIN);
+        assert_eq!(udp, before);
+        let framed = frame(&udp);
+        let mut out = Vec::new();
+        to_plain(&framed, &mut out).unwrap();
+        assert_eq!(out, vec![Bytes::from(before)]);
+        assert_eq!(
+            to_plain(&Bytes::from_static(&[0; 4]), &mut out),
+            Err(FrameError::Malformed)
+        );
+    }
+}
