@@ -18,7 +18,7 @@ use prism_tests::{Client, Reply, reply, start_stack, tcp_v4};
 use prism_tunnel::{ConnectError, Connector, Target, serve};
 use smoltcp::socket::tcp::State;
 use smoltcp::wire::TcpControl;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
@@ -81,7 +81,7 @@ fn data(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
-async fn echo(mut stream: TcpStream) -> Vec<u8> {
+async fn echo<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) -> Vec<u8> {
     let mut all = Vec::new();
     let mut buf = vec![0; 65536];
     loop {
@@ -96,9 +96,35 @@ async fn echo(mut stream: TcpStream) -> Vec<u8> {
     all
 }
 
+/// Every connection goes to an echo in this process over a tokio duplex pipe: an upstream
+/// without read readiness, which the relay serves with a buffer held while it waits.
+struct InMemoryEcho(mpsc::UnboundedSender<Vec<u8>>);
+
+impl Connector for InMemoryEcho {
+    type Upstream = DuplexStream;
+
+    async fn connect(&self, _target: &Target) -> Result<DuplexStream, ConnectError> {
+        let (ours, theirs) = tokio::io::duplex(64 * 1024);
+        let seen = self.0.clone();
+        tokio::spawn(async move {
+            let _ = seen.send(echo(theirs).await);
+        });
+        Ok(ours)
+    }
+}
+
 async fn bytes_both_ways(v6: bool) {
-    let (addr, mut seen) = upstream(echo).await;
-    let (mut client, counters) = prism_to(addr, Config::default());
+    let (addr, seen) = upstream(echo).await;
+    let (client, counters) = prism_to(addr, Config::default());
+    exchange_four_mib(client, counters, seen, v6).await;
+}
+
+async fn exchange_four_mib(
+    mut client: Client,
+    counters: Arc<prism_stack::Counters>,
+    mut seen: mpsc::UnboundedReceiver<Vec<u8>>,
+    v6: bool,
+) {
     let target = if v6 { TARGET_V6 } else { TARGET_V4 };
     let h = client.connect(local(40000, v6), target.parse().unwrap(), 256 * 1024);
     let message = data(4 * 1024 * 1024, 7);
@@ -141,6 +167,14 @@ async fn four_mib_cross_intact_both_ways_over_ipv4() {
 #[tokio::test]
 async fn four_mib_cross_intact_both_ways_over_ipv6() {
     bytes_both_ways(true).await;
+}
+
+#[tokio::test]
+async fn an_upstream_without_read_readiness_carries_the_same_bytes() {
+    let (tx, seen) = mpsc::unbounded_channel();
+    let (link, requests, counters) = start_stack(Config::default());
+    tokio::spawn(serve(requests, Arc::new(InMemoryEcho(tx))));
+    exchange_four_mib(Client::new(link), counters, seen, false).await;
 }
 
 #[tokio::test]

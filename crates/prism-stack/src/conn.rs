@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, Bytes};
 use prism_trap::Handshake;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::mpsc;
@@ -56,8 +56,9 @@ pub(crate) struct State {
     pub(crate) inbound_blocked: bool,
     /// The client's FIN arrived and everything before it is in `inbound`.
     pub(crate) inbound_fin: bool,
-    /// Application bytes waiting to enter the socket.
-    pub(crate) outbound: BytesMut,
+    /// Application bytes waiting to enter the socket, and their total length.
+    pub(crate) outbound: VecDeque<Bytes>,
+    pub(crate) outbound_len: usize,
     /// The application shut its write side: FIN once `outbound` is sent.
     pub(crate) outbound_shutdown: bool,
     pub(crate) answer: Answer,
@@ -78,7 +79,8 @@ impl State {
             inbound_len: 0,
             inbound_blocked: false,
             inbound_fin: false,
-            outbound: BytesMut::new(),
+            outbound: VecDeque::new(),
+            outbound_len: 0,
             outbound_shutdown: false,
             answer: Answer::Pending,
             app_gone: false,
@@ -278,6 +280,77 @@ fn reset_error() -> io::Error {
     )
 }
 
+impl Stream {
+    /// The next chunk of the client's bytes, whole and without a copy: `None` at the client's
+    /// FIN. The zero-copy counterpart of `AsyncRead`, for relays that hand `Bytes` on.
+    pub fn poll_read_bytes(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
+        let shared = &self.shared;
+        let mut state = shared.lock();
+        if state.reset {
+            return Poll::Ready(Err(reset_error()));
+        }
+        let Some(chunk) = state.inbound.pop_front() else {
+            if state.inbound_fin {
+                return Poll::Ready(Ok(None));
+            }
+            state.read_waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        };
+        state.inbound_len -= chunk.len();
+        let blocked = state.inbound_blocked;
+        drop(state);
+        if blocked {
+            shared.notify();
+        }
+        Poll::Ready(Ok(Some(chunk)))
+    }
+
+    /// Queues as much of `data` for the client as there is room for, without a copy: what is
+    /// taken is split off the front of `data`. Returns how many bytes were taken (at least
+    /// one, unless `data` is empty). The zero-copy counterpart of `AsyncWrite::poll_write`.
+    pub fn poll_write_bytes(
+        &mut self,
+        cx: &mut Context<'_>,
+        data: &mut Bytes,
+    ) -> Poll<io::Result<usize>> {
+        let shared = &self.shared;
+        let mut state = shared.lock();
+        let room = match writable(&mut state, shared.capacity, cx) {
+            Ok(Some(room)) => room,
+            Ok(None) => return Poll::Pending,
+            Err(error) => return Poll::Ready(Err(error)),
+        };
+        let n = room.min(data.len());
+        if n > 0 {
+            state.outbound_len += n;
+            state.outbound.push_back(data.split_to(n));
+        }
+        drop(state);
+        shared.notify();
+        Poll::Ready(Ok(n))
+    }
+}
+
+/// Room in the outbound queue: `None` (and the waker kept) when it is full, an error when the
+/// connection cannot take writes any more.
+fn writable(state: &mut State, capacity: usize, cx: &Context<'_>) -> io::Result<Option<usize>> {
+    if state.reset {
+        return Err(reset_error());
+    }
+    if state.outbound_shutdown {
+        return Err(io::Error::new(
+            io::ErrorKind::BrokenPipe,
+            "write after shutdown",
+        ));
+    }
+    let room = capacity.saturating_sub(state.outbound_len);
+    if room == 0 {
+        state.write_waker = Some(cx.waker().clone());
+        return Ok(None);
+    }
+    Ok(Some(room))
+}
+
 impl AsyncRead for Stream {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -327,24 +400,18 @@ impl AsyncWrite for Stream {
     ) -> Poll<io::Result<usize>> {
         let shared = &self.shared;
         let mut state = shared.lock();
-        if state.reset {
-            return Poll::Ready(Err(reset_error()));
-        }
-        if state.outbound_shutdown {
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "write after shutdown",
-            )));
-        }
-        let room = shared.capacity.saturating_sub(state.outbound.len());
-        if room == 0 {
-            state.write_waker = Some(cx.waker().clone());
-            return Poll::Pending;
-        }
+        let room = match writable(&mut state, shared.capacity, cx) {
+            Ok(Some(room)) => room,
+            Ok(None) => return Poll::Pending,
+            Err(error) => return Poll::Ready(Err(error)),
+        };
         let n = room.min(data.len());
-        state
-            .outbound
-            .extend_from_slice(data.get(..n).unwrap_or_default());
+        if n > 0 {
+            state.outbound_len += n;
+            state
+                .outbound
+                .push_back(Bytes::copy_from_slice(data.get(..n).unwrap_or_default()));
+        }
         drop(state);
         shared.notify();
         Poll::Ready(Ok(n))

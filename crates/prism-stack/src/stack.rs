@@ -602,10 +602,17 @@ impl Stack {
             Answer::Accepted if state.abort && socket.is_open() => socket.abort(),
             Answer::Accepted if !state.reset => {
                 // Application to client.
-                while !state.outbound.is_empty() && socket.can_send() {
-                    match socket.send_slice(&state.outbound) {
+                while socket.can_send() {
+                    let Some(chunk) = state.outbound.front_mut() else {
+                        break;
+                    };
+                    match socket.send_slice(chunk) {
                         Ok(n) if n > 0 => {
-                            state.outbound.advance(n);
+                            chunk.advance(n);
+                            if chunk.is_empty() {
+                                state.outbound.pop_front();
+                            }
+                            state.outbound_len -= n;
                             wakers.1 = true;
                         }
                         _ => break,

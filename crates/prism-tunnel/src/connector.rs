@@ -3,8 +3,10 @@
 
 use std::fmt;
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use prism_stack::{Request, Requests};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -40,6 +42,14 @@ pub trait Upstream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
         Self: Sized,
     {
     }
+
+    /// Ready when a read would not wait, so the relay can wait without holding a read buffer.
+    /// The default says "ready" at once; the relay then keeps a buffer while it waits in
+    /// `poll_read`, which costs memory per idle connection but is otherwise the same.
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let _ = cx;
+        Poll::Ready(Ok(()))
+    }
 }
 
 impl Upstream for TcpStream {
@@ -47,7 +57,15 @@ impl Upstream for TcpStream {
         // SO_LINGER 0: close() sends RST. If it cannot be set, a FIN is the best left to do.
         let _ = self.set_zero_linger();
     }
+
+    fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        TcpStream::poll_read_ready(self, cx)
+    }
 }
+
+/// An in-process upstream (an embedder's own transport, a test): no reset to send, and no read
+/// readiness, so the relay holds a read buffer while it waits.
+impl Upstream for tokio::io::DuplexStream {}
 
 /// Opens upstream connections.
 pub trait Connector: Send + Sync + 'static {
