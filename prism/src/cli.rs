@@ -148,7 +148,7 @@ pub(crate) struct RunArgs {
     #[arg(long, default_value_t = 4096, value_name = "N")]
     pub(crate) max_half_open: usize,
     /// Receive and send buffer of each TCP connection, in KiB.
-    #[arg(long, default_value_t = 2048, value_name = "KIB", value_parser = clap::value_parser!(u32).range(4..=65536))]
+    #[arg(long, default_value_t = 256, value_name = "KIB", value_parser = clap::value_parser!(u32).range(4..=65536))]
     pub(crate) tcp_buffer_kib: u32,
     /// Packets the kernel may queue on the TUN for Prism (Linux's default, 500, overflows when
     /// hundreds of connections open at once).
