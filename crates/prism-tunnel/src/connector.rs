@@ -90,7 +90,9 @@ pub async fn serve<C: Connector>(mut requests: Requests, connector: Arc<C>) {
 
 async fn handle<C: Connector>(request: Request, connector: &C) {
     let target = Target::Ip(request.destination());
-    match connector.connect(&target).await {
+    // Boxed: the connect future (1.3 KB for SOCKS5) is freed once connected instead of
+    // sizing the task that lives as long as the connection.
+    match Box::pin(connector.connect(&target)).await {
         Ok(upstream) => {
             let stream = request.accept();
             if let Err(error) = relay(stream, upstream).await {
