@@ -286,7 +286,17 @@ fn measure(topo: &Topology, name: &str, pid: Option<u32>, many: bool) -> Result<
     let (p50, p99) = request_response(topo)?;
     f.rr_p50_us = Some(p50);
     f.rr_p99_us = Some(p99);
+    let before = retransmissions(topo);
     f.conn_per_s = Some(connections_per_second(topo)?);
+    let after = retransmissions(topo);
+    println!(
+        "  retransmitted segments during it (client namespace, server namespace): {:?}",
+        after
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| a - b)
+            .collect::<Vec<_>>()
+    );
     println!("  {f:?}");
     Ok(f)
 }
@@ -468,6 +478,23 @@ async fn exchange_one(addr: SocketAddr) -> Result<TcpStream> {
     let mut byte = [0u8; 1];
     stream.read_exact(&mut byte).await?;
     Ok(stream)
+}
+
+/// TCP segments the kernel retransmitted so far, in the client and the server namespace.
+fn retransmissions(topo: &Topology) -> Vec<i64> {
+    [&topo.client, &topo.server]
+        .iter()
+        .map(|ns| {
+            ns.exec(&["nstat", "-asz", "TcpRetransSegs"])
+                .ok()
+                .and_then(|out| {
+                    out.lines()
+                        .find_map(|l| l.strip_prefix("TcpRetransSegs"))
+                        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                })
+                .unwrap_or(0)
+        })
+        .collect()
 }
 
 fn rss_mb(pid: u32) -> Result<f64> {
