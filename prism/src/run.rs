@@ -67,12 +67,14 @@ async fn serve_until_signal(
         .iter()
         .map(|n| (stack_address(n.addr()), n.prefix_len()))
         .collect();
-    let (stack_end, stack_far) = Link::pair(LINK_QUEUE);
-    let (stack, requests) = Stack::new(config, stack_end);
+    // The stack reads the device's link itself (the TUN, or the TAP's gateway); what is not TCP
+    // it diverts to the relay task, which sends to the device through the same link.
+    let (stack_end, device_end) = Link::pair(LINK_QUEUE);
+    let to_device = stack_end.sender();
+    let (mut stack, requests) = Stack::new(config, stack_end);
+    let others = stack.divert_other_protocols(LINK_QUEUE);
     let counters = stack.counters();
     let l2_counters = crate::tap::SharedCounters::default();
-    // The split sits between the device (the TUN, or the TAP's gateway) and the stack.
-    let (split_device, device_end) = Link::pair(LINK_QUEUE);
     let (pump, bridge) = if args.tap {
         // TAP: device frames <-> gateway <-> IP packets.
         let (tap_end, frames_end) = Link::pair(LINK_QUEUE);
@@ -108,9 +110,9 @@ async fn serve_until_signal(
     };
     let keepalive = relay.as_ref().map(|r| r.keep_alive());
     let relay_mtu = relay_mtu(args);
-    let split = tokio::spawn(prism_relay::run_split(
-        split_device,
-        stack_far,
+    let relay_task = tokio::spawn(prism_relay::run_relay(
+        others,
+        to_device,
         relay,
         relay_mtu,
         offload,
@@ -161,7 +163,7 @@ async fn serve_until_signal(
     if let Some(bridge) = bridge {
         bridge.abort();
     }
-    split.abort();
+    relay_task.abort();
     if let Some(keepalive) = keepalive {
         keepalive.abort();
     }

@@ -490,3 +490,44 @@ async fn junk_is_counted_and_changes_nothing_else() {
     assert_eq!(c.drop_not_tcp, 1, "{c}");
     assert_eq!(c.connections_opened, 1, "{c}");
 }
+
+/// 10.0.0.2 -> 192.0.2.1, UDP with `payload` bytes and a valid IPv4 header.
+fn udp_v4(payload: &[u8]) -> Bytes {
+    let total = 28 + payload.len();
+    let mut p = vec![0u8; total];
+    p[0] = 0x45;
+    p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&[10, 0, 0, 2]);
+    p[16..20].copy_from_slice(&[192, 0, 2, 1]);
+    p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    p[28..].copy_from_slice(payload);
+    smoltcp::wire::Ipv4Packet::new_unchecked(&mut p[..]).fill_checksum();
+    Bytes::from(p)
+}
+
+#[tokio::test]
+async fn other_protocols_are_diverted_whole_and_a_full_taker_is_counted() {
+    let (stack_end, client_end) = prism_device::Link::pair(64);
+    let (mut stack, _requests) = prism_stack::Stack::new(Config::default(), stack_end);
+    let mut others = stack.divert_other_protocols(1);
+    let counters = stack.counters();
+    tokio::spawn(stack.run());
+
+    let (first, second) = (udp_v4(b"first"), udp_v4(b"second"));
+    client_end.send(first.clone()).await.unwrap();
+    client_end.send(second).await.unwrap();
+    // Nothing is taken until both are in: the queue holds one, the other is dropped.
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while counters.snapshot().drop_divert_full == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the second packet is counted as dropped");
+    assert_eq!(others.recv().await, Some(first), "diverted as it came");
+    let snapshot = counters.snapshot();
+    assert_eq!((snapshot.diverted, snapshot.drop_divert_full), (1, 1));
+    assert_eq!(snapshot.drop_not_tcp, 0);
+}

@@ -53,6 +53,12 @@ impl Link {
         self.outbound.send(packet).await.map_err(|_| LinkClosed)
     }
 
+    /// Another sender into the other end, for a task that writes to it beside this end's owner
+    /// (the relay task beside the stack).
+    pub fn sender(&self) -> mpsc::Sender<Bytes> {
+        self.outbound.clone()
+    }
+
     /// Splits the end into its receiving and sending halves, for adapters that read and write
     /// from different tasks.
     pub fn split(self) -> (mpsc::Receiver<Bytes>, mpsc::Sender<Bytes>) {

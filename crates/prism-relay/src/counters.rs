@@ -24,13 +24,11 @@ counters! {
     sent,
     /// Packets received from the tunnel and delivered.
     received,
-    /// TCP packets handed to the stack by the split.
-    to_stack,
     /// Non-TCP packets answered with ICMP administratively prohibited (no relay).
     prohibited,
-    /// Non-IP packets the split dropped.
+    /// Packets the relay task dropped as not IP (or TCP, which the stack keeps).
     drop_malformed,
-    /// Multicast, broadcast and link-local packets the split kept off the relay.
+    /// Multicast, broadcast and link-local packets kept off the relay.
     drop_link_local,
     /// Packets too big for the relay, answered with ICMP fragmentation needed / packet too big.
     too_big,

@@ -1,33 +1,36 @@
-//! [`run_split`]: the task that applies [`route`](crate::route) to every packet from the
-//! device: TCP to the stack, the rest to the relay (or, without one, an ICMP "administratively
-//! prohibited" back), and merges what the stack and the relay send back to the device. Packets
-//! pass through as the same `Bytes`.
+//! [`run_relay`]: the task that takes the packets the stack diverts (everything that is not
+//! TCP, see `Stack::divert_other_protocols`) and applies [`route`](crate::route) to them: through
+//! the relay, or, without one, an ICMP "administratively prohibited" back; link business and
+//! junk are counted and dropped. What comes back through the relay goes to the device.
+//!
+//! TCP never passes here: the stack reads the device's link itself, so a TCP packet crosses one
+//! channel on its way in and one on its way out.
 
 use std::sync::Arc;
 
 use bytes::Bytes;
-use prism_device::{BATCH, Link, vnet};
+use prism_device::vnet;
+use tokio::sync::mpsc;
 use tracing::debug;
 
 use crate::split::too_big;
 use crate::{Counters, PacketTunnel, Route, prohibited, route};
 
-/// Runs until the device or the stack goes away. `device` is the far end of the device
-/// adapter's link, `stack` the far end of the stack's. `relay_mtu` is the largest packet the
-/// relay carries whole; larger ones that may not be fragmented are answered with ICMP.
-/// `offload`: the device reads and writes virtio-net frames ([`prism_device::vnet`]); the
-/// stack gets them as they are, the relay plain packets.
-pub async fn run_split<T: PacketTunnel>(
-    device: Link,
-    stack: Link,
+/// Runs until the stack stops diverting (it stopped) or the device is gone. `others` is the
+/// receiver from `Stack::divert_other_protocols`, `to_device` a sender into the device's link.
+/// `relay_mtu` is the largest packet the relay carries whole; larger ones that may not be
+/// fragmented are answered with ICMP. `offload`: the device reads and writes virtio-net
+/// frames ([`prism_device::vnet`]); the relay gets plain packets, and what goes to the device
+/// is framed.
+pub async fn run_relay<T: PacketTunnel>(
+    mut others: mpsc::Receiver<Bytes>,
+    to_device: mpsc::Sender<Bytes>,
     relay: Option<Arc<T>>,
     relay_mtu: usize,
     offload: bool,
     counters: Arc<Counters>,
 ) {
-    let (mut from_device, to_device) = device.split();
-    let (mut from_stack, to_stack) = stack.split();
-    // What the split itself sends to the device (ICMP errors, relayed packets) is plain.
+    // What this task sends to the device (ICMP errors, relayed packets) is plain.
     let framed = move |packet: Bytes| {
         if offload {
             vnet::frame(&packet)
@@ -35,75 +38,60 @@ pub async fn run_split<T: PacketTunnel>(
             packet
         }
     };
-    let inbound = {
+    let outbound = {
         let to_device = to_device.clone();
         let relay = relay.clone();
         let counters = Arc::clone(&counters);
         async move {
-            let mut batch = Vec::with_capacity(BATCH);
             let mut plain = Vec::new();
-            while from_device.recv_many(&mut batch, BATCH).await > 0 {
-                for frame in batch.drain(..) {
-                    let skip = if offload { vnet::HEADER_LEN } else { 0 };
-                    let Some(packet) = frame.get(skip..) else {
+            while let Some(frame) = others.recv().await {
+                let skip = if offload { vnet::HEADER_LEN } else { 0 };
+                let Some(packet) = frame.get(skip..) else {
+                    Counters::bump(&counters.drop_malformed);
+                    continue;
+                };
+                match route(packet) {
+                    Route::Relay => {}
+                    Route::Local => {
+                        Counters::bump(&counters.drop_link_local);
+                        continue;
+                    }
+                    // The stack keeps TCP; anything else here is junk.
+                    Route::Stack | Route::Malformed => {
                         Counters::bump(&counters.drop_malformed);
                         continue;
-                    };
-                    match route(packet) {
-                        Route::Stack => {
-                            Counters::bump(&counters.to_stack);
-                            if to_stack.send(frame).await.is_err() {
+                    }
+                }
+                let Some(relay) = &relay else {
+                    if let Some(error) = prohibited(packet) {
+                        Counters::bump(&counters.prohibited);
+                        if to_device.send(framed(Bytes::from(error))).await.is_err() {
+                            return;
+                        }
+                    }
+                    continue;
+                };
+                if offload {
+                    // Partial checksums finished, super-packets (UDP_SEGMENT) segmented: the
+                    // far end gets ordinary packets.
+                    if vnet::to_plain(&frame, &mut plain).is_err() {
+                        Counters::bump(&counters.drop_malformed);
+                        continue;
+                    }
+                } else {
+                    plain.push(frame);
+                }
+                for packet in plain.drain(..) {
+                    if let Some(mtu) = too_big(&packet, relay_mtu) {
+                        Counters::bump(&counters.too_big);
+                        if let Some(error) = prism_trap::too_big(&packet, mtu) {
+                            if to_device.send(framed(Bytes::from(error))).await.is_err() {
                                 return;
                             }
                         }
-                        Route::Relay => {
-                            let Some(relay) = &relay else {
-                                if let Some(error) = prohibited(packet) {
-                                    Counters::bump(&counters.prohibited);
-                                    if to_device.send(framed(Bytes::from(error))).await.is_err() {
-                                        return;
-                                    }
-                                }
-                                continue;
-                            };
-                            if offload {
-                                // Partial checksums finished, super-packets (UDP_SEGMENT)
-                                // segmented: the far end gets ordinary packets.
-                                if vnet::to_plain(&frame, &mut plain).is_err() {
-                                    Counters::bump(&counters.drop_malformed);
-                                    continue;
-                                }
-                            } else {
-                                plain.push(frame);
-                            }
-                            for packet in plain.drain(..) {
-                                if let Some(mtu) = too_big(&packet, relay_mtu) {
-                                    Counters::bump(&counters.too_big);
-                                    let error = prism_trap::too_big(&packet, mtu);
-                                    if let Some(error) = error {
-                                        if to_device.send(framed(Bytes::from(error))).await.is_err()
-                                        {
-                                            return;
-                                        }
-                                    }
-                                } else if let Err(error) = relay.send(packet).await {
-                                    debug!(%error, "relay send failed; packet dropped");
-                                }
-                            }
-                        }
-                        Route::Local => Counters::bump(&counters.drop_link_local),
-                        Route::Malformed => Counters::bump(&counters.drop_malformed),
+                    } else if let Err(error) = relay.send(packet).await {
+                        debug!(%error, "relay send failed; packet dropped");
                     }
-                }
-            }
-        }
-    };
-    let outbound = {
-        let to_device = to_device.clone();
-        async move {
-            while let Some(packet) = from_stack.recv().await {
-                if to_device.send(packet).await.is_err() {
-                    return;
                 }
             }
         }
@@ -124,7 +112,6 @@ pub async fn run_split<T: PacketTunnel>(
         }
     };
     tokio::select! {
-        () = inbound => {}
         () = outbound => {}
         () = returning => {}
     }

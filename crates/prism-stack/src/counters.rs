@@ -70,8 +70,15 @@ counters! {
     drop_fragment,
     /// TCP packets dropped for a non-unicast address.
     drop_address,
-    /// Non-TCP packets dropped (no relay configured).
+    /// Non-TCP packets dropped: nobody takes them ([`Stack::divert_other_protocols`] was not
+    /// called).
+    ///
+    /// [`Stack::divert_other_protocols`]: crate::Stack::divert_other_protocols
     drop_not_tcp,
+    /// Non-TCP packets handed to whoever takes them (the relay).
+    diverted,
+    /// Non-TCP packets dropped because their taker's queue was full.
+    drop_divert_full,
     /// SYNs refused because the half-open cap was reached.
     syn_refused,
     /// TCP segments for no connection, answered with RST.

@@ -134,6 +134,8 @@ pub struct Stack {
     dirty: Vec<ConnId>,
     /// Consistent handshakes waiting for the application.
     pending: usize,
+    /// Where packets of other protocols go, if anyone takes them.
+    others: Option<mpsc::Sender<Bytes>>,
 }
 
 impl std::fmt::Debug for Stack {
@@ -190,8 +192,19 @@ impl Stack {
             next_id: 0,
             dirty: Vec::new(),
             pending: 0,
+            others: None,
         };
         (stack, Requests(requests_rx))
+    }
+
+    /// From now on, every packet that is not TCP goes, whole and as the link carried it (a
+    /// virtio-net frame with offload), to the returned receiver instead of being dropped. This
+    /// is how the relay gets UDP, ICMP and the rest without a task between the device and the
+    /// stack. When `capacity` packets wait, more are dropped and counted.
+    pub fn divert_other_protocols(&mut self, capacity: usize) -> mpsc::Receiver<Bytes> {
+        let (tx, rx) = mpsc::channel(capacity.max(1));
+        self.others = Some(tx);
+        rx
     }
 
     /// The stack's counters, readable while it runs.
@@ -253,26 +266,26 @@ impl Stack {
     fn ingress(&mut self, batch: &mut Vec<Bytes>, now: smoltcp::time::Instant) {
         Counters::add(&self.counters.packets_in, batch.len() as u64);
         for frame in batch.drain(..) {
-            let (packet, checksums) = if self.config.offload {
+            // With offload the link carries frames; what is diverted goes on as a frame.
+            let (packet, checksums, frame) = if self.config.offload {
                 match vnet::unframe(&frame) {
                     // A super-packet from the kernel is one TCP segment to smoltcp.
                     Some((header, packet)) if header.checksum_trusted() => {
-                        (packet, Checksums::Trusted)
+                        (packet, Checksums::Trusted, Some(frame))
                     }
-                    Some((_, packet)) => (packet, Checksums::Verify),
+                    Some((_, packet)) => (packet, Checksums::Verify, Some(frame)),
                     None => {
                         Counters::add(&self.counters.drop_truncated, 1);
                         continue;
                     }
                 }
             } else {
-                (frame, Checksums::Verify)
+                (frame, Checksums::Verify, None)
             };
             let segment = match classify_with(&packet, checksums) {
                 Ok(Packet::Tcp(segment)) => segment,
                 Ok(Packet::Other { protocol }) => {
-                    trace!(protocol, "non-TCP packet dropped");
-                    Counters::add(&self.counters.drop_not_tcp, 1);
+                    self.divert(frame.unwrap_or(packet), protocol);
                     continue;
                 }
                 Err(malformed) => {
@@ -307,6 +320,24 @@ impl Stack {
             };
             self.iface
                 .poll_ingress_single(now, &mut self.device, sockets);
+        }
+    }
+
+    /// Hands a packet of another protocol to whoever takes them, or drops it.
+    fn divert(&self, frame: Bytes, protocol: u8) {
+        let Some(others) = &self.others else {
+            trace!(protocol, "non-TCP packet dropped");
+            Counters::add(&self.counters.drop_not_tcp, 1);
+            return;
+        };
+        match others.try_send(frame) {
+            Ok(()) => Counters::add(&self.counters.diverted, 1),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                Counters::add(&self.counters.drop_divert_full, 1);
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                Counters::add(&self.counters.drop_not_tcp, 1);
+            }
         }
     }
 
