@@ -313,42 +313,43 @@ impl Stream {
         cx: &mut Context<'_>,
         data: &mut Bytes,
     ) -> Poll<io::Result<usize>> {
+        let len = data.len();
+        self.queue_outbound(cx, len, |n| data.split_to(n))
+    }
+
+    /// Queues up to `len` bytes for the client, as much as there is room for: `take(n)` gives
+    /// the chunk of the first `n`. Returns `n`; `Pending` (waker kept) while the queue is full.
+    fn queue_outbound(
+        &self,
+        cx: &Context<'_>,
+        len: usize,
+        take: impl FnOnce(usize) -> Bytes,
+    ) -> Poll<io::Result<usize>> {
         let shared = &self.shared;
         let mut state = shared.lock();
-        let room = match writable(&mut state, shared.capacity, cx) {
-            Ok(Some(room)) => room,
-            Ok(None) => return Poll::Pending,
-            Err(error) => return Poll::Ready(Err(error)),
-        };
-        let n = room.min(data.len());
+        if state.reset {
+            return Poll::Ready(Err(reset_error()));
+        }
+        if state.outbound_shutdown {
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "write after shutdown",
+            )));
+        }
+        let room = shared.capacity.saturating_sub(state.outbound_len);
+        if room == 0 {
+            state.write_waker = Some(cx.waker().clone());
+            return Poll::Pending;
+        }
+        let n = room.min(len);
         if n > 0 {
             state.outbound_len += n;
-            state.outbound.push_back(data.split_to(n));
+            state.outbound.push_back(take(n));
         }
         drop(state);
         shared.notify();
         Poll::Ready(Ok(n))
     }
-}
-
-/// Room in the outbound queue: `None` (and the waker kept) when it is full, an error when the
-/// connection cannot take writes any more.
-fn writable(state: &mut State, capacity: usize, cx: &Context<'_>) -> io::Result<Option<usize>> {
-    if state.reset {
-        return Err(reset_error());
-    }
-    if state.outbound_shutdown {
-        return Err(io::Error::new(
-            io::ErrorKind::BrokenPipe,
-            "write after shutdown",
-        ));
-    }
-    let room = capacity.saturating_sub(state.outbound_len);
-    if room == 0 {
-        state.write_waker = Some(cx.waker().clone());
-        return Ok(None);
-    }
-    Ok(Some(room))
 }
 
 impl AsyncRead for Stream {
@@ -398,23 +399,9 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let shared = &self.shared;
-        let mut state = shared.lock();
-        let room = match writable(&mut state, shared.capacity, cx) {
-            Ok(Some(room)) => room,
-            Ok(None) => return Poll::Pending,
-            Err(error) => return Poll::Ready(Err(error)),
-        };
-        let n = room.min(data.len());
-        if n > 0 {
-            state.outbound_len += n;
-            state
-                .outbound
-                .push_back(Bytes::copy_from_slice(data.get(..n).unwrap_or_default()));
-        }
-        drop(state);
-        shared.notify();
-        Poll::Ready(Ok(n))
+        self.queue_outbound(cx, data.len(), |n| {
+            Bytes::copy_from_slice(data.get(..n).unwrap_or_default())
+        })
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
