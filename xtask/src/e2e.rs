@@ -141,6 +141,11 @@ impl Upstream {
         args
     }
 
+    /// Whether Prism runs on a TUN with offload (the default) in this pass.
+    fn offloads(self) -> bool {
+        !self.is_tap() && self != Upstream::DirectBind
+    }
+
     fn is_tap(self) -> bool {
         matches!(
             self,
@@ -468,6 +473,9 @@ fn suite(
     if cases.is_empty() {
         return;
     }
+    // Which bulk transfers run over IPv4, where offload moves super-packets both ways.
+    let bulk = |wanted: Case| cases.iter().any(|&(t, c)| t.is_ipv4() && c == wanted);
+    let (upload, download) = (bulk(Case::Upload), bulk(Case::Download));
     println!("e2e: upstream {}", upstream.name());
     let stats = logs.join(format!("stats-{}.json", upstream.name()));
     let mut args = upstream.args(topo);
@@ -521,6 +529,13 @@ fn suite(
         "SIGINT: exit 0, TUN and routes removed, no malformed drops",
         stop_cleanly(topo, &mut process, Signal::SIGINT, &stats),
     );
+    if !upstream.offloads() || upload || download {
+        report.record(
+            upstream.name(),
+            "offload: super-packets cross exactly when the TUN offloads",
+            offload_at_work(&stats, upstream.offloads(), upload, download),
+        );
+    }
     let garbage = format!("{} v4 {:?}", upstream.name(), Case::GarbageFrames);
     if upstream.cases().contains(&Case::GarbageFrames) && selected(filter, &garbage) {
         report.record(
@@ -572,6 +587,32 @@ fn stop_cleanly(
         );
     }
     Ok(drops)
+}
+
+/// With offload, a bulk upload reaches the stack as kernel super-packets and a bulk download
+/// leaves it as super-packets for the kernel to segment; without offload there are none.
+fn offload_at_work(stats: &Path, offloads: bool, upload: bool, download: bool) -> Result<String> {
+    let counters = std::fs::read_to_string(stats).context("prism wrote no stats file")?;
+    let (inbound, outbound) = (
+        stat(&counters, "super_packets_in"),
+        stat(&counters, "super_packets_out"),
+    );
+    if offloads {
+        ensure!(
+            !upload || inbound > 0,
+            "an upload with offload brought no super-packets in"
+        );
+        ensure!(
+            !download || outbound > 0,
+            "a download with offload sent no super-packets out"
+        );
+    } else {
+        ensure!(
+            inbound == 0 && outbound == 0,
+            "super-packets without offload: {inbound} in, {outbound} out"
+        );
+    }
+    Ok(format!(" ({inbound} in, {outbound} out)"))
 }
 
 /// Packets the kernel dropped at the TUN (its queue towards Prism full), for the report.

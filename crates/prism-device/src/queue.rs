@@ -80,12 +80,7 @@ impl PrismDevice {
     /// Queues a packet built outside smoltcp (an ICMP error, say, with complete checksums) for
     /// transmission, after what smoltcp has queued so far.
     pub fn push_tx(&mut self, packet: Bytes) {
-        let packet = if self.offload {
-            vnet::frame(&packet)
-        } else {
-            packet
-        };
-        self.tx.push_back(packet);
+        self.tx.push_back(vnet::frame_if(self.offload, packet));
     }
 
     /// Takes the next packet smoltcp transmitted.
@@ -204,6 +199,55 @@ mod tests {
         assert_eq!(device.tx_len(), 1);
         assert_eq!(device.pop_tx().unwrap(), Bytes::from_static(b"abc"));
         assert_eq!(device.pop_tx(), None);
+    }
+
+    #[test]
+    fn an_offloading_device_frames_what_smoltcp_writes_for_the_kernel() {
+        let mut device = PrismDevice::new(Medium::Ip, 1500);
+        device.set_offload();
+        let caps = device.capabilities();
+        assert!(
+            !caps.checksum.tcp.tx(),
+            "smoltcp leaves TCP checksums to the device"
+        );
+        assert!(caps.segmentation.tcpv4.is_some());
+
+        // A 4000-byte segment as smoltcp writes it with offload: TCP checksum left at zero,
+        // and the segment size in the packet's metadata.
+        let complete = crate::vnet::tests::tcp_v4(4000);
+        let mut unchecked = complete.clone();
+        unchecked[36..38].fill(0);
+        let mut token = device.transmit(Instant::from_millis(0)).unwrap();
+        let mut meta = PacketMeta::default();
+        meta.segmentation_offload_size = std::num::NonZeroU16::new(1460);
+        token.set_meta(meta);
+        token.consume(unchecked.len(), |buf| buf.copy_from_slice(&unchecked));
+
+        let frame = device.pop_tx().unwrap();
+        let header = vnet::Header::parse(&frame).unwrap();
+        assert_eq!(header.gso_type, vnet::GSO_TCPV4);
+        assert_eq!((header.gso_size, header.hdr_len), (1460, 40));
+        assert_eq!(header.flags, vnet::F_NEEDS_CSUM);
+        // Segmented the way the kernel will, the bytes and checksums are the original's.
+        let mut segments = Vec::new();
+        vnet::to_plain(&frame, &mut segments).unwrap();
+        assert_eq!(segments.len(), 3);
+        let payload: Vec<u8> = segments.iter().flat_map(|s| s[40..].to_vec()).collect();
+        assert_eq!(payload, complete[40..]);
+        for segment in &segments {
+            let ip = smoltcp::wire::Ipv4Packet::new_checked(&segment[..]).unwrap();
+            let tcp = smoltcp::wire::TcpPacket::new_checked(ip.payload()).unwrap();
+            assert!(
+                tcp.verify_checksum(&ip.src_addr().into(), &ip.dst_addr().into()),
+                "the partial checksum finishes into a valid one"
+            );
+        }
+
+        // Packets built outside smoltcp get a plain header.
+        device.push_tx(Bytes::from_static(b"icmp"));
+        let framed = device.pop_tx().unwrap();
+        assert_eq!(vnet::Header::parse(&framed), Some(vnet::Header::PLAIN));
+        assert_eq!(&framed[vnet::HEADER_LEN..], b"icmp");
     }
 
     #[test]

@@ -111,6 +111,12 @@ pub fn frame(packet: &[u8]) -> Bytes {
     out.freeze()
 }
 
+/// A plain packet as a link carries it: framed (one copy) when the link's device offloads,
+/// unchanged otherwise. For packets built outside smoltcp (ICMP errors, relayed packets).
+pub fn frame_if(offload: bool, packet: Bytes) -> Bytes {
+    if offload { frame(&packet) } else { packet }
+}
+
 /// Why a frame could not be made plain.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -275,13 +281,13 @@ fn tcp_in(packet: &[u8]) -> Option<(usize, Addresses, usize)> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use smoltcp::wire::TcpPacket;
 
     /// An IPv4 TCP packet 10.0.0.1:80 -> 10.0.0.2:1234 with `payload` bytes and both checksums
     /// complete.
-    fn tcp_v4(payload: usize) -> Vec<u8> {
+    pub(crate) fn tcp_v4(payload: usize) -> Vec<u8> {
         let total = 20 + 20 + payload;
         let mut p = vec![0u8; total];
         p[0] = 0x45;

@@ -31,13 +31,7 @@ pub async fn run_relay<T: PacketTunnel>(
     counters: Arc<Counters>,
 ) {
     // What this task sends to the device (ICMP errors, relayed packets) is plain.
-    let framed = move |packet: Bytes| {
-        if offload {
-            vnet::frame(&packet)
-        } else {
-            packet
-        }
-    };
+    let framed = move |packet: Bytes| vnet::frame_if(offload, packet);
     let outbound = {
         let to_device = to_device.clone();
         let relay = relay.clone();

@@ -60,6 +60,10 @@ counters! {
     packets_in,
     /// Packets written to the link.
     packets_out,
+    /// TCP super-packets (up to 64 KB) the kernel handed over whole: offload at work.
+    super_packets_in,
+    /// TCP super-packets sent for the kernel to segment: offload at work.
+    super_packets_out,
     /// Packets dropped as not IPv4/IPv6.
     drop_version,
     /// Packets dropped as truncated or with inconsistent lengths.

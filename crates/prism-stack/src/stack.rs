@@ -271,6 +271,9 @@ impl Stack {
                 match vnet::unframe(&frame) {
                     // A super-packet from the kernel is one TCP segment to smoltcp.
                     Some((header, packet)) if header.checksum_trusted() => {
+                        if header.is_gso() {
+                            Counters::add(&self.counters.super_packets_in, 1);
+                        }
                         (packet, Checksums::Trusted, Some(frame))
                     }
                     Some((_, packet)) => (packet, Checksums::Verify, Some(frame)),
@@ -736,12 +739,16 @@ impl Stack {
 
     /// Writes what smoltcp transmitted to the link.
     async fn flush(&mut self) -> Result<(), LinkClosed> {
-        let mut sent = 0;
+        let (mut sent, mut supers) = (0, 0);
         while let Some(packet) = self.device.pop_tx() {
+            if self.config.offload && vnet::Header::parse(&packet).is_some_and(|h| h.is_gso()) {
+                supers += 1;
+            }
             self.link.send(packet).await?;
             sent += 1;
         }
         Counters::add(&self.counters.packets_out, sent);
+        Counters::add(&self.counters.super_packets_out, supers);
         Ok(())
     }
 }
