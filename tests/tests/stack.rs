@@ -531,3 +531,52 @@ async fn other_protocols_are_diverted_whole_and_a_full_taker_is_counted() {
     assert_eq!((snapshot.diverted, snapshot.drop_divert_full), (1, 1));
     assert_eq!(snapshot.drop_not_tcp, 0);
 }
+
+#[tokio::test]
+async fn a_syn_on_the_tuple_of_a_closing_connection_opens_a_new_one() {
+    // The client closes first and leaves without acknowledging Prism's FIN (as when that ACK
+    // is lost, or still in the same batch as the new SYN), then reuses its port at once, as
+    // Linux does from TIME-WAIT when the peer sent timestamps.
+    let (addr, _seen) = upstream(echo).await;
+    let (mut client, counters) = prism_to(addr, Config::default());
+    let (from, to) = (local(40100, false), TARGET_V4.parse().unwrap());
+    let h = client.connect(from, to, 65536);
+    client
+        .until("established", |c| c.socket(h).may_send().then_some(()))
+        .await;
+    client.send_all(h, b"first").await;
+    client.socket(h).close();
+    client
+        .until("our FIN acknowledged", |c| {
+            (c.socket(h).state() == State::FinWait2).then_some(())
+        })
+        .await;
+    // Prism's FIN (after the echo) is taken off the link unseen: Prism waits in LAST-ACK.
+    let withheld = client.capture(Duration::from_millis(200)).await;
+    assert!(
+        withheld
+            .iter()
+            .any(|p| matches!(reply(p), Reply::Tcp { fin: true, .. })),
+        "Prism sent no FIN: {withheld:?}"
+    );
+    client.remove(h);
+
+    let again = client.connect(from, to, 65536);
+    client
+        .until("established again", |c| {
+            let socket = c.socket(again);
+            assert!(
+                matches!(socket.state(), State::SynSent | State::Established),
+                "the new connection went {} instead",
+                socket.state()
+            );
+            socket.may_send().then_some(())
+        })
+        .await;
+    client.send_all(again, b"second").await;
+    client.socket(again).close();
+    assert_eq!(client.recv_to_end(again).await, b"second");
+    let counters = counters.snapshot();
+    assert_eq!(counters.connections_opened, 2, "{counters}");
+    assert_eq!(counters.connections_reset, 0, "{counters}");
+}

@@ -129,9 +129,10 @@ pub(crate) fn run(peers: bool) -> Result<()> {
     topology::wait_listening(&topo.server, IPERF_PORT, 1, "iperf3")?;
 
     let mut results = Vec::new();
-    // PRISM_BENCH_ONLY=kernel|forward|prism|peers measures one kind of system (for experiments).
+    // PRISM_BENCH_ONLY=kernel|forward|prism[-socks|-direct]|peers measures one kind of system (for experiments).
     let only = std::env::var("PRISM_BENCH_ONLY").unwrap_or_default();
-    let wanted = |kind: &str| only.is_empty() || only == kind;
+    // A kind names its variants by prefix: "prism" measures both Prism passes, "prism-direct" one.
+    let wanted = |kind: &str| only.is_empty() || kind.starts_with(&only);
 
     if wanted("kernel") {
         println!("bench: kernel routing (no TUN)");
@@ -179,7 +180,7 @@ pub(crate) fn run(peers: bool) -> Result<()> {
         })?;
     }
 
-    if wanted("prism") {
+    if wanted("prism-socks") {
         let socks = format!("socks5://{}:{}", topology::SERVER_V4, topology::DANTE_PORT);
         println!("bench: prism, SOCKS5 upstream (dante)");
         let mut args = topo.prism_args(&socks);
@@ -187,7 +188,9 @@ pub(crate) fn run(peers: bool) -> Result<()> {
         let mut p = topo.start_prism(&prism, &args, &logs.join("prism-socks.log"))?;
         results.push(measure_stack(&topo, "prism, SOCKS5 (dante)", p.pid())?);
         stop(&mut p)?;
+    }
 
+    if wanted("prism-direct") {
         println!("bench: prism, direct upstream");
         let mut args = topo.prism_args("direct");
         args.extend(["--fwmark".to_owned(), topology::FWMARK.to_owned()]);
@@ -354,40 +357,59 @@ fn request_response(topo: &Topology) -> Result<(f64, f64)> {
 }
 
 /// Connect, one exchange, close, for 5 s, 16 at a time; connections per second. Failed
-/// attempts are not counted (and are printed).
+/// attempts are not counted (and are printed), and so is how long the connects and the
+/// exchanges took: a slow connection shows which of the two stalled.
 fn connections_per_second(topo: &Topology) -> Result<f64> {
     in_netns(topo.client.name(), async || {
         let addr = SocketAddr::new(topology::TARGET_V4, servers::ECHO);
         let deadline = Instant::now() + Duration::from_secs(5);
         let started = Instant::now();
         let workers = (0..16).map(|_| async move {
-            let (mut times, mut failed) = (Vec::new(), 0u64);
+            let (mut connects, mut exchanges, mut failed) = (Vec::new(), Vec::new(), 0u64);
             while Instant::now() < deadline {
                 let began = Instant::now();
-                match exchange_one(addr).await {
-                    Ok(stream) => {
-                        drop(stream);
-                        times.push(began.elapsed().as_secs_f64() * 1e3);
-                    }
-                    Err(_) => failed += 1,
+                let Ok(mut stream) = TcpStream::connect(addr).await else {
+                    failed += 1;
+                    continue;
+                };
+                let connected = Instant::now();
+                if exchange(&mut stream).await.is_err() {
+                    failed += 1;
+                    continue;
                 }
+                drop(stream);
+                connects.push((connected - began).as_secs_f64() * 1e3);
+                exchanges.push(connected.elapsed().as_secs_f64() * 1e3);
             }
-            (times, failed)
+            (connects, exchanges, failed)
         });
         let results = futures_util::future::join_all(workers).await;
-        let failed: u64 = results.iter().map(|r| r.1).sum();
-        let mut times: Vec<f64> = results.into_iter().flat_map(|r| r.0).collect();
-        times.sort_by(f64::total_cmp);
-        let at = |q: usize| times.get(times.len() * q / 100).copied().unwrap_or(0.0);
+        let failed: u64 = results.iter().map(|r| r.2).sum();
+        let (mut connects, mut exchanges) = (Vec::new(), Vec::new());
+        for (c, e, _) in results {
+            connects.extend(c);
+            exchanges.extend(e);
+        }
+        let done = connects.len();
         println!(
-            "  connections per second: {} done, {failed} failed; each took p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms",
-            times.len(),
-            at(50),
-            at(99),
-            times.last().copied().unwrap_or(0.0)
+            "  connections per second: {done} done, {failed} failed; connect {}, exchange {}",
+            spread(&mut connects),
+            spread(&mut exchanges)
         );
-        Ok(times.len() as f64 / started.elapsed().as_secs_f64())
+        Ok(done as f64 / started.elapsed().as_secs_f64())
     })
+}
+
+/// "p50 …, p99 …, max … ms" of durations in milliseconds.
+fn spread(times: &mut [f64]) -> String {
+    times.sort_by(f64::total_cmp);
+    let at = |q: usize| times.get(times.len() * q / 100).copied().unwrap_or(0.0);
+    format!(
+        "p50 {:.2}, p99 {:.2}, max {:.1} ms",
+        at(50),
+        at(99),
+        times.last().copied().unwrap_or(0.0)
+    )
 }
 
 /// Opens `n` connections (each exchanges a byte) and holds them while it reads the RSS of `pid`
@@ -474,10 +496,16 @@ async fn open_many(n: usize) -> Result<Vec<TcpStream>> {
 /// Connects and exchanges one byte with the echo server.
 async fn exchange_one(addr: SocketAddr) -> Result<TcpStream> {
     let mut stream = TcpStream::connect(addr).await?;
+    exchange(&mut stream).await?;
+    Ok(stream)
+}
+
+/// Sends a byte to the echo server and reads it back.
+async fn exchange(stream: &mut TcpStream) -> Result<()> {
     stream.write_all(b"x").await?;
     let mut byte = [0u8; 1];
     stream.read_exact(&mut byte).await?;
-    Ok(stream)
+    Ok(())
 }
 
 /// TCP segments the kernel retransmitted so far, in the client and the server namespace.

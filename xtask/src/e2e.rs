@@ -187,6 +187,7 @@ impl Upstream {
                 Case::ResetByServer,
                 Case::ResetByClient,
                 Case::ClosedPort,
+                Case::PortReuse,
                 Case::GatewayResolved,
                 Case::Arping,
                 Case::GarbageFrames,
@@ -201,6 +202,7 @@ impl Upstream {
                 Case::ResetByServer,
                 Case::ResetByClient,
                 Case::ClosedPort,
+                Case::PortReuse,
                 Case::PingProhibited,
             ],
             _ => &Case::ALL,
@@ -232,6 +234,7 @@ enum Case {
     ResetByServer,
     ResetByClient,
     ClosedPort,
+    PortReuse,
     FastConnectIsImmediate,
     ConsistentConnectWaits,
     ConsistentClosedPort,
@@ -243,7 +246,7 @@ enum Case {
 }
 
 impl Case {
-    const ALL: [Case; 8] = [
+    const ALL: [Case; 9] = [
         Case::Upload,
         Case::Download,
         Case::Concurrent,
@@ -252,6 +255,7 @@ impl Case {
         Case::ResetByServer,
         Case::ResetByClient,
         Case::ClosedPort,
+        Case::PortReuse,
     ];
 
     fn name(self) -> &'static str {
@@ -264,6 +268,7 @@ impl Case {
             Case::ResetByServer => "reset by the server reaches the client",
             Case::ResetByClient => "reset by the client reaches the server",
             Case::ClosedPort => "closed port resets the client",
+            Case::PortReuse => "a port in TIME-WAIT is reused at once (TCP timestamps)",
             Case::FastConnectIsImmediate => "fast: connect() returns at once",
             Case::ConsistentConnectWaits => "consistent: connect() waits for the upstream",
             Case::ConsistentClosedPort => "consistent: closed port is ECONNREFUSED",
@@ -641,6 +646,7 @@ async fn run_case(case: Case, ctx: &Ctx) -> Result<String> {
         Case::ResetByServer => reset_by_server(ctx).await,
         Case::ResetByClient => reset_by_client(ctx).await,
         Case::ClosedPort => closed_port(ctx).await,
+        Case::PortReuse => port_reuse(ctx).await,
         Case::FastConnectIsImmediate => connect_times(ctx, false).await,
         Case::ConsistentConnectWaits => connect_times(ctx, true).await,
         Case::ConsistentClosedPort => consistent_closed_port(ctx).await,
@@ -801,6 +807,55 @@ async fn reset_by_client(ctx: &Ctx) -> Result<String> {
         }
         other => bail!("expected the server to see 1000 bytes then a reset, saw {other:?}"),
     }
+}
+
+/// The client closes first, so its side waits in TIME-WAIT, then connects again from the same
+/// port at once. Linux allows that only when the peer sent TCP timestamps (PAWS keeps the old
+/// connection's segments out); without them the second connect fails with EADDRNOTAVAIL, and
+/// a client making many short connections runs out of ports.
+async fn port_reuse(ctx: &Ctx) -> Result<String> {
+    let addr = ctx.addr(servers::ECHO);
+    let any = SocketAddr::new(
+        if addr.is_ipv4() {
+            IpAddr::from([0u8; 4])
+        } else {
+            IpAddr::from([0u16; 8])
+        },
+        0,
+    );
+    let socket = |reuse: bool, port: u16| -> std::io::Result<tokio::net::TcpSocket> {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(reuse)?;
+        socket.bind(SocketAddr::new(any.ip(), port))?;
+        Ok(socket)
+    };
+    let first = socket(true, 0)?;
+    let port = first.local_addr()?.port();
+    echo_then_close(first.connect(addr).await?, b"first").await?;
+    match socket(false, port) {
+        Err(error) if error.kind() == std::io::ErrorKind::AddrInUse => {}
+        other => bail!("port {port} is not in TIME-WAIT after the client closed first: {other:?}"),
+    }
+    let again = socket(true, port)?
+        .connect(addr)
+        .await
+        .with_context(|| format!("connecting again from port {port} in TIME-WAIT"))?;
+    echo_then_close(again, b"second").await?;
+    Ok(format!(" (port {port})"))
+}
+
+/// Sends `message`, then FIN, and expects it echoed before the server's FIN.
+async fn echo_then_close(mut stream: TcpStream, message: &[u8]) -> Result<()> {
+    stream.write_all(message).await?;
+    stream.shutdown().await?;
+    let mut echoed = Vec::new();
+    stream.read_to_end(&mut echoed).await?;
+    ensure!(echoed == message, "the echo differs");
+    Ok(())
 }
 
 async fn closed_port(ctx: &Ctx) -> Result<String> {

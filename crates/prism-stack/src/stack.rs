@@ -13,7 +13,7 @@
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
@@ -37,6 +37,18 @@ use crate::timers::Timers;
 
 /// A half-open connection that has not completed its handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A TCP timestamp value (RFC 7323): milliseconds since the stack first asked, from 1, wrapping
+/// as the RFC allows.
+fn tcp_timestamp() -> u32 {
+    static EPOCH: OnceLock<std::time::Instant> = OnceLock::new();
+    let millis = EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis();
+    // Truncation is the wrap.
+    (millis as u32).wrapping_add(1)
+}
 
 /// The connections offered to the application, in the order their handshakes completed.
 #[derive(Debug)]
@@ -297,7 +309,7 @@ impl Stack {
                     continue;
                 }
             };
-            let target = self.target(&segment, &packet);
+            let target = self.target(&segment, &packet, now);
             let conn = target.and_then(|id| self.conns.get_mut(&id));
             if let Some(conn) = &conn {
                 if conn.awaits_answer()
@@ -356,8 +368,21 @@ impl Stack {
     }
 
     /// The connection a segment goes to, opening one for a new SYN.
-    fn target(&mut self, segment: &Segment, packet: &Bytes) -> Option<ConnId> {
+    fn target(
+        &mut self,
+        segment: &Segment,
+        packet: &Bytes,
+        now: smoltcp::time::Instant,
+    ) -> Option<ConnId> {
         match self.table.decide(segment) {
+            Decision::Existing(id) if segment.is_initial_syn() && self.has_closed(id) => {
+                // The client reuses the tuple of a connection that has closed, from its side
+                // at least: a close not yet serviced (its last ACK came in this very batch)
+                // or one whose last ACK was lost. That connection is over; a new one starts.
+                self.service(id, now);
+                self.retire(id);
+                self.open(segment.tuple, packet)
+            }
             Decision::Existing(id) => Some(id),
             Decision::Open => self.open(segment.tuple, packet),
             Decision::Reopen(old) => {
@@ -394,6 +419,10 @@ impl Stack {
         );
         // Prism relays what the application already batched; Nagle would only add delay.
         socket.set_nagle_enabled(false);
+        // Timestamps when the client offers them, as the kernel's own TCP does: a client that
+        // closed first can then reuse its port while the old connection sits in TIME-WAIT
+        // (Linux reuses a TIME-WAIT port only when the peer sent timestamps).
+        socket.set_tsval_generator(Some(tcp_timestamp));
         socket.pause_synack(handshake == Handshake::Consistent);
         if socket.listen(endpoint).is_err() {
             // Port 0: not a connectable endpoint. smoltcp answers it as a closed port.
@@ -436,11 +465,25 @@ impl Stack {
         Some(id)
     }
 
-    /// Forgets a connection whose tuple a new SYN reuses (it was closing gracefully).
+    /// Whether `id`'s socket has seen both FINs (only a final ACK or TIME-WAIT is left) or has
+    /// closed without being serviced yet.
+    fn has_closed(&self, id: ConnId) -> bool {
+        self.conns.get(&id).is_some_and(|conn| {
+            matches!(
+                conn.sockets.get::<tcp::Socket>(conn.handle).state(),
+                TcpState::Closed | TcpState::LastAck | TcpState::Closing | TcpState::TimeWait
+            )
+        })
+    }
+
+    /// Forgets a connection whose tuple a new SYN reuses (it was closing gracefully), and
+    /// wakes whoever still waits on it.
     fn retire(&mut self, id: ConnId) {
         if let Some(conn) = self.conns.remove(&id) {
             self.forget(id, &conn);
             Counters::add(&self.counters.connections_closed, 1);
+            let wakers = conn.shared.lock().take_wakers(true, true);
+            wakers.wake();
         }
     }
 
