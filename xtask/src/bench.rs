@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, ensure};
+use anyhow::{Context, Result, bail, ensure};
 use futures_util::future::try_join_all;
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
@@ -304,8 +304,25 @@ fn measure(topo: &Topology, name: &str, pid: Option<u32>, many: bool) -> Result<
     Ok(f)
 }
 
-/// One iperf3 run from the client namespace; (Mbit/s received, bytes).
+/// One iperf3 run from the client namespace; (Mbit/s received, bytes). A run that fails is
+/// tried again, three times in all, and each failure is printed: a peer that drops a test's
+/// connection under load should cost that run, not the whole bench.
 fn iperf(topo: &Topology, extra: &[&str]) -> Result<(f64, u64)> {
+    let mut attempt = 1;
+    loop {
+        match iperf_once(topo, extra) {
+            Ok(result) => return Ok(result),
+            Err(error) if attempt < 3 => {
+                println!("  iperf3 {extra:?} failed (attempt {attempt}): {error:#}");
+                attempt += 1;
+                std::thread::sleep(Duration::from_secs(1));
+            }
+            Err(error) => return Err(error.context(format!("iperf3 {extra:?}, three attempts"))),
+        }
+    }
+}
+
+fn iperf_once(topo: &Topology, extra: &[&str]) -> Result<(f64, u64)> {
     let target = topology::TARGET_V4.to_string();
     let port = IPERF_PORT.to_string();
     let mut args = vec![
@@ -320,10 +337,14 @@ fn iperf(topo: &Topology, extra: &[&str]) -> Result<(f64, u64)> {
     ];
     args.extend_from_slice(extra);
     let out = topo.client.exec(&args)?;
-    let received = out
-        .split("\"sum_received\"")
-        .nth(1)
-        .context("iperf3 printed no sum_received")?;
+    let Some(received) = out.split("\"sum_received\"").nth(1) else {
+        let error = out
+            .split("\"error\":")
+            .nth(1)
+            .and_then(|e| e.lines().next())
+            .unwrap_or("no error given");
+        bail!("iperf3 printed no sum_received: {}", error.trim());
+    };
     let number = |key: &str| -> Result<f64> {
         received
             .split(&format!("\"{key}\":"))
