@@ -98,8 +98,9 @@ pub(crate) fn run(peers: bool) -> Result<()> {
     let topo = Topology::build()?;
     // The client is a load generator: tens of thousands of short connections to one server
     // port within a minute. Without these, the kernel's search for a free local port among the
-    // TIME-WAIT sockets of earlier phases dominates (seen with perf), and more so when Prism's
-    // own `direct` sockets to the same server share the namespace. Every system gets them.
+    // TIME-WAIT sockets of earlier phases dominates (seen with perf). Reuse needs the peer's
+    // TCP timestamps: a stack that sends none leaves every port it used blocked for 60 s, and
+    // its figure shows it. Every system gets the same settings.
     for setting in [
         "net.ipv4.tcp_tw_reuse=1",
         "net.ipv4.ip_local_port_range=1024 65000",
