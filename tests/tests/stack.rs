@@ -580,3 +580,37 @@ async fn a_syn_on_the_tuple_of_a_closing_connection_opens_a_new_one() {
     assert_eq!(counters.connections_opened, 2, "{counters}");
     assert_eq!(counters.connections_reset, 0, "{counters}");
 }
+
+#[tokio::test]
+async fn a_syn_on_the_tuple_of_a_connection_in_time_wait_opens_a_new_one() {
+    // Prism closes first (the upstream did), so its side waits in TIME-WAIT; the client then
+    // reuses the tuple at once.
+    let (addr, _seen) = upstream(|mut s: TcpStream| async move {
+        s.write_all(b"bye").await.unwrap();
+    })
+    .await;
+    let (mut client, counters) = prism_to(addr, Config::default());
+    let (from, to) = (local(40200, false), TARGET_V4.parse().unwrap());
+    for round in 1..=2 {
+        let started = std::time::Instant::now();
+        let h = client.connect(from, to, 65536);
+        assert_eq!(client.recv_to_end(h).await, b"bye", "round {round}");
+        // Not a speed figure: the first SYN must be answered. Had it hit the old connection,
+        // only a retransmission (1 s on, and more) would get through.
+        assert!(
+            started.elapsed() < Duration::from_millis(900),
+            "round {round} took {:?}: its first SYN was not answered",
+            started.elapsed()
+        );
+        client.socket(h).close();
+        client
+            .until("our FIN acknowledged", |c| {
+                (c.socket(h).state() == State::Closed).then_some(())
+            })
+            .await;
+        client.remove(h);
+    }
+    let counters = counters.snapshot();
+    assert_eq!(counters.connections_opened, 2, "{counters}");
+    assert_eq!(counters.connections_reset, 0, "{counters}");
+}

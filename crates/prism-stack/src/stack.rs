@@ -377,18 +377,15 @@ impl Stack {
         match self.table.decide(segment) {
             Decision::Existing(id) if segment.is_initial_syn() && self.has_closed(id) => {
                 // The client reuses the tuple of a connection that has closed, from its side
-                // at least: a close not yet serviced (its last ACK came in this very batch)
-                // or one whose last ACK was lost. That connection is over; a new one starts.
+                // at least: Prism's side waits in TIME-WAIT, or its last ACK was lost, or the
+                // close came in this very batch and is not serviced yet. That connection is
+                // over; a new one starts.
                 self.service(id, now);
                 self.retire(id);
                 self.open(segment.tuple, packet)
             }
             Decision::Existing(id) => Some(id),
             Decision::Open => self.open(segment.tuple, packet),
-            Decision::Reopen(old) => {
-                self.retire(old);
-                self.open(segment.tuple, packet)
-            }
             Decision::Refuse => {
                 debug!(tuple = ?segment.tuple, "half-open cap reached; SYN refused");
                 Counters::add(&self.counters.syn_refused, 1);
@@ -745,10 +742,6 @@ impl Stack {
             (TcpState::Closed, _) => Fate::Finished,
             // A RST during the handshake sends smoltcp back to Listen.
             (TcpState::Listen, Phase::Handshake | Phase::Pending) => Fate::Finished,
-            (TcpState::TimeWait, _) => {
-                self.table.closing(&conn.tuple);
-                Fate::Alive
-            }
             _ => Fate::Alive,
         }
     }

@@ -11,9 +11,6 @@ pub enum Decision<Id> {
     Existing(Id),
     /// A SYN to a new tuple: open a connection for exactly this tuple.
     Open,
-    /// A SYN to a tuple whose previous connection is closing: that connection is finished
-    /// with; remove it and open a new one.
-    Reopen(Id),
     /// A SYN beyond the half-open cap: refuse it (RST) and count it.
     Refuse,
     /// No connection and not a SYN: the stack answers as TCP does for a closed port (RST).
@@ -24,7 +21,6 @@ pub enum Decision<Id> {
 struct Entry<Id> {
     id: Id,
     half_open: bool,
-    closing: bool,
 }
 
 /// Maps 4-tuples to connection ids and caps half-open connections.
@@ -48,7 +44,6 @@ impl<Id: Copy> Table<Id> {
     /// What `segment` means.
     pub fn decide(&self, segment: &Segment) -> Decision<Id> {
         match self.entries.get(&segment.tuple) {
-            Some(entry) if entry.closing && segment.is_initial_syn() => Decision::Reopen(entry.id),
             Some(entry) => Decision::Existing(entry.id),
             None if !segment.is_initial_syn() => Decision::NoConnection,
             None if self.half_open >= self.max_half_open => Decision::Refuse,
@@ -61,7 +56,6 @@ impl<Id: Copy> Table<Id> {
         let entry = Entry {
             id,
             half_open: true,
-            closing: false,
         };
         if let Some(old) = self.entries.insert(tuple, entry) {
             self.forget(&old);
@@ -77,14 +71,6 @@ impl<Id: Copy> Table<Id> {
                 entry.half_open = false;
                 self.half_open -= 1;
             }
-        }
-    }
-
-    /// `tuple`'s connection is closing: a new SYN for the same tuple may replace it.
-    pub fn closing(&mut self, tuple: &FourTuple) {
-        self.established(tuple);
-        if let Some(entry) = self.entries.get_mut(tuple) {
-            entry.closing = true;
         }
     }
 
@@ -172,22 +158,5 @@ mod tests {
 
         assert_eq!(table.remove(&segment(2, true, false).tuple), Some(2));
         assert_eq!(table.half_open(), 0);
-    }
-
-    #[test]
-    fn a_syn_on_a_closing_tuple_reopens_it() {
-        let mut table = Table::new(2);
-        let syn = segment(1, true, false);
-        table.insert(syn.tuple, 1u32);
-        table.closing(&syn.tuple);
-        assert_eq!(table.half_open(), 0);
-        assert_eq!(table.decide(&syn), Decision::Reopen(1));
-        assert_eq!(
-            table.decide(&segment(1, false, true)),
-            Decision::Existing(1)
-        );
-        table.insert(syn.tuple, 2);
-        assert_eq!(table.decide(&syn), Decision::Existing(2));
-        assert_eq!(table.half_open(), 1);
     }
 }
