@@ -22,6 +22,17 @@ pub fn run() -> Result<()> {
         "warnings",
     ])?;
     cargo(&["test", "--workspace"])?;
+    // The patched smoltcp (vendor/smoltcp) is outside the workspace: its own suite, with the
+    // patch's tests, runs here.
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    cargo(&[
+        "test",
+        "--lib",
+        "--manifest-path",
+        &format!("{root}/vendor/smoltcp/Cargo.toml"),
+        "--target-dir",
+        &format!("{root}/target/vendor-smoltcp"),
+    ])?;
     if crate::tools::is_root() {
         crate::e2e::run(None)?;
     } else if std::env::var_os("PRISM_CI_REQUIRE_E2E").is_some() {

@@ -5,7 +5,7 @@
 use core::fmt::Display;
 #[cfg(feature = "async")]
 use core::task::Waker;
-use core::{fmt, mem};
+use core::{cmp, fmt, mem};
 
 use crate::phy::PacketMeta;
 #[cfg(feature = "async")]
@@ -503,6 +503,9 @@ pub struct Socket<'a> {
     /// The sending window scaling factor advertised to remotes which support RFC 1323.
     /// It is zero if the window <= 64KiB and/or the remote does not support it.
     remote_win_shift: u8,
+    /// The largest receive buffer the window scale must cover: the receive buffer may grow
+    /// to this size after the handshake (see `replace_rx_buffer`).
+    rx_capacity_bound: usize,
     /// The remote window size, relative to local_seq_no
     /// I.e. we're allowed to send octets until local_seq_no+remote_win_len
     remote_win_len: usize,
@@ -606,6 +609,7 @@ impl<'a> Socket<'a> {
             remote_last_win: 0,
             remote_win_len: 0,
             remote_win_shift: rx_cap_log2.saturating_sub(16) as u8,
+            rx_capacity_bound: rx_capacity,
             remote_win_scale: None,
             remote_has_sack: false,
             remote_mss: DEFAULT_MSS,
@@ -635,6 +639,55 @@ impl<'a> Socket<'a> {
     /// Enable or disable TCP Timestamp.
     pub fn set_tsval_generator(&mut self, generator: Option<TcpTimestampGenerator>) {
         self.tsval_generator = generator;
+    }
+
+    /// Set the largest receive buffer [replace_rx_buffer](#method.replace_rx_buffer) may install
+    /// later, so that the window scale offered in the handshake can advertise all of it. At
+    /// most 1 GiB; a bound below the current buffer's capacity has no effect.
+    ///
+    /// The scale is chosen when the socket is opened: call this before
+    /// [listen](#method.listen) or [connect](#method.connect).
+    pub fn set_rx_capacity_bound(&mut self, capacity: usize) {
+        self.rx_capacity_bound = cmp::min(capacity, 1 << 30);
+    }
+
+    /// Replace the receive buffer with one at least as large, keeping everything the old one
+    /// holds: the data not yet received by the application, and out-of-order data waiting to
+    /// be reassembled. The window advertised from then on spans the new buffer's free space,
+    /// as far as the window scale chosen at the handshake allows (see
+    /// [set_rx_capacity_bound](#method.set_rx_capacity_bound)).
+    ///
+    /// The buffer may only grow: a smaller one would take back window already advertised.
+    /// Returns the old buffer, or the new one, unused, if it is smaller than the old one or
+    /// larger than 1 GiB.
+    pub fn replace_rx_buffer<T>(&mut self, buffer: T) -> Result<SocketBuffer<'a>, SocketBuffer<'a>>
+    where
+        T: Into<SocketBuffer<'a>>,
+    {
+        let mut buffer = buffer.into();
+        let capacity = self.rx_buffer.capacity();
+        if buffer.capacity() < capacity || buffer.capacity() > (1 << 30) {
+            return Err(buffer);
+        }
+        self.rx_buffer.copy_into(&mut buffer, capacity);
+        Ok(mem::replace(&mut self.rx_buffer, buffer))
+    }
+
+    /// Replace the transmit buffer, keeping the data it holds (sent and not yet acknowledged,
+    /// and not yet sent). The new buffer may be of any size that holds that data.
+    ///
+    /// Returns the old buffer, or the new one, unused, if it cannot hold the data.
+    pub fn replace_tx_buffer<T>(&mut self, buffer: T) -> Result<SocketBuffer<'a>, SocketBuffer<'a>>
+    where
+        T: Into<SocketBuffer<'a>>,
+    {
+        let mut buffer = buffer.into();
+        let queued = self.tx_buffer.len();
+        if buffer.capacity() < queued {
+            return Err(buffer);
+        }
+        self.tx_buffer.copy_into(&mut buffer, queued);
+        Ok(mem::replace(&mut self.tx_buffer, buffer))
     }
 
     /// Return whether TCP Timestamp is enabled.
@@ -902,8 +955,8 @@ impl<'a> Socket<'a> {
     }
 
     fn reset(&mut self) {
-        let rx_cap_log2 =
-            mem::size_of::<usize>() * 8 - self.rx_buffer.capacity().leading_zeros() as usize;
+        let rx_capacity = cmp::max(self.rx_buffer.capacity(), self.rx_capacity_bound);
+        let rx_cap_log2 = mem::size_of::<usize>() * 8 - rx_capacity.leading_zeros() as usize;
 
         self.state = State::Closed;
         self.timer = Timer::new();
@@ -8896,6 +8949,104 @@ mod test {
             (buffer.len(), ())
         })
         .unwrap();
+    }
+
+    #[test]
+    fn test_rx_capacity_bound_sets_the_window_scale() {
+        let mut s = socket_with_buffer_sizes(64, 1024);
+        s.set_rx_capacity_bound(262144);
+        s.listen(LISTEN_END).unwrap();
+        assert_eq!(s.remote_win_shift, 3);
+        send!(
+            s,
+            TcpRepr {
+                control: TcpControl::Syn,
+                seq_number: REMOTE_SEQ,
+                ack_number: None,
+                window_scale: Some(0),
+                ..SEND_TEMPL
+            }
+        );
+        recv!(
+            s,
+            [TcpRepr {
+                control: TcpControl::Syn,
+                seq_number: LOCAL_SEQ,
+                ack_number: Some(REMOTE_SEQ + 1),
+                max_seg_size: Some(BASE_MSS),
+                window_scale: Some(3),
+                window_len: 1024,
+                ..RECV_TEMPL
+            }]
+        );
+    }
+
+    #[test]
+    fn test_replace_rx_buffer_keeps_out_of_order_data() {
+        let mut s = socket_established();
+        send!(
+            s,
+            TcpRepr {
+                seq_number: REMOTE_SEQ + 1 + 3,
+                ack_number: Some(LOCAL_SEQ + 1),
+                payload: &b"def"[..],
+                ..SEND_TEMPL
+            },
+            Some(TcpRepr {
+                seq_number: LOCAL_SEQ + 1,
+                ack_number: Some(REMOTE_SEQ + 1),
+                ..RECV_TEMPL
+            })
+        );
+        // A smaller buffer would take back window already advertised.
+        assert!(s.replace_rx_buffer(SocketBuffer::new(vec![0; 32])).is_err());
+        let old = s
+            .replace_rx_buffer(SocketBuffer::new(vec![0; 128]))
+            .unwrap();
+        assert_eq!(old.capacity(), 64);
+        assert_eq!(s.recv_capacity(), 128);
+        send!(
+            s,
+            TcpRepr {
+                seq_number: REMOTE_SEQ + 1,
+                ack_number: Some(LOCAL_SEQ + 1),
+                payload: &b"abc"[..],
+                ..SEND_TEMPL
+            },
+            Some(TcpRepr {
+                seq_number: LOCAL_SEQ + 1,
+                ack_number: Some(REMOTE_SEQ + 1 + 6),
+                window_len: 122,
+                ..RECV_TEMPL
+            })
+        );
+        let mut data = [0; 6];
+        assert_eq!(s.recv_slice(&mut data[..]), Ok(6));
+        assert_eq!(data, &b"abcdef"[..]);
+    }
+
+    #[test]
+    fn test_replace_tx_buffer_keeps_unacknowledged_data() {
+        let mut s = socket_established();
+        s.send_slice(b"abcdef").unwrap();
+        recv!(s, time 1000, Ok(TcpRepr {
+            seq_number: LOCAL_SEQ + 1,
+            ack_number: Some(REMOTE_SEQ + 1),
+            payload:    &b"abcdef"[..],
+            ..RECV_TEMPL
+        }));
+        // Too small for the six bytes in flight.
+        assert!(s.replace_tx_buffer(SocketBuffer::new(vec![0; 4])).is_err());
+        assert!(s.replace_tx_buffer(SocketBuffer::new(vec![0; 8])).is_ok());
+        assert_eq!(s.send_capacity(), 8);
+        assert_eq!(s.send_slice(b"ghijk"), Ok(2));
+        // The retransmission still carries the first six bytes, then the new ones follow.
+        recv!(s, time 2000, Ok(TcpRepr {
+            seq_number: LOCAL_SEQ + 1,
+            ack_number: Some(REMOTE_SEQ + 1),
+            payload:    &b"abcdefgh"[..],
+            ..RECV_TEMPL
+        }));
     }
 
     #[test]

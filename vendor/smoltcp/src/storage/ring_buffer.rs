@@ -401,6 +401,26 @@ impl<'a, T: 'a> RingBuffer<'a, T> {
     }
 }
 
+impl<'a, T: 'a + Copy> RingBuffer<'a, T> {
+    /// Copy the first `count` elements from the read position on, allocated or not, to the
+    /// start of `other`, and give `other` this buffer's length: `other` then holds the same
+    /// data at the same offsets, allocated and unallocated alike (the unallocated part matters
+    /// to a TCP reassembly buffer, which keeps out-of-order data there).
+    ///
+    /// # Panics
+    /// This function panics unless `self.len() <= count <= self.capacity()` and
+    /// `count <= other.capacity()`.
+    pub fn copy_into(&self, other: &mut RingBuffer<'_, T>, count: usize) {
+        assert!(self.len() <= count && count <= self.capacity() && count <= other.capacity());
+        let (head, tail) = self.storage.split_at(self.read_at);
+        let from_tail = cmp::min(count, tail.len());
+        other.storage[..from_tail].copy_from_slice(&tail[..from_tail]);
+        other.storage[from_tail..count].copy_from_slice(&head[..count - from_tail]);
+        other.read_at = 0;
+        other.length = self.length;
+    }
+}
+
 impl<'a, T: 'a> From<ManagedSlice<'a, T>> for RingBuffer<'a, T> {
     fn from(slice: ManagedSlice<'a, T>) -> RingBuffer<'a, T> {
         RingBuffer::new(slice)
@@ -410,6 +430,33 @@ impl<'a, T: 'a> From<ManagedSlice<'a, T>> for RingBuffer<'a, T> {
 #[cfg(test)]
 mod test {
     use super::*;
+
+    #[test]
+    fn test_copy_into_keeps_offsets_across_the_wrap() {
+        let mut ring = RingBuffer::new(vec![0u8; 8]);
+        assert_eq!(ring.enqueue_slice(b"abcdef"), 6);
+        assert_eq!(ring.dequeue_slice(&mut [0; 5]), 5);
+        // "f" is allocated at index 5; "ghij" wraps around the end.
+        assert_eq!(ring.enqueue_slice(b"ghij"), 4);
+        // Out-of-order data two past the end of what is allocated.
+        assert_eq!(ring.write_unallocated(1, b"z"), 1);
+
+        let mut bigger = RingBuffer::new(vec![0u8; 16]);
+        ring.copy_into(&mut bigger, ring.capacity());
+        assert_eq!(bigger.len(), 5);
+        assert_eq!(bigger.get_allocated(0, 5), b"fghij");
+        assert_eq!(&bigger.get_unallocated(1, 1)[..], b"z");
+    }
+
+    #[test]
+    fn test_copy_into_a_smaller_buffer_takes_what_is_allocated() {
+        let mut ring = RingBuffer::new(vec![0u8; 8]);
+        assert_eq!(ring.enqueue_slice(b"abc"), 3);
+        let mut smaller = RingBuffer::new(vec![0u8; 4]);
+        ring.copy_into(&mut smaller, ring.len());
+        assert_eq!(smaller.get_allocated(0, 3), b"abc");
+        assert_eq!(smaller.window(), 1);
+    }
 
     #[test]
     fn test_buffer_length_changes() {
