@@ -16,8 +16,9 @@ use bytes::Bytes;
 use prism_stack::{Config, Rejection};
 use prism_tests::{Client, Reply, reply, start_stack, tcp_v4};
 use prism_tunnel::{ConnectError, Connector, Target, serve};
+use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::socket::tcp::State;
-use smoltcp::wire::TcpControl;
+use smoltcp::wire::{Ipv4Packet, TcpControl, TcpPacket, TcpRepr};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -157,6 +158,88 @@ async fn exchange_four_mib(
     let counters = counters.snapshot();
     assert_eq!(counters.connections_opened, 1);
     assert_eq!(counters.drop_checksum + counters.drop_truncated, 0);
+    // A bulk transfer outgrows the initial buffers both ways.
+    assert_eq!(
+        (counters.rx_buffers_grown, counters.tx_buffers_grown),
+        (1, 1)
+    );
+}
+
+#[tokio::test]
+async fn a_conversation_of_small_messages_keeps_the_initial_buffers() {
+    let (addr, mut seen) = upstream(echo).await;
+    let (mut client, counters) = prism_to(addr, Config::default());
+    let h = client.connect(local(40003, false), TARGET_V4.parse().unwrap(), 65536);
+    client
+        .until("established", |c| c.socket(h).may_send().then_some(()))
+        .await;
+    let mut echoed = Vec::new();
+    let mut expected = Vec::new();
+    for round in 0..20 {
+        // Under half the initial buffer: no burst ever fills it.
+        let message = data(300, round);
+        client.send_all(h, &message).await;
+        expected.extend_from_slice(&message);
+        client
+            .until("the echo", |c| {
+                let socket = c.socket(h);
+                while socket.can_recv() {
+                    socket
+                        .recv(|b| (b.len(), echoed.extend_from_slice(b)))
+                        .unwrap();
+                }
+                (echoed.len() == expected.len()).then_some(())
+            })
+            .await;
+    }
+    assert!(echoed == expected, "echo differs");
+    let grown = counters.snapshot();
+    assert_eq!((grown.rx_buffers_grown, grown.tx_buffers_grown), (0, 0));
+
+    // One message larger than the initial buffers grows both, and arrives whole.
+    let large = data(100_000, 99);
+    client.send_all(h, &large).await;
+    client.socket(h).close();
+    let rest = client.recv_to_end(h).await;
+    assert!(rest == large, "the large echo differs");
+    let received = client
+        .until("the upstream's EOF", |_| seen.try_recv().ok())
+        .await;
+    assert_eq!(received.len(), expected.len() + large.len());
+    let grown = counters.snapshot();
+    assert_eq!((grown.rx_buffers_grown, grown.tx_buffers_grown), (1, 1));
+}
+
+#[tokio::test]
+async fn the_syn_ack_offers_the_initial_window_scaled_for_the_full_buffer() {
+    let (link, _requests, _counters) = start_stack(Config::default());
+    let mut client = Client::new(link);
+    let (src, dst) = (addr("10.0.0.2:50001"), addr(TARGET_V4));
+    client
+        .inject(tcp_v4(src, dst, TcpControl::Syn, 1000, &[]))
+        .await;
+    let replies = client.capture(Duration::from_millis(200)).await;
+    let syn_ack = replies
+        .iter()
+        .find_map(|p| {
+            let ip = Ipv4Packet::new_checked(&p[..]).ok()?;
+            let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+            let repr = TcpRepr::parse(
+                &tcp,
+                &ip.src_addr().into(),
+                &ip.dst_addr().into(),
+                &ChecksumCapabilities::ignored(),
+            )
+            .ok()?;
+            (repr.control == TcpControl::Syn).then_some((repr.window_len, repr.window_scale))
+        })
+        .expect("no SYN-ACK");
+    // The window a SYN carries is never scaled: the initial buffer. The scale covers the
+    // 256 KiB the buffer may grow to (2^18 needs a shift of 3).
+    assert_eq!(
+        syn_ack,
+        (prism_stack::DEFAULT_TCP_INITIAL_BUFFER as u16, Some(3))
+    );
 }
 
 #[tokio::test]

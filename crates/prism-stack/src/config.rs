@@ -13,6 +13,10 @@ use prism_trap::{Handshake, HandshakePolicy};
 /// buffers cost 216 MB at 10,000 connections, 256 KiB ones 150 MB).
 pub const DEFAULT_TCP_BUFFER: usize = 256 * 1024;
 
+/// What each socket's buffers start at unless configured: both fit one 4 KiB page, and a
+/// connection that never sends a burst larger than this never takes more.
+pub const DEFAULT_TCP_INITIAL_BUFFER: usize = 1024;
+
 /// How the stack is set up. `Config::default()` suits a TUN with a 1500-byte MTU.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -22,11 +26,16 @@ pub struct Config {
     /// The stack's own addresses with prefix lengths. With AnyIP the stack answers for every
     /// address anyway; these only name it.
     pub addresses: Vec<(IpAddr, u8)>,
-    /// Receive buffer of each connection's socket (client to application). This is the window
-    /// offered to the client. Allocated zeroed, so the OS commits pages only as they are used.
+    /// Receive buffer of each connection's socket (client to application), once grown. This
+    /// is the window offered to the client. Allocated zeroed, so the OS commits pages only as
+    /// they are used. At most 1 GiB (TCP's window scale reaches no further).
     pub tcp_rx_buffer: usize,
-    /// Send buffer of each connection's socket (application to client).
+    /// Send buffer of each connection's socket (application to client), once grown.
     pub tcp_tx_buffer: usize,
+    /// What both socket buffers start at. Each grows to its full size the first time the
+    /// small one limits the connection: the client sent at least half of it in one go, or the
+    /// application has more to send than it holds. Idle and chatty connections stay small.
+    pub tcp_initial_buffer: usize,
     /// Bytes queued between the socket and the application, each way, per connection.
     pub stream_buffer: usize,
     /// Most connections whose handshake has not completed; SYNs beyond it get RST.
@@ -53,6 +62,7 @@ impl Default for Config {
             addresses: Vec::new(),
             tcp_rx_buffer: DEFAULT_TCP_BUFFER,
             tcp_tx_buffer: DEFAULT_TCP_BUFFER,
+            tcp_initial_buffer: DEFAULT_TCP_INITIAL_BUFFER,
             stream_buffer: 256 * 1024,
             max_half_open: 4096,
             request_queue: 1024,

@@ -107,6 +107,10 @@ counters! {
     connections_reset,
     /// Connections that ended gracefully.
     connections_closed,
+    /// Receive buffers grown from their initial size to the full one.
+    rx_buffers_grown,
+    /// Send buffers grown from their initial size to the full one.
+    tx_buffers_grown,
 }
 
 impl Counters {

@@ -20,7 +20,7 @@ mod counters;
 mod stack;
 mod timers;
 
-pub use config::{Config, DEFAULT_TCP_BUFFER};
+pub use config::{Config, DEFAULT_TCP_BUFFER, DEFAULT_TCP_INITIAL_BUFFER};
 pub use conn::{Rejection, Request, Stream};
 pub use counters::{Counters, Snapshot};
 pub use prism_trap::{Handshake, HandshakePolicy, PortPolicy};

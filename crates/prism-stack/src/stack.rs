@@ -38,6 +38,9 @@ use crate::timers::Timers;
 /// A half-open connection that has not completed its handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The largest receive buffer TCP's window scale can advertise (RFC 7323); smoltcp refuses more.
+const MAX_TCP_RX_BUFFER: usize = 1 << 30;
+
 /// A TCP timestamp value (RFC 7323): milliseconds since the stack first asked, from 1, wrapping
 /// as the RFC allows.
 fn tcp_timestamp() -> u32 {
@@ -161,7 +164,10 @@ impl std::fmt::Debug for Stack {
 
 impl Stack {
     /// A stack on `link` (its other end is the TUN adapter or a test's client).
-    pub fn new(config: Config, link: Link) -> (Stack, Requests) {
+    pub fn new(mut config: Config, link: Link) -> (Stack, Requests) {
+        config.tcp_rx_buffer = config.tcp_rx_buffer.clamp(1, MAX_TCP_RX_BUFFER);
+        config.tcp_tx_buffer = config.tcp_tx_buffer.max(1);
+        config.tcp_initial_buffer = config.tcp_initial_buffer.max(1);
         let mut device = PrismDevice::new(Medium::Ip, config.mtu);
         // `prism_trap::classify` verified every incoming checksum already.
         let mut checksum = ChecksumCapabilities::default();
@@ -410,10 +416,14 @@ impl Stack {
             addr: Some(tuple.destination.ip().into()),
             port: tuple.destination.port(),
         };
+        // Both buffers start small and grow when they limit the connection (`grow_rx`,
+        // `grow_tx`); the window scale is chosen for the full receive buffer.
+        let initial = self.config.tcp_initial_buffer;
         let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; self.config.tcp_rx_buffer]),
-            tcp::SocketBuffer::new(vec![0; self.config.tcp_tx_buffer]),
+            tcp::SocketBuffer::new(vec![0; initial.min(self.config.tcp_rx_buffer)]),
+            tcp::SocketBuffer::new(vec![0; initial.min(self.config.tcp_tx_buffer)]),
         );
+        socket.set_rx_capacity_bound(self.config.tcp_rx_buffer);
         // Prism relays what the application already batched; Nagle would only add delay.
         socket.set_nagle_enabled(false);
         // Timestamps when the client offers them, as the kernel's own TCP does: a client that
@@ -676,6 +686,9 @@ impl Stack {
             Answer::Accepted if state.abort && socket.is_open() => socket.abort(),
             Answer::Accepted if !state.reset => {
                 // Application to client.
+                if grow_tx(socket, state.outbound_len, self.config.tcp_tx_buffer) {
+                    Counters::add(&self.counters.tx_buffers_grown, 1);
+                }
                 while socket.can_send() {
                     let Some(chunk) = state.outbound.front_mut() else {
                         break;
@@ -708,6 +721,9 @@ impl Stack {
                         }
                     }
                 } else {
+                    if grow_rx(socket, self.config.tcp_rx_buffer) {
+                        Counters::add(&self.counters.rx_buffers_grown, 1);
+                    }
                     let cap = conn.shared.capacity;
                     while state.inbound_len < cap && socket.can_recv() {
                         let room = cap - state.inbound_len;
@@ -790,6 +806,29 @@ impl Stack {
 }
 
 /// States in which the client's FIN has arrived.
+/// Gives the socket its full receive buffer once the client sends at least half the initial
+/// one between two servicings: the small window would hold it back from then on. True when it
+/// grew.
+fn grow_rx(socket: &mut tcp::Socket<'static>, full: usize) -> bool {
+    let capacity = socket.recv_capacity();
+    capacity < full
+        && socket.recv_queue() * 2 >= capacity
+        && socket
+            .replace_rx_buffer(tcp::SocketBuffer::new(vec![0; full]))
+            .is_ok()
+}
+
+/// Gives the socket its full send buffer once the application has more for the client than
+/// the initial one has room for. True when it grew.
+fn grow_tx(socket: &mut tcp::Socket<'static>, pending: usize, full: usize) -> bool {
+    let capacity = socket.send_capacity();
+    capacity < full
+        && pending > capacity - socket.send_queue()
+        && socket
+            .replace_tx_buffer(tcp::SocketBuffer::new(vec![0; full]))
+            .is_ok()
+}
+
 fn fin_received(state: TcpState) -> bool {
     matches!(
         state,
