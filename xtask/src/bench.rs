@@ -29,6 +29,9 @@ use crate::topology::{self, Topology};
 
 const IPERF_PORT: u16 = 5201;
 const IPERF_SECONDS: &str = "10";
+/// An iperf3 run still going after this many seconds is killed and counts as failed: a peer
+/// whose stack wedges a connection leaves iperf3 waiting for ever (shadowsocks-rust did).
+const IPERF_DEADLINE: &str = "40";
 
 /// One system's figures; `None` where a measure does not apply.
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -49,6 +52,25 @@ pub(crate) struct Figures {
     #[serde(rename = "upload_with_10000_idle_mbit")]
     pub(crate) up_with_10000_idle_mbit: Option<f64>,
     pub(crate) cpu_s_per_gb: Option<f64>,
+    /// Measures that failed, each with its error; their cells stay empty.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub(crate) failed: Vec<String>,
+}
+
+impl Figures {
+    /// Runs one measure. A failure is printed and noted instead of ending the run: a peer
+    /// that wedges under one test (shadowsocks-rust did) still gets its other figures, and
+    /// the table says what failed and why.
+    fn attempt<T>(&mut self, what: &str, measure: impl FnOnce() -> Result<T>) -> Option<T> {
+        match measure() {
+            Ok(value) => Some(value),
+            Err(error) => {
+                println!("  {what} failed: {error:#}");
+                self.failed.push(format!("{what}: {error:#}"));
+                None
+            }
+        }
+    }
 }
 
 /// Raises this process's soft descriptor limit to its hard limit where it is lower (children
@@ -252,9 +274,11 @@ fn extra_args() -> Vec<String> {
 /// then everything else. The connections come first, on a fresh process: later tests free
 /// memory that allocators return to the OS only after a while, which would blur the figure.
 fn measure_stack(topo: &Topology, name: &str, pid: u32) -> Result<Figures> {
-    let rss_2000 = hold_connections(topo, 2000, pid)?;
+    let mut held = Figures::default();
+    let rss_2000 = held.attempt("2,000 connections", || hold_connections(topo, 2000, pid));
     let mut figures = measure(topo, name, Some(pid), false)?;
-    figures.rss_2000_mb = Some(rss_2000);
+    figures.rss_2000_mb = rss_2000;
+    figures.failed.splice(0..0, held.failed);
     Ok(figures)
 }
 
@@ -270,28 +294,32 @@ fn measure(topo: &Topology, name: &str, pid: Option<u32>, many: bool) -> Result<
         name: name.to_owned(),
         ..Figures::default()
     };
-    if many {
-        if let Some(pid) = pid {
-            let (rss, up_idle) = ten_thousand(topo, pid)?;
+    if let (true, Some(pid)) = (many, pid) {
+        if let Some((rss, up_idle)) = f.attempt("10,000 connections", || ten_thousand(topo, pid)) {
             f.rss_10000_mb = Some(rss);
             f.up_with_10000_idle_mbit = Some(up_idle);
         }
     }
     let cpu_before = pid.map(cpu_seconds).transpose()?;
-    let (up, up_bytes) = iperf(topo, &[])?;
-    let (down, down_bytes) = iperf(topo, &["-R"])?;
-    if let (Some(before), Some(pid)) = (cpu_before, pid) {
+    let up = f.attempt("upload", || iperf(topo, &[]));
+    let down = f.attempt("download", || iperf(topo, &["-R"]));
+    if let (Some(before), Some(pid), Some((_, up_bytes)), Some((_, down_bytes))) =
+        (cpu_before, pid, up, down)
+    {
         let used = cpu_seconds(pid)? - before;
         f.cpu_s_per_gb = Some(used / ((up_bytes + down_bytes) as f64 / 1e9));
     }
-    f.up_mbit = Some(up);
-    f.down_mbit = Some(down);
-    f.parallel_mbit = Some(iperf(topo, &["-P", "8"])?.0);
-    let (p50, p99) = request_response(topo)?;
-    f.rr_p50_us = Some(p50);
-    f.rr_p99_us = Some(p99);
+    f.up_mbit = up.map(|(mbit, _)| mbit);
+    f.down_mbit = down.map(|(mbit, _)| mbit);
+    f.parallel_mbit = f
+        .attempt("8 flows", || iperf(topo, &["-P", "8"]))
+        .map(|(mbit, _)| mbit);
+    if let Some((p50, p99)) = f.attempt("request/response", || request_response(topo)) {
+        f.rr_p50_us = Some(p50);
+        f.rr_p99_us = Some(p99);
+    }
     let before = retransmissions(topo);
-    f.conn_per_s = Some(connections_per_second(topo)?);
+    f.conn_per_s = f.attempt("connections per second", || connections_per_second(topo));
     let after = retransmissions(topo);
     println!(
         "  retransmitted segments during it (client namespace, server namespace): {:?}",
@@ -327,6 +355,9 @@ fn iperf_once(topo: &Topology, extra: &[&str]) -> Result<(f64, u64)> {
     let target = topology::TARGET_V4.to_string();
     let port = IPERF_PORT.to_string();
     let mut args = vec![
+        "timeout",
+        "--kill-after=5",
+        IPERF_DEADLINE,
         "iperf3",
         "-c",
         &target,
@@ -608,6 +639,16 @@ fn markdown(results: &[Figures]) -> String {
             cell(f.up_with_10000_idle_mbit, 0),
             cell(f.cpu_s_per_gb, 2),
         );
+    }
+    let failures: Vec<_> = results
+        .iter()
+        .flat_map(|f| f.failed.iter().map(move |why| (&f.name, why)))
+        .collect();
+    if !failures.is_empty() {
+        let _ = writeln!(s, "\nFailed in this run (empty cells):\n");
+        for (name, why) in failures {
+            let _ = writeln!(s, "- {name}, {why}");
+        }
     }
     s
 }
