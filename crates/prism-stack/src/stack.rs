@@ -805,7 +805,6 @@ impl Stack {
     }
 }
 
-/// States in which the client's FIN has arrived.
 /// Gives the socket its full receive buffer once the client sends at least half the initial
 /// one between two servicings: the small window would hold it back from then on. True when it
 /// grew.
@@ -829,6 +828,7 @@ fn grow_tx(socket: &mut tcp::Socket<'static>, pending: usize, full: usize) -> bo
             .is_ok()
 }
 
+/// States in which the client's FIN has arrived.
 fn fin_received(state: TcpState) -> bool {
     matches!(
         state,
