@@ -141,7 +141,13 @@ pub(crate) fn run(peers: bool) -> Result<()> {
     topology::wait_listening(&topo.server, servers::ECHO, 1, "the test servers")?;
     let _dante = topo.start_dante(&logs)?;
     let mut iperf_cmd = topo.server.command("iperf3");
+    // A test whose connection a stack wedges must not keep the server busy for the next ones:
+    // unacknowledged data for 10 s, or nothing received for 15 s, ends it.
     iperf_cmd.args([
+        "--snd-timeout",
+        "10000",
+        "--rcv-timeout",
+        "15000",
         "-s",
         "-B",
         &topology::TARGET_V4.to_string(),
@@ -276,6 +282,9 @@ fn extra_args() -> Vec<String> {
 fn measure_stack(topo: &Topology, name: &str, pid: u32) -> Result<Figures> {
     let mut held = Figures::default();
     let rss_2000 = held.attempt("2,000 connections", || hold_connections(topo, 2000, pid));
+    // Let the stack finish closing them before the next test (shadowsocks-rust refused the
+    // next connection when it came at once).
+    std::thread::sleep(Duration::from_secs(3));
     let mut figures = measure(topo, name, Some(pid), false)?;
     figures.rss_2000_mb = rss_2000;
     figures.failed.splice(0..0, held.failed);
