@@ -147,7 +147,8 @@ pub(crate) struct RunArgs {
     /// Most connections whose handshake has not completed; SYNs beyond it get RST.
     #[arg(long, default_value_t = 4096, value_name = "N")]
     pub(crate) max_half_open: usize,
-    /// Receive and send buffer of each TCP connection, in KiB.
+    /// Receive and send buffer of each TCP connection, in KiB, once grown: both start at 1 KiB
+    /// and grow to this the first time a burst does not fit.
     #[arg(long, default_value_t = 256, value_name = "KIB", value_parser = clap::value_parser!(u32).range(4..=65536))]
     pub(crate) tcp_buffer_kib: u32,
     /// Packets the kernel may queue on the TUN for Prism (Linux's default, 500, overflows when
