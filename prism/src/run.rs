@@ -45,6 +45,7 @@ async fn serve_until_signal(
 ) -> Result<()> {
     let (name, index) = (tun.name().to_owned(), tun.index());
     let offload = tun.offload();
+    let tun_refused = tun.refused_writes();
     info!(offload, "TUN open");
     for &net in &args.routes {
         let via = next_hop(args, net)?;
@@ -176,7 +177,11 @@ async fn serve_until_signal(
         };
         let fields = crate::stats::prefixed("", snapshot.fields())
             .chain(crate::stats::prefixed("relay_", relay_counters.fields()))
-            .chain(crate::stats::prefixed("l2_", l2));
+            .chain(crate::stats::prefixed("l2_", l2))
+            .chain([(
+                "tun_refused_writes".to_owned(),
+                tun_refused.load(std::sync::atomic::Ordering::Relaxed),
+            )]);
         crate::stats::write(path, fields);
     }
     outcome

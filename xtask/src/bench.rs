@@ -58,6 +58,13 @@ pub(crate) struct Figures {
 }
 
 impl Figures {
+    fn named(name: &str) -> Figures {
+        Figures {
+            name: name.to_owned(),
+            ..Figures::default()
+        }
+    }
+
     /// Runs one measure. A failure is printed and noted instead of ending the run: a peer
     /// that wedges under one test (shadowsocks-rust did) still gets its other figures, and
     /// the table says what failed and why.
@@ -165,7 +172,8 @@ pub(crate) fn run(peers: bool) -> Result<()> {
 
     if wanted("kernel") {
         println!("bench: kernel routing (no TUN)");
-        results.push(measure(&topo, "kernel routing, no TUN", None, false)?);
+        let f = Figures::named("kernel routing, no TUN");
+        results.push(measure(&topo, f, None, false)?);
     }
 
     for offload in [false, true].into_iter().filter(|_| wanted("forward")) {
@@ -188,16 +196,8 @@ pub(crate) fn run(peers: bool) -> Result<()> {
                 .is_ok_and(|o| o.contains("UP"))
         })
         .with_context(|| forwarder.log())?;
-        let mut f = Figures {
-            name: name.to_owned(),
-            ..Figures::default()
-        };
-        f.up_mbit = Some(iperf(&topo, &[])?.0);
-        f.down_mbit = Some(iperf(&topo, &["-R"])?.0);
-        f.parallel_mbit = Some(iperf(&topo, &["-P", "8"])?.0);
-        let (p50, p99) = request_response(&topo)?;
-        f.rr_p50_us = Some(p50);
-        f.rr_p99_us = Some(p99);
+        let mut f = Figures::named(name);
+        flows(&topo, &mut f, None)?;
         println!("  {f:?}");
         results.push(f);
         let _ = forwarder.stop(Signal::SIGTERM, Duration::from_secs(5));
@@ -226,7 +226,12 @@ pub(crate) fn run(peers: bool) -> Result<()> {
         args.extend(extra_args());
         let mut p = topo.start_prism(&prism, &args, &logs.join("prism-direct.log"))?;
         let pid = p.pid();
-        results.push(measure(&topo, "prism, direct", Some(pid), true)?);
+        results.push(measure(
+            &topo,
+            Figures::named("prism, direct"),
+            Some(pid),
+            true,
+        )?);
         stop(&mut p)?;
     }
 
@@ -280,15 +285,12 @@ fn extra_args() -> Vec<String> {
 /// then everything else. The connections come first, on a fresh process: later tests free
 /// memory that allocators return to the OS only after a while, which would blur the figure.
 fn measure_stack(topo: &Topology, name: &str, pid: u32) -> Result<Figures> {
-    let mut held = Figures::default();
-    let rss_2000 = held.attempt("2,000 connections", || hold_connections(topo, 2000, pid));
+    let mut f = Figures::named(name);
+    f.rss_2000_mb = f.attempt("2,000 connections", || hold_connections(topo, 2000, pid));
     // Let the stack finish closing them before the next test (shadowsocks-rust refused the
     // next connection when it came at once).
     std::thread::sleep(Duration::from_secs(3));
-    let mut figures = measure(topo, name, Some(pid), false)?;
-    figures.rss_2000_mb = rss_2000;
-    figures.failed.splice(0..0, held.failed);
-    Ok(figures)
+    measure(topo, f, Some(pid), false)
 }
 
 fn stop(process: &mut Process) -> Result<()> {
@@ -297,18 +299,33 @@ fn stop(process: &mut Process) -> Result<()> {
     Ok(())
 }
 
-/// Everything but the connection-count measures, for one system.
-fn measure(topo: &Topology, name: &str, pid: Option<u32>, many: bool) -> Result<Figures> {
-    let mut f = Figures {
-        name: name.to_owned(),
-        ..Figures::default()
-    };
+/// Everything but the 2,000 connections, for one system (10,000 direct ones when `many`).
+fn measure(topo: &Topology, mut f: Figures, pid: Option<u32>, many: bool) -> Result<Figures> {
     if let (true, Some(pid)) = (many, pid) {
         if let Some((rss, up_idle)) = f.attempt("10,000 connections", || ten_thousand(topo, pid)) {
             f.rss_10000_mb = Some(rss);
             f.up_with_10000_idle_mbit = Some(up_idle);
         }
     }
+    flows(topo, &mut f, pid)?;
+    let before = retransmissions(topo);
+    f.conn_per_s = f.attempt("connections per second", || connections_per_second(topo));
+    let after = retransmissions(topo);
+    println!(
+        "  retransmitted segments during it (client namespace, server namespace): {:?}",
+        after
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| a - b)
+            .collect::<Vec<_>>()
+    );
+    println!("  {f:?}");
+    Ok(f)
+}
+
+/// One flow each way, 8 flows, and request/response; the CPU `pid` spends per GB of the single
+/// flows when there is a process to ask.
+fn flows(topo: &Topology, f: &mut Figures, pid: Option<u32>) -> Result<()> {
     let cpu_before = pid.map(cpu_seconds).transpose()?;
     let up = f.attempt("upload", || iperf(topo, &[]));
     let down = f.attempt("download", || iperf(topo, &["-R"]));
@@ -327,19 +344,7 @@ fn measure(topo: &Topology, name: &str, pid: Option<u32>, many: bool) -> Result<
         f.rr_p50_us = Some(p50);
         f.rr_p99_us = Some(p99);
     }
-    let before = retransmissions(topo);
-    f.conn_per_s = f.attempt("connections per second", || connections_per_second(topo));
-    let after = retransmissions(topo);
-    println!(
-        "  retransmitted segments during it (client namespace, server namespace): {:?}",
-        after
-            .iter()
-            .zip(&before)
-            .map(|(a, b)| a - b)
-            .collect::<Vec<_>>()
-    );
-    println!("  {f:?}");
-    Ok(f)
+    Ok(())
 }
 
 /// One iperf3 run from the client namespace; (Mbit/s received, bytes). A run that fails is
@@ -423,13 +428,13 @@ fn request_response(topo: &Topology) -> Result<(f64, f64)> {
                 times.push(started.elapsed().as_secs_f64() * 1e6);
             }
             times.sort_by(f64::total_cmp);
-            p50s.push(times[TRIPS / 2]);
-            p99s.push(times[TRIPS * 99 / 100]);
+            p50s.push(percentile(&times, 50));
+            p99s.push(percentile(&times, 99));
         }
         println!("  request/response rounds, p50 {p50s:.1?}, p99 {p99s:.1?} µs");
         p50s.sort_by(f64::total_cmp);
         p99s.sort_by(f64::total_cmp);
-        Ok((p50s[ROUNDS / 2], p99s[ROUNDS / 2]))
+        Ok((percentile(&p50s, 50), percentile(&p99s, 50)))
     })
 }
 
@@ -477,14 +482,18 @@ fn connections_per_second(topo: &Topology) -> Result<f64> {
     })
 }
 
+/// The `q`th percentile of `sorted`; 0 when it is empty.
+fn percentile(sorted: &[f64], q: usize) -> f64 {
+    sorted.get(sorted.len() * q / 100).copied().unwrap_or(0.0)
+}
+
 /// "p50 …, p99 …, max … ms" of durations in milliseconds.
 fn spread(times: &mut [f64]) -> String {
     times.sort_by(f64::total_cmp);
-    let at = |q: usize| times.get(times.len() * q / 100).copied().unwrap_or(0.0);
     format!(
         "p50 {:.2}, p99 {:.2}, max {:.1} ms",
-        at(50),
-        at(99),
+        percentile(times, 50),
+        percentile(times, 99),
         times.last().copied().unwrap_or(0.0)
     )
 }
@@ -545,8 +554,8 @@ async fn open_many(n: usize) -> Result<Vec<TcpStream>> {
     let addr = SocketAddr::new(topology::TARGET_V4, servers::ECHO);
     let refusals = std::sync::atomic::AtomicUsize::new(0);
     let mut streams = Vec::with_capacity(n);
-    for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
-        let opened = try_join_all(chunk.iter().map(|_| async {
+    for start in (0..n).step_by(500) {
+        let opened = try_join_all((start..n.min(start + 500)).map(|_| async {
             let mut attempt = 0;
             loop {
                 match exchange_one(addr).await {

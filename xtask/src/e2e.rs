@@ -541,6 +541,13 @@ fn suite(
             offload_at_work(&stats, upstream.offloads(), upload, download),
         );
     }
+    if upload || download {
+        report.record(
+            upstream.name(),
+            "buffers: a bulk transfer grows them from their initial size",
+            buffers_grew(&stats, upload, download),
+        );
+    }
     let garbage = format!("{} v4 {:?}", upstream.name(), Case::GarbageFrames);
     if upstream.cases().contains(&Case::GarbageFrames) && selected(filter, &garbage) {
         report.record(
@@ -579,7 +586,9 @@ fn stop_cleanly(
         process.log()
     );
     ensure!(topo.tun_gone(), "the TUN is still there after exit");
-    let routes = topo.client.ip("route show 10.200.0.0/16")?;
+    let routes = topo
+        .client
+        .ip(&format!("route show {}", topology::TARGET_NET_V4))?;
     ensure!(
         !routes.contains(topology::TUN),
         "a route through the TUN is left: {routes}"
@@ -591,6 +600,10 @@ fn stop_cleanly(
             "kernel traffic was counted as malformed: {counters}"
         );
     }
+    ensure!(
+        counters.contains("\"tun_refused_writes\": 0"),
+        "the kernel refused packets Prism wrote to the TUN: {counters}"
+    );
     Ok(drops)
 }
 
@@ -618,6 +631,33 @@ fn offload_at_work(stats: &Path, offloads: bool, upload: bool, download: bool) -
         );
     }
     Ok(format!(" ({inbound} in, {outbound} out)"))
+}
+
+/// Connections start with small buffers; a bulk upload from the kernel's TCP must grow a
+/// receive buffer, a bulk download a send buffer. Without growth the transfers still arrive,
+/// only at a trickle, so this is what shows it works against a real client.
+fn buffers_grew(stats: &Path, upload: bool, download: bool) -> Result<String> {
+    let counters = std::fs::read_to_string(stats).context("prism wrote no stats file")?;
+    let (rx, tx) = (
+        stat(&counters, "rx_buffers_grown"),
+        stat(&counters, "tx_buffers_grown"),
+    );
+    let opened = stat(&counters, "connections_opened");
+    ensure!(
+        !upload || rx > 0,
+        "an upload grew no receive buffer ({rx} of {opened} connections)"
+    );
+    ensure!(
+        !download || tx > 0,
+        "a download grew no send buffer ({tx} of {opened} connections)"
+    );
+    ensure!(
+        rx <= opened && tx <= opened,
+        "more buffers grew than connections opened: {rx} and {tx} of {opened}"
+    );
+    Ok(format!(
+        " (receive {rx}, send {tx}, of {opened} connections)"
+    ))
 }
 
 /// Packets the kernel dropped at the TUN (its queue towards Prism full), for the report.
@@ -815,14 +855,11 @@ async fn reset_by_client(ctx: &Ctx) -> Result<String> {
 /// a client making many short connections runs out of ports.
 async fn port_reuse(ctx: &Ctx) -> Result<String> {
     let addr = ctx.addr(servers::ECHO);
-    let any = SocketAddr::new(
-        if addr.is_ipv4() {
-            IpAddr::from([0u8; 4])
-        } else {
-            IpAddr::from([0u16; 8])
-        },
-        0,
-    );
+    let any = if addr.is_ipv4() {
+        IpAddr::from([0u8; 4])
+    } else {
+        IpAddr::from([0u16; 8])
+    };
     let socket = |reuse: bool, port: u16| -> std::io::Result<tokio::net::TcpSocket> {
         let socket = if addr.is_ipv4() {
             tokio::net::TcpSocket::new_v4()?
@@ -830,7 +867,7 @@ async fn port_reuse(ctx: &Ctx) -> Result<String> {
             tokio::net::TcpSocket::new_v6()?
         };
         socket.set_reuseaddr(reuse)?;
-        socket.bind(SocketAddr::new(any.ip(), port))?;
+        socket.bind(SocketAddr::new(any, port))?;
         Ok(socket)
     };
     let first = socket(true, 0)?;

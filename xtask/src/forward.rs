@@ -10,6 +10,7 @@ use anyhow::{Context, Result};
 use tun_rs::{AsyncDevice, DeviceBuilder, VIRTIO_NET_HDR_LEN};
 
 use crate::netns::run as sh;
+use crate::topology::TARGET_NET_V4;
 
 /// The forwarder's devices.
 pub(crate) const CLIENT_TUN: &str = "pfwda";
@@ -35,7 +36,7 @@ pub(crate) fn run(client_ns: &str, server_ns: &str, offload: bool) -> Result<()>
                 .with_context(|| format!("cannot open TUN {name}"))
         };
         let a = Arc::new(open(CLIENT_TUN, Some(Ipv4Addr::new(10, 99, 0, 1)))?);
-        sh("ip", &["route", "add", "10.200.0.0/16", "dev", CLIENT_TUN])?;
+        sh("ip", &["route", "add", TARGET_NET_V4, "dev", CLIENT_TUN])?;
         let b = Arc::new(open(SERVER_TUN, None)?);
         eprintln!(
             "forwarder: offload {offload}; tcp_gso {} / {}, udp_gso {} / {}",

@@ -25,8 +25,9 @@ pub(crate) enum Peer {
 
 /// The shadowsocks server's port in the server namespace.
 const SSSERVER_PORT: u16 = 8388;
-/// The TUN each peer opens in the client namespace.
+/// The TUN each peer opens in the client namespace, and its address.
 const PEER_TUN: &str = "peer0";
+const PEER_ADDRESS: &str = "10.98.0.1/24";
 
 impl Peer {
     pub(crate) const ALL: [Peer; 2] = [Peer::Tun2proxy, Peer::Shadowsocks];
@@ -136,7 +137,7 @@ pub(crate) fn start(peer: Peer, topo: &Topology, logs: &Path) -> Result<Running>
                 "--tun-interface-name",
                 PEER_TUN,
                 "--tun-interface-address",
-                "10.98.0.1/24",
+                PEER_ADDRESS,
                 "-s",
                 &server,
                 "-m",
@@ -160,13 +161,15 @@ pub(crate) fn start(peer: Peer, topo: &Topology, logs: &Path) -> Result<Running>
     let addresses = topo.client.ip(&format!("addr show {PEER_TUN}"))?;
     if !addresses.contains("inet ") {
         topo.client
-            .ip(&format!("addr add 10.98.0.1/24 dev {PEER_TUN}"))?;
+            .ip(&format!("addr add {PEER_ADDRESS} dev {PEER_TUN}"))?;
     }
     topo.client.ip(&format!("link set {PEER_TUN} up"))?;
     topo.client
         .ip(&format!("link set {PEER_TUN} txqueuelen 4096"))?;
-    topo.client
-        .ip(&format!("route add 10.200.0.0/16 dev {PEER_TUN}"))?;
+    topo.client.ip(&format!(
+        "route add {} dev {PEER_TUN}",
+        topology::TARGET_NET_V4
+    ))?;
     Ok(Running {
         process,
         _server: server,

@@ -24,6 +24,8 @@ use crate::netns::{Netns, Process, wait_for};
 pub const TARGET_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 200, 0, 1));
 pub const TARGET_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, 1));
 pub const TARGET_HOST: &str = "target.prism.test";
+/// The IPv4 network the targets are in: what every system under test routes into its TUN.
+pub const TARGET_NET_V4: &str = "10.200.0.0/16";
 /// Addresses routed into the TUN that the server side cannot reach (an `unreachable` route).
 pub const UNREACHABLE_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 200, 9, 9));
 pub const UNREACHABLE_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 9, 9));
@@ -113,13 +115,13 @@ impl Topology {
         client.ip(&format!("rule add fwmark {FWMARK} lookup 99"))?;
         client.ip(&format!("-6 rule add fwmark {FWMARK} lookup 99"))?;
         client.ip(&format!(
-            "route add 10.200.0.0/16 via {SERVER_V4} dev {cv} table 99"
+            "route add {TARGET_NET_V4} via {SERVER_V4} dev {cv} table 99"
         ))?;
         client.ip(&format!(
             "-6 route add fd00:200::/64 via {SERVER_V6} dev {cv} table 99"
         ))?;
         client.ip(&format!(
-            "route add 10.200.0.0/16 via {SERVER_V4} dev {cv} metric 500"
+            "route add {TARGET_NET_V4} via {SERVER_V4} dev {cv} metric 500"
         ))?;
         client.ip(&format!(
             "-6 route add fd00:200::/64 via {SERVER_V6} dev {cv} metric 2000"
@@ -208,7 +210,7 @@ impl Topology {
             "--address",
             "fd99::1/64",
             "--route",
-            "10.200.0.0/16",
+            TARGET_NET_V4,
             "--route",
             "fd00:200::/64",
             "--upstream",
@@ -242,7 +244,7 @@ impl Topology {
             || {
                 self.client
                     .ip(&format!("route show dev {TUN}"))
-                    .is_ok_and(|r| r.contains("10.200.0.0/16"))
+                    .is_ok_and(|r| r.contains(TARGET_NET_V4))
                     && self
                         .client
                         .ip(&format!("-6 route show dev {TUN}"))

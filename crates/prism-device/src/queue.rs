@@ -27,6 +27,8 @@ pub struct PrismDevice {
     rx: VecDeque<Bytes>,
     tx: VecDeque<Bytes>,
     offload: bool,
+    /// Super-packets framed for the kernel to segment since [`PrismDevice::take_super_packets_out`].
+    super_packets_out: u64,
 }
 
 impl PrismDevice {
@@ -41,6 +43,7 @@ impl PrismDevice {
             rx: VecDeque::new(),
             tx: VecDeque::new(),
             offload: false,
+            super_packets_out: 0,
         }
     }
 
@@ -88,6 +91,12 @@ impl PrismDevice {
         self.tx.pop_front()
     }
 
+    /// How many transmitted packets were super-packets for the kernel to segment (offload at
+    /// work) since the last call.
+    pub fn take_super_packets_out(&mut self) -> u64 {
+        std::mem::take(&mut self.super_packets_out)
+    }
+
     /// Number of transmitted packets waiting to be taken.
     pub fn tx_len(&self) -> usize {
         self.tx.len()
@@ -100,11 +109,16 @@ impl phy::Device for PrismDevice {
 
     fn receive(&mut self, _timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
         let packet = self.rx.pop_front()?;
-        Some((RxToken(packet), TxToken::new(&mut self.tx, self.offload)))
+        let tx = TxToken::new(&mut self.tx, self.offload, &mut self.super_packets_out);
+        Some((RxToken(packet), tx))
     }
 
     fn transmit(&mut self, _timestamp: Instant) -> Option<Self::TxToken<'_>> {
-        Some(TxToken::new(&mut self.tx, self.offload))
+        Some(TxToken::new(
+            &mut self.tx,
+            self.offload,
+            &mut self.super_packets_out,
+        ))
     }
 
     fn capabilities(&self) -> DeviceCapabilities {
@@ -133,14 +147,17 @@ pub struct TxToken<'a> {
     offload: bool,
     /// Payload bytes per segment, when smoltcp wrote a super-packet.
     segment_size: Option<u16>,
+    /// The device's count of super-packets out.
+    super_packets: &'a mut u64,
 }
 
 impl<'a> TxToken<'a> {
-    fn new(queue: &'a mut VecDeque<Bytes>, offload: bool) -> Self {
+    fn new(queue: &'a mut VecDeque<Bytes>, offload: bool, super_packets: &'a mut u64) -> Self {
         Self {
             queue,
             offload,
             segment_size: None,
+            super_packets,
         }
     }
 }
@@ -159,7 +176,11 @@ impl phy::TxToken for TxToken<'_> {
         let mut buffer = BytesMut::zeroed(vnet::HEADER_LEN + len);
         let (header, packet) = buffer.split_at_mut(vnet::HEADER_LEN);
         let result = f(packet);
-        header.copy_from_slice(&vnet::offload_tcp(packet, self.segment_size).to_bytes());
+        let framing = vnet::offload_tcp(packet, self.segment_size);
+        if framing.is_gso() {
+            *self.super_packets += 1;
+        }
+        header.copy_from_slice(&framing.to_bytes());
         self.queue.push_back(buffer.freeze());
         result
     }
@@ -224,6 +245,8 @@ mod tests {
         token.consume(unchecked.len(), |buf| buf.copy_from_slice(&unchecked));
 
         let frame = device.pop_tx().unwrap();
+        assert_eq!(device.take_super_packets_out(), 1);
+        assert_eq!(device.take_super_packets_out(), 0);
         let header = vnet::Header::parse(&frame).unwrap();
         assert_eq!(header.gso_type, vnet::GSO_TCPV4);
         assert_eq!((header.gso_size, header.hdr_len), (1460, 40));
@@ -248,6 +271,7 @@ mod tests {
         let framed = device.pop_tx().unwrap();
         assert_eq!(vnet::Header::parse(&framed), Some(vnet::Header::PLAIN));
         assert_eq!(&framed[vnet::HEADER_LEN..], b"icmp");
+        assert_eq!(device.take_super_packets_out(), 0);
     }
 
     #[test]

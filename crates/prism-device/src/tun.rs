@@ -8,6 +8,7 @@
 use std::io;
 use std::net::IpAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::BytesMut;
 use tokio::task::JoinHandle;
@@ -115,6 +116,7 @@ pub struct Tun {
     device: Arc<AsyncDevice>,
     name: String,
     index: u32,
+    refused: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Tun {
@@ -166,6 +168,7 @@ impl Tun {
             device: Arc::new(device),
             name,
             index,
+            refused: Arc::default(),
         })
     }
 
@@ -177,6 +180,12 @@ impl Tun {
     /// Interface index, for routes.
     pub fn index(&self) -> u32 {
         self.index
+    }
+
+    /// Packets the kernel refused to take (a frame it finds malformed, or too large), counted
+    /// as they are dropped; readable while [`Tun::spawn`]'s task runs.
+    pub fn refused_writes(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.refused)
     }
 
     /// Whether the device offloads: it then reads and writes virtio-net frames
@@ -196,6 +205,7 @@ impl Tun {
         let (mut inbound, outbound) = link.split();
         let reader = Arc::clone(&self.device);
         let writer = self.device;
+        let refused = self.refused;
         tokio::spawn(async move {
             let read = async move {
                 let mut arena = BytesMut::zeroed(READ_ARENA);
@@ -220,6 +230,7 @@ impl Tun {
                             }
                             // One packet the kernel will not take (a frame it finds malformed,
                             // or too large): that packet is lost, the device lives on.
+                            refused.fetch_add(1, Ordering::Relaxed);
                             debug!(%error, len = packet.len(), "TUN refused a packet; dropped");
                         }
                     }

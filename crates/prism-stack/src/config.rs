@@ -9,8 +9,8 @@ use prism_trap::{Handshake, HandshakePolicy};
 /// Each socket's receive and send buffer unless configured. smoltcp's window only spans the
 /// local link to the TUN's kernel (tens of microseconds), where 256 KiB covers more than
 /// 20 Gbit/s; the upstream's long path is the kernel's TCP. Larger buffers cost memory per
-/// connection even untouched: jemalloc keeps metadata pages per large allocation (2 MiB
-/// buffers cost 216 MB at 10,000 connections, 256 KiB ones 150 MB).
+/// connection once grown, even untouched: jemalloc keeps metadata pages per large allocation
+/// (allocated up front for 10,000 connections, 2 MiB buffers cost 216 MB, 256 KiB ones 150 MB).
 pub const DEFAULT_TCP_BUFFER: usize = 256 * 1024;
 
 /// What each socket's buffers start at unless configured: both fit one 4 KiB page, and a

@@ -284,29 +284,29 @@ impl Stack {
     fn ingress(&mut self, batch: &mut Vec<Bytes>, now: smoltcp::time::Instant) {
         Counters::add(&self.counters.packets_in, batch.len() as u64);
         for frame in batch.drain(..) {
-            // With offload the link carries frames; what is diverted goes on as a frame.
-            let (packet, checksums, frame) = if self.config.offload {
-                match vnet::unframe(&frame) {
+            // With offload the link carries frames and the packet is a slice of one; what is
+            // diverted goes on whole, as the link carried it.
+            let (packet, checksums) = if self.config.offload {
+                let Some((header, packet)) = vnet::unframe(&frame) else {
+                    Counters::add(&self.counters.drop_truncated, 1);
+                    continue;
+                };
+                if !header.checksum_trusted() {
+                    (packet, Checksums::Verify)
+                } else {
                     // A super-packet from the kernel is one TCP segment to smoltcp.
-                    Some((header, packet)) if header.checksum_trusted() => {
-                        if header.is_gso() {
-                            Counters::add(&self.counters.super_packets_in, 1);
-                        }
-                        (packet, Checksums::Trusted, Some(frame))
+                    if header.is_gso() {
+                        Counters::add(&self.counters.super_packets_in, 1);
                     }
-                    Some((_, packet)) => (packet, Checksums::Verify, Some(frame)),
-                    None => {
-                        Counters::add(&self.counters.drop_truncated, 1);
-                        continue;
-                    }
+                    (packet, Checksums::Trusted)
                 }
             } else {
-                (frame, Checksums::Verify, None)
+                (frame.clone(), Checksums::Verify)
             };
             let segment = match classify_with(&packet, checksums) {
                 Ok(Packet::Tcp(segment)) => segment,
                 Ok(Packet::Other { protocol }) => {
-                    self.divert(frame.unwrap_or(packet), protocol);
+                    self.divert(frame, protocol);
                     continue;
                 }
                 Err(malformed) => {
@@ -791,16 +791,16 @@ impl Stack {
 
     /// Writes what smoltcp transmitted to the link.
     async fn flush(&mut self) -> Result<(), LinkClosed> {
-        let (mut sent, mut supers) = (0, 0);
+        let mut sent = 0;
         while let Some(packet) = self.device.pop_tx() {
-            if self.config.offload && vnet::Header::parse(&packet).is_some_and(|h| h.is_gso()) {
-                supers += 1;
-            }
             self.link.send(packet).await?;
             sent += 1;
         }
         Counters::add(&self.counters.packets_out, sent);
-        Counters::add(&self.counters.super_packets_out, supers);
+        Counters::add(
+            &self.counters.super_packets_out,
+            self.device.take_super_packets_out(),
+        );
         Ok(())
     }
 }
