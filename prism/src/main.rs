@@ -1,4 +1,4 @@
-//! The `prism` command: a TUN device, Prism's stack and an upstream connector, wired together.
+//! The `prism` command: flags onto Prism's engine (`prism-engine`), and the relay server.
 //!
 //! `prism run` creates the TUN, gives it its addresses, routes each `--route` through it, serves
 //! until SIGINT or SIGTERM, then removes what it added and exits 0. Any setup error prints one
@@ -13,8 +13,6 @@ mod routes;
 mod run;
 #[cfg(target_os = "linux")]
 mod stats;
-#[cfg(target_os = "linux")]
-mod tap;
 
 use std::process::ExitCode;
 

@@ -5,7 +5,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use prism_device::Link;
 use prism_device::tun::{Layer, Tun, TunConfig};
 use prism_relay::frame::Keys;
 use prism_relay::{Counters, Server};
@@ -50,8 +49,7 @@ pub(crate) async fn serve(args: RelayServerArgs) -> Result<()> {
     let server = Server::bind(args.listen, keys, Arc::clone(&counters))
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    let (server_end, tun_end) = Link::pair(4096);
-    let pump = tun.spawn(tun_end);
+    let (server_end, pump) = tun.spawn(4096);
     let relay = tokio::spawn(server.run(server_end));
     info!(listen = %args.listen, tun = %args.tun, "relay server");
     tokio::select! {
@@ -60,7 +58,13 @@ pub(crate) async fn serve(args: RelayServerArgs) -> Result<()> {
     }
     relay.abort();
     if let Some(path) = &args.stats_file {
-        crate::stats::write(path, crate::stats::prefixed("", counters.fields()));
+        let fields: serde_json::Map<String, serde_json::Value> = counters
+            .snapshot()
+            .fields()
+            .into_iter()
+            .map(|(name, value)| (name.to_owned(), value.into()))
+            .collect();
+        crate::stats::write(path, &serde_json::Value::Object(fields).to_string());
     }
     Ok(())
 }

@@ -1,4 +1,4 @@
-//! What both commands share at the edges: waiting for a stop signal, and writing counters.
+//! What both commands share at the edges: waiting for a stop signal, and writing the stats.
 
 use std::path::Path;
 
@@ -19,24 +19,10 @@ pub(crate) fn stop_signal() -> Result<impl Future<Output = &'static str>> {
     })
 }
 
-/// Counters named with `prefix` (for example `l2_` or `relay_`).
-pub(crate) fn prefixed(
-    prefix: &str,
-    fields: Vec<(&'static str, u64)>,
-) -> impl Iterator<Item = (String, u64)> {
-    fields
-        .into_iter()
-        .map(move |(name, value)| (format!("{prefix}{name}"), value))
-}
-
-/// Writes the counters as one flat JSON object (names are plain identifiers, values
-/// integers). A failure is logged: the stats file never changes how the command ends.
-pub(crate) fn write(path: &Path, fields: impl IntoIterator<Item = (String, u64)>) {
-    let fields: Vec<String> = fields
-        .into_iter()
-        .map(|(name, value)| format!("\"{name}\": {value}"))
-        .collect();
-    if let Err(error) = std::fs::write(path, format!("{{{}}}\n", fields.join(", "))) {
+/// Writes the stats file. A failure is logged: the stats file never changes how the command
+/// ends.
+pub(crate) fn write(path: &Path, json: &str) {
+    if let Err(error) = std::fs::write(path, format!("{json}\n")) {
         warn!(path = %path.display(), %error, "cannot write the stats file");
     }
 }

@@ -39,6 +39,51 @@ pub fn start_stack(config: Config) -> (Link, Requests, std::sync::Arc<prism_stac
     (client_end, requests, counters)
 }
 
+/// Stands in for an offloading TUN's kernel between a plain client and a link of virtio-net
+/// frames: the client's packets get a plain header; the stack's frames are made plain (partial
+/// checksums finished, super-packets segmented). Returns the end the client should use; the
+/// task ends when either side closes.
+pub fn virtio_kernel(device: Link) -> (Link, tokio::task::JoinHandle<()>) {
+    use prism_device::vnet;
+    assert_eq!(device.framing(), prism_device::Framing::Virtio);
+    let (client, ours) = Link::pair(4096);
+    let (mut from_client, to_client) = ours.split();
+    let (mut from_stack, to_stack) = device.split();
+    let task = tokio::spawn(async move {
+        let mut batch = Vec::new();
+        let mut frames = Vec::new();
+        let mut plain = Vec::new();
+        loop {
+            tokio::select! {
+                n = from_client.recv_many(&mut batch, 64) => {
+                    if n == 0 {
+                        return;
+                    }
+                    for packet in batch.drain(..) {
+                        if to_stack.send(vnet::frame(&packet)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                n = from_stack.recv_many(&mut frames, 64) => {
+                    if n == 0 {
+                        return;
+                    }
+                    for frame in frames.drain(..) {
+                        vnet::to_plain(&frame, &mut plain).expect("a frame the kernel takes");
+                        for packet in plain.drain(..) {
+                            if to_client.send(packet).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    });
+    (client, task)
+}
+
 /// A smoltcp TCP client on the far side of the link.
 #[allow(
     missing_debug_implementations,
@@ -134,6 +179,20 @@ impl Client {
         if let Ok(r) = timeout(wait, self.link.recv_batch(&mut self.batch)).await {
             r.expect("stack gone");
         }
+    }
+
+    /// Takes in everything the stack sent before it stopped (its end of the link is gone), and
+    /// lets the client's interface act on it; what the client would answer is discarded.
+    pub async fn absorb_last(&mut self) {
+        while let Ok(n) = self.link.recv_batch(&mut self.batch).await {
+            assert!(n > 0);
+        }
+        let now = self.now();
+        for packet in self.batch.drain(..) {
+            self.device.push_rx(packet);
+        }
+        self.iface.poll(now, &mut self.device, &mut self.sockets);
+        while self.device.pop_tx().is_some() {}
     }
 
     /// Steps until `check` returns `Some`, failing the test after [`PATIENCE`].

@@ -15,11 +15,11 @@ use std::time::Duration;
 use bytes::Bytes;
 use prism_stack::{Config, Rejection};
 use prism_tests::{Client, Reply, reply, start_stack, tcp_v4};
-use prism_tunnel::{ConnectError, Connector, Target, serve};
+use prism_tunnel::{ConnectError, Connecting, Connector, Target, Upstream, serve};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::socket::tcp::State;
 use smoltcp::wire::{Ipv4Packet, TcpControl, TcpPacket, TcpRepr};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
@@ -31,10 +31,11 @@ const TARGET_V6: &str = "[2001:db8::1]:443";
 struct Redirect(SocketAddr);
 
 impl Connector for Redirect {
-    type Upstream = TcpStream;
-
-    async fn connect(&self, _target: &Target) -> Result<TcpStream, ConnectError> {
-        Ok(TcpStream::connect(self.0).await?)
+    fn connect<'a>(&'a self, _target: &'a Target) -> Connecting<'a> {
+        Box::pin(async move {
+            let stream = TcpStream::connect(self.0).await?;
+            Ok(Box::new(stream) as Box<dyn Upstream>)
+        })
     }
 }
 
@@ -102,15 +103,13 @@ async fn echo<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) -> Vec<u8> {
 struct InMemoryEcho(mpsc::UnboundedSender<Vec<u8>>);
 
 impl Connector for InMemoryEcho {
-    type Upstream = DuplexStream;
-
-    async fn connect(&self, _target: &Target) -> Result<DuplexStream, ConnectError> {
+    fn connect<'a>(&'a self, _target: &'a Target) -> Connecting<'a> {
         let (ours, theirs) = tokio::io::duplex(64 * 1024);
         let seen = self.0.clone();
         tokio::spawn(async move {
             let _ = seen.send(echo(theirs).await);
         });
-        Ok(ours)
+        Box::pin(async move { Ok::<Box<dyn Upstream>, ConnectError>(Box::new(ours)) })
     }
 }
 
@@ -609,7 +608,11 @@ async fn other_protocols_are_diverted_whole_and_a_full_taker_is_counted() {
     })
     .await
     .expect("the second packet is counted as dropped");
-    assert_eq!(others.recv().await, Some(first), "diverted as it came");
+    assert_eq!(
+        others.packets.recv().await,
+        Some(first),
+        "diverted as it came"
+    );
     let snapshot = counters.snapshot();
     assert_eq!((snapshot.diverted, snapshot.drop_divert_full), (1, 1));
     assert_eq!(snapshot.drop_not_tcp, 0);

@@ -596,12 +596,12 @@ fn stop_cleanly(
     let counters = std::fs::read_to_string(stats).context("prism wrote no stats file")?;
     for bad in ["drop_checksum", "drop_truncated", "drop_version"] {
         ensure!(
-            counters.contains(&format!("\"{bad}\": 0")),
+            counter(&counters, bad)? == 0,
             "kernel traffic was counted as malformed: {counters}"
         );
     }
     ensure!(
-        counters.contains("\"tun_refused_writes\": 0"),
+        counter(&counters, "tun_refused_writes")? == 0,
         "the kernel refused packets Prism wrote to the TUN: {counters}"
     );
     Ok(drops)
@@ -1110,13 +1110,19 @@ const GARBAGE: Garbage = Garbage {
     stranger: 3,
 };
 
-/// One counter from a stats file's flat JSON object (0 if absent).
+/// One counter from a stats file's JSON object; an error if it is not there.
+pub(crate) fn counter(counters: &str, name: &str) -> Result<u64> {
+    serde_json::from_str::<serde_json::Value>(counters)
+        .ok()
+        .and_then(|stats| stats.get(name).and_then(serde_json::Value::as_u64))
+        .with_context(|| format!("no counter {name} in the stats: {counters}"))
+}
+
+/// One counter from a stats file's JSON object (0 if absent or not a number).
 pub(crate) fn stat(counters: &str, name: &str) -> u64 {
-    counters
-        .split(&format!("\"{name}\": "))
-        .nth(1)
-        .and_then(|rest| rest.split([',', '}']).next())
-        .and_then(|n| n.trim().parse().ok())
+    serde_json::from_str::<serde_json::Value>(counters)
+        .ok()
+        .and_then(|stats| stats.get(name).and_then(serde_json::Value::as_u64))
         .unwrap_or(0)
 }
 

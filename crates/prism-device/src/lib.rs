@@ -5,7 +5,9 @@
 //!   what smoltcp transmits is queued for the stack to hand back to the link.
 //! - [`Link`] bridges those queues to tokio: one end for the stack, one for the adapter that
 //!   talks to the operating system.
-//! - [`tun`] (Linux) is that adapter for a TUN device.
+//! - [`tun`] (Linux) is that adapter for a TUN or TAP opened by name; [`FdDevice`] for one
+//!   the product opened and hands over as a descriptor.
+//! - [`Outside`] is how the sockets Prism opens itself avoid being routed into its device.
 //! - [`vnet`] is the offload bookkeeping of an offloading TUN: virtio-net headers, partial TCP
 //!   checksums, super-packets.
 //!
@@ -14,12 +16,25 @@
 //! segmentation). Where it goes belongs to `prism-trap`, `prism-relay` and `prism-stack`.
 //! Next: `prism-stack` owns a `PrismDevice` and drives it.
 
+#[cfg(unix)]
+mod fd;
 mod link;
+mod outside;
+#[cfg(unix)]
+mod pump;
 mod queue;
 #[cfg(target_os = "linux")]
 pub mod tun;
 pub mod vnet;
 
-pub use link::{BATCH, Link, LinkClosed};
+#[cfg(unix)]
+pub use fd::{FdDevice, FdKind};
+pub use link::{BATCH, Diverted, Framing, Link, LinkClosed};
+pub use outside::Outside;
+#[cfg(unix)]
+pub use outside::Protect;
 pub use queue::PrismDevice;
 pub use smoltcp::phy::Medium;
+
+/// Room for an Ethernet header (with a VLAN tag) beyond the MTU when reading frames.
+const FRAME_OVERHEAD: usize = 18;

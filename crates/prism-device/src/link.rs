@@ -3,6 +3,10 @@
 //! A link is a pair of bounded channels of `Bytes`. [`Link::pair`] makes two ends: the stack
 //! takes one, the adapter (TUN, TAP, a test's in-memory client) the other. Each end receives
 //! what the other sends. Receiving is batched: one wake-up takes up to [`BATCH`] packets.
+//!
+//! A link knows its [`Framing`]: whether each buffer is a plain IP packet or a virtio-net frame
+//! of an offloading TUN. It is fixed when the pair is made, and whoever reads from the link
+//! (the stack, the relay) takes it from there, so the two ends cannot disagree.
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
@@ -10,11 +14,35 @@ use tokio::sync::mpsc;
 /// Most packets taken from a link in one wake-up.
 pub const BATCH: usize = 64;
 
+/// What each buffer on a link is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Framing {
+    /// A plain IP packet with complete checksums.
+    #[default]
+    Plain,
+    /// A virtio-net header ([`crate::vnet`]) before an IP packet: TCP super-packets of up to
+    /// 64 KB and partial checksums pass both ways (an offloading TUN).
+    Virtio,
+}
+
+impl Framing {
+    /// Frames a plain packet as this link carries it (one copy for [`Framing::Virtio`]). For
+    /// packets built outside smoltcp: ICMP errors, relayed packets.
+    pub fn frame(self, packet: Bytes) -> Bytes {
+        match self {
+            Framing::Plain => packet,
+            Framing::Virtio => crate::vnet::frame(&packet),
+        }
+    }
+}
+
 /// One end of a packet link.
 #[derive(Debug)]
 pub struct Link {
     inbound: mpsc::Receiver<Bytes>,
     outbound: mpsc::Sender<Bytes>,
+    framing: Framing,
 }
 
 /// The other end of the link is gone.
@@ -23,20 +51,34 @@ pub struct Link {
 pub struct LinkClosed;
 
 impl Link {
-    /// Two connected ends, each direction buffering up to `capacity` packets.
+    /// Two connected ends carrying plain IP packets, each direction buffering up to
+    /// `capacity` packets.
     pub fn pair(capacity: usize) -> (Link, Link) {
+        Link::framed_pair(capacity, Framing::Plain)
+    }
+
+    /// Two connected ends carrying buffers framed as `framing` says.
+    pub fn framed_pair(capacity: usize, framing: Framing) -> (Link, Link) {
+        let capacity = capacity.max(1);
         let (a_tx, a_rx) = mpsc::channel(capacity);
         let (b_tx, b_rx) = mpsc::channel(capacity);
         (
             Link {
                 inbound: a_rx,
                 outbound: b_tx,
+                framing,
             },
             Link {
                 inbound: b_rx,
                 outbound: a_tx,
+                framing,
             },
         )
+    }
+
+    /// What each buffer on this link is.
+    pub fn framing(&self) -> Framing {
+        self.framing
     }
 
     /// Waits for packets and appends up to [`BATCH`] of them to `batch`. Returns how many were
@@ -64,6 +106,18 @@ impl Link {
     pub fn split(self) -> (mpsc::Receiver<Bytes>, mpsc::Sender<Bytes>) {
         (self.inbound, self.outbound)
     }
+}
+
+/// Packets taken off a link by its reader for someone else (the stack diverts everything that
+/// is not TCP to the relay), with a way to send back into the device beside the reader.
+#[derive(Debug)]
+pub struct Diverted {
+    /// The diverted buffers, framed as the link carries them.
+    pub packets: mpsc::Receiver<Bytes>,
+    /// Into the device's end of the same link.
+    pub to_device: mpsc::Sender<Bytes>,
+    /// What the link carries.
+    pub framing: Framing,
 }
 
 #[cfg(test)]

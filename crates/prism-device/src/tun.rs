@@ -1,24 +1,19 @@
 //! Linux TUN and TAP adapter on tun-rs: opens the device, gives it its addresses, and pumps
 //! packets (TUN) or frames (TAP) between it and a [`Link`].
 //!
-//! Reading makes the one copy from the kernel: packets are read into slices of a large shared
-//! buffer that become `Bytes` without another copy. Routes are not managed here (the `prism`
-//! binary does that over netlink); this module only owns the device.
+//! The pump is shared with descriptor devices (`pump.rs`). Routes are not managed here (the
+//! `prism` binary does that over netlink); this module only owns the device.
 
 use std::io;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 
-use bytes::BytesMut;
 use tokio::task::JoinHandle;
-use tracing::debug;
 use tun_rs::{AsyncDevice, DeviceBuilder};
 
-use crate::{BATCH, Link, vnet};
-
-/// Bytes read ahead in one shared buffer before a fresh one is allocated.
-const READ_ARENA: usize = 256 * 1024;
+use crate::pump::{self, PacketIo};
+use crate::{FRAME_OVERHEAD, Framing, Link, vnet};
 
 /// What to open.
 #[derive(Debug, Clone)]
@@ -36,7 +31,7 @@ pub struct TunConfig {
     /// dropped SYN costs its client a one-second retransmission.
     pub queue_len: u32,
     /// Ask for offload (virtio-net frames, TSO both ways, partial checksums) on a TUN. The
-    /// kernel may refuse; [`Tun::offload`] says what was granted. Ignored for TAP.
+    /// kernel may refuse; [`Tun::framing`] says what was granted. Ignored for TAP.
     pub offload: bool,
 }
 
@@ -49,9 +44,6 @@ pub enum Layer {
     /// Ethernet frames (TAP); `prism-l2` turns them into IP packets and back.
     Ethernet,
 }
-
-/// Room for an Ethernet header (with a VLAN tag) beyond the MTU when reading frames.
-const FRAME_OVERHEAD: usize = 18;
 
 /// A kernel-side TUN queue deep enough for bursts of a few thousand packets.
 pub const DEFAULT_QUEUE: u32 = 4096;
@@ -88,13 +80,6 @@ pub enum Error {
         /// What the kernel said.
         source: io::Error,
     },
-}
-
-/// A write error that concerns only the packet written, not the device.
-fn refused_packet(error: &io::Error) -> bool {
-    const EINVAL: i32 = 22;
-    const EMSGSIZE: i32 = 90;
-    matches!(error.raw_os_error(), Some(EINVAL | EMSGSIZE))
 }
 
 /// An I/O error in words a user can act on.
@@ -188,59 +173,45 @@ impl Tun {
         Arc::clone(&self.refused)
     }
 
-    /// Whether the device offloads: it then reads and writes virtio-net frames
-    /// ([`crate::vnet`]), and the stack on its link must be told so.
-    pub fn offload(&self) -> bool {
-        self.device.tcp_gso()
+    /// How the device's link frames what it carries: virtio-net frames when the kernel
+    /// granted offload.
+    pub fn framing(&self) -> Framing {
+        if self.device.tcp_gso() {
+            Framing::Virtio
+        } else {
+            Framing::Plain
+        }
     }
 
-    /// Pumps packets between the device and `link` until either side closes. The returned
-    /// task ends with the device error that stopped it, or `Ok` when the link closed.
-    pub fn spawn(self, link: Link) -> JoinHandle<io::Result<()>> {
-        let largest = if self.offload() {
-            vnet::HEADER_LEN + usize::from(u16::MAX)
-        } else {
-            usize::from(self.device.mtu().unwrap_or(1500)).max(1280) + FRAME_OVERHEAD
-        };
-        let (mut inbound, outbound) = link.split();
-        let reader = Arc::clone(&self.device);
-        let writer = self.device;
-        let refused = self.refused;
-        tokio::spawn(async move {
-            let read = async move {
-                let mut arena = BytesMut::zeroed(READ_ARENA);
-                loop {
-                    if arena.len() < largest {
-                        arena = BytesMut::zeroed(READ_ARENA.max(4 * largest));
-                    }
-                    let n = reader.recv(&mut arena).await?;
-                    let packet = arena.split_to(n).freeze();
-                    if outbound.send(packet).await.is_err() {
-                        return Ok::<(), io::Error>(());
-                    }
-                }
-            };
-            let write = async move {
-                let mut batch = Vec::with_capacity(BATCH);
-                while inbound.recv_many(&mut batch, BATCH).await > 0 {
-                    for packet in batch.drain(..) {
-                        if let Err(error) = writer.send(&packet).await {
-                            if !refused_packet(&error) {
-                                return Err(error);
-                            }
-                            // One packet the kernel will not take (a frame it finds malformed,
-                            // or too large): that packet is lost, the device lives on.
-                            refused.fetch_add(1, Ordering::Relaxed);
-                            debug!(%error, len = packet.len(), "TUN refused a packet; dropped");
-                        }
-                    }
-                }
-                Ok::<(), io::Error>(())
-            };
-            tokio::select! {
-                r = read => r,
-                w = write => w,
+    /// Starts pumping packets between the device and a new link, whose other end (carrying
+    /// [`Tun::framing`]) is returned. The task ends with the device error that stopped it, or
+    /// `Ok` once that end is dropped.
+    pub fn spawn(self, capacity: usize) -> (Link, JoinHandle<io::Result<()>>) {
+        let framing = self.framing();
+        let largest = match framing {
+            Framing::Virtio => vnet::HEADER_LEN + usize::from(u16::MAX),
+            Framing::Plain => {
+                usize::from(self.device.mtu().unwrap_or(1500)).max(1280) + FRAME_OVERHEAD
             }
-        })
+        };
+        let (ours, theirs) = Link::framed_pair(capacity, framing);
+        let refused = Arc::clone(&self.refused);
+        (
+            theirs,
+            pump::spawn(Device(self.device), ours, largest, refused),
+        )
+    }
+}
+
+/// tun-rs's device as the pump sees it.
+struct Device(Arc<AsyncDevice>);
+
+impl PacketIo for Device {
+    async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.recv(buf).await
+    }
+
+    async fn send(&self, packet: &[u8]) -> io::Result<usize> {
+        self.0.send(packet).await
     }
 }

@@ -113,7 +113,7 @@ pub fn frame(packet: &[u8]) -> Bytes {
 
 /// A plain packet as a link carries it: framed (one copy) when the link's device offloads,
 /// unchanged otherwise. For packets built outside smoltcp (ICMP errors, relayed packets).
-pub fn frame_if(offload: bool, packet: Bytes) -> Bytes {
+pub(crate) fn frame_if(offload: bool, packet: Bytes) -> Bytes {
     if offload { frame(&packet) } else { packet }
 }
 

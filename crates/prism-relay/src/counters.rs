@@ -4,16 +4,32 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 macro_rules! counters {
     ($($(#[$doc:meta])* $name:ident,)*) => {
-        /// Live counters of a relay client or server.
+        /// Live counters of a relay client or server, updated by the relay's tasks.
         #[derive(Debug, Default)]
         pub struct Counters {
-            $($(#[$doc])* pub $name: AtomicU64,)*
+            $($(#[$doc])* pub(crate) $name: AtomicU64,)*
+        }
+
+        /// A copy of the counters at one moment.
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+        #[non_exhaustive]
+        pub struct Snapshot {
+            $($(#[$doc])* pub $name: u64,)*
         }
 
         impl Counters {
+            /// Reads every counter.
+            pub fn snapshot(&self) -> Snapshot {
+                Snapshot {
+                    $($name: self.$name.load(Ordering::Relaxed),)*
+                }
+            }
+        }
+
+        impl Snapshot {
             /// Every counter by name, in a fixed order.
             pub fn fields(&self) -> Vec<(&'static str, u64)> {
-                vec![$((stringify!($name), self.$name.load(Ordering::Relaxed)),)*]
+                vec![$((stringify!($name), self.$name),)*]
             }
         }
     };
@@ -54,7 +70,7 @@ counters! {
 
 impl Counters {
     /// Adds one to `counter`.
-    pub fn bump(counter: &AtomicU64) {
+    pub(crate) fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }
 }

@@ -25,10 +25,10 @@ mod split;
 mod splitter;
 mod tunnel;
 
-pub use counters::Counters;
+pub use counters::{Counters, Snapshot};
 pub use refuse::prohibited;
 pub use replay::{ReplayWindow, WINDOW};
 pub use server::{SESSION_IDLE, Server};
 pub use split::{Route, route};
 pub use splitter::run_relay;
-pub use tunnel::{HELLO_INTERVAL, PacketTunnel, SocketOptions, UdpTunnel};
+pub use tunnel::{HELLO_INTERVAL, PacketTunnel, UdpTunnel};

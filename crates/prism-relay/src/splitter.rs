@@ -9,29 +9,31 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use prism_device::vnet;
-use tokio::sync::mpsc;
+use prism_device::{Diverted, Framing, vnet};
 use tracing::debug;
 
 use crate::split::too_big;
 use crate::{Counters, PacketTunnel, Route, prohibited, route};
 
-/// Runs until the stack stops diverting (it stopped) or the device is gone. `others` is the
-/// receiver from `Stack::divert_other_protocols`, `to_device` a sender into the device's link.
-/// `relay_mtu` is the largest packet the relay carries whole; larger ones that may not be
-/// fragmented are answered with ICMP. `offload`: the device reads and writes virtio-net
-/// frames ([`prism_device::vnet`]); the relay gets plain packets, and what goes to the device
-/// is framed.
+/// Runs until the stack stops diverting (it stopped) or the device is gone. `diverted` comes
+/// from `Stack::divert_other_protocols`. `relay_mtu` is the largest packet the relay carries
+/// whole; larger ones that may not be fragmented are answered with ICMP. On a link of
+/// virtio-net frames ([`prism_device::vnet`]) the relay still gets plain packets, and what goes
+/// to the device is framed.
 pub async fn run_relay<T: PacketTunnel>(
-    mut others: mpsc::Receiver<Bytes>,
-    to_device: mpsc::Sender<Bytes>,
+    diverted: Diverted,
     relay: Option<Arc<T>>,
     relay_mtu: usize,
-    offload: bool,
     counters: Arc<Counters>,
 ) {
+    let Diverted {
+        packets: mut others,
+        to_device,
+        framing,
+    } = diverted;
+    let offload = framing == Framing::Virtio;
     // What this task sends to the device (ICMP errors, relayed packets) is plain.
-    let framed = move |packet: Bytes| vnet::frame_if(offload, packet);
+    let framed = move |packet: Bytes| framing.frame(packet);
     let outbound = {
         let to_device = to_device.clone();
         let relay = relay.clone();

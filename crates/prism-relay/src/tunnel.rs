@@ -12,6 +12,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use chacha20poly1305::aead::OsRng;
 use chacha20poly1305::aead::rand_core::RngCore;
+use prism_device::Outside;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
@@ -35,15 +36,6 @@ pub trait PacketTunnel: Send + Sync + 'static {
     fn recv(&self) -> impl Future<Output = io::Result<Bytes>> + Send;
 }
 
-/// How the client's UDP socket is kept out of the TUN.
-#[derive(Debug, Clone, Default)]
-pub struct SocketOptions {
-    /// SO_BINDTODEVICE (Linux).
-    pub bind_interface: Option<String>,
-    /// SO_MARK (Linux).
-    pub fwmark: Option<u32>,
-}
-
 /// The client end of the UDP relay.
 #[derive(Debug)]
 pub struct UdpTunnel {
@@ -65,7 +57,7 @@ impl UdpTunnel {
         server: SocketAddr,
         keys: Keys,
         addresses: Vec<IpAddr>,
-        options: &SocketOptions,
+        outside: &Outside,
         counters: Arc<Counters>,
     ) -> io::Result<Arc<UdpTunnel>> {
         let socket = Socket::new(
@@ -74,15 +66,7 @@ impl UdpTunnel {
             Some(Protocol::UDP),
         )?;
         socket.set_nonblocking(true)?;
-        #[cfg(any(target_os = "linux", target_os = "android"))]
-        {
-            if let Some(interface) = &options.bind_interface {
-                socket.bind_device(Some(interface.as_bytes()))?;
-            }
-            if let Some(mark) = options.fwmark {
-                socket.set_mark(mark)?;
-            }
-        }
+        outside.prepare(&socket)?;
         let socket = UdpSocket::from_std(socket.into())?;
         socket.connect(server).await?;
         let mut session = [0u8; 16];

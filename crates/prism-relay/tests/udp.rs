@@ -9,13 +9,13 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
 use prism_device::Link;
+use prism_device::Outside;
 use prism_relay::frame::Keys;
-use prism_relay::{Counters, PacketTunnel, Server, SocketOptions, UdpTunnel};
+use prism_relay::{Counters, PacketTunnel, Server, UdpTunnel};
 use smoltcp::wire::Ipv4Packet;
 use tokio::net::UdpSocket;
 
@@ -60,7 +60,7 @@ async fn setup() -> Setup {
         server_addr,
         Keys::derive(PSK).unwrap(),
         vec![IpAddr::from([10, 99, 0, 1])],
-        &SocketOptions::default(),
+        &Outside::default(),
         Arc::clone(&client_counters),
     )
     .await
@@ -103,8 +103,8 @@ async fn packets_cross_both_ways_and_only_to_their_owner() {
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(s.server_counters.drop_no_session.load(Ordering::Relaxed), 1);
-    assert_eq!(s.client_counters.received.load(Ordering::Relaxed), 1);
+    assert_eq!(s.server_counters.snapshot().drop_no_session, 1);
+    assert_eq!(s.client_counters.snapshot().received, 1);
 }
 
 #[tokio::test]
@@ -115,7 +115,7 @@ async fn a_client_cannot_send_from_an_address_it_does_not_own() {
         .await
         .unwrap();
     assert_eq!(tun_receives(&mut s.tun).await, None);
-    assert_eq!(s.server_counters.drop_spoofed.load(Ordering::Relaxed), 1);
+    assert_eq!(s.server_counters.snapshot().drop_spoofed, 1);
 }
 
 #[tokio::test]
@@ -127,7 +127,7 @@ async fn forged_truncated_replayed_and_wrong_key_datagrams_never_reach_the_tun()
         spy.local_addr().unwrap(),
         Keys::derive(PSK).unwrap(),
         vec![IpAddr::from([10, 99, 0, 3])],
-        &SocketOptions::default(),
+        &Outside::default(),
         Arc::new(Counters::default()),
     )
     .await
@@ -158,7 +158,7 @@ async fn forged_truncated_replayed_and_wrong_key_datagrams_never_reach_the_tun()
         s.server_addr,
         Keys::derive(b"another key, not the relay's one").unwrap(),
         vec![IpAddr::from([10, 99, 0, 2])],
-        &SocketOptions::default(),
+        &Outside::default(),
         Arc::new(Counters::default()),
     )
     .await
@@ -176,13 +176,10 @@ async fn forged_truncated_replayed_and_wrong_key_datagrams_never_reach_the_tun()
         "nothing else reaches the TUN"
     );
     let c = &s.server_counters;
-    assert_eq!(c.drop_replay.load(Ordering::Relaxed), 1);
-    assert_eq!(c.drop_truncated.load(Ordering::Relaxed), 1);
+    assert_eq!(c.snapshot().drop_replay, 1);
+    assert_eq!(c.snapshot().drop_truncated, 1);
     // The flipped bit, the garbage, and the stranger's hello and packet.
-    assert_eq!(
-        c.drop_auth.load(Ordering::Relaxed) + c.drop_version.load(Ordering::Relaxed),
-        4
-    );
+    assert_eq!(c.snapshot().drop_auth + c.snapshot().drop_version, 4);
     drop(s.client);
 }
 
@@ -196,7 +193,7 @@ async fn a_client_accepts_only_packets_for_its_own_addresses() {
         fake_server.local_addr().unwrap(),
         Keys::derive(PSK).unwrap(),
         vec![IpAddr::from([10, 99, 0, 1])],
-        &SocketOptions::default(),
+        &Outside::default(),
         Arc::clone(&counters),
     )
     .await
@@ -230,5 +227,5 @@ async fn a_client_accepts_only_packets_for_its_own_addresses() {
         .unwrap()
         .unwrap();
     assert_eq!(got, packet([192, 0, 2, 1], [10, 99, 0, 1], 1));
-    assert_eq!(counters.drop_spoofed.load(Ordering::Relaxed), 1);
+    assert_eq!(counters.snapshot().drop_spoofed, 1);
 }

@@ -17,7 +17,8 @@ pub const DEFAULT_TCP_BUFFER: usize = 256 * 1024;
 /// connection that never sends a burst larger than this never takes more.
 pub const DEFAULT_TCP_INITIAL_BUFFER: usize = 1024;
 
-/// How the stack is set up. `Config::default()` suits a TUN with a 1500-byte MTU.
+/// How the stack is set up. `Config::default()` suits a TUN with a 1500-byte MTU. Whether
+/// the link carries virtio-net frames is the link's own [`Framing`](prism_device::Framing).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Config {
@@ -49,10 +50,6 @@ pub struct Config {
     /// How long a consistent handshake waits for the application's answer before the client
     /// is told the host is unreachable.
     pub pending_timeout: Duration,
-    /// The link carries virtio-net frames ([`prism_device::vnet`]) of an offloading TUN: TCP
-    /// segments of up to 64 KB pass both ways, and checksums the kernel vouches for are
-    /// neither verified nor computed. Set it exactly when the device offloads.
-    pub offload: bool,
 }
 
 impl Default for Config {
@@ -69,7 +66,6 @@ impl Default for Config {
             handshake: Arc::new(Handshake::Fast),
             max_pending: 1024,
             pending_timeout: Duration::from_secs(15),
-            offload: false,
         }
     }
 }

@@ -68,6 +68,8 @@ pub(crate) struct State {
     pub(crate) abort: bool,
     /// The connection was reset; reads and writes fail.
     pub(crate) reset: bool,
+    /// The stack is shutting down or has stopped; reads and writes fail.
+    pub(crate) shutdown: bool,
     read_waker: Option<Waker>,
     write_waker: Option<Waker>,
 }
@@ -86,8 +88,26 @@ impl State {
             app_gone: false,
             abort: false,
             reset: false,
+            shutdown: false,
             read_waker: None,
             write_waker: None,
+        }
+    }
+
+    /// Why reads and writes fail, if they do.
+    fn failure(&self) -> Option<io::Error> {
+        if self.shutdown {
+            Some(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "connection ended: Prism's stack is shutting down",
+            ))
+        } else if self.reset {
+            Some(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                "connection reset by the client",
+            ))
+        } else {
+            None
         }
     }
 
@@ -241,8 +261,10 @@ impl Drop for Request {
 /// Reading returns the client's bytes, then end-of-file when the client sends FIN. Writing
 /// sends bytes to the client; [`shutdown`](tokio::io::AsyncWriteExt::shutdown) sends FIN
 /// after them, and reading may go on. A reset from the client makes reads and writes fail with
-/// `ConnectionReset`; [`Stream::abort`] resets the client. Dropping the stream closes it
-/// gracefully (FIN after the written bytes) and discards what the client still sends.
+/// `ConnectionReset`; [`Stream::abort`] resets the client. When the stack shuts down (or stops
+/// for any reason), reads and writes fail at once with `ConnectionAborted`. Dropping the
+/// stream closes it gracefully (FIN after the written bytes) and discards what the client still
+/// sends.
 #[derive(Debug)]
 pub struct Stream {
     shared: Arc<Shared>,
@@ -267,17 +289,11 @@ impl Stream {
         self.shared.notify();
     }
 
-    /// Whether the connection was reset.
+    /// Whether the connection ended abruptly: reset, or ended by the stack's shutdown.
     pub fn is_reset(&self) -> bool {
-        self.shared.lock().reset
+        let state = self.shared.lock();
+        state.reset || state.shutdown
     }
-}
-
-fn reset_error() -> io::Error {
-    io::Error::new(
-        io::ErrorKind::ConnectionReset,
-        "connection reset by the client",
-    )
 }
 
 impl Stream {
@@ -286,8 +302,8 @@ impl Stream {
     pub fn poll_read_bytes(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Option<Bytes>>> {
         let shared = &self.shared;
         let mut state = shared.lock();
-        if state.reset {
-            return Poll::Ready(Err(reset_error()));
+        if let Some(error) = state.failure() {
+            return Poll::Ready(Err(error));
         }
         let Some(chunk) = state.inbound.pop_front() else {
             if state.inbound_fin {
@@ -327,8 +343,8 @@ impl Stream {
     ) -> Poll<io::Result<usize>> {
         let shared = &self.shared;
         let mut state = shared.lock();
-        if state.reset {
-            return Poll::Ready(Err(reset_error()));
+        if let Some(error) = state.failure() {
+            return Poll::Ready(Err(error));
         }
         if state.outbound_shutdown {
             return Poll::Ready(Err(io::Error::new(
@@ -360,8 +376,8 @@ impl AsyncRead for Stream {
     ) -> Poll<io::Result<()>> {
         let shared = &self.shared;
         let mut state = shared.lock();
-        if state.reset {
-            return Poll::Ready(Err(reset_error()));
+        if let Some(error) = state.failure() {
+            return Poll::Ready(Err(error));
         }
         if state.inbound.is_empty() {
             if state.inbound_fin {
@@ -406,8 +422,8 @@ impl AsyncWrite for Stream {
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut state = self.shared.lock();
-        if state.reset {
-            return Poll::Ready(Err(reset_error()));
+        if let Some(error) = state.failure() {
+            return Poll::Ready(Err(error));
         }
         if state.outbound.is_empty() {
             return Poll::Ready(Ok(()));
@@ -418,8 +434,8 @@ impl AsyncWrite for Stream {
 
     fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut state = self.shared.lock();
-        if state.reset {
-            return Poll::Ready(Err(reset_error()));
+        if let Some(error) = state.failure() {
+            return Poll::Ready(Err(error));
         }
         state.outbound_shutdown = true;
         drop(state);

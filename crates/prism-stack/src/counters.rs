@@ -107,6 +107,12 @@ counters! {
     connections_reset,
     /// Connections that ended gracefully.
     connections_closed,
+    /// SYNs refused because the stack is shutting down.
+    syn_refused_stopping,
+    /// Bytes the clients sent, delivered to the application.
+    bytes_from_clients,
+    /// Bytes the application sent, handed to the clients' connections.
+    bytes_to_clients,
     /// Receive buffers grown from their initial size to the full one.
     rx_buffers_grown,
     /// Send buffers grown from their initial size to the full one.

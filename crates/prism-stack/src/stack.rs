@@ -13,11 +13,12 @@
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use prism_device::{BATCH, Link, LinkClosed, Medium, PrismDevice, vnet};
+use prism_device::{BATCH, Diverted, Framing, Link, LinkClosed, Medium, PrismDevice, vnet};
 use prism_trap::{
     Checksums, Decision, FourTuple, Handshake, Malformed, Packet, Segment, Table, Unreachable,
     classify_with, unreachable,
@@ -32,6 +33,7 @@ use tracing::{debug, trace};
 
 use crate::Config;
 use crate::conn::{Answer, ConnId, Rejection, Request, Shared, State};
+use crate::control::{Command, Connection, ConnectionState, Control, Report};
 use crate::counters::Counters;
 use crate::timers::Timers;
 
@@ -55,12 +57,21 @@ fn tcp_timestamp() -> u32 {
 
 /// The connections offered to the application, in the order their handshakes completed.
 #[derive(Debug)]
-pub struct Requests(mpsc::Receiver<Request>);
+pub struct Requests {
+    queue: mpsc::Receiver<Request>,
+    /// The stack is shutting down or gone: what is still queued is not offered.
+    stopped: Arc<AtomicBool>,
+}
 
 impl Requests {
-    /// The next connection, or `None` once the stack has stopped.
+    /// The next connection, or `None` once the stack is shutting down or has stopped.
     pub async fn next(&mut self) -> Option<Request> {
-        self.0.recv().await
+        if self.stopped.load(Ordering::Acquire) {
+            return None;
+        }
+        let request = self.queue.recv().await?;
+        // A request queued just before the shutdown began: dropping it refuses it.
+        (!self.stopped.load(Ordering::Acquire)).then_some(request)
     }
 }
 
@@ -73,6 +84,10 @@ enum Event {
     Woken,
     /// A connection's deadline passed.
     Timer,
+    /// The owner asked for something.
+    Control(Command),
+    /// The shutdown's grace period is over.
+    GraceOver,
     /// The link is gone: the stack stops.
     LinkClosed,
 }
@@ -106,6 +121,11 @@ struct Conn {
     fin_sent: bool,
     /// Already queued for servicing in this round.
     dirty: bool,
+    /// When its SYN arrived.
+    opened: Instant,
+    /// Bytes delivered to the application, and bytes it sent that entered the socket.
+    bytes_from_client: u64,
+    bytes_to_client: u64,
 }
 
 impl Conn {
@@ -151,6 +171,14 @@ pub struct Stack {
     pending: usize,
     /// Where packets of other protocols go, if anyone takes them.
     others: Option<mpsc::Sender<Bytes>>,
+    /// What the link carries, fixed when it was made.
+    framing: Framing,
+    control_tx: mpsc::UnboundedSender<Command>,
+    control_rx: mpsc::UnboundedReceiver<Command>,
+    /// Shared with [`Requests`]: set when the shutdown begins.
+    stopped: Arc<AtomicBool>,
+    /// Set once the shutdown began: when its grace period ends.
+    closing: Option<Instant>,
 }
 
 impl std::fmt::Debug for Stack {
@@ -163,7 +191,9 @@ impl std::fmt::Debug for Stack {
 }
 
 impl Stack {
-    /// A stack on `link` (its other end is the TUN adapter or a test's client).
+    /// A stack on `link` (its other end is the TUN adapter or a test's client). With a link of
+    /// [`Framing::Virtio`] (an offloading TUN), TCP segments of up to 64 KB pass both ways and
+    /// checksums the kernel vouches for are neither verified nor computed.
     pub fn new(mut config: Config, link: Link) -> (Stack, Requests) {
         config.tcp_rx_buffer = config.tcp_rx_buffer.clamp(1, MAX_TCP_RX_BUFFER);
         config.tcp_tx_buffer = config.tcp_tx_buffer.max(1);
@@ -173,7 +203,8 @@ impl Stack {
         let mut checksum = ChecksumCapabilities::default();
         checksum.ipv4 = Checksum::Tx;
         checksum.tcp = Checksum::Tx;
-        if config.offload {
+        let framing = link.framing();
+        if framing == Framing::Virtio {
             device.set_offload();
         }
         device.set_checksum(checksum);
@@ -193,6 +224,12 @@ impl Stack {
 
         let (wake_tx, wake_rx) = mpsc::unbounded_channel();
         let (requests_tx, requests_rx) = mpsc::channel(config.request_queue.max(1));
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let stopped = Arc::new(AtomicBool::new(false));
+        let requests = Requests {
+            queue: requests_rx,
+            stopped: Arc::clone(&stopped),
+        };
         let stack = Stack {
             table: Table::new(config.max_half_open),
             config,
@@ -211,18 +248,33 @@ impl Stack {
             dirty: Vec::new(),
             pending: 0,
             others: None,
+            framing,
+            control_tx,
+            control_rx,
+            stopped,
+            closing: None,
         };
-        (stack, Requests(requests_rx))
+        (stack, requests)
+    }
+
+    /// A handle to ask the running stack for a report or to shut it down.
+    pub fn control(&self) -> Control {
+        Control(self.control_tx.clone())
     }
 
     /// From now on, every packet that is not TCP goes, whole and as the link carried it (a
     /// virtio-net frame with offload), to the returned receiver instead of being dropped. This
     /// is how the relay gets UDP, ICMP and the rest without a task between the device and the
-    /// stack. When `capacity` packets wait, more are dropped and counted.
-    pub fn divert_other_protocols(&mut self, capacity: usize) -> mpsc::Receiver<Bytes> {
+    /// stack. When `capacity` packets wait, more are dropped and counted. The returned
+    /// [`Diverted`] also carries a sender back into the device and the link's framing.
+    pub fn divert_other_protocols(&mut self, capacity: usize) -> Diverted {
         let (tx, rx) = mpsc::channel(capacity.max(1));
         self.others = Some(tx);
-        rx
+        Diverted {
+            packets: rx,
+            to_device: self.link.sender(),
+            framing: self.framing,
+        }
     }
 
     /// The stack's counters, readable while it runs.
@@ -230,14 +282,19 @@ impl Stack {
         Arc::clone(&self.counters)
     }
 
-    /// Runs until the link closes.
-    pub async fn run(mut self) {
+    /// Runs until the link closes or a shutdown ends, and returns the last report.
+    pub async fn run(mut self) -> Report {
         let mut batch = Vec::with_capacity(BATCH);
         let mut woken = Vec::new();
         let mut due = Vec::new();
         loop {
             let deadline = self.timers.next();
+            let closing = self.closing;
             let event = tokio::select! {
+                Some(command) = self.control_rx.recv() => Event::Control(command),
+                () = sleep_until(closing.unwrap_or_else(Instant::now)), if closing.is_some() => {
+                    Event::GraceOver
+                }
                 received = self.link.recv_batch(&mut batch) => match received {
                     Ok(_) => Event::Packets,
                     Err(LinkClosed) => Event::LinkClosed,
@@ -261,14 +318,85 @@ impl Stack {
                         self.mark(id);
                     }
                 }
+                Event::Control(Command::Report(reply)) => {
+                    // The asker may have given up; nothing to do then.
+                    let _ = reply.send(self.report());
+                }
+                Event::Control(Command::Shutdown(grace)) => self.begin_shutdown(grace),
+                Event::GraceOver => {
+                    let ids: Vec<ConnId> = self.conns.keys().copied().collect();
+                    for id in ids {
+                        if let Some(conn) = self.conns.get_mut(&id) {
+                            conn.sockets.get_mut::<tcp::Socket>(conn.handle).abort();
+                        }
+                        self.mark(id);
+                    }
+                }
                 Event::LinkClosed => break,
             }
             self.service_dirty(now);
             if self.flush().await.is_err() {
                 break;
             }
+            if self.closing.is_some() && self.conns.is_empty() {
+                break;
+            }
         }
-        debug!(counters = %self.counters.snapshot(), "stack stopped");
+        let report = self.report();
+        debug!(counters = %report.counters, "stack stopped");
+        report
+    }
+
+    /// Refuses new connections, fails every stream, and closes every connection: FIN for the
+    /// ones the application took, RST for the rest. [`Event::GraceOver`] resets what is left.
+    fn begin_shutdown(&mut self, grace: Duration) {
+        let deadline = Instant::now() + grace;
+        if self.closing.is_some_and(|d| d <= deadline) {
+            return;
+        }
+        let first = self.closing.is_none();
+        self.closing = Some(deadline);
+        if !first {
+            return;
+        }
+        debug!(
+            connections = self.conns.len(),
+            ?grace,
+            "stack shutting down"
+        );
+        self.stopped.store(true, Ordering::Release);
+        // Closing the request queue wakes an application waiting in `Requests::next`.
+        self.requests = mpsc::channel(1).0;
+        let ids: Vec<ConnId> = self.conns.keys().copied().collect();
+        for id in ids {
+            if let Some(conn) = self.conns.get(&id) {
+                end_streams(&conn.shared);
+            }
+            self.mark(id);
+        }
+    }
+
+    /// The stack at this moment.
+    fn report(&self) -> Report {
+        let connections: Vec<Connection> = self
+            .conns
+            .values()
+            .map(|conn| Connection {
+                source: conn.tuple.source,
+                destination: conn.tuple.destination,
+                age: conn.opened.elapsed(),
+                bytes_from_client: conn.bytes_from_client,
+                bytes_to_client: conn.bytes_to_client,
+                state: connection_state(conn),
+            })
+            .collect();
+        Report {
+            counters: self.counters.snapshot(),
+            open: connections.len(),
+            half_open: self.table.half_open(),
+            pending: self.pending,
+            connections,
+        }
     }
 
     fn smol_now(&self) -> smoltcp::time::Instant {
@@ -286,7 +414,7 @@ impl Stack {
         for frame in batch.drain(..) {
             // With offload the link carries frames and the packet is a slice of one; what is
             // diverted goes on whole, as the link carried it.
-            let (packet, checksums) = if self.config.offload {
+            let (packet, checksums) = if self.framing == Framing::Virtio {
                 let Some((header, packet)) = vnet::unframe(&frame) else {
                     Counters::add(&self.counters.drop_truncated, 1);
                     continue;
@@ -391,6 +519,10 @@ impl Stack {
                 self.open(segment.tuple, packet)
             }
             Decision::Existing(id) => Some(id),
+            Decision::Open if self.closing.is_some() => {
+                Counters::add(&self.counters.syn_refused_stopping, 1);
+                None
+            }
             Decision::Open => self.open(segment.tuple, packet),
             Decision::Refuse => {
                 debug!(tuple = ?segment.tuple, "half-open cap reached; SYN refused");
@@ -465,6 +597,9 @@ impl Stack {
                 deadline: Some(Instant::now() + wait),
                 fin_sent: false,
                 dirty: false,
+                opened: Instant::now(),
+                bytes_from_client: 0,
+                bytes_to_client: 0,
             },
         );
         Counters::add(&self.counters.connections_opened, 1);
@@ -533,6 +668,14 @@ impl Stack {
         let mut wakers = (false, false);
 
         let expired = conn.deadline.is_some_and(|d| Instant::now() >= d);
+        if state.shutdown && conn.phase != Phase::Offered {
+            // Nobody has the connection yet: a RST is the whole answer (in a consistent
+            // handshake, the held SYN's RST|ACK).
+            let socket = conn.sockets.get_mut::<tcp::Socket>(conn.handle);
+            if socket.is_open() {
+                socket.abort();
+            }
+        }
         let mut fate = match conn.phase {
             Phase::Handshake => self.service_handshake(&mut conn, expired),
             Phase::Pending => self.service_pending(&mut conn, &state, expired),
@@ -670,6 +813,10 @@ impl Stack {
         wakers: &mut (bool, bool),
     ) {
         let socket = conn.sockets.get_mut::<tcp::Socket>(conn.handle);
+        if state.shutdown {
+            shut_down(conn, state);
+            return;
+        }
         if conn.deadline.is_some() && !matches!(socket.state(), TcpState::SynReceived) {
             // A consistent handshake the application accepted has completed.
             self.table.established(&conn.tuple);
@@ -700,6 +847,8 @@ impl Stack {
                                 state.outbound.pop_front();
                             }
                             state.outbound_len -= n;
+                            conn.bytes_to_client += n as u64;
+                            Counters::add(&self.counters.bytes_to_clients, n as u64);
                             wakers.1 = true;
                         }
                         _ => break,
@@ -733,6 +882,11 @@ impl Stack {
                         });
                         match chunk {
                             Ok(chunk) if !chunk.is_empty() => {
+                                conn.bytes_from_client += chunk.len() as u64;
+                                Counters::add(
+                                    &self.counters.bytes_from_clients,
+                                    chunk.len() as u64,
+                                );
                                 state.inbound_len += chunk.len();
                                 state.inbound.push_back(chunk);
                                 wakers.0 = true;
@@ -756,6 +910,8 @@ impl Stack {
         let socket = conn.sockets.get::<tcp::Socket>(conn.handle);
         match (socket.state(), conn.phase) {
             (TcpState::Closed, _) => Fate::Finished,
+            // Both FINs are acknowledged: a stopping stack does not wait out TIME-WAIT.
+            (TcpState::TimeWait, _) if self.closing.is_some() => Fate::Finished,
             // A RST during the handshake sends smoltcp back to Listen.
             (TcpState::Listen, Phase::Handshake | Phase::Pending) => Fate::Finished,
             _ => Fate::Alive,
@@ -802,6 +958,73 @@ impl Stack {
             self.device.take_super_packets_out(),
         );
         Ok(())
+    }
+}
+
+impl Drop for Stack {
+    /// However the stack ends (its task returns, is aborted, or panics), every stream still held
+    /// fails at once rather than waiting for ever, and the request queue ends.
+    fn drop(&mut self) {
+        self.stopped.store(true, Ordering::Release);
+        for conn in self.conns.values() {
+            end_streams(&conn.shared);
+        }
+    }
+}
+
+/// Marks a connection's streams as ended by the shutdown and wakes whoever waits on them.
+fn end_streams(shared: &Shared) {
+    let mut state = shared.lock();
+    state.shutdown = true;
+    let wakers = state.take_wakers(true, true);
+    drop(state);
+    wakers.wake();
+}
+
+/// A connection the application took, while the stack stops: what the application had not yet
+/// handed to the socket is dropped, the client gets a FIN after what the socket holds, and what
+/// the client still sends is discarded. A connection the application never accepted is reset.
+fn shut_down(conn: &mut Conn, state: &mut State) {
+    let socket = conn.sockets.get_mut::<tcp::Socket>(conn.handle);
+    if state.answer != Answer::Accepted {
+        if socket.is_open() {
+            socket.abort();
+        }
+        return;
+    }
+    state.outbound.clear();
+    state.outbound_len = 0;
+    state.inbound.clear();
+    state.inbound_len = 0;
+    if !conn.fin_sent && socket.may_send() {
+        socket.close();
+        conn.fin_sent = true;
+    }
+    while socket.can_recv() {
+        if socket.recv(|b| (b.len(), ())).is_err() {
+            break;
+        }
+    }
+    if fin_received(socket.state()) {
+        state.inbound_fin = true;
+    }
+}
+
+/// Where a connection is, for reports.
+fn connection_state(conn: &Conn) -> ConnectionState {
+    match conn.phase {
+        Phase::Handshake => return ConnectionState::Handshake,
+        Phase::Pending => return ConnectionState::Pending,
+        Phase::Offered => {}
+    }
+    match conn.sockets.get::<tcp::Socket>(conn.handle).state() {
+        TcpState::Listen | TcpState::SynSent | TcpState::SynReceived => ConnectionState::Handshake,
+        TcpState::Established => ConnectionState::Established,
+        TcpState::CloseWait => ConnectionState::ClientClosed,
+        TcpState::FinWait1 | TcpState::FinWait2 => ConnectionState::PrismClosed,
+        TcpState::Closing | TcpState::LastAck | TcpState::TimeWait | TcpState::Closed => {
+            ConnectionState::Closing
+        }
     }
 }
 

@@ -5,12 +5,14 @@ use std::fmt;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use prism_stack::{Request, Requests};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::task::JoinSet;
 use tracing::debug;
 
 use crate::ConnectError;
@@ -37,11 +39,7 @@ impl fmt::Display for Target {
 /// An upstream byte stream Prism can relay to and reset.
 pub trait Upstream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// Ends the connection abruptly, so the far end sees a reset rather than a clean close.
-    fn reset(self)
-    where
-        Self: Sized,
-    {
-    }
+    fn reset(self: Box<Self>) {}
 
     /// Ready when a read would not wait, so the relay can wait without holding a read buffer.
     /// The default says "ready" at once; the relay then keeps a buffer while it waits in
@@ -53,7 +51,7 @@ pub trait Upstream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
 }
 
 impl Upstream for TcpStream {
-    fn reset(self) {
+    fn reset(self: Box<Self>) {
         // SO_LINGER 0: close() sends RST. If it cannot be set, a FIN is the best left to do.
         let _ = self.set_zero_linger();
     }
@@ -67,32 +65,55 @@ impl Upstream for TcpStream {
 /// readiness, so the relay holds a read buffer while it waits.
 impl Upstream for tokio::io::DuplexStream {}
 
-/// Opens upstream connections.
-pub trait Connector: Send + Sync + 'static {
-    /// The stream an upstream connection is.
-    type Upstream: Upstream;
+/// A connect in progress: what [`Connector::connect`] returns.
+pub type Connecting<'a> =
+    Pin<Box<dyn Future<Output = Result<Box<dyn Upstream>, ConnectError>> + Send + 'a>>;
 
+/// Opens upstream connections. Object-safe, so a product picks its connector at run time and
+/// hands it over as `Arc<dyn Connector>`:
+///
+/// ```
+/// use prism_tunnel::{ConnectError, Connecting, Connector, Target, Upstream};
+///
+/// struct Refuse;
+///
+/// impl Connector for Refuse {
+///     fn connect<'a>(&'a self, _target: &'a Target) -> Connecting<'a> {
+///         Box::pin(async { Err::<Box<dyn Upstream>, _>(ConnectError::Refused) })
+///     }
+/// }
+/// let connector: std::sync::Arc<dyn Connector> = std::sync::Arc::new(Refuse);
+/// ```
+pub trait Connector: Send + Sync + 'static {
     /// Connects to `target`.
-    fn connect(
-        &self,
-        target: &Target,
-    ) -> impl Future<Output = Result<Self::Upstream, ConnectError>> + Send;
+    fn connect<'a>(&'a self, target: &'a Target) -> Connecting<'a>;
 }
 
 /// Connects every request with `connector` and relays its bytes, until the stack stops. A
-/// failed connect rejects the request with the matching [`prism_stack::Rejection`].
-pub async fn serve<C: Connector>(mut requests: Requests, connector: Arc<C>) {
-    while let Some(request) = requests.next().await {
-        let connector = Arc::clone(&connector);
-        tokio::spawn(async move { handle(request, &*connector).await });
+/// failed connect rejects the request with the matching [`prism_stack::Rejection`]. Every task
+/// it starts is its own: when the stack stops, the connects and relays still running are
+/// ended (their upstream sockets closed) before `serve` returns.
+pub async fn serve(mut requests: Requests, connector: Arc<dyn Connector>) {
+    let mut tasks = JoinSet::new();
+    loop {
+        tokio::select! {
+            request = requests.next() => match request {
+                Some(request) => {
+                    tasks.spawn(handle(request, Arc::clone(&connector)));
+                }
+                None => break,
+            },
+            Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+        }
     }
+    tasks.shutdown().await;
 }
 
-async fn handle<C: Connector>(request: Request, connector: &C) {
+async fn handle(request: Request, connector: Arc<dyn Connector>) {
     let target = Target::Ip(request.destination());
-    // Boxed: the connect future (1.3 KB for SOCKS5) is freed once connected instead of
-    // sizing the task that lives as long as the connection.
-    match Box::pin(connector.connect(&target)).await {
+    // The connect future is boxed: it is freed once connected instead of sizing the task that
+    // lives as long as the connection.
+    match connector.connect(&target).await {
         Ok(upstream) => {
             let stream = request.accept();
             if let Err(error) = relay(stream, upstream).await {

@@ -1,31 +1,31 @@
 //! [`Direct`]: an operating-system socket to the original destination.
 //!
 //! The TUN captures the destinations Prism serves, so a plain socket to one of them would be
-//! routed straight back into the TUN. `bind_interface` (SO_BINDTODEVICE) and `fwmark` (SO_MARK,
-//! for a policy-routing rule) send it out another way.
+//! routed straight back into the TUN. [`Outside`] sends it out another way: `bind_interface`
+//! (SO_BINDTODEVICE), `fwmark` (SO_MARK, for a policy-routing rule), or the product's `protect`
+//! hook (Android's `VpnService.protect`).
 
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use prism_device::Outside;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::{TcpSocket, TcpStream};
 
-use crate::{ConnectError, Connector, Target};
+use crate::{ConnectError, Connecting, Connector, Target, Upstream};
 
 /// Connects to the destination itself with an OS socket.
 #[derive(Debug, Clone)]
 pub struct Direct {
-    bind_interface: Option<String>,
-    fwmark: Option<u32>,
+    outside: Outside,
     timeout: Duration,
 }
 
 impl Default for Direct {
     fn default() -> Self {
         Self {
-            bind_interface: None,
-            fwmark: None,
+            outside: Outside::default(),
             timeout: Duration::from_secs(10),
         }
     }
@@ -39,13 +39,20 @@ impl Direct {
 
     /// Sends upstream connections out of `interface` (SO_BINDTODEVICE; Linux).
     pub fn bind_interface(mut self, interface: impl Into<String>) -> Self {
-        self.bind_interface = Some(interface.into());
+        self.outside.bind_interface = Some(interface.into());
         self
     }
 
     /// Marks upstream sockets with `mark` (SO_MARK; Linux), for a policy-routing rule.
     pub fn fwmark(mut self, mark: u32) -> Self {
-        self.fwmark = Some(mark);
+        self.outside.fwmark = Some(mark);
+        self
+    }
+
+    /// How every socket this connector opens avoids Prism's own device (binding, mark, and the
+    /// product's `protect` hook, called before each connect).
+    pub fn outside(mut self, outside: Outside) -> Self {
+        self.outside = outside;
         self
     }
 
@@ -76,22 +83,7 @@ impl Direct {
     fn socket(&self, addr: SocketAddr) -> io::Result<TcpSocket> {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
         socket.set_nonblocking(true)?;
-        #[cfg(any(target_os = "linux", target_os = "android"))]
-        {
-            if let Some(interface) = &self.bind_interface {
-                socket.bind_device(Some(interface.as_bytes()))?;
-            }
-            if let Some(mark) = self.fwmark {
-                socket.set_mark(mark)?;
-            }
-        }
-        #[cfg(not(any(target_os = "linux", target_os = "android")))]
-        if self.bind_interface.is_some() || self.fwmark.is_some() {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                "bind-interface and fwmark are only supported on Linux",
-            ));
-        }
+        self.outside.prepare(&socket)?;
         Ok(TcpSocket::from_std_stream(socket.into()))
     }
 
@@ -109,13 +101,14 @@ impl Direct {
 }
 
 impl Connector for Direct {
-    type Upstream = TcpStream;
-
-    async fn connect(&self, target: &Target) -> Result<TcpStream, ConnectError> {
-        match target {
-            Target::Ip(addr) => self.connect_addr(*addr).await,
-            Target::Domain(host, port) => self.connect_host(host, *port).await,
-        }
+    fn connect<'a>(&'a self, target: &'a Target) -> Connecting<'a> {
+        Box::pin(async move {
+            let stream = match target {
+                Target::Ip(addr) => self.connect_addr(*addr).await?,
+                Target::Domain(host, port) => self.connect_host(host, *port).await?,
+            };
+            Ok(Box::new(stream) as Box<dyn Upstream>)
+        })
     }
 }
 
@@ -129,7 +122,11 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         drop(listener);
-        let error = Direct::new().connect(&Target::Ip(addr)).await.unwrap_err();
+        let error = Direct::new()
+            .connect(&Target::Ip(addr))
+            .await
+            .err()
+            .unwrap();
         assert!(matches!(error, ConnectError::Refused), "{error:?}");
     }
 

@@ -17,9 +17,10 @@ mod error;
 mod relay;
 mod socks5;
 
-pub use connector::{Connector, Target, Upstream, serve};
+pub use connector::{Connecting, Connector, Target, Upstream, serve};
 pub use direct::Direct;
 pub use error::ConnectError;
+pub use prism_device::Outside;
 pub use prism_stack::{
     Handshake, HandshakePolicy, PortPolicy, Rejection, Request, Requests, Stream,
 };

@@ -27,12 +27,12 @@ const MIN_ROOM: usize = 2 * 1024;
 /// FIN (shutdown) on the other, and the other direction goes on. A reset or error on either
 /// side resets both: the client gets a TCP RST, the upstream is closed abruptly. Returns the
 /// bytes moved (client to upstream, upstream to client).
-pub async fn relay<U: Upstream>(mut stream: Stream, mut upstream: U) -> io::Result<(u64, u64)> {
+pub async fn relay(mut stream: Stream, mut upstream: Box<dyn Upstream>) -> io::Result<(u64, u64)> {
     let mut up = ToUpstream::default();
     let mut down = ToClient::default();
     let moved = poll_fn(|cx| {
-        let up_done = up.poll(cx, &mut stream, &mut upstream)?.is_ready();
-        let down_done = down.poll(cx, &mut stream, &mut upstream)?.is_ready();
+        let up_done = up.poll(cx, &mut stream, &mut *upstream)?.is_ready();
+        let down_done = down.poll(cx, &mut stream, &mut *upstream)?.is_ready();
         if up_done && down_done {
             Poll::Ready(Ok((up.moved, down.moved)))
         } else {
@@ -62,7 +62,7 @@ struct ToUpstream {
 }
 
 impl ToUpstream {
-    fn poll<U: Upstream>(
+    fn poll<U: Upstream + ?Sized>(
         &mut self,
         cx: &mut Context<'_>,
         stream: &mut Stream,
@@ -111,7 +111,7 @@ struct ToClient {
 }
 
 impl ToClient {
-    fn poll<U: Upstream>(
+    fn poll<U: Upstream + ?Sized>(
         &mut self,
         cx: &mut Context<'_>,
         stream: &mut Stream,

@@ -7,7 +7,7 @@ use std::str::FromStr;
 use tokio::net::TcpStream;
 use tokio_socks::tcp::Socks5Stream;
 
-use crate::{ConnectError, Connector, Direct, Target};
+use crate::{ConnectError, Connecting, Connector, Direct, Target, Upstream};
 
 /// A parsed `socks5://[user:pass@]HOST:PORT`.
 #[derive(Clone, PartialEq, Eq)]
@@ -110,16 +110,16 @@ impl Socks5 {
 }
 
 impl Connector for Socks5 {
-    type Upstream = TcpStream;
-
     /// The whole exchange (reaching the proxy, negotiating, the proxy's own connect) is
     /// bounded by the connect timeout of the [`Direct`] it was built with: a proxy that never
     /// answers must not hold a consistent handshake for ever.
-    async fn connect(&self, target: &Target) -> Result<TcpStream, ConnectError> {
-        match tokio::time::timeout(self.direct.connect_timeout(), self.exchange(target)).await {
-            Ok(result) => result,
-            Err(_) => Err(ConnectError::TimedOut),
-        }
+    fn connect<'a>(&'a self, target: &'a Target) -> Connecting<'a> {
+        Box::pin(async move {
+            match tokio::time::timeout(self.direct.connect_timeout(), self.exchange(target)).await {
+                Ok(result) => Ok(Box::new(result?) as Box<dyn Upstream>),
+                Err(_) => Err(ConnectError::TimedOut),
+            }
+        })
     }
 }
 
@@ -226,7 +226,7 @@ mod tests {
         ];
         for (code, expected) in cases {
             let socks = scripted(Some(code), Duration::ZERO).await;
-            let error = socks.connect(&target()).await.unwrap_err();
+            let error = socks.connect(&target()).await.err().unwrap();
             assert!(expected(&error), "reply {code}: {error:?}");
         }
         let socks = scripted(Some(0), Duration::ZERO).await;
@@ -236,7 +236,7 @@ mod tests {
     #[tokio::test]
     async fn a_proxy_that_never_answers_times_out() {
         let socks = scripted(None, Duration::ZERO).await;
-        let error = socks.connect(&target()).await.unwrap_err();
+        let error = socks.connect(&target()).await.err().unwrap();
         assert!(matches!(error, ConnectError::TimedOut), "{error:?}");
     }
 
@@ -246,7 +246,7 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         drop(listener);
         let socks = Socks5::new(format!("socks5://{addr}").parse().unwrap(), Direct::new());
-        let error = socks.connect(&target()).await.unwrap_err();
+        let error = socks.connect(&target()).await.err().unwrap();
         assert!(matches!(error, ConnectError::Proxy { .. }), "{error:?}");
         assert!(
             error.to_string().contains("cannot reach the proxy"),

@@ -1,6 +1,6 @@
-//! TAP mode: the task between the TAP device's frames and the stack's IP packets, with a
-//! `prism_l2::Gateway` deciding what each frame is. This is the glue an embedder copies to put
-//! Prism on an Ethernet segment; the gateway itself is pure and lives in prism-l2.
+//! On an Ethernet source: the task between the device's frames and the stack's IP packets,
+//! with a `prism_l2::Gateway` deciding what each frame is. The gateway itself is pure and lives
+//! in prism-l2.
 
 use std::sync::{Arc, Mutex};
 
@@ -12,8 +12,8 @@ use tokio::task::JoinHandle;
 /// The gateway's counters, as last published by the bridge.
 pub(crate) type SharedCounters = Arc<Mutex<Counters>>;
 
-/// Runs the bridge until either side closes. `frames` is the far end of the TAP adapter's
-/// link, `packets` the far end of the stack's.
+/// Runs the bridge until either side closes. `frames` is the engine's end of the device's
+/// link, `packets` the device's end of the stack's.
 pub(crate) fn bridge(
     mut gateway: Gateway,
     frames: Link,

@@ -1,0 +1,586 @@
+//! [`Builder`] and [`Engine`]: the wiring of a source, the stack, the relay, the Ethernet
+//! gateway and a connector, and the handle that reads their stats and shuts them down.
+//!
+//! Every task the engine starts has one owner, the supervisor task, which ends them all in
+//! order when the engine stops: the stack first (FIN to every client, RST at the deadline),
+//! then the connects and relays (their upstream sockets closed), the relay, and the device once
+//! the stack's last packets are written.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prism_device::{Diverted, Link, Outside};
+use prism_relay::frame::Keys;
+use prism_relay::{PacketTunnel, UdpTunnel};
+use prism_stack::{Config, Control, HandshakePolicy, Report, Stack};
+use prism_tunnel::{Connector, Direct, Socks5, Socks5Url, serve};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::source::{Kind, Source};
+use crate::stats::Stats;
+use crate::tap;
+
+/// Packets buffered each way between the device and the stack.
+const LINK_QUEUE: usize = 4096;
+
+/// How long a dropped [`Engine`] gives its connections to close before they are reset.
+pub const DROP_GRACE: Duration = Duration::from_secs(1);
+
+/// How long the device may take to write the stack's last packets once it stopped.
+const DRAIN: Duration = Duration::from_secs(1);
+
+/// Why an engine could not start, or stopped on its own.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The device could not be opened or set up.
+    #[cfg(target_os = "linux")]
+    #[error(transparent)]
+    Tun(#[from] prism_device::tun::Error),
+    /// The descriptor handed over could not be used.
+    #[error("cannot use the device descriptor: {0}")]
+    Fd(io::Error),
+    /// An Ethernet source without gateway settings.
+    #[error("an Ethernet (TAP) source needs gateway settings: Builder::gateway")]
+    NoGateway,
+    /// The relay server could not be reached.
+    #[error("cannot reach the relay {server}: {source}")]
+    Relay {
+        /// The relay server's address.
+        server: SocketAddr,
+        /// What failed.
+        source: io::Error,
+    },
+    /// The device failed while the engine ran.
+    #[error("the device failed: {0}")]
+    Device(io::Error),
+    /// A task of the engine's ended unexpectedly (a bug: it panicked).
+    #[error("the engine's {0} task failed")]
+    Task(&'static str),
+}
+
+/// Where accepted connections go.
+enum Upstream {
+    Direct,
+    Socks5(Socks5Url),
+    Custom(Arc<dyn Connector>),
+}
+
+/// The non-TCP half.
+enum Relay {
+    /// Non-TCP is answered with ICMP administratively prohibited.
+    None,
+    /// Prism's own UDP relay, connected at start.
+    Udp { server: SocketAddr, keys: Keys },
+    /// The product's own packet tunnel.
+    Custom(Box<dyn FnOnce(Diverted, usize, Arc<prism_relay::Counters>) -> JoinHandle<()> + Send>),
+}
+
+/// Sets an engine up; [`Builder::start`] runs it.
+pub struct Builder {
+    source: Source,
+    addresses: Vec<(IpAddr, u8)>,
+    mtu: u16,
+    config: Config,
+    upstream: Upstream,
+    outside: Outside,
+    connect_timeout: Duration,
+    relay: Relay,
+    relay_path_mtu: u16,
+    gateway: Option<prism_l2::Config>,
+}
+
+impl std::fmt::Debug for Builder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builder")
+            .field("source", &self.source)
+            .field("addresses", &self.addresses)
+            .field("mtu", &self.mtu)
+            .field("outside", &self.outside)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Builder {
+    pub(crate) fn new(source: Source) -> Builder {
+        Builder {
+            source,
+            addresses: Vec::new(),
+            mtu: 1500,
+            config: Config::default(),
+            upstream: Upstream::Direct,
+            outside: Outside::default(),
+            connect_timeout: Duration::from_secs(10),
+            relay: Relay::None,
+            relay_path_mtu: 1500,
+            gateway: None,
+        }
+    }
+
+    /// An address of the device (the client's side of it), with its prefix length; repeat for
+    /// more. A device opened by name gets them assigned; the relay claims them for its session.
+    /// The stack names itself by the next address in each prefix.
+    pub fn address(mut self, address: IpAddr, prefix: u8) -> Builder {
+        self.addresses.push((address, prefix));
+        self
+    }
+
+    /// The device's IP MTU (1500 unless set).
+    pub fn mtu(mut self, mtu: u16) -> Builder {
+        self.mtu = mtu;
+        self
+    }
+
+    /// The stack's settings (buffers, caps, timeouts). Its `mtu` and `addresses` are the
+    /// engine's, and its `pending_timeout` is the connect timeout plus 5 s, whatever they say
+    /// here.
+    pub fn stack(mut self, config: Config) -> Builder {
+        self.config = config;
+        self
+    }
+
+    /// How SYNs are answered, per connection: a [`prism_stack::Handshake`] for all, or a
+    /// policy such as [`prism_stack::PortPolicy`].
+    pub fn handshake(mut self, policy: Arc<dyn HandshakePolicy>) -> Builder {
+        self.config.handshake = policy;
+        self
+    }
+
+    /// Connections go straight to their destination with an OS socket (the default).
+    pub fn direct(mut self) -> Builder {
+        self.upstream = Upstream::Direct;
+        self
+    }
+
+    /// Connections go through a SOCKS5 proxy.
+    pub fn socks5(mut self, url: Socks5Url) -> Builder {
+        self.upstream = Upstream::Socks5(url);
+        self
+    }
+
+    /// Connections go through the product's own connector. It opens its own sockets, so
+    /// [`Builder::outside`] does not apply to them: it must keep them out of the device itself.
+    pub fn connector(mut self, connector: Arc<dyn Connector>) -> Builder {
+        self.upstream = Upstream::Custom(connector);
+        self
+    }
+
+    /// How the sockets the engine opens (direct, to the SOCKS5 proxy, to the relay server)
+    /// avoid the device: a binding, a mark, and the product's `protect` hook, called with each
+    /// before it connects.
+    pub fn outside(mut self, outside: Outside) -> Builder {
+        self.outside = outside;
+        self
+    }
+
+    /// How long an upstream connect (including a SOCKS5 exchange) may take (10 s unless set).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Builder {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Every non-TCP packet goes through Prism's UDP relay to `prism relay-server` at `server`.
+    pub fn udp_relay(mut self, server: SocketAddr, keys: Keys) -> Builder {
+        self.relay = Relay::Udp { server, keys };
+        self
+    }
+
+    /// Every non-TCP packet goes through the product's own packet tunnel.
+    pub fn relay<T: PacketTunnel>(mut self, tunnel: Arc<T>) -> Builder {
+        self.relay = Relay::Custom(Box::new(move |diverted, mtu, counters| {
+            tokio::spawn(prism_relay::run_relay(
+                diverted,
+                Some(tunnel),
+                mtu,
+                counters,
+            ))
+        }));
+        self
+    }
+
+    /// The path MTU towards the relay server (1500 unless set): larger packets that may not
+    /// be fragmented are answered with ICMP fragmentation needed / packet too big.
+    pub fn relay_path_mtu(mut self, mtu: u16) -> Builder {
+        self.relay_path_mtu = mtu;
+        self
+    }
+
+    /// On an Ethernet source: the virtual gateway's MAC and addresses.
+    pub fn gateway(mut self, gateway: prism_l2::Config) -> Builder {
+        self.gateway = Some(gateway);
+        self
+    }
+
+    /// Opens the device, connects the relay, and starts every task. Must be called within a
+    /// tokio runtime with I/O and time enabled.
+    pub async fn start(self) -> Result<Engine, Error> {
+        let ethernet = self.source.is_ethernet();
+        let gateway = match (ethernet, self.gateway) {
+            (true, None) => return Err(Error::NoGateway),
+            (true, Some(config)) => Some(prism_l2::Gateway::new(config)),
+            (false, _) => None,
+        };
+        let refused = Arc::new(AtomicU64::new(0));
+        let (device_link, pump, device) = match self.source.0 {
+            #[cfg(target_os = "linux")]
+            Kind::Named {
+                name,
+                ethernet,
+                queue_len,
+                offload,
+            } => {
+                use prism_device::tun::{Layer, Tun, TunConfig};
+                let tun = Tun::open(&TunConfig {
+                    name,
+                    mtu: self.mtu,
+                    addresses: self.addresses.clone(),
+                    layer: if ethernet { Layer::Ethernet } else { Layer::Ip },
+                    queue_len,
+                    offload,
+                })?;
+                let device = Device {
+                    name: tun.name().to_owned(),
+                    index: tun.index(),
+                };
+                let refused_writes = tun.refused_writes();
+                let (link, pump) = tun.spawn(LINK_QUEUE);
+                info!(device = %device.name, framing = ?link.framing(), "device open");
+                (link, Some((pump, refused_writes)), Some(device))
+            }
+            #[cfg(unix)]
+            Kind::Fd { fd, kind } => {
+                let device = prism_device::FdDevice::new(fd, kind, self.mtu).map_err(Error::Fd)?;
+                let refused_writes = device.refused_writes();
+                let (link, pump) = device.spawn(LINK_QUEUE);
+                (link, Some((pump, refused_writes)), None)
+            }
+            Kind::Queues { link, .. } => (link, None, None),
+        };
+        let (pump, refused) = match pump {
+            Some((pump, counted)) => (Some(pump), counted),
+            None => (None, refused),
+        };
+
+        // On Ethernet, the gateway sits between the device's frames and the stack's packets.
+        let gateway_counters = tap::SharedCounters::default();
+        let (stack_link, bridge) = match gateway {
+            Some(gateway) => {
+                let (stack_end, packets_end) = Link::pair(LINK_QUEUE);
+                let bridge = tap::bridge(
+                    gateway,
+                    device_link,
+                    packets_end,
+                    Arc::clone(&gateway_counters),
+                );
+                (stack_end, Some(bridge))
+            }
+            None => (device_link, None),
+        };
+
+        let mut config = self.config;
+        config.mtu = usize::from(self.mtu);
+        config.addresses = self
+            .addresses
+            .iter()
+            .map(|&(address, prefix)| (stack_address(address), prefix))
+            .collect();
+        // The connectors give up first and answer precisely; this only catches an answer lost.
+        config.pending_timeout = self.connect_timeout + Duration::from_secs(5);
+        let (mut stack, requests) = Stack::new(config, stack_link);
+        let control = stack.control();
+        let diverted = stack.divert_other_protocols(LINK_QUEUE);
+
+        let relay_counters = Arc::new(prism_relay::Counters::default());
+        let (relay_task, keepalive) = match self.relay {
+            Relay::None => {
+                let relay = prism_relay::run_relay::<UdpTunnel>(
+                    diverted,
+                    None,
+                    0,
+                    Arc::clone(&relay_counters),
+                );
+                (tokio::spawn(relay), None)
+            }
+            Relay::Udp { server, keys } => {
+                let mtu = relay_mtu(server, self.relay_path_mtu);
+                let addresses = self.addresses.iter().map(|&(a, _)| a).collect();
+                let tunnel = UdpTunnel::connect(
+                    server,
+                    keys,
+                    addresses,
+                    &self.outside,
+                    Arc::clone(&relay_counters),
+                )
+                .await
+                .map_err(|source| Error::Relay { server, source })?;
+                let keepalive = tunnel.keep_alive();
+                let relay = prism_relay::run_relay(
+                    diverted,
+                    Some(tunnel),
+                    mtu,
+                    Arc::clone(&relay_counters),
+                );
+                (tokio::spawn(relay), Some(keepalive))
+            }
+            Relay::Custom(start) => {
+                let mtu = usize::from(self.relay_path_mtu);
+                (start(diverted, mtu, Arc::clone(&relay_counters)), None)
+            }
+        };
+
+        let direct = Direct::new()
+            .timeout(self.connect_timeout)
+            .outside(self.outside);
+        let connector: Arc<dyn Connector> = match self.upstream {
+            Upstream::Direct => Arc::new(direct),
+            Upstream::Socks5(url) => Arc::new(Socks5::new(url, direct)),
+            Upstream::Custom(connector) => connector,
+        };
+        let server = tokio::spawn(serve(requests, connector));
+        let stack = tokio::spawn(stack.run());
+
+        let parts = Arc::new(Parts {
+            relay: relay_counters,
+            gateway: ethernet.then_some(gateway_counters),
+            refused,
+            last: Mutex::new(None),
+        });
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let (failed_tx, failed_rx) = oneshot::channel();
+        let tasks = Tasks {
+            stack,
+            server,
+            relay: relay_task,
+            keepalive,
+            bridge,
+            pump,
+        };
+        let supervisor = tokio::spawn(supervise(
+            tasks,
+            control.clone(),
+            Arc::clone(&parts),
+            stop_rx,
+            failed_tx,
+        ));
+        Ok(Engine {
+            control,
+            parts,
+            stop: Some(stop_tx),
+            failed: failed_rx,
+            supervisor: Some(supervisor),
+            device,
+        })
+    }
+}
+
+/// A device the engine opened by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    /// Interface name.
+    pub name: String,
+    /// Interface index, for routes.
+    pub index: u32,
+}
+
+/// What the engine's handle and its supervisor share.
+#[derive(Debug)]
+struct Parts {
+    relay: Arc<prism_relay::Counters>,
+    gateway: Option<tap::SharedCounters>,
+    refused: Arc<AtomicU64>,
+    /// The stack's last report, once it stopped.
+    last: Mutex<Option<Report>>,
+}
+
+impl Parts {
+    fn stats(&self, report: Report) -> Stats {
+        let gateway = self
+            .gateway
+            .as_ref()
+            .map(|g| g.lock().map(|c| *c).unwrap_or_default());
+        Stats::new(
+            report,
+            self.relay.snapshot(),
+            gateway,
+            self.refused.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Every task the engine started.
+#[derive(Debug)]
+struct Tasks {
+    stack: JoinHandle<Report>,
+    server: JoinHandle<()>,
+    relay: JoinHandle<()>,
+    keepalive: Option<JoinHandle<()>>,
+    bridge: Option<JoinHandle<()>>,
+    pump: Option<JoinHandle<io::Result<()>>>,
+}
+
+/// A running engine. [`Engine::shutdown`] stops it and returns the final stats; dropping it
+/// stops it too, with [`DROP_GRACE`] for connections to close.
+#[derive(Debug)]
+pub struct Engine {
+    control: Control,
+    parts: Arc<Parts>,
+    stop: Option<oneshot::Sender<Duration>>,
+    failed: oneshot::Receiver<Error>,
+    supervisor: Option<JoinHandle<Result<Stats, Error>>>,
+    device: Option<Device>,
+}
+
+impl Engine {
+    /// An engine on `source`, to be set up and started.
+    pub fn builder(source: Source) -> Builder {
+        Builder::new(source)
+    }
+
+    /// The device the engine opened by name, if it did.
+    pub fn device(&self) -> Option<&Device> {
+        self.device.as_ref()
+    }
+
+    /// Every counter, the connection counts and the open connections, now. Once the engine
+    /// has stopped, its final stats.
+    pub async fn stats(&self) -> Stats {
+        let report = match self.control.report().await {
+            Some(report) => report,
+            None => self
+                .parts
+                .last
+                .lock()
+                .ok()
+                .and_then(|last| last.clone())
+                .unwrap_or_default(),
+        };
+        self.parts.stats(report)
+    }
+
+    /// Resolves only if the engine stops on its own: the device failed or was closed. Call
+    /// [`Engine::shutdown`] afterwards for the final stats.
+    pub async fn failed(&mut self) -> Error {
+        match (&mut self.failed).await {
+            Ok(error) => error,
+            // The supervisor is gone without a failure: the engine was stopped, not failed.
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// Stops the engine: new connections are refused; every open connection gets a FIN at once
+    /// and a RST if it has not closed within `grace`; every `Stream` fails at once; every task
+    /// the engine started ends and every socket it opened is closed. Returns the final stats,
+    /// or the error that had stopped the engine on its own.
+    pub async fn shutdown(mut self, grace: Duration) -> Result<Stats, Error> {
+        if let Some(stop) = self.stop.take() {
+            // The supervisor may have stopped already (the device failed): it has the result.
+            let _ = stop.send(grace);
+        }
+        match self.supervisor.take() {
+            Some(supervisor) => supervisor.await.map_err(|_| Error::Task("supervisor"))?,
+            None => Err(Error::Task("supervisor")),
+        }
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            // The supervisor ends every task on its own from here; nobody waits for it.
+            let _ = stop.send(DROP_GRACE);
+        }
+    }
+}
+
+/// Waits for a stop (or the device failing), then ends every task in order.
+async fn supervise(
+    mut tasks: Tasks,
+    control: Control,
+    parts: Arc<Parts>,
+    stop: oneshot::Receiver<Duration>,
+    failed: oneshot::Sender<Error>,
+) -> Result<Stats, Error> {
+    let device_ended = async {
+        match tasks.pump.as_mut() {
+            Some(pump) => pump.await,
+            None => std::future::pending().await,
+        }
+    };
+    let (grace, failure) = tokio::select! {
+        grace = stop => (grace.unwrap_or(DROP_GRACE), None),
+        ended = device_ended => {
+            tasks.pump = None;
+            let error = match ended {
+                Ok(Ok(())) => Error::Device(io::Error::other("the device closed")),
+                Ok(Err(error)) => Error::Device(error),
+                Err(_) => Error::Task("device"),
+            };
+            warn!(%error, "engine stopping");
+            let _ = failed.send(Error::Device(io::Error::other(error.to_string())));
+            (Duration::ZERO, Some(error))
+        }
+    };
+    debug!(?grace, "engine stopping");
+    control.shutdown(grace);
+    let report = match (&mut tasks.stack).await {
+        Ok(report) => report,
+        Err(_) => {
+            warn!("the stack task failed");
+            Report::default()
+        }
+    };
+    if let Ok(mut last) = parts.last.lock() {
+        *last = Some(report.clone());
+    }
+    // The stack closed its request queue: `serve` ends its connects and relays and returns.
+    let _ = (&mut tasks.server).await;
+    // The relay holds a sender into the device; once it is gone, the device's queue ends.
+    tasks.relay.abort();
+    let _ = (&mut tasks.relay).await;
+    if let Some(keepalive) = tasks.keepalive.take() {
+        keepalive.abort();
+        let _ = keepalive.await;
+    }
+    // The bridge and the device write what the stack sent last, then end on their own.
+    if let Some(bridge) = tasks.bridge.take() {
+        finish(bridge).await;
+    }
+    if let Some(pump) = tasks.pump.take() {
+        finish(pump).await;
+    }
+    let stats = parts.stats(report);
+    info!(counters = %stats.stack, "engine stopped");
+    match failure {
+        Some(error) => Err(error),
+        None => Ok(stats),
+    }
+}
+
+/// Waits a moment for a task that ends on its own, then aborts it.
+async fn finish<T>(mut task: JoinHandle<T>) {
+    if tokio::time::timeout(DRAIN, &mut task).await.is_err() {
+        task.abort();
+        let _ = task.await;
+    }
+}
+
+/// The stack names itself by the first address after the device's own in each prefix; with
+/// AnyIP it answers for every address anyway.
+fn stack_address(device_address: IpAddr) -> IpAddr {
+    match device_address {
+        IpAddr::V4(a) => IpAddr::V4(u32::from(a).wrapping_add(1).into()),
+        IpAddr::V6(a) => IpAddr::V6(u128::from(a).wrapping_add(1).into()),
+    }
+}
+
+/// The largest packet the relay carries whole: the path MTU towards the relay server, less the
+/// outer IP and UDP headers and the relay's own header and tag.
+fn relay_mtu(server: SocketAddr, path_mtu: u16) -> usize {
+    let outer = if server.is_ipv6() { 40 + 8 } else { 20 + 8 };
+    usize::from(path_mtu).saturating_sub(outer + prism_relay::frame::OVERHEAD)
+}

@@ -1,0 +1,341 @@
+//! The engine in process: a smoltcp client on packet queues (plain, or virtio-net frames as an
+//! offloading TUN gives them), through `prism_engine::Engine`, to in-memory upstreams whose far
+//! ends the test holds. Shutdown and drop end every connection, every stream and every task;
+//! stats count what crossed.
+
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "tests"
+)]
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prism_engine::{
+    ConnectError, Connecting, ConnectionState, Connector, Engine, Framing, Source, Target, Upstream,
+};
+use prism_tests::{Client, PATIENCE, virtio_kernel};
+use smoltcp::iface::SocketHandle;
+use smoltcp::socket::tcp;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// What happens at an upstream's far end.
+#[derive(Debug)]
+enum Far {
+    /// The first bytes arrived from the client (connection `port`).
+    Connected(u16),
+    /// The engine closed the upstream.
+    Closed(u16),
+}
+
+/// Every connection goes to an in-memory pipe whose far end is a task of the test's: it
+/// reads what the client sends, answers `reply` bytes for each byte, and reports when the
+/// engine closes the pipe.
+struct Pipes {
+    events: mpsc::UnboundedSender<Far>,
+    reply: usize,
+}
+
+impl Connector for Pipes {
+    fn connect<'a>(&'a self, target: &'a Target) -> Connecting<'a> {
+        let (ours, theirs) = tokio::io::duplex(256 * 1024);
+        let events = self.events.clone();
+        let Target::Ip(destination) = target else {
+            panic!("the engine asks for addresses")
+        };
+        tokio::spawn(far_end(theirs, destination.port(), self.reply, events));
+        Box::pin(async move { Ok::<Box<dyn Upstream>, ConnectError>(Box::new(ours)) })
+    }
+}
+
+async fn far_end(
+    mut pipe: DuplexStream,
+    port: u16,
+    reply: usize,
+    events: mpsc::UnboundedSender<Far>,
+) {
+    let mut buf = vec![0u8; 65536];
+    let mut told = false;
+    loop {
+        match pipe.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                if !told {
+                    told = true;
+                    let _ = events.send(Far::Connected(port));
+                }
+                let answer = vec![7u8; n * reply];
+                if pipe.write_all(&answer).await.is_err() {
+                    break;
+                }
+            }
+        }
+    }
+    let _ = events.send(Far::Closed(port));
+}
+
+fn client_addr(port: u16, v6: bool) -> SocketAddr {
+    if v6 {
+        format!("[fd00::2]:{port}").parse().unwrap()
+    } else {
+        format!("10.0.0.2:{port}").parse().unwrap()
+    }
+}
+
+/// Each connection to its own destination port, so the far end can tell them apart.
+fn destination(port: u16, v6: bool) -> SocketAddr {
+    if v6 {
+        format!("[2001:db8::7]:{port}").parse().unwrap()
+    } else {
+        format!("192.0.2.7:{port}").parse().unwrap()
+    }
+}
+
+/// A started engine on queues of `framing`, serving through [`Pipes`], and a client on it.
+struct Setup {
+    engine: Engine,
+    client: Client,
+    events: mpsc::UnboundedReceiver<Far>,
+    kernel: Option<tokio::task::JoinHandle<()>>,
+}
+
+async fn setup(framing: Framing, reply: usize) -> Setup {
+    let (source, device) = Source::queues(framing, 4096);
+    let (client_link, kernel) = match framing {
+        Framing::Virtio => {
+            let (link, task) = virtio_kernel(device);
+            (link, Some(task))
+        }
+        _ => (device, None),
+    };
+    let (tx, events) = mpsc::unbounded_channel();
+    let engine = Engine::builder(source)
+        .address("10.0.0.1".parse().unwrap(), 24)
+        .address("fd00::1".parse().unwrap(), 64)
+        .connector(Arc::new(Pipes { events: tx, reply }))
+        .start()
+        .await
+        .unwrap();
+    Setup {
+        engine,
+        client: Client::new(client_link),
+        events,
+        kernel,
+    }
+}
+
+/// Opens `count` connections, sends one byte on each, and waits until every far end has it.
+async fn open_connections(setup: &mut Setup, count: u16, v6: bool) -> Vec<SocketHandle> {
+    let handles: Vec<SocketHandle> = (0..count)
+        .map(|i| {
+            setup
+                .client
+                .connect(client_addr(40000 + i, v6), destination(1000 + i, v6), 4096)
+        })
+        .collect();
+    let client = &mut setup.client;
+    client
+        .until("every connection established", |c| {
+            handles
+                .iter()
+                .all(|h| c.socket(*h).state() == tcp::State::Established)
+                .then_some(())
+        })
+        .await;
+    for h in &handles {
+        client.socket(*h).send_slice(b"x").unwrap();
+    }
+    let mut connected = HashSet::new();
+    let events = &mut setup.events;
+    client
+        .until("every upstream has its first byte", |_| {
+            while let Ok(event) = events.try_recv() {
+                if let Far::Connected(port) = event {
+                    connected.insert(port);
+                }
+            }
+            (connected.len() == usize::from(count)).then_some(())
+        })
+        .await;
+    handles
+}
+
+/// True once the client's socket has seen the connection end: a FIN or a RST.
+fn ended(state: tcp::State) -> bool {
+    !matches!(
+        state,
+        tcp::State::Established | tcp::State::SynSent | tcp::State::SynReceived
+    )
+}
+
+async fn wait_for_tasks(baseline: usize) {
+    let metrics = Handle::current().metrics();
+    let deadline = Instant::now() + PATIENCE;
+    while metrics.num_alive_tasks() != baseline {
+        assert!(
+            Instant::now() < deadline,
+            "{} tasks alive, {baseline} before the engine started",
+            metrics.num_alive_tasks()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// 100 connections; the engine stops (shutdown or drop); every client sees FIN or RST, every
+/// upstream is closed, and the runtime has exactly the tasks it had before the engine started.
+async fn stopping_ends_everything(framing: Framing, v6: bool, by_drop: bool) {
+    let baseline = Handle::current().metrics().num_alive_tasks();
+    let mut setup = setup(framing, 0).await;
+    let handles = open_connections(&mut setup, 100, v6).await;
+
+    let stats = setup.engine.stats().await;
+    assert_eq!(stats.open, 100);
+    assert_eq!(stats.stack.bytes_from_clients, 100);
+
+    let grace = Duration::from_millis(500);
+    let Setup {
+        engine,
+        mut client,
+        mut events,
+        kernel,
+    } = setup;
+    let started = Instant::now();
+    let shutdown = if by_drop {
+        drop(engine);
+        None
+    } else {
+        Some(tokio::spawn(engine.shutdown(grace)))
+    };
+    let mut closed = HashSet::new();
+    client
+        .until(
+            "every client sees FIN or RST and every upstream closes",
+            |c| {
+                while let Ok(event) = events.try_recv() {
+                    if let Far::Closed(port) = event {
+                        closed.insert(port);
+                    }
+                }
+                let all_ended = handles.iter().all(|h| ended(c.socket(*h).state()));
+                (all_ended && closed.len() == 100).then_some(())
+            },
+        )
+        .await;
+    let took = started.elapsed();
+    assert!(
+        took < grace + Duration::from_secs(2),
+        "the clients heard of the shutdown after {took:?}"
+    );
+    if let Some(shutdown) = shutdown {
+        let stats = shutdown.await.unwrap().unwrap();
+        assert_eq!((stats.open, stats.half_open, stats.pending), (0, 0, 0));
+        assert!(stats.connections.is_empty());
+        assert_eq!(
+            stats.stack.connections_closed + stats.stack.connections_reset,
+            100,
+            "{:?}",
+            stats.stack
+        );
+    }
+    drop(client);
+    if let Some(kernel) = kernel {
+        kernel.await.unwrap();
+    }
+    wait_for_tasks(baseline).await;
+}
+
+#[tokio::test]
+async fn shutdown_ends_every_connection_and_task_over_ipv4() {
+    stopping_ends_everything(Framing::Plain, false, false).await;
+}
+
+#[tokio::test]
+async fn shutdown_ends_every_connection_and_task_over_ipv6() {
+    stopping_ends_everything(Framing::Plain, true, false).await;
+}
+
+#[tokio::test]
+async fn shutdown_ends_every_connection_and_task_with_offload_over_ipv4() {
+    stopping_ends_everything(Framing::Virtio, false, false).await;
+}
+
+#[tokio::test]
+async fn shutdown_ends_every_connection_and_task_with_offload_over_ipv6() {
+    stopping_ends_everything(Framing::Virtio, true, false).await;
+}
+
+#[tokio::test]
+async fn dropping_the_engine_ends_every_connection_and_task() {
+    stopping_ends_everything(Framing::Plain, false, true).await;
+    stopping_ends_everything(Framing::Virtio, true, true).await;
+}
+
+/// Stats count exactly what crossed: bytes each way overall and per connection, with each
+/// connection's original destination.
+#[tokio::test]
+async fn stats_count_the_bytes_each_way_and_list_each_connection() {
+    for framing in [Framing::Plain, Framing::Virtio] {
+        // Each byte from a client is answered with three.
+        let mut setup = setup(framing, 3).await;
+        let handles = open_connections(&mut setup, 3, false).await;
+        let sizes = [1000usize, 20_000, 300_000];
+        for (h, size) in handles.iter().zip(sizes) {
+            setup.client.send_all(*h, &vec![1u8; size]).await;
+        }
+        // Everything the client sent (plus the first byte each), answered three times over.
+        let sent: Vec<u64> = sizes.iter().map(|&s| s as u64 + 1).collect();
+        let mut received = [0u64; 3];
+        let client = &mut setup.client;
+        client
+            .until("every answer", |c| {
+                for (i, h) in handles.iter().enumerate() {
+                    let socket = c.socket(*h);
+                    while socket.can_recv() {
+                        received[i] += socket.recv(|b| (b.len(), b.len())).unwrap() as u64;
+                    }
+                }
+                received
+                    .iter()
+                    .zip(&sent)
+                    .all(|(r, s)| *r == 3 * s)
+                    .then_some(())
+            })
+            .await;
+
+        let stats = setup.engine.stats().await;
+        let total: u64 = sent.iter().sum();
+        assert_eq!(stats.stack.bytes_from_clients, total, "{framing:?}");
+        assert_eq!(stats.stack.bytes_to_clients, 3 * total, "{framing:?}");
+        assert_eq!(stats.open, 3);
+        for (i, s) in sent.iter().enumerate() {
+            let port = 1000 + i as u16;
+            let c = stats
+                .connections
+                .iter()
+                .find(|c| c.destination == destination(port, false))
+                .expect("each connection is listed with its original destination");
+            assert_eq!(c.source, client_addr(40000 + i as u16, false));
+            assert_eq!((c.bytes_from_client, c.bytes_to_client), (*s, 3 * s));
+            assert_eq!(c.state, ConnectionState::Established);
+        }
+        let json = stats.to_json();
+        assert!(
+            json.contains(&format!("\"bytes_from_clients\":{total}")),
+            "{json}"
+        );
+        let last = setup
+            .engine
+            .shutdown(Duration::from_millis(200))
+            .await
+            .unwrap();
+        assert_eq!(last.stack.bytes_from_clients, total);
+    }
+}
