@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
-use prism_tunnel::{Handshake, Socks5Url};
+use prism_engine::{GatewayMac, Handshake, PortHandshake, RelayUrl, Settings, UpstreamUrl};
 
 /// Prism: send a machine's TCP through a proxy or tunnel, terminated in userspace.
 #[derive(Debug, Parser)]
@@ -65,30 +65,6 @@ pub(crate) struct RelayServerArgs {
     pub(crate) stats_file: Option<PathBuf>,
 }
 
-/// Where accepted connections go.
-#[derive(Debug, Clone)]
-pub(crate) enum UpstreamArg {
-    /// An OS socket to the original destination.
-    Direct,
-    /// Through a SOCKS5 proxy.
-    Socks5(Socks5Url),
-}
-
-fn parse_upstream(s: &str) -> Result<UpstreamArg, String> {
-    if s == "direct" {
-        return Ok(UpstreamArg::Direct);
-    }
-    if s.starts_with("socks5://") {
-        return s
-            .parse()
-            .map(UpstreamArg::Socks5)
-            .map_err(|e| e.to_string());
-    }
-    Err(format!(
-        "unknown upstream {s:?}; expected direct or socks5://[user:pass@]HOST:PORT"
-    ))
-}
-
 fn parse_cidr(s: &str) -> Result<IpNet, String> {
     s.parse()
         .map_err(|_| format!("bad CIDR {s:?}; expected ADDRESS/PREFIX such as 10.0.0.1/24"))
@@ -107,8 +83,8 @@ pub(crate) struct RunArgs {
     #[arg(long = "gateway", value_name = "IP", requires = "tap")]
     pub(crate) gateways: Vec<std::net::IpAddr>,
     /// With --tap: the virtual gateway's MAC (default 02:50:52:49:53:4d).
-    #[arg(long, value_name = "MAC", requires = "tap", value_parser = parse_mac)]
-    pub(crate) gateway_mac: Option<[u8; 6]>,
+    #[arg(long, value_name = "MAC", requires = "tap", value_parser = parse::<GatewayMac>)]
+    pub(crate) gateway_mac: Option<GatewayMac>,
     /// With --tap: answer ARP and neighbor solicitations for every on-link address.
     #[arg(long, requires = "tap")]
     pub(crate) proxy_arp: bool,
@@ -119,8 +95,8 @@ pub(crate) struct RunArgs {
     #[arg(long = "route", value_name = "CIDR", value_parser = parse_cidr)]
     pub(crate) routes: Vec<IpNet>,
     /// Where connections go: `direct` or `socks5://[user:pass@]HOST:PORT`.
-    #[arg(long, value_name = "UPSTREAM", value_parser = parse_upstream)]
-    pub(crate) upstream: UpstreamArg,
+    #[arg(long, value_name = "UPSTREAM", value_parser = parse::<UpstreamUrl>)]
+    pub(crate) upstream: UpstreamUrl,
     /// MTU of the TUN device.
     #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u16).range(1280..))]
     pub(crate) mtu: u16,
@@ -136,8 +112,8 @@ pub(crate) struct RunArgs {
     pub(crate) handshake: Handshake,
     /// A destination port with its own handshake, as PORT=fast or PORT=consistent
     /// (repeatable), for example `--handshake-port 22=consistent`.
-    #[arg(long = "handshake-port", value_name = "PORT=MODE", value_parser = parse_port_mode)]
-    pub(crate) handshake_ports: Vec<(u16, Handshake)>,
+    #[arg(long = "handshake-port", value_name = "PORT=MODE", value_parser = parse::<PortHandshake>)]
+    pub(crate) handshake_ports: Vec<PortHandshake>,
     /// Seconds an upstream connect (including the SOCKS5 exchange) may take.
     #[arg(long, default_value_t = 10, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=300))]
     pub(crate) connect_timeout: u64,
@@ -164,8 +140,8 @@ pub(crate) struct RunArgs {
     pub(crate) stats_file: Option<PathBuf>,
     /// Send every non-TCP packet through the relay server at udp://HOST:PORT. Without it,
     /// non-TCP packets are answered with ICMP administratively prohibited.
-    #[arg(long, value_name = "URL", value_parser = parse_relay)]
-    pub(crate) relay: Option<(String, u16)>,
+    #[arg(long, value_name = "URL", value_parser = parse::<RelayUrl>)]
+    pub(crate) relay: Option<RelayUrl>,
     /// The relay's pre-shared key (or --relay-key-file, or PRISM_RELAY_KEY).
     #[arg(
         long,
@@ -189,37 +165,39 @@ pub(crate) struct RunArgs {
     pub(crate) relay_key_file: Option<PathBuf>,
 }
 
-fn parse_relay(s: &str) -> Result<(String, u16), String> {
-    let bad = || format!("bad relay {s:?}; expected udp://HOST:PORT");
-    let rest = s.strip_prefix("udp://").ok_or_else(bad)?;
-    let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
-    let host = host.trim_start_matches('[').trim_end_matches(']');
-    let port = port.parse().map_err(|_| bad())?;
-    if host.is_empty() {
-        return Err(bad());
-    }
-    Ok((host.to_owned(), port))
+/// A flag's value through its type's own parser, which says what was expected.
+fn parse<T: std::str::FromStr>(s: &str) -> Result<T, String>
+where
+    T::Err: std::fmt::Display,
+{
+    s.parse().map_err(|e: T::Err| e.to_string())
 }
 
-fn parse_mac(s: &str) -> Result<[u8; 6], String> {
-    let bad = || format!("bad MAC {s:?}; expected six hex bytes such as 02:50:52:49:53:4d");
-    let bytes: Vec<u8> = s
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16).map_err(|_| bad()))
-        .collect::<Result<_, _>>()?;
-    let mac: [u8; 6] = bytes.try_into().map_err(|_| bad())?;
-    if mac[0] & 1 != 0 {
-        return Err(format!("bad MAC {s:?}: a gateway MAC must be unicast"));
+impl RunArgs {
+    /// The engine's settings these flags make (the device, routes and stats file stay the
+    /// binary's).
+    pub(crate) fn settings(&self) -> Settings {
+        let mut settings = Settings::new(self.upstream.clone());
+        settings.address = self.addresses.clone();
+        settings.mtu = self.mtu;
+        settings.bind_interface = self.bind_interface.clone();
+        settings.fwmark = self.fwmark;
+        settings.handshake = self.handshake;
+        settings.handshake_port = self.handshake_ports.clone();
+        settings.connect_timeout = self.connect_timeout;
+        settings.max_pending = self.max_pending;
+        settings.max_half_open = self.max_half_open;
+        settings.tcp_buffer_kib = self.tcp_buffer_kib;
+        settings.relay = self.relay.clone();
+        settings.relay_key = self.relay_key.clone();
+        settings.relay_key_file = self.relay_key_file.clone();
+        settings.relay_path_mtu = self.relay_path_mtu;
+        settings.tap = self.tap;
+        settings.gateway = self.gateways.clone();
+        settings.gateway_mac = self.gateway_mac;
+        settings.proxy_arp = self.proxy_arp;
+        settings
     }
-    Ok(mac)
-}
-
-fn parse_port_mode(s: &str) -> Result<(u16, Handshake), String> {
-    let bad = || format!("bad handshake port {s:?}; expected PORT=fast or PORT=consistent");
-    let (port, mode) = s.split_once('=').ok_or_else(bad)?;
-    let port = port.parse().map_err(|_| bad())?;
-    let mode = mode.parse().map_err(|_| bad())?;
-    Ok((port, mode))
 }
 
 fn parse_u32(s: &str) -> Result<u32, String> {
@@ -259,7 +237,13 @@ mod tests {
         };
         let args =
             run_args(with(&["--relay", "udp://[fd00::1]:5555", "--relay-key-file", "/k"]).unwrap());
-        assert_eq!(args.relay, Some(("fd00::1".to_owned(), 5555)));
+        assert_eq!(
+            args.relay,
+            Some(RelayUrl {
+                host: "fd00::1".to_owned(),
+                port: 5555
+            })
+        );
         for bad in ["tcp://h:1", "udp://h", "udp://:5", "udp://h:x"] {
             let error = with(&["--relay", bad]).unwrap_err().to_string();
             assert!(error.contains("expected udp://HOST:PORT"), "{bad}: {error}");
@@ -314,7 +298,7 @@ mod tests {
         assert_eq!(args.addresses.len(), 2);
         assert_eq!(args.handshake, Handshake::Fast);
         assert_eq!(args.fwmark, Some(0x99));
-        assert!(matches!(args.upstream, UpstreamArg::Socks5(_)));
+        assert!(matches!(args.upstream, UpstreamUrl::Socks5(_)));
     }
 
     #[test]
@@ -346,7 +330,10 @@ mod tests {
         let args = run_args(cli);
         assert!(args.tap && args.proxy_arp);
         assert_eq!(args.gateways.len(), 2);
-        assert_eq!(args.gateway_mac, Some([2, 0, 0, 0xaa, 0xbb, 0xcc]));
+        assert_eq!(
+            args.gateway_mac,
+            Some(GatewayMac([2, 0, 0, 0xaa, 0xbb, 0xcc]))
+        );
         assert!(with(&["--tap"]).is_err(), "--tap needs a --gateway");
         assert!(
             with(&["--gateway", "10.0.0.2"]).is_err(),
@@ -384,10 +371,12 @@ mod tests {
         .unwrap();
         let args = run_args(cli);
         assert_eq!(args.handshake, Handshake::Consistent);
-        assert_eq!(
-            args.handshake_ports,
-            [(80, Handshake::Fast), (22, Handshake::Consistent)]
-        );
+        let ports: Vec<(u16, Handshake)> = args
+            .handshake_ports
+            .iter()
+            .map(|p| (p.port, p.handshake))
+            .collect();
+        assert_eq!(ports, [(80, Handshake::Fast), (22, Handshake::Consistent)]);
         for bad in ["slow", "80", "80=slow", "x=fast"] {
             let flag = if bad.contains('=') || bad == "80" {
                 "--handshake-port"

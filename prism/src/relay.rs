@@ -1,36 +1,19 @@
-//! The relay on both ends: the key, the client tunnel for `prism run --relay`, and
-//! `prism relay-server`.
+//! `prism relay-server`: the far end of the relay. (The client end is the engine's; see
+//! `prism_engine::Builder::udp_relay`.)
 
-use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use prism_device::tun::{Layer, Tun, TunConfig};
-use prism_relay::frame::Keys;
 use prism_relay::{Counters, Server};
 use tracing::info;
 
 use crate::cli::RelayServerArgs;
 
-/// The pre-shared key from a flag (or its environment variable) or a file.
-pub(crate) fn keys(key: Option<&str>, file: Option<&Path>) -> Result<Keys> {
-    let material = match (key, file) {
-        (_, Some(path)) => std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read the relay key from {}", path.display()))?
-            .trim()
-            .to_owned(),
-        (Some(key), None) => key.to_owned(),
-        (None, None) => anyhow::bail!(
-            "a relay needs a key: --relay-key-file FILE, PRISM_RELAY_KEY, or the key flag"
-        ),
-    };
-    Ok(Keys::derive(material.as_bytes())?)
-}
-
 /// `prism relay-server`: a TUN for the clients' packets and the UDP server, until a signal.
 pub(crate) async fn serve(args: RelayServerArgs) -> Result<()> {
     let stop = crate::stats::stop_signal()?;
-    let keys = keys(args.key.key.as_deref(), args.key.key_file.as_deref())?;
+    let keys = prism_engine::relay_keys(args.key.key.as_deref(), args.key.key_file.as_deref())?;
     let tun = Tun::open(&TunConfig {
         name: args.tun.clone(),
         mtu: args.mtu,

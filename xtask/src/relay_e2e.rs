@@ -227,6 +227,8 @@ pub(crate) fn run(
 
     let stopped = client.stop(Signal::SIGINT, Duration::from_secs(10))?;
     ensure!(stopped.success(), "prism exited with {stopped}");
+    // Prism embedded through its C ABI, on the same relay server.
+    crate::ffi_e2e::run(topo, logs, &key, report);
     let stopped = server.stop(Signal::SIGINT, Duration::from_secs(10))?;
     ensure!(stopped.success(), "relay-server exited with {stopped}");
     report.record(

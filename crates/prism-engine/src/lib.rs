@@ -25,11 +25,15 @@
 //! binary maps its flags onto a [`Builder`]; `prism-ffi` does the same for a C caller.
 
 mod engine;
+mod settings;
 mod source;
 mod stats;
 mod tap;
 
 pub use engine::{Builder, DROP_GRACE, Device, Engine, Error};
+pub use settings::{
+    BadValue, GatewayMac, PortHandshake, RelayUrl, Settings, SettingsError, UpstreamUrl, relay_keys,
+};
 #[cfg(target_os = "linux")]
 pub use source::DEFAULT_QUEUE;
 pub use source::Source;

@@ -1,0 +1,552 @@
+//! [`Settings`]: the engine's configuration by name, with the keys of `prism run`'s flags (a
+//! flag `--relay-path-mtu` is the key `relay_path_mtu`; a repeatable flag is an array). The
+//! `prism` binary fills it from its flags; the C ABI parses it from JSON. One mapping onto the
+//! [`Builder`] serves both.
+//!
+//! The value types here ([`UpstreamUrl`], [`RelayUrl`], [`PortHandshake`], [`GatewayMac`])
+//! parse the flags' text, with the error messages the command line shows.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use prism_relay::frame::Keys;
+use prism_stack::{Config, Handshake, HandshakePolicy, PortPolicy};
+use prism_tunnel::Socks5Url;
+use serde::Deserialize;
+use serde_with::{DisplayFromStr, serde_as};
+
+use crate::{Builder, Outside, Source};
+
+/// Where accepted connections go: `direct` or `socks5://[user:pass@]HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamUrl {
+    /// An OS socket to the original destination.
+    Direct,
+    /// Through a SOCKS5 proxy.
+    Socks5(Socks5Url),
+}
+
+/// Text that names no upstream, with the reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BadValue(String);
+
+impl FromStr for UpstreamUrl {
+    type Err = BadValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s == "direct" {
+            return Ok(UpstreamUrl::Direct);
+        }
+        if s.starts_with("socks5://") {
+            return s
+                .parse()
+                .map(UpstreamUrl::Socks5)
+                .map_err(|e: prism_tunnel::Socks5UrlError| BadValue(e.to_string()));
+        }
+        Err(BadValue(format!(
+            "unknown upstream {s:?}; expected direct or socks5://[user:pass@]HOST:PORT"
+        )))
+    }
+}
+
+impl fmt::Display for UpstreamUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UpstreamUrl::Direct => f.write_str("direct"),
+            UpstreamUrl::Socks5(url) => write!(f, "socks5 {}", url.proxy()),
+        }
+    }
+}
+
+/// The relay server, as `udp://HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayUrl {
+    /// Host name or address (without brackets).
+    pub host: String,
+    /// UDP port.
+    pub port: u16,
+}
+
+impl FromStr for RelayUrl {
+    type Err = BadValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || BadValue(format!("bad relay {s:?}; expected udp://HOST:PORT"));
+        let rest = s.strip_prefix("udp://").ok_or_else(bad)?;
+        let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let port = port.parse().map_err(|_| bad())?;
+        if host.is_empty() {
+            return Err(bad());
+        }
+        Ok(RelayUrl {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for RelayUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "udp://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "udp://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// A destination port with its own handshake, as `PORT=fast` or `PORT=consistent`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortHandshake {
+    /// The destination port.
+    pub port: u16,
+    /// Its handshake.
+    pub handshake: Handshake,
+}
+
+impl FromStr for PortHandshake {
+    type Err = BadValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            BadValue(format!(
+                "bad handshake port {s:?}; expected PORT=fast or PORT=consistent"
+            ))
+        };
+        let (port, mode) = s.split_once('=').ok_or_else(bad)?;
+        Ok(PortHandshake {
+            port: port.parse().map_err(|_| bad())?,
+            handshake: mode.parse().map_err(|_| bad())?,
+        })
+    }
+}
+
+impl fmt::Display for PortHandshake {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}={}", self.port, self.handshake)
+    }
+}
+
+/// The TAP gateway's MAC: six hex bytes, unicast.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GatewayMac(pub [u8; 6]);
+
+impl FromStr for GatewayMac {
+    type Err = BadValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || {
+            BadValue(format!(
+                "bad MAC {s:?}; expected six hex bytes such as 02:50:52:49:53:4d"
+            ))
+        };
+        let bytes: Vec<u8> = s
+            .split(':')
+            .map(|b| u8::from_str_radix(b, 16).map_err(|_| bad()))
+            .collect::<Result<_, _>>()?;
+        let mac: [u8; 6] = bytes.try_into().map_err(|_| bad())?;
+        if mac[0] & 1 != 0 {
+            return Err(BadValue(format!(
+                "bad MAC {s:?}: a gateway MAC must be unicast"
+            )));
+        }
+        Ok(GatewayMac(mac))
+    }
+}
+
+impl fmt::Display for GatewayMac {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+/// Why settings could not become a running configuration.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SettingsError {
+    /// The JSON text is not valid settings (a key unknown, a value of the wrong kind or
+    /// unparsable).
+    #[error("bad configuration: {0}")]
+    Json(#[from] serde_json::Error),
+    /// A value is out of range or contradicts another.
+    #[error("bad configuration: {0}")]
+    Invalid(String),
+    /// The relay's key could not be read or is too short.
+    #[error("{0}")]
+    RelayKey(String),
+    /// The relay server's name did not resolve.
+    #[error("cannot resolve the relay {relay}: {reason}")]
+    RelayUnresolved {
+        /// The relay as given.
+        relay: String,
+        /// Why.
+        reason: String,
+    },
+}
+
+fn default_mtu() -> u16 {
+    1500
+}
+fn default_connect_timeout() -> u64 {
+    10
+}
+fn default_max_pending() -> usize {
+    1024
+}
+fn default_max_half_open() -> usize {
+    4096
+}
+fn default_tcp_buffer_kib() -> u32 {
+    256
+}
+
+/// The engine's settings by name. See the `prism run --help` flag of the same name for each.
+#[serde_as]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct Settings {
+    /// The device's addresses (the client side), as CIDR.
+    #[serde_as(as = "Vec<DisplayFromStr>")]
+    pub address: Vec<IpNet>,
+    /// Where connections go.
+    #[serde_as(as = "DisplayFromStr")]
+    pub upstream: UpstreamUrl,
+    /// The device's IP MTU.
+    #[serde(default = "default_mtu")]
+    pub mtu: u16,
+    /// SO_BINDTODEVICE for every socket the engine opens.
+    #[serde(default)]
+    pub bind_interface: Option<String>,
+    /// SO_MARK for every socket the engine opens.
+    #[serde(default)]
+    pub fwmark: Option<u32>,
+    /// How SYNs are answered.
+    #[serde_as(as = "DisplayFromStr")]
+    #[serde(default)]
+    pub handshake: Handshake,
+    /// Ports with their own handshake.
+    #[serde_as(as = "Vec<DisplayFromStr>")]
+    #[serde(default)]
+    pub handshake_port: Vec<PortHandshake>,
+    /// Seconds an upstream connect may take.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout: u64,
+    /// Most consistent handshakes waiting for their upstream.
+    #[serde(default = "default_max_pending")]
+    pub max_pending: usize,
+    /// Most connections whose handshake has not completed.
+    #[serde(default = "default_max_half_open")]
+    pub max_half_open: usize,
+    /// Each connection's buffers once grown, in KiB.
+    #[serde(default = "default_tcp_buffer_kib")]
+    pub tcp_buffer_kib: u32,
+    /// The relay server for every non-TCP packet.
+    #[serde_as(as = "Option<DisplayFromStr>")]
+    #[serde(default)]
+    pub relay: Option<RelayUrl>,
+    /// The relay's pre-shared key.
+    #[serde(default)]
+    pub relay_key: Option<String>,
+    /// A file holding the relay's pre-shared key.
+    #[serde(default)]
+    pub relay_key_file: Option<PathBuf>,
+    /// The path MTU towards the relay server.
+    #[serde(default = "default_mtu")]
+    pub relay_path_mtu: u16,
+    /// The device carries Ethernet frames (a TAP): Prism is a gateway on it.
+    #[serde(default)]
+    pub tap: bool,
+    /// On a TAP: the gateway's addresses.
+    #[serde(default)]
+    pub gateway: Vec<IpAddr>,
+    /// On a TAP: the gateway's MAC.
+    #[serde_as(as = "Option<DisplayFromStr>")]
+    #[serde(default)]
+    pub gateway_mac: Option<GatewayMac>,
+    /// On a TAP: answer ARP and neighbor solicitations for every on-link address.
+    #[serde(default)]
+    pub proxy_arp: bool,
+    /// On a descriptor handed over: it was opened with `IFF_VNET_HDR` and offload, so its
+    /// reads and writes carry virtio-net headers.
+    #[serde(default)]
+    pub vnet_hdr: bool,
+}
+
+impl Settings {
+    /// Settings with the defaults of `prism run`, for `upstream`.
+    pub fn new(upstream: UpstreamUrl) -> Settings {
+        Settings {
+            address: Vec::new(),
+            upstream,
+            mtu: default_mtu(),
+            bind_interface: None,
+            fwmark: None,
+            handshake: Handshake::default(),
+            handshake_port: Vec::new(),
+            connect_timeout: default_connect_timeout(),
+            max_pending: default_max_pending(),
+            max_half_open: default_max_half_open(),
+            tcp_buffer_kib: default_tcp_buffer_kib(),
+            relay: None,
+            relay_key: None,
+            relay_key_file: None,
+            relay_path_mtu: default_mtu(),
+            tap: false,
+            gateway: Vec::new(),
+            gateway_mac: None,
+            proxy_arp: false,
+            vnet_hdr: false,
+        }
+    }
+
+    /// Parses settings from a JSON object, and checks them.
+    pub fn from_json(text: &str) -> Result<Settings, SettingsError> {
+        let settings: Settings = serde_json::from_str(text)?;
+        settings.check()?;
+        Ok(settings)
+    }
+
+    /// The ranges and dependencies `prism run` enforces on its flags.
+    pub fn check(&self) -> Result<(), SettingsError> {
+        let invalid = |what: String| Err(SettingsError::Invalid(what));
+        if self.address.is_empty() {
+            return invalid("at least one address is needed (address)".to_owned());
+        }
+        if self.mtu < 1280 || self.relay_path_mtu < 1280 {
+            return invalid("mtu and relay_path_mtu must be at least 1280".to_owned());
+        }
+        if !(1..=300).contains(&self.connect_timeout) {
+            return invalid("connect_timeout must be 1 to 300 seconds".to_owned());
+        }
+        if !(4..=65536).contains(&self.tcp_buffer_kib) {
+            return invalid("tcp_buffer_kib must be 4 to 65536".to_owned());
+        }
+        if self.tap && self.gateway.is_empty() {
+            return invalid("tap needs a gateway address".to_owned());
+        }
+        if !self.tap && (!self.gateway.is_empty() || self.gateway_mac.is_some() || self.proxy_arp) {
+            return invalid("gateway, gateway_mac and proxy_arp need tap".to_owned());
+        }
+        if self.relay.is_none() && (self.relay_key.is_some() || self.relay_key_file.is_some()) {
+            return invalid("a relay key without a relay".to_owned());
+        }
+        if self.relay_key.is_some() && self.relay_key_file.is_some() {
+            return invalid("relay_key and relay_key_file exclude each other".to_owned());
+        }
+        Ok(())
+    }
+
+    /// The handshake policy: one mode, or per-port exceptions to it.
+    pub fn handshake_policy(&self) -> Arc<dyn HandshakePolicy> {
+        if self.handshake_port.is_empty() {
+            Arc::new(self.handshake)
+        } else {
+            Arc::new(PortPolicy {
+                default: self.handshake,
+                ports: self
+                    .handshake_port
+                    .iter()
+                    .map(|p| (p.port, p.handshake))
+                    .collect(),
+            })
+        }
+    }
+
+    /// On a descriptor handed over: a source of the kind these settings say.
+    #[cfg(unix)]
+    pub fn fd_source(&self, fd: std::os::fd::OwnedFd) -> Source {
+        use prism_device::FdKind;
+        let kind = match (self.tap, self.vnet_hdr) {
+            (true, _) => FdKind::Ethernet,
+            (false, true) => FdKind::IpVirtio,
+            (false, false) => FdKind::Ip,
+        };
+        Source::fd(fd, kind)
+    }
+
+    /// A builder on `source` with every setting applied: the relay's key is read and its
+    /// name resolved here. `outside` carries anything the settings cannot (a protect hook);
+    /// its binding and mark are the settings'.
+    pub async fn builder(
+        &self,
+        source: Source,
+        outside: Outside,
+    ) -> Result<Builder, SettingsError> {
+        self.check()?;
+        let mut config = Config::default();
+        config.max_half_open = self.max_half_open;
+        config.max_pending = self.max_pending;
+        config.tcp_rx_buffer = self.tcp_buffer_kib as usize * 1024;
+        config.tcp_tx_buffer = config.tcp_rx_buffer;
+        let outside = Outside {
+            bind_interface: self.bind_interface.clone(),
+            fwmark: self.fwmark,
+            ..outside
+        };
+        let mut builder = crate::Engine::builder(source)
+            .mtu(self.mtu)
+            .stack(config)
+            .handshake(self.handshake_policy())
+            .connect_timeout(Duration::from_secs(self.connect_timeout))
+            .outside(outside)
+            .relay_path_mtu(self.relay_path_mtu);
+        for net in &self.address {
+            builder = builder.address(net.addr(), net.prefix_len());
+        }
+        builder = match &self.upstream {
+            UpstreamUrl::Direct => builder.direct(),
+            UpstreamUrl::Socks5(url) => builder.socks5(url.clone()),
+        };
+        if let Some(relay) = &self.relay {
+            let keys = relay_keys(self.relay_key.as_deref(), self.relay_key_file.as_deref())?;
+            builder = builder.udp_relay(resolve(relay).await?, keys);
+        }
+        if self.tap {
+            let mut gateway = prism_l2::Config {
+                mac: prism_l2::Mac(self.gateway_mac.map_or(prism_l2::DEFAULT_MAC.0, |m| m.0)),
+                proxy_arp: self.proxy_arp,
+                ..prism_l2::Config::default()
+            };
+            for address in &self.gateway {
+                match address {
+                    IpAddr::V4(a) => gateway.ipv4.push(*a),
+                    IpAddr::V6(a) => gateway.ipv6.push(*a),
+                }
+            }
+            builder = builder.gateway(gateway);
+        }
+        Ok(builder)
+    }
+}
+
+async fn resolve(relay: &RelayUrl) -> Result<SocketAddr, SettingsError> {
+    let unresolved = |reason: String| SettingsError::RelayUnresolved {
+        relay: relay.to_string(),
+        reason,
+    };
+    tokio::net::lookup_host((relay.host.as_str(), relay.port))
+        .await
+        .map_err(|e| unresolved(e.to_string()))?
+        .next()
+        .ok_or_else(|| unresolved("the name has no address".to_owned()))
+}
+
+/// The relay's pre-shared key from a value or a file (surrounding whitespace ignored).
+pub fn relay_keys(key: Option<&str>, file: Option<&Path>) -> Result<Keys, SettingsError> {
+    let material = match (key, file) {
+        (_, Some(path)) => std::fs::read_to_string(path)
+            .map_err(|e| {
+                SettingsError::RelayKey(format!(
+                    "cannot read the relay key from {}: {e}",
+                    path.display()
+                ))
+            })?
+            .trim()
+            .to_owned(),
+        (Some(key), None) => key.to_owned(),
+        (None, None) => {
+            return Err(SettingsError::RelayKey(
+                "a relay needs a key: --relay-key-file FILE, PRISM_RELAY_KEY, or the key flag"
+                    .to_owned(),
+            ));
+        }
+    };
+    Keys::derive(material.as_bytes()).map_err(|e| SettingsError::RelayKey(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    #[test]
+    fn json_uses_the_flags_names_and_defaults() {
+        let settings = Settings::from_json(
+            r#"{"address": ["10.0.0.1/24", "fd00::1/64"], "upstream": "socks5://127.0.0.1:1080",
+                "handshake": "consistent", "handshake_port": ["22=fast"], "fwmark": 153,
+                "relay": "udp://[fd00::9]:5555", "relay_key": "0123456789abcdef"}"#,
+        )
+        .unwrap();
+        assert_eq!(settings.address.len(), 2);
+        assert!(matches!(settings.upstream, UpstreamUrl::Socks5(_)));
+        assert_eq!(settings.handshake, Handshake::Consistent);
+        assert_eq!(settings.handshake_port[0].port, 22);
+        assert_eq!(settings.mtu, 1500);
+        assert_eq!(settings.connect_timeout, 10);
+        assert_eq!(
+            settings.relay,
+            Some(RelayUrl {
+                host: "fd00::9".to_owned(),
+                port: 5555
+            })
+        );
+    }
+
+    #[test]
+    fn wrong_keys_and_values_say_what_is_wrong() {
+        let cases = [
+            (
+                r#"{"address": ["10.0.0.1/24"], "upstream": "direct", "mtuu": 1}"#,
+                "mtuu",
+            ),
+            (
+                r#"{"address": ["10.0.0.1"], "upstream": "direct"}"#,
+                "address",
+            ),
+            (
+                r#"{"address": ["10.0.0.1/24"], "upstream": "http://x:1"}"#,
+                "expected direct or socks5://",
+            ),
+            (
+                r#"{"address": ["10.0.0.1/24"], "upstream": "direct", "mtu": 100}"#,
+                "1280",
+            ),
+            (
+                r#"{"address": [], "upstream": "direct"}"#,
+                "at least one address",
+            ),
+            (
+                r#"{"address": ["10.0.0.1/24"], "upstream": "direct", "tap": true}"#,
+                "gateway",
+            ),
+            (
+                r#"{"address": ["10.0.0.1/24"], "upstream": "direct", "relay_key": "k"}"#,
+                "without a relay",
+            ),
+            (
+                r#"{"address": ["10.0.0.1/24"], "upstream": "direct", "relay": "tcp://h:1"}"#,
+                "udp://HOST:PORT",
+            ),
+        ];
+        for (json, says) in cases {
+            let error = Settings::from_json(json).unwrap_err().to_string();
+            assert!(error.contains(says), "{json}: {error}");
+        }
+    }
+
+    #[test]
+    fn values_parse_as_the_command_line_does() {
+        assert_eq!(
+            "direct".parse::<UpstreamUrl>().unwrap(),
+            UpstreamUrl::Direct
+        );
+        assert!("02:00:00:aa:bb:cc".parse::<GatewayMac>().is_ok());
+        let error = "01:00:00:00:00:01".parse::<GatewayMac>().unwrap_err();
+        assert!(error.to_string().contains("unicast"));
+        for bad in ["udp://h", "udp://:5", "udp://h:x"] {
+            assert!(bad.parse::<RelayUrl>().is_err(), "{bad}");
+        }
+        for bad in ["80", "80=slow", "x=fast"] {
+            assert!(bad.parse::<PortHandshake>().is_err(), "{bad}");
+        }
+    }
+}
