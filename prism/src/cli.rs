@@ -129,7 +129,7 @@ pub(crate) struct RunArgs {
     pub(crate) tcp_buffer_kib: u32,
     /// Packets the kernel may queue on the TUN for Prism (Linux's default, 500, overflows when
     /// hundreds of connections open at once).
-    #[arg(long, default_value_t = prism_device::tun::DEFAULT_QUEUE, value_name = "PACKETS")]
+    #[arg(long, default_value_t = prism_engine::DEFAULT_QUEUE, value_name = "PACKETS")]
     pub(crate) tun_queue: u32,
     /// Do not ask the TUN for offload. With offload (the default on a TUN; never on a TAP) the
     /// kernel and Prism exchange TCP segments of up to 64 KB and leave checksums partial.

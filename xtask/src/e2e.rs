@@ -393,6 +393,13 @@ pub fn run(filter: Option<&str>) -> Result<()> {
             domain(&topo),
         );
     }
+    if selected(filter, "embed") {
+        report.record(
+            "embed",
+            "the README's embedding example serves through dante and stops on SIGINT",
+            embed_example(&topo, &logs),
+        );
+    }
     if selected(filter, "relay") {
         if let Err(error) = crate::relay_e2e::run(&topo, &prism, &logs, &mut report) {
             report.record("relay", "the relay suite runs", Err(error));
@@ -1169,6 +1176,79 @@ fn domain(topo: &Topology) -> Result<String> {
         ensure!(echoed == message, "echo by host name differs");
         Ok(String::new())
     })
+}
+
+/// The README's embedding example (`crates/prism-engine/examples/embed.rs`), built and run as
+/// a user would: it opens `prism0` itself; the targets are routed into it; a kernel client's
+/// bytes come back from the echo server through dante; SIGINT stops it cleanly with its stats.
+fn embed_example(topo: &Topology, logs: &Path) -> Result<String> {
+    let status = std::process::Command::new(env!("CARGO"))
+        .args(["build", "--release", "--quiet", "--package", "prism-engine"])
+        .args(["--example", "embed"])
+        .status()
+        .context("cannot run cargo")?;
+    ensure!(status.success(), "building the embed example failed");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .context("xtask has no parent directory")?;
+    let mut command = topo
+        .client
+        .command(root.join("target/release/examples/embed"));
+    command.arg(format!(
+        "socks5://{}:{}",
+        topology::SERVER_V4,
+        topology::DANTE_PORT
+    ));
+    let mut example = Process::spawn("embed example", command, Some(&logs.join("embed.log")))?;
+    netns::wait_for("the example's TUN", Duration::from_secs(10), || {
+        topo.client
+            .ip(&format!("link show {}", topology::TUN))
+            .is_ok()
+    })?;
+    topo.client.ip(&format!(
+        "route add {} dev {}",
+        topology::TARGET_NET_V4,
+        topology::TUN
+    ))?;
+    let message = pattern(11, 100_000);
+    let sent = message.clone();
+    let echoed = in_netns(topo.client.name(), async move || {
+        let target = SocketAddr::new(topology::TARGET_V4, servers::ECHO);
+        let stream = TcpStream::connect(target).await?;
+        let (mut read, mut write) = stream.into_split();
+        let writer = tokio::spawn(async move {
+            write.write_all(&sent).await?;
+            write.shutdown().await
+        });
+        let mut echoed = Vec::new();
+        read.read_to_end(&mut echoed).await?;
+        writer.await??;
+        Ok(echoed)
+    });
+    let stopped = example.stop(Signal::SIGINT, Duration::from_secs(10))?;
+    let echoed = echoed?;
+    ensure!(echoed == message, "the echo through the example differs");
+    ensure!(
+        stopped.success(),
+        "the example exited with {stopped}: {}",
+        example.log()
+    );
+    let log = example.log();
+    let up = log
+        .split("stopped: ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse::<usize>().ok())
+        .with_context(|| format!("the example printed no stats: {log}"))?;
+    ensure!(
+        up >= message.len(),
+        "the example counted {up} bytes up: {log}"
+    );
+    ensure!(
+        topo.tun_gone(),
+        "the example's TUN is still there after it stopped"
+    );
+    Ok(format!(" ({up} bytes up)"))
 }
 
 /// The binary's contract: errors are one clear line and a non-zero exit; SIGTERM is a clean stop.

@@ -28,6 +28,11 @@ pub enum FdKind {
     IpVirtio,
     /// Ethernet frames: a TAP opened with `IFF_TAP | IFF_NO_PI`.
     Ethernet,
+    /// A macOS or iOS utun descriptor (a `NEPacketTunnelProvider`'s, or one opened with
+    /// `SYSPROTO_CONTROL`): each packet behind a 4-byte address family. The device strips it
+    /// on reading and writes it before each packet.
+    #[cfg(any(target_os = "macos", target_os = "ios"))]
+    Utun,
 }
 
 impl FdKind {
@@ -36,6 +41,8 @@ impl FdKind {
         match self {
             FdKind::IpVirtio => Framing::Virtio,
             FdKind::Ip | FdKind::Ethernet => Framing::Plain,
+            #[cfg(any(target_os = "macos", target_os = "ios"))]
+            FdKind::Utun => Framing::Plain,
         }
     }
 }
@@ -94,6 +101,8 @@ impl FdDevice {
             FdKind::Ip | FdKind::Ethernet => {
                 usize::from(self.mtu).max(1280) + crate::FRAME_OVERHEAD
             }
+            #[cfg(any(target_os = "macos", target_os = "ios"))]
+            FdKind::Utun => usize::from(self.mtu).max(1280) + utun::HEADER_LEN,
         };
         let refused = Arc::clone(&self.refused);
         (theirs, pump::spawn(self, ours, largest, refused))
@@ -102,20 +111,87 @@ impl FdDevice {
 
 impl PacketIo for FdDevice {
     async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
+        let n = loop {
             let mut guard = self.fd.readable().await?;
             if let Ok(result) = guard.try_io(|fd| fd.get_ref().read(buf)) {
+                break result?;
+            }
+        };
+        #[cfg(any(target_os = "macos", target_os = "ios"))]
+        if self.kind == FdKind::Utun {
+            return Ok(utun::strip(buf, n));
+        }
+        Ok(n)
+    }
+
+    async fn send(&self, packet: &[u8]) -> io::Result<usize> {
+        #[cfg(any(target_os = "macos", target_os = "ios"))]
+        let header = (self.kind == FdKind::Utun).then(|| utun::header(packet));
+        loop {
+            let mut guard = self.fd.writable().await?;
+            #[cfg(any(target_os = "macos", target_os = "ios"))]
+            if let Some(header) = &header {
+                let parts = [io::IoSlice::new(header), io::IoSlice::new(packet)];
+                if let Ok(result) = guard.try_io(|fd| fd.get_ref().write_vectored(&parts)) {
+                    return result.map(|n| n.saturating_sub(utun::HEADER_LEN));
+                }
+                continue;
+            }
+            if let Ok(result) = guard.try_io(|fd| fd.get_ref().write(packet)) {
                 return result;
             }
         }
     }
+}
 
-    async fn send(&self, packet: &[u8]) -> io::Result<usize> {
-        loop {
-            let mut guard = self.fd.writable().await?;
-            if let Ok(result) = guard.try_io(|fd| fd.get_ref().write(packet)) {
-                return result;
-            }
+/// The utun framing: a 4-byte address family (network byte order) before each packet.
+#[cfg_attr(
+    not(any(target_os = "macos", target_os = "ios")),
+    allow(
+        dead_code,
+        reason = "utun exists only on Apple systems; tested everywhere"
+    )
+)]
+mod utun {
+    pub(super) const HEADER_LEN: usize = 4;
+    /// Darwin's AF_INET and AF_INET6.
+    const AF_INET: u32 = 2;
+    const AF_INET6: u32 = 30;
+
+    /// Moves the packet read into `buf` (`n` bytes with the header) to its start; its length.
+    pub(super) fn strip(buf: &mut [u8], n: usize) -> usize {
+        if n <= HEADER_LEN {
+            return 0;
+        }
+        buf.copy_within(HEADER_LEN..n, 0);
+        n - HEADER_LEN
+    }
+
+    /// The header for an IP packet, by its version.
+    pub(super) fn header(packet: &[u8]) -> [u8; HEADER_LEN] {
+        let family = match packet.first().map(|b| b >> 4) {
+            Some(6) => AF_INET6,
+            _ => AF_INET,
+        };
+        family.to_be_bytes()
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn the_family_header_comes_off_and_goes_on() {
+            let mut buf = [0, 0, 0, 2, 0x45, 1, 2, 3, 9, 9];
+            assert_eq!(strip(&mut buf, 8), 4);
+            assert_eq!(buf[..4], [0x45, 1, 2, 3]);
+            assert_eq!(
+                strip(&mut buf, 3),
+                0,
+                "a read shorter than the header is empty"
+            );
+            assert_eq!(header(&[0x45]), [0, 0, 0, 2]);
+            assert_eq!(header(&[0x60]), [0, 0, 0, 30]);
         }
     }
 }

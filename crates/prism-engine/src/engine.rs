@@ -48,6 +48,14 @@ pub enum Error {
     /// An Ethernet source without gateway settings.
     #[error("an Ethernet (TAP) source needs gateway settings: Builder::gateway")]
     NoGateway,
+    /// The relay server could not listen.
+    #[error("cannot listen on {listen}: {source}")]
+    Listen {
+        /// The address asked for.
+        listen: SocketAddr,
+        /// What failed.
+        source: io::Error,
+    },
     /// The relay server could not be reached.
     #[error("cannot reach the relay {server}: {source}")]
     Relay {

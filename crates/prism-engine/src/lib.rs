@@ -25,12 +25,16 @@
 //! binary maps its flags onto a [`Builder`]; `prism-ffi` does the same for a C caller.
 
 mod engine;
+#[cfg(target_os = "linux")]
+mod relay_server;
 mod settings;
 mod source;
 mod stats;
 mod tap;
 
 pub use engine::{Builder, DROP_GRACE, Device, Engine, Error};
+#[cfg(target_os = "linux")]
+pub use relay_server::RelayServer;
 pub use settings::{
     BadValue, GatewayMac, PortHandshake, RelayUrl, Settings, SettingsError, UpstreamUrl, relay_keys,
 };
@@ -43,8 +47,8 @@ pub use stats::Stats;
 pub use prism_device::{FdKind, Protect};
 pub use prism_device::{Framing, Link, Outside};
 pub use prism_l2::{Config as GatewayConfig, DEFAULT_MAC, Mac};
-pub use prism_relay::PacketTunnel;
 pub use prism_relay::frame::Keys as RelayKeys;
+pub use prism_relay::{PacketTunnel, Snapshot as RelaySnapshot};
 pub use prism_stack::{
     Config as StackConfig, Connection, ConnectionState, Handshake, HandshakePolicy, PortPolicy,
     Rejection, Request, Stream,

@@ -361,14 +361,20 @@ impl Settings {
         }
     }
 
-    /// On a descriptor handed over: a source of the kind these settings say.
+    /// On a descriptor handed over: a source of the kind these settings say (a utun on macOS
+    /// and iOS).
     #[cfg(unix)]
     pub fn fd_source(&self, fd: std::os::fd::OwnedFd) -> Source {
         use prism_device::FdKind;
+        // On Apple systems a TUN descriptor is a utun, with its address-family header.
+        #[cfg(any(target_os = "macos", target_os = "ios"))]
+        let plain = FdKind::Utun;
+        #[cfg(not(any(target_os = "macos", target_os = "ios")))]
+        let plain = FdKind::Ip;
         let kind = match (self.tap, self.vnet_hdr) {
             (true, _) => FdKind::Ethernet,
             (false, true) => FdKind::IpVirtio,
-            (false, false) => FdKind::Ip,
+            (false, false) => plain,
         };
         Source::fd(fd, kind)
     }

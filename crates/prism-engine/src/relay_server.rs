@@ -1,0 +1,96 @@
+//! [`RelayServer`]: the far end of Prism's relay, as one handle: a TUN for the clients'
+//! packets (the server's kernel routes and NATs them onward) and the UDP server, with its
+//! counters and a stop. What `prism relay-server` runs.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use prism_device::tun::{Layer, Tun, TunConfig};
+use prism_relay::{Counters, Server, Snapshot};
+use tokio::task::JoinHandle;
+
+use crate::{Error, RelayKeys};
+
+/// Packets buffered each way between the TUN and the server.
+const LINK_QUEUE: usize = 4096;
+
+/// A running relay server.
+#[derive(Debug)]
+pub struct RelayServer {
+    counters: Arc<Counters>,
+    server: JoinHandle<()>,
+    pump: Option<JoinHandle<io::Result<()>>>,
+}
+
+impl RelayServer {
+    /// Opens the TUN `tun` with `addresses` (their prefixes must cover the clients'
+    /// addresses) and listens for clients on `listen`.
+    pub async fn start(
+        listen: SocketAddr,
+        tun: &str,
+        addresses: &[(IpAddr, u8)],
+        mtu: u16,
+        keys: RelayKeys,
+    ) -> Result<RelayServer, Error> {
+        let device = Tun::open(&TunConfig {
+            name: tun.to_owned(),
+            mtu,
+            addresses: addresses.to_vec(),
+            layer: Layer::Ip,
+            queue_len: prism_device::tun::DEFAULT_QUEUE,
+            // The server relays whole packets between clients and its TUN; plain is what both
+            // speak.
+            offload: false,
+        })?;
+        let counters = Arc::new(Counters::default());
+        let server = Server::bind(listen, keys, Arc::clone(&counters))
+            .await
+            .map_err(|source| Error::Listen { listen, source })?;
+        let (link, pump) = device.spawn(LINK_QUEUE);
+        Ok(RelayServer {
+            counters,
+            server: tokio::spawn(server.run(link)),
+            pump: Some(pump),
+        })
+    }
+
+    /// The counters now.
+    pub fn stats(&self) -> Snapshot {
+        self.counters.snapshot()
+    }
+
+    /// Resolves only if the TUN fails or closes.
+    pub async fn failed(&mut self) -> Error {
+        let Some(pump) = self.pump.as_mut() else {
+            return std::future::pending().await;
+        };
+        let ended = pump.await;
+        self.pump = None;
+        match ended {
+            Ok(Ok(())) => Error::Device(io::Error::other("the device closed")),
+            Ok(Err(error)) => Error::Device(error),
+            Err(_) => Error::Task("device"),
+        }
+    }
+
+    /// Stops the server and closes the TUN; the final counters.
+    pub async fn shutdown(mut self) -> Snapshot {
+        self.server.abort();
+        let _ = (&mut self.server).await;
+        if let Some(pump) = self.pump.take() {
+            pump.abort();
+            let _ = pump.await;
+        }
+        self.counters.snapshot()
+    }
+}
+
+impl Drop for RelayServer {
+    fn drop(&mut self) {
+        self.server.abort();
+        if let Some(pump) = &self.pump {
+            pump.abort();
+        }
+    }
+}
