@@ -17,19 +17,17 @@ use smoltcp::wire::{IpProtocol, Ipv4Address, Ipv4Packet, Ipv6Address, Ipv6Packet
 pub const HEADER_LEN: usize = 10;
 
 /// `flags`: the checksum is partial; finish it from `csum_start`, store it at `csum_offset`.
-pub const F_NEEDS_CSUM: u8 = 1;
+pub(crate) const F_NEEDS_CSUM: u8 = 1;
 /// `flags`: the checksum was verified (or need not be).
-pub const F_DATA_VALID: u8 = 2;
+pub(crate) const F_DATA_VALID: u8 = 2;
 /// `gso_type`: one packet, not a super-packet.
-pub const GSO_NONE: u8 = 0;
+pub(crate) const GSO_NONE: u8 = 0;
 /// `gso_type`: an IPv4 TCP super-packet.
-pub const GSO_TCPV4: u8 = 1;
+pub(crate) const GSO_TCPV4: u8 = 1;
 /// `gso_type`: an IPv6 TCP super-packet.
-pub const GSO_TCPV6: u8 = 4;
-/// `gso_type`: a UDP super-packet (UDP_SEGMENT), either IP version.
-pub const GSO_UDP_L4: u8 = 5;
+pub(crate) const GSO_TCPV6: u8 = 4;
 /// `gso_type` bit: the TCP super-packet carries ECN CWR.
-pub const GSO_ECN: u8 = 0x80;
+pub(crate) const GSO_ECN: u8 = 0x80;
 
 /// Offset of the checksum field in a TCP header.
 const TCP_CHECKSUM_OFFSET: u16 = 16;
@@ -38,22 +36,22 @@ const TCP_CHECKSUM_OFFSET: u16 = 16;
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Header {
     /// `F_NEEDS_CSUM`, `F_DATA_VALID`.
-    pub flags: u8,
+    pub(crate) flags: u8,
     /// `GSO_*`.
-    pub gso_type: u8,
+    pub(crate) gso_type: u8,
     /// Length of the IP and transport headers of a super-packet.
-    pub hdr_len: u16,
+    pub(crate) hdr_len: u16,
     /// Payload bytes per segment of a super-packet.
-    pub gso_size: u16,
+    pub(crate) gso_size: u16,
     /// Where the partial checksum's coverage starts (the transport header).
-    pub csum_start: u16,
+    pub(crate) csum_start: u16,
     /// Offset of the checksum field from `csum_start`.
-    pub csum_offset: u16,
+    pub(crate) csum_offset: u16,
 }
 
 impl Header {
     /// A plain packet with complete checksums.
-    pub const PLAIN: Header = Header {
+    pub(crate) const PLAIN: Header = Header {
         flags: 0,
         gso_type: GSO_NONE,
         hdr_len: 0,
@@ -63,7 +61,7 @@ impl Header {
     };
 
     /// Reads the header at the start of `frame`.
-    pub fn parse(frame: &[u8]) -> Option<Header> {
+    pub(crate) fn parse(frame: &[u8]) -> Option<Header> {
         let b: [u8; HEADER_LEN] = frame.get(..HEADER_LEN)?.try_into().ok()?;
         Some(Header {
             flags: b[0],
@@ -76,7 +74,7 @@ impl Header {
     }
 
     /// The header's 10 bytes.
-    pub fn to_bytes(self) -> [u8; HEADER_LEN] {
+    pub(crate) fn to_bytes(self) -> [u8; HEADER_LEN] {
         let [h0, h1] = self.hdr_len.to_ne_bytes();
         let [g0, g1] = self.gso_size.to_ne_bytes();
         let [s0, s1] = self.csum_start.to_ne_bytes();
@@ -200,7 +198,7 @@ fn segment(_header: Header, _packet: &[u8], _out: &mut Vec<Bytes>) -> Result<(),
 /// pseudo-header sum goes into the checksum field and the header says `NEEDS_CSUM`, and a
 /// payload larger than `segment_size` makes it a super-packet. Any other packet is plain (its
 /// checksums are complete).
-pub fn offload_tcp(packet: &mut [u8], segment_size: Option<u16>) -> Header {
+pub(crate) fn offload_tcp(packet: &mut [u8], segment_size: Option<u16>) -> Header {
     let Some((ip_header_len, src_dst, tcp_len)) = tcp_in(packet) else {
         return Header::PLAIN;
     };

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prism_device::{Diverted, Link, Outside};
-use prism_relay::frame::Keys;
+use prism_relay::Keys;
 use prism_relay::{PacketTunnel, UdpTunnel};
 use prism_stack::{Config, Control, HandshakePolicy, Report, Stack};
 use prism_tunnel::{Connector, Direct, Socks5, Socks5Url, serve};
@@ -590,5 +590,5 @@ fn stack_address(device_address: IpAddr) -> IpAddr {
 /// outer IP and UDP headers and the relay's own header and tag.
 fn relay_mtu(server: SocketAddr, path_mtu: u16) -> usize {
     let outer = if server.is_ipv6() { 40 + 8 } else { 20 + 8 };
-    usize::from(path_mtu).saturating_sub(outer + prism_relay::frame::OVERHEAD)
+    usize::from(path_mtu).saturating_sub(outer + prism_relay::OVERHEAD)
 }

@@ -47,7 +47,7 @@ pub use stats::Stats;
 pub use prism_device::{FdKind, Protect};
 pub use prism_device::{Framing, Link, Outside};
 pub use prism_l2::{Config as GatewayConfig, DEFAULT_MAC, Mac};
-pub use prism_relay::frame::Keys as RelayKeys;
+pub use prism_relay::Keys as RelayKeys;
 pub use prism_relay::{PacketTunnel, Snapshot as RelaySnapshot};
 pub use prism_stack::{
     Config as StackConfig, Connection, ConnectionState, Handshake, HandshakePolicy, PortPolicy,

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use prism_relay::frame::Keys;
+use prism_relay::Keys;
 use prism_stack::{Config, Handshake, HandshakePolicy, PortPolicy};
 use prism_tunnel::Socks5Url;
 use serde::Deserialize;

@@ -20,19 +20,19 @@ use hkdf::Hkdf;
 use sha2::Sha256;
 
 /// The version this code speaks.
-pub const VERSION: u8 = 1;
+pub(crate) const VERSION: u8 = 1;
 /// Header bytes before the ciphertext.
-pub const HEADER: usize = 1 + 1 + 16 + 8;
+pub(crate) const HEADER: usize = 1 + 1 + 16 + 8;
 /// Authentication tag bytes after it.
-pub const TAG: usize = 16;
+pub(crate) const TAG: usize = 16;
 /// Bytes a datagram adds to what it carries.
 pub const OVERHEAD: usize = HEADER + TAG;
 /// Shortest pre-shared key accepted.
-pub const MIN_KEY: usize = 16;
+pub(crate) const MIN_KEY: usize = 16;
 
 /// What a datagram carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     /// A client announcing its session and its tunnel addresses.
     Hello = 1,
     /// One whole IP packet.
@@ -41,7 +41,7 @@ pub enum Kind {
 
 /// The clear part of a datagram.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Header {
+pub(crate) struct Header {
     /// What the payload is.
     pub kind: Kind,
     /// The client session the datagram belongs to.
@@ -71,7 +71,7 @@ impl Header {
 /// Why a datagram was refused. Each is a counted drop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
 #[non_exhaustive]
-pub enum FrameError {
+pub(crate) enum FrameError {
     /// Shorter than header and tag.
     #[error("truncated datagram")]
     Truncated,
@@ -113,7 +113,7 @@ pub struct Keys {
 }
 
 impl Keys {
-    /// Derives the keys from a pre-shared key of at least [`MIN_KEY`] bytes.
+    /// Derives the keys from a pre-shared key of at least 16 bytes.
     pub fn derive(psk: &[u8]) -> Result<Keys, KeyTooShort> {
         if psk.len() < MIN_KEY {
             return Err(KeyTooShort);
@@ -133,7 +133,7 @@ impl Keys {
 }
 
 /// Seals `payload` into a datagram.
-pub fn seal(key: &Key, header: &Header, payload: &[u8]) -> Vec<u8> {
+pub(crate) fn seal(key: &Key, header: &Header, payload: &[u8]) -> Vec<u8> {
     let aad = header.encode();
     let mut datagram = Vec::with_capacity(OVERHEAD + payload.len());
     datagram.extend_from_slice(&aad);
@@ -149,7 +149,7 @@ pub fn seal(key: &Key, header: &Header, payload: &[u8]) -> Vec<u8> {
 }
 
 /// Opens a datagram in place; the payload comes back as a slice of the same buffer.
-pub fn open(key: &Key, mut datagram: BytesMut) -> Result<(Header, Bytes), FrameError> {
+pub(crate) fn open(key: &Key, mut datagram: BytesMut) -> Result<(Header, Bytes), FrameError> {
     if datagram.len() < OVERHEAD {
         return Err(FrameError::Truncated);
     }
@@ -186,7 +186,7 @@ fn parse_header(datagram: &[u8]) -> Result<Header, FrameError> {
 }
 
 /// A hello's payload: the client's tunnel addresses.
-pub fn encode_addresses(addresses: &[IpAddr]) -> Vec<u8> {
+pub(crate) fn encode_addresses(addresses: &[IpAddr]) -> Vec<u8> {
     let mut out = Vec::new();
     for address in addresses {
         match address {
@@ -204,7 +204,7 @@ pub fn encode_addresses(addresses: &[IpAddr]) -> Vec<u8> {
 }
 
 /// Reads a hello's payload; `None` if it is not a well-formed address list.
-pub fn decode_addresses(mut bytes: &[u8]) -> Option<Vec<IpAddr>> {
+pub(crate) fn decode_addresses(mut bytes: &[u8]) -> Option<Vec<IpAddr>> {
     let mut out = Vec::new();
     while let Some((&family, rest)) = bytes.split_first() {
         let (address, rest): (IpAddr, &[u8]) = match family {

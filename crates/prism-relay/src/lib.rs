@@ -1,34 +1,38 @@
 //! The blind relay: every packet that is not TCP crosses the VPN whole (UDP, ICMP, ICMPv6, GRE,
 //! ESP, any protocol), with no per-flow state on the client.
 //!
-//! Pure cores: [`route`] decides where a packet the stack diverted goes (the relay, or
-//! nowhere: link business and junk); [`prohibited`] answers non-TCP with ICMP "administratively prohibited" when no relay
-//! is configured; [`frame`] seals and opens datagrams (XChaCha20-Poly1305, HKDF-derived
-//! per-direction keys); [`ReplayWindow`] accepts each counter once.
+//! Pure cores (crate-private, unit-tested): `split::route` decides where a packet the stack
+//! diverted goes (the relay, or nowhere: link business and junk); `refuse::prohibited` answers
+//! non-TCP with ICMP "administratively prohibited" when no relay is configured; `frame` seals
+//! and opens datagrams (XChaCha20-Poly1305, HKDF-derived per-direction [`Keys`]);
+//! `replay::ReplayWindow` accepts each counter once.
 //!
 //! I/O at the edge: [`run_relay`] is the task between the stack's diverted packets, the relay
-//! and the device; [`UdpTunnel`] is the
-//! client end of the UDP transport (a [`PacketTunnel`]), [`Server`] the far end.
+//! and the device; [`UdpTunnel`] is the client end of the UDP transport (a [`PacketTunnel`]),
+//! [`Server`] the far end.
 //!
 //! Invariants: packets pass as `Bytes` slices, never copied on the way to the relay (unless
-//! offload left a checksum to finish); a datagram that does
-//! not authenticate, replays, or carries a packet from or to an address its session does not
-//! own is dropped and counted, and never reaches a TUN. Next: the `prism` binary's relay
-//! client and `prism relay-server` move the datagrams.
+//! offload left a checksum to finish); a datagram that does not authenticate, replays, or
+//! carries a packet from or to an address its session does not own is dropped and counted, and
+//! never reaches a TUN. Next: `prism-engine` runs the client end (`Builder::udp_relay`) and the
+//! server (`RelayServer`).
 
 mod counters;
-pub mod frame;
+mod frame;
 mod refuse;
 mod replay;
 mod server;
 mod split;
 mod splitter;
 mod tunnel;
+#[cfg(test)]
+mod udp_tests;
 
 pub use counters::{Counters, Snapshot};
-pub use refuse::prohibited;
-pub use replay::{ReplayWindow, WINDOW};
-pub use server::{SESSION_IDLE, Server};
-pub use split::{Route, route};
+pub use frame::{KeyTooShort, Keys, OVERHEAD};
+use refuse::prohibited;
+use replay::ReplayWindow;
+pub use server::Server;
+use split::{Route, route};
 pub use splitter::run_relay;
-pub use tunnel::{HELLO_INTERVAL, PacketTunnel, UdpTunnel};
+pub use tunnel::{PacketTunnel, UdpTunnel};

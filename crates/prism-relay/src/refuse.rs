@@ -5,7 +5,7 @@ use smoltcp::wire::{IpAddress, Ipv4Packet, Ipv6Packet};
 
 /// The error for `packet`, or `None` where RFC 1122 and RFC 4443 forbid one: in answer to an
 /// ICMP error, to a multicast or broadcast destination, or from a source that is not unicast.
-pub fn prohibited(packet: &[u8]) -> Option<Vec<u8>> {
+pub(crate) fn prohibited(packet: &[u8]) -> Option<Vec<u8>> {
     let (src, dst, is_error) = match packet.first().map(|b| b >> 4) {
         Some(4) => {
             let ip = Ipv4Packet::new_checked(packet).ok()?;

@@ -1,12 +1,12 @@
 //! [`ReplayWindow`]: accepts each counter once, within a window behind the highest seen.
 
 /// Counters this far behind the highest one seen are still accepted (once).
-pub const WINDOW: u64 = 1024;
+pub(crate) const WINDOW: u64 = 1024;
 const WORDS: usize = (WINDOW / 64) as usize;
 
 /// A sliding bitmap of the counters seen recently (as in IPsec and WireGuard).
 #[derive(Debug, Clone, Default)]
-pub struct ReplayWindow {
+pub(crate) struct ReplayWindow {
     /// Highest counter accepted plus one (0: none yet).
     next: u64,
     bits: [u64; WORDS],
@@ -15,7 +15,7 @@ pub struct ReplayWindow {
 impl ReplayWindow {
     /// Whether `counter` is new and recent enough; if so, it is marked seen. Call only after
     /// the datagram authenticated, or a forger could advance the window.
-    pub fn accept(&mut self, counter: u64) -> bool {
+    pub(crate) fn accept(&mut self, counter: u64) -> bool {
         if counter == u64::MAX {
             return false;
         }

@@ -22,7 +22,7 @@ use crate::tunnel::endpoints;
 use crate::{Counters, ReplayWindow};
 
 /// A session silent this long is forgotten (its client says hello every 5 s).
-pub const SESSION_IDLE: Duration = Duration::from_secs(60);
+pub(crate) const SESSION_IDLE: Duration = Duration::from_secs(60);
 const MAX_DATAGRAM: usize = 65535;
 
 #[derive(Debug)]

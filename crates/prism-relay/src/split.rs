@@ -5,7 +5,7 @@ use smoltcp::wire::{IpProtocol, Ipv4Packet, Ipv6Packet};
 
 /// Where a packet goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Route {
+pub(crate) enum Route {
     /// TCP: to the stack, which terminates it.
     Stack,
     /// Anything else (UDP, ICMP, ICMPv6, GRE, ESP, ...): whole, through the relay.
@@ -20,7 +20,7 @@ pub enum Route {
 /// Decides by the IP version and the first protocol field. IPv6 packets whose first next header
 /// is an extension header are relayed whole (TCP behind one included): the stack terminates
 /// only plain TCP, and the relay loses nothing by carrying the rest.
-pub fn route(packet: &[u8]) -> Route {
+pub(crate) fn route(packet: &[u8]) -> Route {
     match packet.first().map(|b| b >> 4) {
         Some(4) => {
             let Ok(ip) = Ipv4Packet::new_checked(packet) else {

@@ -22,7 +22,7 @@ use crate::frame::{self, FrameError, Header, Keys, Kind};
 use crate::{Counters, ReplayWindow};
 
 /// How often a client repeats its hello (it also keeps NAT mappings open).
-pub const HELLO_INTERVAL: Duration = Duration::from_secs(5);
+pub(crate) const HELLO_INTERVAL: Duration = Duration::from_secs(5);
 /// Largest datagram read.
 const MAX_DATAGRAM: usize = 65535;
 /// Receive arena; a fresh one is allocated when less than a datagram's room is left.
@@ -100,7 +100,7 @@ impl UdpTunnel {
         frame::seal(&self.keys.to_server, &header, payload)
     }
 
-    /// Repeats the hello every [`HELLO_INTERVAL`], so a restarted server learns the session
+    /// Repeats the hello every 5 s, so a restarted server learns the session
     /// again and NAT mappings stay open.
     pub fn keep_alive(self: &Arc<Self>) -> JoinHandle<()> {
         let tunnel = Arc::clone(self);

@@ -20,6 +20,7 @@ mod conn;
 mod control;
 mod counters;
 mod stack;
+mod table;
 mod timers;
 
 pub use config::{Config, DEFAULT_TCP_BUFFER, DEFAULT_TCP_INITIAL_BUFFER};

@@ -20,8 +20,8 @@ use std::time::Duration;
 use bytes::{Buf, Bytes};
 use prism_device::{BATCH, Diverted, Framing, Link, LinkClosed, Medium, PrismDevice, vnet};
 use prism_trap::{
-    Checksums, Decision, FourTuple, Handshake, Malformed, Packet, Segment, Table, Unreachable,
-    classify_with, unreachable,
+    Checksums, FourTuple, Handshake, Malformed, Packet, Segment, Unreachable, classify_with,
+    unreachable,
 };
 use smoltcp::iface::{Config as IfaceConfig, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::phy::{Checksum, ChecksumCapabilities};
@@ -35,6 +35,7 @@ use crate::Config;
 use crate::conn::{Answer, ConnId, Rejection, Request, Shared, State};
 use crate::control::{Command, Connection, ConnectionState, Control, Report};
 use crate::counters::Counters;
+use crate::table::{Decision, Table};
 use crate::timers::Timers;
 
 /// A half-open connection that has not completed its handshake by then is dropped.

@@ -1,11 +1,8 @@
-//! Which packets start a connection, and which connection a packet belongs to.
+//! Which packets start a connection, and how a refused one is answered.
 //!
 //! - [`classify`] reads an IP packet through smoltcp's checked `wire` views and says whether it
 //!   is a well-formed TCP segment (with its 4-tuple and flags), another protocol, or malformed.
 //!   Checksums are verified here, once, so the stack does not verify them again.
-//! - [`Table`] maps 4-tuples to connections and decides what a segment means: an existing
-//!   connection, a new connection to open (a SYN to a new tuple), a refusal (the half-open cap is
-//!   reached), or no connection at all.
 //! - [`Handshake`] names how a new connection's handshake is answered, and a
 //!   [`HandshakePolicy`] picks it per connection at the SYN.
 //! - [`unreachable`] builds the ICMP error that tells a client its destination cannot be
@@ -13,16 +10,15 @@
 //!
 //! Invariants: pure functions and state machines only: no sockets, tasks or clocks, so
 //! everything here is unit-tested with real packet bytes. Malformed input returns an error,
-//! never panics. Next: `prism-stack` calls [`classify`] and [`Table::decide`] for every packet.
+//! never panics. Next: `prism-stack` calls [`classify`] for every packet and looks its 4-tuple up in its
+//! connection table.
 
 mod handshake;
 mod icmp;
 mod policy;
 mod segment;
-mod table;
 
 pub use handshake::{Handshake, ParseHandshakeError};
 pub use icmp::{Unreachable, too_big, unreachable};
 pub use policy::{HandshakePolicy, PortPolicy};
 pub use segment::{Checksums, FourTuple, Malformed, Packet, Segment, classify, classify_with};
-pub use table::{Decision, Table};

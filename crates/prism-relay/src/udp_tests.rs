@@ -6,16 +6,18 @@
     clippy::indexing_slicing,
     reason = "tests"
 )]
+// In the crate (not in tests/) because forging a server's datagram needs `frame`, which is
+// not public.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::frame::Keys;
+use crate::{Counters, PacketTunnel, Server, UdpTunnel};
 use bytes::Bytes;
 use prism_device::Link;
 use prism_device::Outside;
-use prism_relay::frame::Keys;
-use prism_relay::{Counters, PacketTunnel, Server, UdpTunnel};
 use smoltcp::wire::Ipv4Packet;
 use tokio::net::UdpSocket;
 
@@ -204,10 +206,10 @@ async fn a_client_accepts_only_packets_for_its_own_addresses() {
     session.copy_from_slice(&hello[2..18]);
     let keys = Keys::derive(PSK).unwrap();
     let seal = |counter: u64, dst: [u8; 4]| {
-        prism_relay::frame::seal(
+        crate::frame::seal(
             &keys.to_client,
-            &prism_relay::frame::Header {
-                kind: prism_relay::frame::Kind::Data,
+            &crate::frame::Header {
+                kind: crate::frame::Kind::Data,
                 session,
                 counter,
             },

@@ -1,12 +1,13 @@
-//! [`Table`]: the connection table and the decision each TCP segment leads to.
+//! [`Table`]: the connection table and the decision each TCP segment leads to. Pure: no
+//! sockets, tasks or clocks; the stack asks it once per segment.
 
 use std::collections::HashMap;
 
-use crate::{FourTuple, Segment};
+use prism_trap::{FourTuple, Segment};
 
 /// What the stack should do with a TCP segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Decision<Id> {
+pub(crate) enum Decision<Id> {
     /// It belongs to this connection (a retransmitted SYN included: nothing new is created).
     Existing(Id),
     /// A SYN to a new tuple: open a connection for exactly this tuple.
@@ -25,7 +26,7 @@ struct Entry<Id> {
 
 /// Maps 4-tuples to connection ids and caps half-open connections.
 #[derive(Debug)]
-pub struct Table<Id> {
+pub(crate) struct Table<Id> {
     entries: HashMap<FourTuple, Entry<Id>>,
     half_open: usize,
     max_half_open: usize,
@@ -33,7 +34,7 @@ pub struct Table<Id> {
 
 impl<Id: Copy> Table<Id> {
     /// An empty table that refuses SYNs while `max_half_open` connections are half-open.
-    pub fn new(max_half_open: usize) -> Self {
+    pub(crate) fn new(max_half_open: usize) -> Self {
         Self {
             entries: HashMap::new(),
             half_open: 0,
@@ -42,7 +43,7 @@ impl<Id: Copy> Table<Id> {
     }
 
     /// What `segment` means.
-    pub fn decide(&self, segment: &Segment) -> Decision<Id> {
+    pub(crate) fn decide(&self, segment: &Segment) -> Decision<Id> {
         match self.entries.get(&segment.tuple) {
             Some(entry) => Decision::Existing(entry.id),
             None if !segment.is_initial_syn() => Decision::NoConnection,
@@ -52,7 +53,7 @@ impl<Id: Copy> Table<Id> {
     }
 
     /// Records a new, half-open connection for `tuple`.
-    pub fn insert(&mut self, tuple: FourTuple, id: Id) {
+    pub(crate) fn insert(&mut self, tuple: FourTuple, id: Id) {
         let entry = Entry {
             id,
             half_open: true,
@@ -65,7 +66,7 @@ impl<Id: Copy> Table<Id> {
 
     /// The handshake of `tuple` completed (or the connection left the handshake in any other
     /// way): it no longer counts as half-open.
-    pub fn established(&mut self, tuple: &FourTuple) {
+    pub(crate) fn established(&mut self, tuple: &FourTuple) {
         if let Some(entry) = self.entries.get_mut(tuple) {
             if entry.half_open {
                 entry.half_open = false;
@@ -75,7 +76,7 @@ impl<Id: Copy> Table<Id> {
     }
 
     /// Forgets `tuple`, returning its id.
-    pub fn remove(&mut self, tuple: &FourTuple) -> Option<Id> {
+    pub(crate) fn remove(&mut self, tuple: &FourTuple) -> Option<Id> {
         let entry = self.entries.remove(tuple)?;
         self.forget(&entry);
         Some(entry.id)
@@ -88,17 +89,13 @@ impl<Id: Copy> Table<Id> {
     }
 
     /// Connections in the table.
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
         self.entries.len()
     }
 
-    /// Whether the table is empty.
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
-    }
-
     /// Connections whose handshake has not completed.
-    pub fn half_open(&self) -> usize {
+    pub(crate) fn half_open(&self) -> usize {
         self.half_open
     }
 }
