@@ -339,3 +339,23 @@ async fn stats_count_the_bytes_each_way_and_list_each_connection() {
         assert_eq!(last.stack.bytes_from_clients, total);
     }
 }
+
+/// A product that closes its queues stops the engine: `failed` says so, `shutdown` returns
+/// the error, and every task the engine started is gone.
+#[tokio::test]
+async fn closing_the_queues_is_reported_as_a_failure() {
+    let baseline = Handle::current().metrics().num_alive_tasks();
+    let (source, device) = Source::queues(Framing::Plain, 64);
+    let mut engine = Engine::builder(source)
+        .address("10.0.0.1".parse().unwrap(), 24)
+        .start()
+        .await
+        .unwrap();
+    drop(device);
+    let error = tokio::time::timeout(PATIENCE, engine.failed())
+        .await
+        .expect("a closed source is reported");
+    assert!(error.to_string().contains("closed"), "{error}");
+    assert!(engine.shutdown(Duration::from_millis(100)).await.is_err());
+    wait_for_tasks(baseline).await;
+}

@@ -519,6 +519,9 @@ async fn supervise(
             None => std::future::pending().await,
         }
     };
+    // The stack ends on its own only when its link closes: a product closed its queues, or
+    // the bridge in front of a TAP stopped.
+    let mut report = None;
     let (grace, failure) = tokio::select! {
         grace = stop => (grace.unwrap_or(DROP_GRACE), None),
         ended = device_ended => {
@@ -528,19 +531,25 @@ async fn supervise(
                 Ok(Err(error)) => Error::Device(error),
                 Err(_) => Error::Task("device"),
             };
-            warn!(%error, "engine stopping");
-            let _ = failed.send(Error::Device(io::Error::other(error.to_string())));
             (Duration::ZERO, Some(error))
         }
+        ended = &mut tasks.stack => {
+            report = Some(ended.unwrap_or_default());
+            (Duration::ZERO, Some(Error::Device(io::Error::other("the device's link closed"))))
+        }
     };
+    if let Some(error) = &failure {
+        warn!(%error, "engine stopping");
+        let _ = failed.send(Error::Device(io::Error::other(error.to_string())));
+    }
     debug!(?grace, "engine stopping");
     control.shutdown(grace);
-    let report = match (&mut tasks.stack).await {
-        Ok(report) => report,
-        Err(_) => {
+    let report = match report {
+        Some(report) => report,
+        None => (&mut tasks.stack).await.unwrap_or_else(|_| {
             warn!("the stack task failed");
             Report::default()
-        }
+        }),
     };
     if let Ok(mut last) = parts.last.lock() {
         *last = Some(report.clone());
