@@ -24,16 +24,16 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
     let served = serve_until_signal(&args, &mut engine, &device, &mut routes, stop).await;
     // Routes first, while the device still exists; closing the TUN would take them with it.
     routes.remove_all().await;
-    let stopped = engine.shutdown(STOP_GRACE).await;
-    if let Ok(stats) = &stopped {
-        if let Some(path) = &args.stats_file {
-            crate::stats::write(path, &stats.to_json());
-        }
+    let failure = engine.failure();
+    let stats = engine.shutdown(STOP_GRACE).await;
+    if let Some(path) = &args.stats_file {
+        crate::stats::write(path, &stats.to_json());
     }
     served?;
-    stopped.map(|_| ()).map_err(|error| {
-        anyhow::Error::new(error).context(format!("device {} failed", device.name))
-    })
+    match failure {
+        Some(failure) => anyhow::bail!("device {} failed: {failure}", device.name),
+        None => Ok(()),
+    }
 }
 
 async fn serve_until_signal(
@@ -56,7 +56,7 @@ async fn serve_until_signal(
     );
     tokio::select! {
         signal = stop => info!(signal, "stopping"),
-        // The error itself comes back from `shutdown`.
+        // The failure is reported once the engine is stopped.
         _ = engine.failed() => {}
     }
     Ok(())

@@ -13,9 +13,11 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
+use prism_device::{FdDevice, FdKind};
 use prism_engine::{
     ConnectError, Connecting, ConnectionState, Connector, Engine, Framing, Source, Target, Upstream,
 };
@@ -107,14 +109,37 @@ struct Setup {
     kernel: Option<tokio::task::JoinHandle<()>>,
 }
 
-async fn setup(framing: Framing, reply: usize) -> Setup {
-    let (source, device) = Source::queues(framing, 4096);
-    let (client_link, kernel) = match framing {
-        Framing::Virtio => {
+/// How the client reaches the engine.
+#[derive(Debug, Clone, Copy)]
+enum Via {
+    /// Packet queues of this framing.
+    Queues(Framing),
+    /// A datagram socket pair standing in for a TUN descriptor: the engine's device pump on
+    /// one end, the client's on the other.
+    Descriptor,
+}
+
+async fn setup(via: Via, reply: usize) -> Setup {
+    let (source, client_link, kernel) = match via {
+        Via::Queues(Framing::Virtio) => {
+            let (source, device) = Source::queues(Framing::Virtio, 4096);
             let (link, task) = virtio_kernel(device);
-            (link, Some(task))
+            (source, link, Some(task))
         }
-        _ => (device, None),
+        Via::Queues(framing) => {
+            let (source, device) = Source::queues(framing, 4096);
+            (source, device, None)
+        }
+        Via::Descriptor => {
+            let (engine_end, client_end) = std::os::unix::net::UnixDatagram::pair().unwrap();
+            let source = Source::fd(OwnedFd::from(engine_end), FdKind::Ip);
+            let device = FdDevice::new(OwnedFd::from(client_end), FdKind::Ip, 1500).unwrap();
+            let (link, pump) = device.spawn(4096);
+            let task = tokio::spawn(async move {
+                let _ = pump.await;
+            });
+            (source, link, Some(task))
+        }
     };
     let (tx, events) = mpsc::unbounded_channel();
     let engine = Engine::builder(source)
@@ -191,9 +216,9 @@ async fn wait_for_tasks(baseline: usize) {
 
 /// 100 connections; the engine stops (shutdown or drop); every client sees FIN or RST, every
 /// upstream is closed, and the runtime has exactly the tasks it had before the engine started.
-async fn stopping_ends_everything(framing: Framing, v6: bool, by_drop: bool) {
+async fn stopping_ends_everything(via: Via, v6: bool, by_drop: bool) {
     let baseline = Handle::current().metrics().num_alive_tasks();
-    let mut setup = setup(framing, 0).await;
+    let mut setup = setup(via, 0).await;
     let handles = open_connections(&mut setup, 100, v6).await;
 
     let stats = setup.engine.stats().await;
@@ -235,7 +260,7 @@ async fn stopping_ends_everything(framing: Framing, v6: bool, by_drop: bool) {
         "the clients heard of the shutdown after {took:?}"
     );
     if let Some(shutdown) = shutdown {
-        let stats = shutdown.await.unwrap().unwrap();
+        let stats = shutdown.await.unwrap();
         assert_eq!((stats.open, stats.half_open, stats.pending), (0, 0, 0));
         assert!(stats.connections.is_empty());
         assert_eq!(
@@ -254,28 +279,36 @@ async fn stopping_ends_everything(framing: Framing, v6: bool, by_drop: bool) {
 
 #[tokio::test]
 async fn shutdown_ends_every_connection_and_task_over_ipv4() {
-    stopping_ends_everything(Framing::Plain, false, false).await;
+    stopping_ends_everything(Via::Queues(Framing::Plain), false, false).await;
 }
 
 #[tokio::test]
 async fn shutdown_ends_every_connection_and_task_over_ipv6() {
-    stopping_ends_everything(Framing::Plain, true, false).await;
+    stopping_ends_everything(Via::Queues(Framing::Plain), true, false).await;
 }
 
 #[tokio::test]
 async fn shutdown_ends_every_connection_and_task_with_offload_over_ipv4() {
-    stopping_ends_everything(Framing::Virtio, false, false).await;
+    stopping_ends_everything(Via::Queues(Framing::Virtio), false, false).await;
 }
 
 #[tokio::test]
 async fn shutdown_ends_every_connection_and_task_with_offload_over_ipv6() {
-    stopping_ends_everything(Framing::Virtio, true, false).await;
+    stopping_ends_everything(Via::Queues(Framing::Virtio), true, false).await;
+}
+
+/// On a descriptor the engine's device pump writes what the stack sent last (the FINs and
+/// RSTs of the shutdown) while the client keeps sending.
+#[tokio::test]
+async fn shutdown_on_a_descriptor_delivers_the_last_packets() {
+    stopping_ends_everything(Via::Descriptor, false, false).await;
+    stopping_ends_everything(Via::Descriptor, true, true).await;
 }
 
 #[tokio::test]
 async fn dropping_the_engine_ends_every_connection_and_task() {
-    stopping_ends_everything(Framing::Plain, false, true).await;
-    stopping_ends_everything(Framing::Virtio, true, true).await;
+    stopping_ends_everything(Via::Queues(Framing::Plain), false, true).await;
+    stopping_ends_everything(Via::Queues(Framing::Virtio), true, true).await;
 }
 
 /// Stats count exactly what crossed: bytes each way overall and per connection, with each
@@ -284,7 +317,7 @@ async fn dropping_the_engine_ends_every_connection_and_task() {
 async fn stats_count_the_bytes_each_way_and_list_each_connection() {
     for framing in [Framing::Plain, Framing::Virtio] {
         // Each byte from a client is answered with three.
-        let mut setup = setup(framing, 3).await;
+        let mut setup = setup(Via::Queues(framing), 3).await;
         let handles = open_connections(&mut setup, 3, false).await;
         let sizes = [1000usize, 20_000, 300_000];
         for (h, size) in handles.iter().zip(sizes) {
@@ -331,11 +364,7 @@ async fn stats_count_the_bytes_each_way_and_list_each_connection() {
             json.contains(&format!("\"bytes_from_clients\":{total}")),
             "{json}"
         );
-        let last = setup
-            .engine
-            .shutdown(Duration::from_millis(200))
-            .await
-            .unwrap();
+        let last = setup.engine.shutdown(Duration::from_millis(200)).await;
         assert_eq!(last.stack.bytes_from_clients, total);
     }
 }
@@ -356,6 +385,53 @@ async fn closing_the_queues_is_reported_as_a_failure() {
         .await
         .expect("a closed source is reported");
     assert!(error.to_string().contains("closed"), "{error}");
-    assert!(engine.shutdown(Duration::from_millis(100)).await.is_err());
+    assert!(engine.failure().is_some_and(|f| f.contains("closed")));
+    // Asked again, it says the same.
+    let again = engine.failed().await;
+    assert_eq!(again.to_string(), error.to_string());
+    engine.shutdown(Duration::from_millis(100)).await;
+    wait_for_tasks(baseline).await;
+}
+
+/// A product that stops reading its queues cannot hold the engine: stats answer with the
+/// counters, and shutdown returns once the grace and the drain time are over.
+#[tokio::test]
+async fn a_product_that_stops_reading_cannot_hang_the_engine() {
+    let baseline = Handle::current().metrics().num_alive_tasks();
+    let (source, device) = Source::queues(Framing::Plain, 4);
+    let engine = Engine::builder(source)
+        .address("10.0.0.1".parse().unwrap(), 24)
+        .start()
+        .await
+        .unwrap();
+    // SYNs whose SYN-ACKs nobody reads: the queue towards the device fills and the stack
+    // blocks writing to it.
+    for port in 0..64u16 {
+        let syn = prism_tests::tcp_segment(
+            client_addr(20000 + port, false),
+            destination(80, false),
+            smoltcp::wire::TcpControl::Syn,
+            1,
+            &[],
+        );
+        if device.sender().try_send(syn).is_err() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let asked = Instant::now();
+    let stats = engine.stats().await;
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "stats waited for the stack"
+    );
+    assert!(stats.stack.packets_in > 0, "{:?}", stats.stack);
+    let stopping = Instant::now();
+    let last = tokio::time::timeout(PATIENCE, engine.shutdown(Duration::from_millis(100)))
+        .await
+        .expect("shutdown returns although nobody reads the device's queue");
+    assert!(stopping.elapsed() < Duration::from_secs(5));
+    assert!(last.stack.connections_opened > 0);
+    drop(device);
     wait_for_tasks(baseline).await;
 }

@@ -1,7 +1,8 @@
 //! The stack's shutdown as the application sees it: it holds the streams itself, blocked in
 //! reads and in writes the client never drains, and every one fails at once, long before the
-//! grace period ends. The clients get a FIN at once where they can take it (the readers'), and
-//! every connection still open at the deadline is reset.
+//! grace period ends. The readers' clients get a FIN at once, the writers' a RST at once (their
+//! application had bytes queued that will never be sent), and every connection still open at
+//! the deadline is reset.
 
 #![allow(
     clippy::unwrap_used,
@@ -92,12 +93,18 @@ async fn streams_fail_at_once(v6: bool) {
                 while let Ok(result) = ended.try_recv() {
                     errors.push(result.expect_err("a stream operation succeeded after shutdown"));
                 }
-                // A writer's client has a full window: its FIN waits behind the unread bytes.
+                // Readers' clients get a FIN. Writers had bytes queued that will never be
+                // sent: a FIN would pass the cut stream off as complete, so they get a RST.
                 let fins = handles
                     .iter()
                     .step_by(2)
                     .all(|h| c.socket(*h).state() == tcp::State::CloseWait);
-                (errors.len() == 100 && fins).then_some(())
+                let resets = handles
+                    .iter()
+                    .skip(1)
+                    .step_by(2)
+                    .all(|h| c.socket(*h).state() == tcp::State::Closed);
+                (errors.len() == 100 && fins && resets).then_some(())
             },
         )
         .await;

@@ -166,6 +166,10 @@ fn protected(topo: &Topology, program: &Path, logs: &Path, key: &Path) -> Result
     )?;
     ensure!(line(&out, "echo:") == "ok", "the fetch failed:\n{out}");
     ensure!(line(&out, "ping:") == "ok", "the relay ping failed:\n{out}");
+    ensure!(
+        line(&out, "failure:") == "none",
+        "the engine failed:\n{out}"
+    );
     let protected: u32 = line(&out, "protected:").parse().unwrap_or(0);
     // The relay's socket and at least the echo's upstream.
     ensure!(

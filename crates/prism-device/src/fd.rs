@@ -110,18 +110,35 @@ impl FdDevice {
 }
 
 impl PacketIo for FdDevice {
+    #[cfg_attr(
+        not(any(target_os = "macos", target_os = "ios")),
+        allow(
+            clippy::never_loop,
+            reason = "only a utun read loops (one too short to carry a packet)"
+        )
+    )]
     async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = loop {
-            let mut guard = self.fd.readable().await?;
-            if let Ok(result) = guard.try_io(|fd| fd.get_ref().read(buf)) {
-                break result?;
+        loop {
+            let n = loop {
+                let mut guard = self.fd.readable().await?;
+                if let Ok(result) = guard.try_io(|fd| fd.get_ref().read(buf)) {
+                    break result?;
+                }
+            };
+            if n == 0 {
+                // The descriptor's end: the pump stops rather than read empty for ever.
+                return Ok(0);
             }
-        };
-        #[cfg(any(target_os = "macos", target_os = "ios"))]
-        if self.kind == FdKind::Utun {
-            return Ok(utun::strip(buf, n));
+            #[cfg(any(target_os = "macos", target_os = "ios"))]
+            if self.kind == FdKind::Utun {
+                // A read too short for the family header carries nothing: read the next.
+                match utun::strip(buf, n) {
+                    0 => continue,
+                    packet => return Ok(packet),
+                }
+            }
+            return Ok(n);
         }
-        Ok(n)
     }
 
     async fn send(&self, packet: &[u8]) -> io::Result<usize> {

@@ -24,16 +24,21 @@ pub(crate) trait PacketIo: Send + Sync + 'static {
     fn send(&self, packet: &[u8]) -> impl Future<Output = io::Result<usize>> + Send;
 }
 
-/// A write error that concerns only the packet written, not the device.
+/// A write error that concerns only the packet written, not the device: one the kernel finds
+/// malformed or too large, or has no buffer for (utun's `ENOBUFS`).
 fn refused_packet(error: &io::Error) -> bool {
-    const EINVAL: i32 = 22;
-    const EMSGSIZE: i32 = 90;
-    matches!(error.raw_os_error(), Some(EINVAL | EMSGSIZE))
+    use nix::errno::Errno;
+    let refused = [Errno::EINVAL, Errno::EMSGSIZE, Errno::ENOBUFS].map(|e| e as i32);
+    error
+        .raw_os_error()
+        .is_some_and(|code| refused.contains(&code))
 }
 
 /// Pumps packets between `device` and `link` until either side closes. `largest` is the
 /// largest buffer one read may return. The task ends with the device error that stopped it,
-/// or `Ok` when the link closed. Packets the kernel refuses are counted in `refused`.
+/// or `Ok` once everything sent on the link before it closed is written: when the stack stops,
+/// its last packets (FINs, RSTs) still reach the device. Packets the kernel refuses are
+/// counted in `refused`.
 pub(crate) fn spawn<D: PacketIo>(
     device: D,
     link: Link,
@@ -53,9 +58,12 @@ pub(crate) fn spawn<D: PacketIo>(
                 }
                 let n = reader.recv(&mut arena).await?;
                 if n == 0 {
-                    // An empty read is a descriptor at its end (or a zero-length packet, which
-                    // carries nothing either way).
-                    continue;
+                    // A TUN never reads empty; a descriptor at its end does, and would read
+                    // empty again at once.
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the device reached its end",
+                    ));
                 }
                 let packet = arena.split_to(n).freeze();
                 if outbound.send(packet).await.is_err() {
@@ -80,9 +88,60 @@ pub(crate) fn spawn<D: PacketIo>(
             }
             Ok::<(), io::Error>(())
         };
+        tokio::pin!(read, write);
         tokio::select! {
-            r = read => r,
-            w = write => w,
+            r = &mut read => match r {
+                // The stack is gone: nothing more is read, but what it sent last is written.
+                Ok(()) => write.await,
+                Err(error) => Err(error),
+            },
+            w = &mut write => w,
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+    use bytes::Bytes;
+    use std::sync::Mutex;
+
+    /// A device that always has a packet to read and yields before each write, like a busy
+    /// TUN whose kernel side keeps sending while Prism stops.
+    #[derive(Default)]
+    struct Busy {
+        written: Mutex<Vec<Vec<u8>>>,
+    }
+
+    impl PacketIo for Arc<Busy> {
+        async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+            tokio::task::yield_now().await;
+            buf[..3].copy_from_slice(b"ack");
+            Ok(3)
+        }
+
+        async fn send(&self, packet: &[u8]) -> io::Result<usize> {
+            tokio::task::yield_now().await;
+            self.written.lock().unwrap().push(packet.to_vec());
+            Ok(packet.len())
+        }
+    }
+
+    #[tokio::test]
+    async fn what_the_stack_sent_last_is_written_after_it_is_gone() {
+        let device = Arc::new(Busy::default());
+        let (stack, ours) = Link::pair(1024);
+        let task = spawn(Arc::clone(&device), ours, 64, Arc::default());
+        for i in 0..500u16 {
+            stack
+                .send(Bytes::from(i.to_be_bytes().to_vec()))
+                .await
+                .unwrap();
+        }
+        // The stack stops: its end is dropped with 500 packets still queued for the device.
+        drop(stack);
+        task.await.unwrap().unwrap();
+        assert_eq!(device.written.lock().unwrap().len(), 500);
+    }
 }

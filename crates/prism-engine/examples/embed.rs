@@ -21,7 +21,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     tokio::signal::ctrl_c().await?;
-    let stats = engine.shutdown(Duration::from_secs(1)).await?;
+    let stats = engine.shutdown(Duration::from_secs(1)).await;
     let (up, down) = (stats.stack.bytes_from_clients, stats.stack.bytes_to_clients);
     println!("stopped: {up} bytes up, {down} bytes down");
     Ok(())

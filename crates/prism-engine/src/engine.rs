@@ -34,6 +34,9 @@ pub const DROP_GRACE: Duration = Duration::from_secs(1);
 /// How long the device may take to write the stack's last packets once it stopped.
 const DRAIN: Duration = Duration::from_secs(1);
 
+/// How long [`Engine::stats`] waits for the stack's report.
+const REPORT_WAIT: Duration = Duration::from_secs(1);
+
 /// Why an engine could not start, or stopped on its own.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -67,6 +70,9 @@ pub enum Error {
     /// The device failed while the engine ran.
     #[error("the device failed: {0}")]
     Device(io::Error),
+    /// The engine had stopped on its own; the failure [`Engine::failed`] reported before.
+    #[error("{0}")]
+    Failed(String),
     /// A task of the engine's ended unexpectedly (a bug: it panicked).
     #[error("the engine's {0} task failed")]
     Task(&'static str),
@@ -95,6 +101,7 @@ pub struct Builder {
     addresses: Vec<(IpAddr, u8)>,
     mtu: u16,
     config: Config,
+    handshake: Option<Arc<dyn HandshakePolicy>>,
     upstream: Upstream,
     outside: Outside,
     connect_timeout: Duration,
@@ -121,6 +128,7 @@ impl Builder {
             addresses: Vec::new(),
             mtu: 1500,
             config: Config::default(),
+            handshake: None,
             upstream: Upstream::Direct,
             outside: Outside::default(),
             connect_timeout: Duration::from_secs(10),
@@ -145,8 +153,8 @@ impl Builder {
     }
 
     /// The stack's settings (buffers, caps, timeouts). Its `mtu` and `addresses` are the
-    /// engine's, and its `pending_timeout` is the connect timeout plus 5 s, whatever they say
-    /// here.
+    /// engine's, its `pending_timeout` is the connect timeout plus 5 s, and its `handshake` is
+    /// [`Builder::handshake`]'s if that was called, whatever they say here.
     pub fn stack(mut self, config: Config) -> Builder {
         self.config = config;
         self
@@ -155,7 +163,7 @@ impl Builder {
     /// How SYNs are answered, per connection: a [`prism_stack::Handshake`] for all, or a
     /// policy such as [`prism_stack::PortPolicy`].
     pub fn handshake(mut self, policy: Arc<dyn HandshakePolicy>) -> Builder {
-        self.config.handshake = policy;
+        self.handshake = Some(policy);
         self
     }
 
@@ -291,6 +299,9 @@ impl Builder {
         };
 
         let mut config = self.config;
+        if let Some(policy) = self.handshake {
+            config.handshake = policy;
+        }
         config.mtu = usize::from(self.mtu);
         config.addresses = self
             .addresses
@@ -301,6 +312,7 @@ impl Builder {
         config.pending_timeout = self.connect_timeout + Duration::from_secs(5);
         let (mut stack, requests) = Stack::new(config, stack_link);
         let control = stack.control();
+        let stack_counters = stack.counters();
         let diverted = stack.divert_other_protocols(LINK_QUEUE);
 
         let relay_counters = Arc::new(prism_relay::Counters::default());
@@ -353,10 +365,12 @@ impl Builder {
         let stack = tokio::spawn(stack.run());
 
         let parts = Arc::new(Parts {
+            stack: stack_counters,
             relay: relay_counters,
             gateway: ethernet.then_some(gateway_counters),
             refused,
             last: Mutex::new(None),
+            failure: Mutex::new(None),
         });
         let (stop_tx, stop_rx) = oneshot::channel();
         let (failed_tx, failed_rx) = oneshot::channel();
@@ -379,7 +393,7 @@ impl Builder {
             control,
             parts,
             stop: Some(stop_tx),
-            failed: failed_rx,
+            failed: Some(failed_rx),
             supervisor: Some(supervisor),
             device,
         })
@@ -398,14 +412,27 @@ pub struct Device {
 /// What the engine's handle and its supervisor share.
 #[derive(Debug)]
 struct Parts {
+    stack: Arc<prism_stack::Counters>,
     relay: Arc<prism_relay::Counters>,
     gateway: Option<tap::SharedCounters>,
     refused: Arc<AtomicU64>,
     /// The stack's last report, once it stopped.
     last: Mutex<Option<Report>>,
+    /// Why the engine stopped on its own, if it did.
+    failure: Mutex<Option<String>>,
 }
 
 impl Parts {
+    /// The stack's last report, or, while it cannot answer, its counters alone.
+    fn fallback(&self) -> Report {
+        if let Some(last) = self.last.lock().ok().and_then(|last| last.clone()) {
+            return last;
+        }
+        let mut report = Report::default();
+        report.counters = self.stack.snapshot();
+        report
+    }
+
     fn stats(&self, report: Report) -> Stats {
         let gateway = self
             .gateway
@@ -438,8 +465,8 @@ pub struct Engine {
     control: Control,
     parts: Arc<Parts>,
     stop: Option<oneshot::Sender<Duration>>,
-    failed: oneshot::Receiver<Error>,
-    supervisor: Option<JoinHandle<Result<Stats, Error>>>,
+    failed: Option<oneshot::Receiver<Error>>,
+    supervisor: Option<JoinHandle<Stats>>,
     device: Option<Device>,
 }
 
@@ -455,43 +482,56 @@ impl Engine {
     }
 
     /// Every counter, the connection counts and the open connections, now. Once the engine
-    /// has stopped, its final stats.
+    /// has stopped, its final stats; if the stack cannot answer within a second (a product
+    /// that stopped reading its queues), the counters alone.
     pub async fn stats(&self) -> Stats {
-        let report = match self.control.report().await {
-            Some(report) => report,
-            None => self
-                .parts
-                .last
-                .lock()
-                .ok()
-                .and_then(|last| last.clone())
-                .unwrap_or_default(),
+        let report = match tokio::time::timeout(REPORT_WAIT, self.control.report()).await {
+            Ok(Some(report)) => report,
+            _ => self.parts.fallback(),
         };
         self.parts.stats(report)
     }
 
-    /// Resolves only if the engine stops on its own: the device failed or was closed. Call
-    /// [`Engine::shutdown`] afterwards for the final stats.
+    /// Resolves only if the engine stops on its own: the device failed or was closed. It
+    /// stops everything it started, as [`Engine::shutdown`] does; call that afterwards for the
+    /// final stats.
     pub async fn failed(&mut self) -> Error {
-        match (&mut self.failed).await {
-            Ok(error) => error,
-            // The supervisor is gone without a failure: the engine was stopped, not failed.
-            Err(_) => std::future::pending().await,
+        if let Some(failed) = self.failed.as_mut() {
+            let failure = failed.await;
+            self.failed = None;
+            if let Ok(error) = failure {
+                return error;
+            }
+        }
+        match self.failure() {
+            Some(message) => Error::Failed(message),
+            // The engine was stopped, not failed: nothing to report, ever.
+            None => std::future::pending().await,
         }
     }
 
+    /// Why the engine stopped on its own, if it did; does not wait.
+    pub fn failure(&self) -> Option<String> {
+        self.parts.failure.lock().ok().and_then(|f| f.clone())
+    }
+
     /// Stops the engine: new connections are refused; every open connection gets a FIN at once
-    /// and a RST if it has not closed within `grace`; every `Stream` fails at once; every task
-    /// the engine started ends and every socket it opened is closed. Returns the final stats,
-    /// or the error that had stopped the engine on its own.
-    pub async fn shutdown(mut self, grace: Duration) -> Result<Stats, Error> {
+    /// (a RST if the application had bytes queued that it never got to send) and a RST if it
+    /// has not closed within `grace`; every `Stream` fails at once; every task the engine
+    /// started ends and every socket it opened is closed. Returns the final stats, also after
+    /// the engine failed on its own ([`Engine::failure`] says why).
+    pub async fn shutdown(mut self, grace: Duration) -> Stats {
         if let Some(stop) = self.stop.take() {
             // The supervisor may have stopped already (the device failed): it has the result.
             let _ = stop.send(grace);
         }
-        match self.supervisor.take() {
-            Some(supervisor) => supervisor.await.map_err(|_| Error::Task("supervisor"))?,
-            None => Err(Error::Task("supervisor")),
+        let supervisor = self.supervisor.take();
+        match supervisor {
+            Some(supervisor) => match supervisor.await {
+                Ok(stats) => stats,
+                Err(_) => self.parts.stats(self.parts.fallback()),
+            },
+            None => self.parts.stats(self.parts.fallback()),
         }
     }
 }
@@ -512,7 +552,7 @@ async fn supervise(
     parts: Arc<Parts>,
     stop: oneshot::Receiver<Duration>,
     failed: oneshot::Sender<Error>,
-) -> Result<Stats, Error> {
+) -> Stats {
     let device_ended = async {
         match tasks.pump.as_mut() {
             Some(pump) => pump.await,
@@ -538,18 +578,34 @@ async fn supervise(
             (Duration::ZERO, Some(Error::Device(io::Error::other("the device's link closed"))))
         }
     };
-    if let Some(error) = &failure {
+    if let Some(error) = failure {
         warn!(%error, "engine stopping");
-        let _ = failed.send(Error::Device(io::Error::other(error.to_string())));
+        if let Ok(mut stored) = parts.failure.lock() {
+            *stored = Some(error.to_string());
+        }
+        let _ = failed.send(error);
     }
     debug!(?grace, "engine stopping");
     control.shutdown(grace);
     let report = match report {
         Some(report) => report,
-        None => (&mut tasks.stack).await.unwrap_or_else(|_| {
-            warn!("the stack task failed");
-            Report::default()
-        }),
+        // The stack ends by the grace's end; only a device that stopped taking its packets
+        // can hold it longer (its last flush waits on the device's queue).
+        None => match tokio::time::timeout(grace.saturating_add(DRAIN), &mut tasks.stack).await {
+            Ok(Ok(report)) => report,
+            Ok(Err(_)) => {
+                warn!("the stack task failed");
+                parts.fallback()
+            }
+            Err(_) => {
+                warn!(
+                    "the device stopped taking packets; the stack is stopped without its last ones"
+                );
+                tasks.stack.abort();
+                let _ = (&mut tasks.stack).await;
+                parts.fallback()
+            }
+        },
     };
     if let Ok(mut last) = parts.last.lock() {
         *last = Some(report.clone());
@@ -572,10 +628,7 @@ async fn supervise(
     }
     let stats = parts.stats(report);
     info!(counters = %stats.stack, "engine stopped");
-    match failure {
-        Some(error) => Err(error),
-        None => Ok(stats),
-    }
+    stats
 }
 
 /// Waits a moment for a task that ends on its own, then aborts it.

@@ -15,7 +15,7 @@
 //!     .await?;
 //! let stats = engine.stats().await;
 //! println!("{} connections open", stats.open);
-//! let last = engine.shutdown(Duration::from_secs(1)).await?;
+//! let last = engine.shutdown(Duration::from_secs(1)).await;
 //! # Ok(()) }
 //! ```
 //!

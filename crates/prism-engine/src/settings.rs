@@ -330,6 +330,12 @@ impl Settings {
         if !(4..=65536).contains(&self.tcp_buffer_kib) {
             return invalid("tcp_buffer_kib must be 4 to 65536".to_owned());
         }
+        if self.max_half_open == 0 || self.max_pending == 0 {
+            return invalid("max_half_open and max_pending must be at least 1".to_owned());
+        }
+        if self.tap && self.vnet_hdr {
+            return invalid("vnet_hdr is for a TUN descriptor, not a TAP".to_owned());
+        }
         if self.tap && self.gateway.is_empty() {
             return invalid("tap needs a gateway address".to_owned());
         }
@@ -461,7 +467,8 @@ pub fn relay_keys(key: Option<&str>, file: Option<&Path>) -> Result<Keys, Settin
         (Some(key), None) => key.to_owned(),
         (None, None) => {
             return Err(SettingsError::RelayKey(
-                "a relay needs a key: --relay-key-file FILE, PRISM_RELAY_KEY, or the key flag"
+                "a relay needs a key: relay_key_file or relay_key (--relay-key-file FILE or \
+                 PRISM_RELAY_KEY on the command line)"
                     .to_owned(),
             ));
         }

@@ -25,22 +25,32 @@ pub(crate) fn bridge(
     tokio::spawn(async move {
         let mut batch = Vec::with_capacity(BATCH);
         let mut outgoing = Vec::with_capacity(BATCH);
+        // Once the stack is gone, frames from the device are no longer taken in, but what the
+        // stack sent last is still wrapped and written.
+        let mut stack_gone = false;
         loop {
             tokio::select! {
-                n = frames_in.recv_many(&mut batch, BATCH) => {
+                n = frames_in.recv_many(&mut batch, BATCH), if !stack_gone => {
                     if n == 0 {
                         break;
                     }
                     for frame in batch.drain(..) {
-                        let sent = match gateway.ingress(&frame) {
-                            Ingress::Packet(packet) => packets_out.send(packet).await.is_ok(),
-                            Ingress::Reply(reply) => frames_out.send(Bytes::from(reply)).await.is_ok(),
-                            Ingress::Dropped(_) => true,
-                        };
-                        if !sent {
-                            return;
+                        match gateway.ingress(&frame) {
+                            Ingress::Packet(packet) => {
+                                if packets_out.send(packet).await.is_err() {
+                                    stack_gone = true;
+                                    break;
+                                }
+                            }
+                            Ingress::Reply(reply) => {
+                                if frames_out.send(Bytes::from(reply)).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Ingress::Dropped(_) => {}
                         }
                     }
+                    batch.clear();
                 }
                 n = packets_in.recv_many(&mut outgoing, BATCH) => {
                     if n == 0 {
@@ -58,6 +68,9 @@ pub(crate) fn bridge(
             if let Ok(mut shared) = counters.lock() {
                 *shared = gateway.counters();
             }
+        }
+        if let Ok(mut shared) = counters.lock() {
+            *shared = gateway.counters();
         }
     })
 }

@@ -131,6 +131,9 @@ int main(int argc, char **argv) {
     char *stats = prism_stats(engine);
     printf("stats: %s\n", stats ? stats : "NULL");
     prism_string_free(stats);
+    char *failure = prism_failure(engine);
+    printf("failure: %s\n", failure ? failure : "none");
+    prism_string_free(failure);
     char *last = prism_stop(engine, 1000);
     if (last == NULL) {
         fprintf(stderr, "prism_stop: %s\n", prism_last_error());

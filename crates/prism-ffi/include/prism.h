@@ -38,9 +38,13 @@ const char *prism_last_error(void);
  * Starts an engine on `tun_fd`, an open TUN (or, with `"tap": true`, TAP) descriptor, which
  * the engine owns from now on and closes when it stops. `config` is a NUL-terminated JSON
  * object with the keys of `prism run`'s flags; `"vnet_hdr": true` says the descriptor was
- * opened with `IFF_VNET_HDR` and offload. `protect` may be `NULL`; if not, it must be callable
- * from any thread while the engine runs, with `context`. Returns the engine, or `NULL` with
- * the reason in [`prism_last_error`] (the descriptor is then closed).
+ * opened with `IFF_VNET_HDR` and offload. Host names in it (a SOCKS5 proxy, the relay) are
+ * resolved with the system resolver, outside the protect callback: on Android, give
+ * addresses, or resolve before the VPN is up. `protect` may be `NULL`; if not, it is called
+ * from Prism's own threads (attach them to the JVM there if needed) until [`prism_stop`]
+ * returns, and `context` must stay valid until then. Logs go to standard error only if the
+ * `RUST_LOG` environment variable is set. Returns the engine, or `NULL` with the reason in
+ * [`prism_last_error`] (the descriptor is then closed).
  *
  * # Safety
  * `config` must point to a NUL-terminated string; `tun_fd` must be an open descriptor that
@@ -50,7 +54,8 @@ PrismEngine *prism_start(const char *config, int tun_fd, PrismProtect protect, v
 
 /**
  * The engine's stats now, as a JSON object (the keys of `prism run --stats-file`, and
- * `connections`). Free it with [`prism_string_free`]. `NULL` only if `engine` is `NULL`.
+ * `connections`). Free it with [`prism_string_free`]. `NULL` if `engine` is `NULL` or the
+ * call comes from one of Prism's threads, with the reason in [`prism_last_error`].
  *
  * # Safety
  * `engine` must be `NULL` or a handle from [`prism_start`] not yet stopped.
@@ -58,14 +63,26 @@ PrismEngine *prism_start(const char *config, int tun_fd, PrismProtect protect, v
 char *prism_stats(const PrismEngine *engine);
 
 /**
- * Stops the engine: new connections are refused, open ones get a FIN and, after `grace_ms`,
- * a RST; every socket and thread Prism started is closed, the descriptor too. Frees the
- * handle. Returns the final stats as JSON (free with [`prism_string_free`]), or `NULL` with
- * the reason in [`prism_last_error`] if the engine had failed (the device died).
+ * Why the engine stopped on its own (its device failed or closed), or `NULL` while it has
+ * not. Does not wait. Free the string with [`prism_string_free`]; call [`prism_stop`] either
+ * way.
+ *
+ * # Safety
+ * `engine` must be `NULL` or a handle from [`prism_start`] not yet stopped.
+ */
+char *prism_failure(const PrismEngine *engine);
+
+/**
+ * Stops the engine: new connections are refused, open ones get a FIN at once and, after
+ * `grace_ms`, a RST; every socket and thread Prism started is ended and the descriptor closed;
+ * the protect callback is not called again once this returns. Frees the handle. Returns the
+ * final stats as JSON (free with [`prism_string_free`]), also after a failure
+ * ([`prism_failure`]). `NULL`, with the handle left untouched, if `engine` is `NULL` or the
+ * call comes from one of Prism's threads.
  *
  * # Safety
  * `engine` must be `NULL` or a handle from [`prism_start`] not yet stopped; it is invalid
- * afterwards. Do not call it from one of Prism's own threads (the protect callback).
+ * afterwards.
  */
 char *prism_stop(PrismEngine *engine, uint32_t grace_ms);
 

@@ -75,9 +75,13 @@ unsafe impl Sync for Context {}
 /// Starts an engine on `tun_fd`, an open TUN (or, with `"tap": true`, TAP) descriptor, which
 /// the engine owns from now on and closes when it stops. `config` is a NUL-terminated JSON
 /// object with the keys of `prism run`'s flags; `"vnet_hdr": true` says the descriptor was
-/// opened with `IFF_VNET_HDR` and offload. `protect` may be `NULL`; if not, it must be callable
-/// from any thread while the engine runs, with `context`. Returns the engine, or `NULL` with
-/// the reason in [`prism_last_error`] (the descriptor is then closed).
+/// opened with `IFF_VNET_HDR` and offload. Host names in it (a SOCKS5 proxy, the relay) are
+/// resolved with the system resolver, outside the protect callback: on Android, give
+/// addresses, or resolve before the VPN is up. `protect` may be `NULL`; if not, it is called
+/// from Prism's own threads (attach them to the JVM there if needed) until [`prism_stop`]
+/// returns, and `context` must stay valid until then. Logs go to standard error only if the
+/// `RUST_LOG` environment variable is set. Returns the engine, or `NULL` with the reason in
+/// [`prism_last_error`] (the descriptor is then closed).
 ///
 /// # Safety
 /// `config` must point to a NUL-terminated string; `tun_fd` must be an open descriptor that
@@ -91,6 +95,10 @@ pub unsafe extern "C" fn prism_start(
 ) -> *mut PrismEngine {
     if tun_fd < 0 {
         set_error("prism_start: tun_fd is not a descriptor");
+        return std::ptr::null_mut();
+    }
+    if let Err(error) = outside_prism("prism_start") {
+        set_error(error);
         return std::ptr::null_mut();
     }
     // SAFETY: the caller hands the open descriptor over (see the contract above).
@@ -160,11 +168,24 @@ fn start(
     Ok(PrismEngine { runtime, engine })
 }
 
-/// Logs go to standard error, filtered by `RUST_LOG` (`info` unless set), unless the process
-/// already installed a subscriber.
+/// Calls that wait for the engine cannot be made from one of its threads (or any tokio
+/// runtime's): the wait would block the thread the engine needs.
+fn outside_prism(call: &str) -> Result<(), String> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(_) => Err(format!(
+            "{call}: called from a tokio runtime's thread (the protect callback?); call it from \
+             the product's own thread"
+        )),
+        Err(_) => Ok(()),
+    }
+}
+
+/// Logs go to standard error, filtered by `RUST_LOG`, when it is set and the process has no
+/// subscriber of its own: a host app keeps its logging otherwise.
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let Ok(filter) = tracing_subscriber::EnvFilter::try_from_default_env() else {
+        return;
+    };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::IsTerminal::is_terminal(&io::stderr()))
@@ -173,7 +194,8 @@ fn init_logging() {
 }
 
 /// The engine's stats now, as a JSON object (the keys of `prism run --stats-file`, and
-/// `connections`). Free it with [`prism_string_free`]. `NULL` only if `engine` is `NULL`.
+/// `connections`). Free it with [`prism_string_free`]. `NULL` if `engine` is `NULL` or the
+/// call comes from one of Prism's threads, with the reason in [`prism_last_error`].
 ///
 /// # Safety
 /// `engine` must be `NULL` or a handle from [`prism_start`] not yet stopped.
@@ -184,6 +206,10 @@ pub unsafe extern "C" fn prism_stats(engine: *const PrismEngine) -> *mut c_char 
         set_error("prism_stats: engine is NULL");
         return std::ptr::null_mut();
     };
+    if let Err(error) = outside_prism("prism_stats") {
+        set_error(error);
+        return std::ptr::null_mut();
+    }
     let stats = catch_unwind(AssertUnwindSafe(|| {
         engine.runtime.block_on(engine.engine.stats()).to_json()
     }));
@@ -196,34 +222,54 @@ pub unsafe extern "C" fn prism_stats(engine: *const PrismEngine) -> *mut c_char 
     }
 }
 
-/// Stops the engine: new connections are refused, open ones get a FIN and, after `grace_ms`,
-/// a RST; every socket and thread Prism started is closed, the descriptor too. Frees the
-/// handle. Returns the final stats as JSON (free with [`prism_string_free`]), or `NULL` with
-/// the reason in [`prism_last_error`] if the engine had failed (the device died).
+/// Why the engine stopped on its own (its device failed or closed), or `NULL` while it has
+/// not. Does not wait. Free the string with [`prism_string_free`]; call [`prism_stop`] either
+/// way.
+///
+/// # Safety
+/// `engine` must be `NULL` or a handle from [`prism_start`] not yet stopped.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn prism_failure(engine: *const PrismEngine) -> *mut c_char {
+    // SAFETY: a live handle or NULL, per the contract.
+    let Some(engine) = (unsafe { engine.as_ref() }) else {
+        return std::ptr::null_mut();
+    };
+    match engine.engine.failure() {
+        Some(failure) => into_c_string(failure),
+        None => std::ptr::null_mut(),
+    }
+}
+
+/// Stops the engine: new connections are refused, open ones get a FIN at once and, after
+/// `grace_ms`, a RST; every socket and thread Prism started is ended and the descriptor closed;
+/// the protect callback is not called again once this returns. Frees the handle. Returns the
+/// final stats as JSON (free with [`prism_string_free`]), also after a failure
+/// ([`prism_failure`]). `NULL`, with the handle left untouched, if `engine` is `NULL` or the
+/// call comes from one of Prism's threads.
 ///
 /// # Safety
 /// `engine` must be `NULL` or a handle from [`prism_start`] not yet stopped; it is invalid
-/// afterwards. Do not call it from one of Prism's own threads (the protect callback).
+/// afterwards.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn prism_stop(engine: *mut PrismEngine, grace_ms: u32) -> *mut c_char {
     if engine.is_null() {
         set_error("prism_stop: engine is NULL");
         return std::ptr::null_mut();
     }
+    if let Err(error) = outside_prism("prism_stop") {
+        set_error(error);
+        return std::ptr::null_mut();
+    }
     // SAFETY: a live handle from `prism_start`, taken back exactly once.
     let PrismEngine { runtime, engine } = *unsafe { Box::from_raw(engine) };
     let grace = Duration::from_millis(u64::from(grace_ms));
     let stopped = catch_unwind(AssertUnwindSafe(|| {
-        let stopped = runtime.block_on(engine.shutdown(grace));
+        let stats = runtime.block_on(engine.shutdown(grace));
         runtime.shutdown_timeout(Duration::from_secs(1));
-        stopped
+        stats
     }));
     match stopped {
-        Ok(Ok(stats)) => into_c_string(stats.to_json()),
-        Ok(Err(error)) => {
-            set_error(error);
-            std::ptr::null_mut()
-        }
+        Ok(stats) => into_c_string(stats.to_json()),
         Err(_) => {
             set_error("prism_stop: internal error (panic)");
             std::ptr::null_mut()

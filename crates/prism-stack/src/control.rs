@@ -34,8 +34,9 @@ impl Control {
     }
 
     /// Stops the stack: new SYNs are refused with RST; every open connection gets a FIN at
-    /// once and, if it has not closed within `grace`, a RST; every [`Stream`] fails at once; the
-    /// request queue ends. [`Stack::run`] returns when no connection is left, at the latest
+    /// once (a RST if the application had queued bytes the socket never took, or never
+    /// accepted it) and, if it has not closed within `grace`, a RST; every [`Stream`] fails at
+    /// once; the request queue ends. [`Stack::run`] returns when no connection is left, at the latest
     /// after `grace`. Idempotent; a shorter grace period than one already running wins.
     ///
     /// [`Stream`]: crate::Stream
@@ -72,9 +73,9 @@ pub struct Connection {
     pub destination: SocketAddr,
     /// Time since its SYN.
     pub age: Duration,
-    /// Bytes the client sent that reached the application.
+    /// Bytes the client sent, handed to the application's stream.
     pub bytes_from_client: u64,
-    /// Bytes the application sent that entered the connection.
+    /// Bytes the application sent that entered the connection's socket.
     pub bytes_to_client: u64,
     /// Where it is in its life.
     pub state: ConnectionState,

@@ -109,7 +109,7 @@ counters! {
     connections_closed,
     /// SYNs refused because the stack is shutting down.
     syn_refused_stopping,
-    /// Bytes the clients sent, delivered to the application.
+    /// Bytes the clients sent, handed to the application's streams.
     bytes_from_clients,
     /// Bytes the application sent, handed to the clients' connections.
     bytes_to_clients,

@@ -351,7 +351,10 @@ impl Stack {
     /// Refuses new connections, fails every stream, and closes every connection: FIN for the
     /// ones the application took, RST for the rest. [`Event::GraceOver`] resets what is left.
     fn begin_shutdown(&mut self, grace: Duration) {
-        let deadline = Instant::now() + grace;
+        // A grace too long to add is no deadline at all.
+        let deadline = Instant::now()
+            .checked_add(grace)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(86_400 * 365));
         if self.closing.is_some_and(|d| d <= deadline) {
             return;
         }
@@ -517,6 +520,10 @@ impl Stack {
                 // over; a new one starts.
                 self.service(id, now);
                 self.retire(id);
+                if self.closing.is_some() {
+                    Counters::add(&self.counters.syn_refused_stopping, 1);
+                    return None;
+                }
                 self.open(segment.tuple, packet)
             }
             Decision::Existing(id) => Some(id),
@@ -982,12 +989,13 @@ fn end_streams(shared: &Shared) {
     wakers.wake();
 }
 
-/// A connection the application took, while the stack stops: what the application had not yet
-/// handed to the socket is dropped, the client gets a FIN after what the socket holds, and what
-/// the client still sends is discarded. A connection the application never accepted is reset.
+/// A connection the application took, while the stack stops: the client gets a FIN after what
+/// the socket holds, and what it still sends is discarded. If the application had bytes queued
+/// that the socket never took, a FIN would pass the truncated stream off as complete: the
+/// client gets a RST instead. A connection the application never accepted is reset too.
 fn shut_down(conn: &mut Conn, state: &mut State) {
     let socket = conn.sockets.get_mut::<tcp::Socket>(conn.handle);
-    if state.answer != Answer::Accepted {
+    if state.answer != Answer::Accepted || !state.outbound.is_empty() {
         if socket.is_open() {
             socket.abort();
         }
