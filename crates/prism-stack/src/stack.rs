@@ -632,7 +632,14 @@ impl Stack {
         if let Some(conn) = self.conns.remove(&id) {
             self.forget(id, &conn);
             Counters::add(&self.counters.connections_closed, 1);
-            let wakers = conn.shared.lock().take_wakers(true, true);
+            let mut state = conn.shared.lock();
+            // Nobody services this connection again: a reader still short of the client's FIN
+            // (bytes left in the socket) would wait for ever, so it gets an error instead.
+            if !state.inbound_fin {
+                state.reset = true;
+            }
+            let wakers = state.take_wakers(true, true);
+            drop(state);
             wakers.wake();
         }
     }
