@@ -1,8 +1,9 @@
 //! Prism embedded through its C ABI, end to end: `crates/prism-ffi/c/fetch.c`, compiled here
 //! with the system's C compiler against the static library, opens its own TUN in the client
 //! namespace (Prism never sees its name), starts Prism on the descriptor with a protect
-//! callback that marks every socket Prism opens, fetches from the echo server through `direct`,
-//! pings the relay's target through the relay server, and stops Prism.
+//! callback that marks every socket Prism opens, fetches from the echo server through `direct`
+//! (and, in a second run, through dante), pings the relay's target through the relay server,
+//! and stops Prism.
 //!
 //! The namespace's policy sends everything *unmarked* into that TUN, as a whole-machine VPN
 //! does, so a socket Prism failed to protect would loop back into Prism: the same run without
@@ -144,6 +145,11 @@ pub(crate) fn run(topo: &Topology, logs: &Path, key: &Path, report: &mut Report)
     );
     report.record(
         "ffi",
+        "the same through dante: the proxy socket is protected too",
+        through_socks5(topo, &program, logs),
+    );
+    report.record(
+        "ffi",
         "control: without the protect callback the same fetch loops back and fails",
         unprotected(topo, &program, logs),
     );
@@ -188,6 +194,28 @@ fn protected(topo: &Topology, program: &Path, logs: &Path, key: &Path) -> Result
         );
     }
     ensure!(counter(last, "open")? == 0, "connections left open: {last}");
+    Ok(format!(" ({protected} sockets protected)"))
+}
+
+fn through_socks5(topo: &Topology, program: &Path, logs: &Path) -> Result<String> {
+    let config = serde_json::json!({
+        "address": ["10.99.0.9/24"],
+        "upstream": format!("socks5://{}:{}", topology::SERVER_V4, topology::DANTE_PORT),
+    })
+    .to_string();
+    let out = fetch(
+        topo,
+        program,
+        &config,
+        topology::FWMARK,
+        &logs.join("ffi-socks5.log"),
+    )?;
+    ensure!(
+        line(&out, "echo:") == "ok",
+        "the fetch through dante failed:\n{out}"
+    );
+    let protected: u32 = line(&out, "protected:").parse().unwrap_or(0);
+    ensure!(protected >= 1, "the proxy socket was not protected:\n{out}");
     Ok(format!(" ({protected} sockets protected)"))
 }
 
