@@ -91,9 +91,19 @@ pub(crate) struct RunArgs {
     /// Address of the TUN device, IPv4 or IPv6 (repeatable).
     #[arg(long = "address", value_name = "CIDR", required = true, value_parser = parse_cidr)]
     pub(crate) addresses: Vec<IpNet>,
-    /// Route this prefix through the TUN (repeatable).
+    /// Route this prefix through the TUN (repeatable). `0.0.0.0/0` and `::/0` are the default
+    /// route of that family, as --default-route sets it up.
     #[arg(long = "route", value_name = "CIDR", value_parser = parse_cidr)]
     pub(crate) routes: Vec<IpNet>,
+    /// Send all of the machine's traffic (IPv4 and IPv6) through the TUN, as wg-quick does:
+    /// Prism's own sockets carry its firewall mark (--fwmark, 0x7072 unless set) and policy
+    /// rules keep marked traffic out of the TUN. Everything is removed on exit, and what a
+    /// killed run left is removed at the next start.
+    #[arg(long)]
+    pub(crate) default_route: bool,
+    /// With a default route: send this prefix around the TUN, by the main table (repeatable).
+    #[arg(long = "exclude", value_name = "CIDR", value_parser = parse_cidr)]
+    pub(crate) excludes: Vec<IpNet>,
     /// Where connections go: `direct` or `socks5://[user:pass@]HOST:PORT`.
     #[arg(long, value_name = "UPSTREAM", value_parser = parse::<UpstreamUrl>)]
     pub(crate) upstream: UpstreamUrl,

@@ -49,6 +49,11 @@ impl Routes {
         })
     }
 
+    /// The netlink handle, for the policy rules.
+    pub(crate) fn handle(&self) -> Handle {
+        self.handle.clone()
+    }
+
     /// Routes `net` through interface `index` (named `name` in messages), via the next hop
     /// `via` if given (TAP mode).
     pub(crate) async fn add(

@@ -8,6 +8,7 @@ use prism_engine::{Engine, Outside, Source};
 use tracing::info;
 
 use crate::cli::RunArgs;
+use crate::policy::{Families, Policy};
 use crate::routes::Routes;
 
 /// How long open connections get to close after SIGINT or SIGTERM before they are reset.
@@ -15,14 +16,59 @@ const STOP_GRACE: Duration = Duration::from_secs(1);
 
 pub(crate) async fn run(args: RunArgs) -> Result<()> {
     let stop = crate::stats::stop_signal()?;
-    let mut engine = builder(&args).await?.start().await?;
+    let device_dir = std::path::Path::new("/sys/class/net").join(&args.tun);
+    if device_dir.exists() {
+        anyhow::bail!(
+            "a network interface named {} exists already; choose another --tun, or remove it \
+             (ip link del {})",
+            args.tun,
+            args.tun
+        );
+    }
+    let mut routes = Routes::new()?;
+    let mut policy = Policy::new(routes.handle());
+    let swept = policy.sweep().await?;
+    if swept > 0 {
+        info!(
+            removed = swept,
+            "removed policy rules and routes an earlier run of prism left behind"
+        );
+    }
+    let families = Families {
+        v4: args.default_route
+            || args
+                .routes
+                .iter()
+                .any(|n| n.prefix_len() == 0 && n.addr().is_ipv4()),
+        v6: args.default_route
+            || args
+                .routes
+                .iter()
+                .any(|n| n.prefix_len() == 0 && n.addr().is_ipv6()),
+    };
+    let mark = args.fwmark.unwrap_or(crate::policy::TABLE);
+    let mut engine = builder(&args, (families.v4 || families.v6).then_some(mark))
+        .await?
+        .start()
+        .await?;
     let device = engine
         .device()
         .cloned()
         .context("the engine opened no device")?;
-    let mut routes = Routes::new()?;
-    let served = serve_until_signal(&args, &mut engine, &device, &mut routes, stop).await;
-    // Routes first, while the device still exists; closing the TUN would take them with it.
+    let served = serve_until_signal(
+        &args,
+        &mut engine,
+        &device,
+        &mut routes,
+        &mut policy,
+        families,
+        mark,
+        stop,
+    )
+    .await;
+    // Rules and routes first, while the device still exists; closing the TUN would take its
+    // routes with it.
+    policy.remove_all().await;
     routes.remove_all().await;
     let failure = engine.failure();
     let stats = engine.shutdown(STOP_GRACE).await;
@@ -36,16 +82,34 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
     }
 }
 
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the run's parts, each owned by `run` for its teardown"
+)]
 async fn serve_until_signal(
     args: &RunArgs,
     engine: &mut Engine,
     device: &prism_engine::Device,
     routes: &mut Routes,
+    policy: &mut Policy,
+    families: Families,
+    mark: u32,
     stop: impl std::future::Future<Output = &'static str>,
 ) -> Result<()> {
-    for &net in &args.routes {
+    for &net in args.routes.iter().filter(|n| n.prefix_len() > 0) {
         let via = next_hop(args, net)?;
         routes.add(net, device.index, &device.name, via).await?;
+    }
+    if families.v4 || families.v6 {
+        let via = if args.tap {
+            args.gateways.clone()
+        } else {
+            Vec::new()
+        };
+        policy
+            .install(families, device.index, &via, mark, &args.excludes)
+            .await?;
+        crate::policy::describe(families, mark, &args.excludes);
     }
     info!(
         tun = %device.name,
@@ -63,7 +127,9 @@ async fn serve_until_signal(
 }
 
 /// Every flag, onto the engine's builder.
-async fn builder(args: &RunArgs) -> Result<prism_engine::Builder> {
+/// `mark`: the firewall mark every socket Prism opens carries, when the default route goes
+/// through the TUN.
+async fn builder(args: &RunArgs, mark: Option<u32>) -> Result<prism_engine::Builder> {
     let mut source = if args.tap {
         Source::tap(&args.tun)
     } else {
@@ -73,7 +139,11 @@ async fn builder(args: &RunArgs) -> Result<prism_engine::Builder> {
     if args.no_offload {
         source = source.without_offload();
     }
-    Ok(args.settings().builder(source, Outside::default()).await?)
+    let mut settings = args.settings();
+    if mark.is_some() {
+        settings.fwmark = mark;
+    }
+    Ok(settings.builder(source, Outside::default()).await?)
 }
 
 /// In TAP mode a route goes via the gateway of its family; a TUN needs no next hop.

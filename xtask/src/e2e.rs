@@ -393,6 +393,9 @@ pub fn run(filter: Option<&str>) -> Result<()> {
             domain(&topo),
         );
     }
+    if selected(filter, "routed") {
+        crate::routed_e2e::run(&prism, &logs, &mut report);
+    }
     if selected(filter, "embed") {
         report.record(
             "embed",
@@ -1308,7 +1311,8 @@ fn contract(topo: &Topology, prism: &Path, logs: &Path) -> Result<String> {
     let lines = String::from_utf8_lossy(&one_line.stderr).lines().count();
     ensure!(lines == 1, "an error should be one line, got {lines}");
 
-    // A second prism on the same TUN name: busy. Then SIGTERM stops the first cleanly.
+    // A second prism on the same TUN name is refused (an existing interface is never
+    // adopted). Then SIGTERM stops the first cleanly.
     let stats = logs.join("stats-contract.json");
     let mut first = topo.start_prism(
         prism,
@@ -1322,7 +1326,10 @@ fn contract(topo: &Topology, prism: &Path, logs: &Path) -> Result<String> {
         "a second prism on {} started",
         topology::TUN
     );
-    ensure!(stderr.contains("busy"), "expected \"busy\" in:\n{stderr}");
+    ensure!(
+        stderr.contains("exists already") && stderr.lines().count() == 1,
+        "expected one line saying the interface exists already, in:\n{stderr}"
+    );
     stop_cleanly(topo, &mut first, Signal::SIGTERM, &stats)?;
     Ok(String::new())
 }

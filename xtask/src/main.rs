@@ -30,6 +30,7 @@ mod forward;
 mod netns;
 mod peers;
 mod relay_e2e;
+mod routed_e2e;
 mod servers;
 mod tools;
 mod topology;

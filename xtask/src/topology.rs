@@ -71,6 +71,42 @@ pub fn wait_listening(ns: &Netns, port: u16, sockets: usize, what: &str) -> Resu
     )
 }
 
+/// Starts dante's `danted` in `ns`, listening on `addresses` at `port` and connecting out of
+/// `lo` (where the targets are), with its configuration and log in `dir`.
+pub fn dante(ns: &Netns, addresses: &[&str], port: u16, dir: &Path) -> Result<Process> {
+    let config = dir.join(format!("danted-{}.conf", ns.name()));
+    let internal: String = addresses
+        .iter()
+        .map(|a| format!("internal: {a} port = {port}\n"))
+        .collect();
+    std::fs::write(
+        &config,
+        format!(
+            "logoutput: stderr\n\
+             {internal}\
+             external: lo\n\
+             clientmethod: none\n\
+             socksmethod: none\n\
+             user.privileged: root\n\
+             user.unprivileged: nobody\n\
+             client pass {{ from: 0/0 to: 0/0 log: error }}\n\
+             socks pass {{ from: 0/0 to: 0/0 log: error }}\n"
+        ),
+    )?;
+    let log = dir.join(format!("danted-{}.log", ns.name()));
+    let mut command = ns.command("danted");
+    command
+        .arg("-f")
+        .arg(&config)
+        .args(["-p"])
+        .arg(dir.join(format!("danted-{}.pid", ns.name())));
+    let process = Process::spawn("danted", command, Some(&log))?;
+    // One listening socket per address.
+    wait_listening(ns, port, addresses.len(), "danted")
+        .with_context(|| std::fs::read_to_string(&log).unwrap_or_default())?;
+    Ok(process)
+}
+
 /// The MAC address of `dev` in `ns`.
 fn mac(ns: &Netns, dev: &str) -> Result<String> {
     let out = ns.ip(&format!("-br link show dev {dev}"))?;
@@ -170,33 +206,7 @@ impl Topology {
 
     /// Starts dante's `danted` in the server namespace, with its configuration in `dir`.
     pub fn start_dante(&self, dir: &Path) -> Result<Process> {
-        let config = dir.join("danted.conf");
-        std::fs::write(
-            &config,
-            format!(
-                "logoutput: stderr\n\
-                 internal: {SERVER_V4} port = {DANTE_PORT}\n\
-                 internal: {SERVER_V6} port = {DANTE_PORT}\n\
-                 external: lo\n\
-                 clientmethod: none\n\
-                 socksmethod: none\n\
-                 user.privileged: root\n\
-                 user.unprivileged: nobody\n\
-                 client pass {{ from: 0/0 to: 0/0 log: error }}\n\
-                 socks pass {{ from: 0/0 to: 0/0 log: error }}\n"
-            ),
-        )?;
-        let mut command = self.server.command("danted");
-        command
-            .arg("-f")
-            .arg(&config)
-            .args(["-p"])
-            .arg(dir.join("danted.pid"));
-        let process = Process::spawn("danted", command, Some(&dir.join("danted.log")))?;
-        // One listening socket per address, IPv4 and IPv6.
-        wait_listening(&self.server, DANTE_PORT, 2, "danted")
-            .with_context(|| std::fs::read_to_string(dir.join("danted.log")).unwrap_or_default())?;
-        Ok(process)
+        dante(&self.server, &[SERVER_V4, SERVER_V6], DANTE_PORT, dir)
     }
 
     /// The arguments of `prism run` in this topology.
