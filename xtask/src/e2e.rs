@@ -399,7 +399,7 @@ pub fn run(filter: Option<&str>) -> Result<()> {
     if selected(filter, "embed") {
         report.record(
             "embed",
-            "the README's embedding example serves through dante and stops on SIGINT",
+            "the README's embedding example serves through dante and stops on SIGTERM",
             embed_example(&topo, &logs),
         );
     }
@@ -1183,7 +1183,7 @@ fn domain(topo: &Topology) -> Result<String> {
 
 /// The README's embedding example (`crates/prism-engine/examples/embed.rs`), built and run as
 /// a user would: it opens `prism0` itself; the targets are routed into it; a kernel client's
-/// bytes come back from the echo server through dante; SIGINT stops it cleanly with its stats.
+/// bytes come back from the echo server through dante; SIGTERM stops it cleanly with its stats.
 fn embed_example(topo: &Topology, logs: &Path) -> Result<String> {
     let status = std::process::Command::new(env!("CARGO"))
         .args(["build", "--release", "--quiet", "--package", "prism-engine"])
@@ -1228,7 +1228,8 @@ fn embed_example(topo: &Topology, logs: &Path) -> Result<String> {
         writer.await??;
         Ok(echoed)
     });
-    let stopped = example.stop(Signal::SIGINT, Duration::from_secs(10))?;
+    // SIGTERM, as systemd or kill stops it (Ctrl-C is the same path in the example).
+    let stopped = example.stop(Signal::SIGTERM, Duration::from_secs(10))?;
     let echoed = echoed?;
     ensure!(echoed == message, "the echo through the example differs");
     ensure!(

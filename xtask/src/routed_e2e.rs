@@ -139,8 +139,7 @@ impl Routed {
                 "fd98::1/64",
             ])
             .args(["--default-route", "--upstream", upstream, "--stats-file"])
-            .arg(stats)
-            .env("RUST_LOG", "info");
+            .arg(stats);
         let mut process = Process::spawn("prism", command, Some(log))?;
         let ready = wait_for("prism's default route", Duration::from_secs(20), || {
             self.client
@@ -207,6 +206,41 @@ pub(crate) fn run(prism: &Path, logs: &Path, report: &mut Report) {
         "kill -9 leaves rules; the next start removes them and works",
         after_a_kill(&topo, prism, logs, &proxy),
     );
+    report.record(
+        "default route",
+        "a proxy that is down is one warning line at the default level",
+        proxy_down(&topo, prism, logs),
+    );
+}
+
+/// Prism runs here without RUST_LOG: what a user sees by default.
+fn proxy_down(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
+    let stats = logs.join("stats-routed-down.json");
+    let nobody = format!("socks5://{PROXY}:1099");
+    let mut down = topo.start_prism(prism, &nobody, &stats, &logs.join("prism-routed-down.log"))?;
+    let target = SocketAddr::new(WEB_V4.parse::<IpAddr>()?, ECHO);
+    for _ in 0..3 {
+        ensure!(
+            echo(&topo.client, target, 100).is_err(),
+            "an echo worked through a proxy that is down"
+        );
+    }
+    let stopped = down.stop(Signal::SIGTERM, Duration::from_secs(10))?;
+    ensure!(stopped.success(), "prism exited with {stopped}");
+    let log = down.log();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("upstream connects fail"))
+        .collect();
+    ensure!(
+        warnings.len() == 1 && warnings[0].contains("cannot reach the proxy"),
+        "expected one warning naming the proxy, got:\n{log}"
+    );
+    ensure!(
+        !log.contains("\u{1b}["),
+        "colour codes in a log file:\n{log}"
+    );
+    Ok(String::new())
 }
 
 fn whole_machine(

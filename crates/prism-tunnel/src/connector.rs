@@ -16,6 +16,7 @@ use tokio::task::JoinSet;
 use tracing::debug;
 
 use crate::ConnectError;
+use crate::alerts::Alerts;
 use crate::relay::relay;
 
 /// Where an upstream connection goes.
@@ -94,12 +95,13 @@ pub trait Connector: Send + Sync + 'static {
 /// it starts is its own: when the stack stops, the connects and relays still running are
 /// ended (their upstream sockets closed) before `serve` returns.
 pub async fn serve(mut requests: Requests, connector: Arc<dyn Connector>) {
+    let alerts = Arc::new(Alerts::default());
     let mut tasks = JoinSet::new();
     loop {
         tokio::select! {
             request = requests.next() => match request {
                 Some(request) => {
-                    tasks.spawn(handle(request, Arc::clone(&connector)));
+                    tasks.spawn(handle(request, Arc::clone(&connector), Arc::clone(&alerts)));
                 }
                 None => break,
             },
@@ -109,7 +111,7 @@ pub async fn serve(mut requests: Requests, connector: Arc<dyn Connector>) {
     tasks.shutdown().await;
 }
 
-async fn handle(request: Request, connector: Arc<dyn Connector>) {
+async fn handle(request: Request, connector: Arc<dyn Connector>, alerts: Arc<Alerts>) {
     let target = Target::Ip(request.destination());
     // The connect future is boxed: it is freed once connected instead of sizing the task that
     // lives as long as the connection.
@@ -122,6 +124,7 @@ async fn handle(request: Request, connector: Arc<dyn Connector>) {
         }
         Err(error) => {
             debug!(%target, %error, "upstream connect failed");
+            alerts.connect_failed(&error);
             request.reject(error.rejection());
         }
     }

@@ -40,6 +40,28 @@ pub enum ConnectError {
 }
 
 impl ConnectError {
+    /// Whether nothing will work until someone acts: the proxy is unreachable, refuses the
+    /// credentials or answers nonsense, or a local resource failed. A destination refusing or
+    /// unreachable is not such a failure.
+    pub fn needs_attention(&self) -> bool {
+        matches!(self, ConnectError::Proxy { .. } | ConnectError::Io(_))
+    }
+
+    /// What a user can do about it, as a clause to append to the message (empty if nothing
+    /// specific).
+    pub fn hint(&self) -> &'static str {
+        const EMFILE: i32 = 24;
+        const ENFILE: i32 = 23;
+        match self {
+            ConnectError::Io(error) if matches!(error.raw_os_error(), Some(EMFILE | ENFILE)) => {
+                "; out of descriptors: if Prism's own upstream is routed back into its TUN, \
+                 use --default-route, --bind-interface or --exclude"
+            }
+            ConnectError::Proxy { .. } => "; clients are refused until the proxy answers",
+            _ => "",
+        }
+    }
+
     /// How the client should hear of this failure.
     pub fn rejection(&self) -> Rejection {
         match self {

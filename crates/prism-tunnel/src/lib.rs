@@ -11,6 +11,7 @@
 //! other; a failed upstream connect is always answered (never left hanging). Next: the `prism`
 //! binary wires a TUN, a `prism_stack::Stack` and a connector together.
 
+mod alerts;
 mod connector;
 mod direct;
 mod error;
