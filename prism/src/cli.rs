@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
-use prism_engine::{GatewayMac, Handshake, PortHandshake, RelayUrl, Settings, UpstreamUrl};
+use prism_engine::{
+    GatewayMac, Handshake, PortHandshake, RelayUrl, Resolver, Settings, UpstreamUrl,
+};
 
 /// Prism: send a machine's TCP through a proxy or tunnel, terminated in userspace.
 #[derive(Debug, Parser)]
@@ -165,6 +167,11 @@ pub(crate) struct RunArgs {
     /// answered with ICMP fragmentation needed / packet too big.
     #[arg(long, default_value_t = 1500, value_name = "BYTES", value_parser = clap::value_parser!(u16).range(1280..))]
     pub(crate) relay_path_mtu: u16,
+    /// Carry DNS queries over TCP through the upstream to this resolver (IP, or IP:PORT),
+    /// instead of the one each client asked. Without --relay, DNS is carried over TCP to the
+    /// resolver each client asked anyway; with it, DNS crosses the relay unless this is given.
+    #[arg(long, value_name = "ADDR", value_parser = parse::<Resolver>)]
+    pub(crate) dns: Option<Resolver>,
     /// A file holding the relay's pre-shared key.
     #[arg(
         long,
@@ -206,6 +213,7 @@ impl RunArgs {
         settings.gateway = self.gateways.clone();
         settings.gateway_mac = self.gateway_mac;
         settings.proxy_arp = self.proxy_arp;
+        settings.dns = self.dns;
         settings
     }
 }

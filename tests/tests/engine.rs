@@ -435,3 +435,103 @@ async fn a_product_that_stops_reading_cannot_hang_the_engine() {
     drop(device);
     wait_for_tasks(baseline).await;
 }
+
+/// A resolver over TCP (RFC 7766) in process: answers each query with the query's bytes,
+/// the QR bit set, and records which resolver it was asked as.
+struct TcpResolver(mpsc::UnboundedSender<SocketAddr>);
+
+impl Connector for TcpResolver {
+    fn connect<'a>(&'a self, target: &'a Target) -> Connecting<'a> {
+        let Target::Ip(asked) = target else {
+            panic!("the engine asks for addresses")
+        };
+        let _ = self.0.send(*asked);
+        let (ours, mut theirs) = tokio::io::duplex(4096);
+        tokio::spawn(async move {
+            let mut len = [0u8; 2];
+            theirs.read_exact(&mut len).await.unwrap();
+            let mut query = vec![0u8; usize::from(u16::from_be_bytes(len))];
+            theirs.read_exact(&mut query).await.unwrap();
+            query[2] |= 0x80;
+            theirs.write_all(&len).await.unwrap();
+            theirs.write_all(&query).await.unwrap();
+        });
+        Box::pin(async move { Ok::<Box<dyn Upstream>, ConnectError>(Box::new(ours)) })
+    }
+}
+
+/// A UDP datagram from `src` to `dst`, checksums filled.
+fn udp(src: SocketAddr, dst: SocketAddr, payload: &[u8]) -> bytes::Bytes {
+    use smoltcp::wire::{IpProtocol, Ipv4Packet, Ipv4Repr, UdpPacket, UdpRepr};
+    let (SocketAddr::V4(s), SocketAddr::V4(d)) = (src, dst) else {
+        panic!("IPv4 here")
+    };
+    let udp = UdpRepr {
+        src_port: s.port(),
+        dst_port: d.port(),
+    };
+    let ip = Ipv4Repr {
+        src_addr: *s.ip(),
+        dst_addr: *d.ip(),
+        next_header: IpProtocol::Udp,
+        payload_len: 8 + payload.len(),
+        hop_limit: 64,
+    };
+    let mut bytes = vec![0u8; 20 + 8 + payload.len()];
+    let caps = smoltcp::phy::ChecksumCapabilities::default();
+    let mut packet = Ipv4Packet::new_unchecked(&mut bytes);
+    ip.emit(&mut packet, &caps);
+    udp.emit(
+        &mut UdpPacket::new_unchecked(packet.payload_mut()),
+        &(*s.ip()).into(),
+        &(*d.ip()).into(),
+        payload.len(),
+        |p| p.copy_from_slice(payload),
+        &caps,
+    );
+    bytes::Bytes::from(bytes)
+}
+
+/// Without a relay, a UDP DNS query is answered over TCP through the connector, from the
+/// address the client asked; `dns` names another resolver.
+#[tokio::test]
+async fn dns_without_a_relay_goes_over_tcp_through_the_upstream() {
+    use smoltcp::wire::{Ipv4Packet, UdpPacket};
+    for named in [None, Some("10.9.9.9:5353".parse::<SocketAddr>().unwrap())] {
+        let (source, mut device) = Source::queues(Framing::Plain, 64);
+        let (asked_tx, mut asked) = mpsc::unbounded_channel();
+        let mut builder = Engine::builder(source)
+            .address("10.0.0.1".parse().unwrap(), 24)
+            .connector(Arc::new(TcpResolver(asked_tx)));
+        if let Some(resolver) = named {
+            builder = builder.dns(resolver);
+        }
+        let engine = builder.start().await.unwrap();
+        let client: SocketAddr = "10.0.0.2:33333".parse().unwrap();
+        let resolver: SocketAddr = "192.0.2.53:53".parse().unwrap();
+        let query = b"\xab\xcd\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03www\x07example\x00\x00\x01\x00\x01";
+        device.send(udp(client, resolver, query)).await.unwrap();
+
+        let mut batch = Vec::new();
+        tokio::time::timeout(PATIENCE, device.recv_batch(&mut batch))
+            .await
+            .expect("an answer")
+            .unwrap();
+        let ip = Ipv4Packet::new_checked(&batch[0][..]).unwrap();
+        assert!(ip.verify_checksum());
+        assert_eq!(
+            (ip.src_addr(), ip.dst_addr()),
+            ([192, 0, 2, 53].into(), [10, 0, 0, 2].into())
+        );
+        let answer = UdpPacket::new_checked(ip.payload()).unwrap();
+        assert!(answer.verify_checksum(&ip.src_addr().into(), &ip.dst_addr().into()));
+        assert_eq!((answer.src_port(), answer.dst_port()), (53, 33333));
+        let mut expected = query.to_vec();
+        expected[2] |= 0x80;
+        assert_eq!(answer.payload(), &expected[..]);
+        assert_eq!(asked.recv().await, Some(named.unwrap_or(resolver)));
+        let stats = engine.shutdown(Duration::from_millis(100)).await;
+        assert_eq!(stats.relay.dns_queries, 1);
+        assert_eq!(stats.relay.prohibited, 0);
+    }
+}

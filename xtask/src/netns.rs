@@ -81,6 +81,17 @@ impl Netns {
         Ok(())
     }
 
+    /// resolv.conf for processes started in this namespace with `ip netns exec`.
+    pub fn set_resolver(&self, nameserver: &str) -> Result<()> {
+        let dir = self.etc_dir();
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            dir.join("resolv.conf"),
+            format!("nameserver {nameserver}\n"),
+        )?;
+        Ok(())
+    }
+
     fn etc_dir(&self) -> PathBuf {
         Path::new("/etc/netns").join(&self.name)
     }

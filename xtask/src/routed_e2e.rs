@@ -31,6 +31,8 @@ const PROXY_PORT: u16 = 1080;
 const WEB_V4: &str = "10.70.3.1";
 const WEB_V6: &str = "fd70:3::1";
 const TUN: &str = "prism0";
+/// What the far side's dnsmasq answers with WEB_V4.
+const WEB_NAME: &str = "web.prism.test";
 
 struct Routed {
     client: Netns,
@@ -180,13 +182,33 @@ fn echo(client: &Netns, target: SocketAddr, len: usize) -> Result<()> {
 }
 
 pub(crate) fn run(prism: &Path, logs: &Path, report: &mut Report) {
-    let built = Routed::build().and_then(|topo| {
+    let tools = crate::tools::ensure(&[
+        ("danted", "dante-server"),
+        ("dnsmasq", "dnsmasq-base"),
+        ("getent", "libc-bin"),
+    ]);
+    let built = tools.and_then(|()| Routed::build()).and_then(|topo| {
         // dante: microsocks cuts a bulk echo short (see NOTES).
         let socks = crate::topology::dante(&topo.far, &[PROXY], PROXY_PORT, logs)?;
         let servers = Servers::start(&topo.far, vec![WEB_V4.parse()?, WEB_V6.parse()?])?;
-        Ok((topo, socks, servers))
+        // A resolver on the far side, reached only through the proxy (or direct, routed): the
+        // client's resolv.conf names it.
+        let mut dns = topo.far.command("dnsmasq");
+        dns.args([
+            "--no-daemon",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            &format!("--listen-address={WEB_V4}"),
+            &format!("--address=/{WEB_NAME}/{WEB_V4}"),
+            "--port=53",
+            "--user=root",
+        ]);
+        let dns = Process::spawn("dnsmasq", dns, Some(&logs.join("routed-dnsmasq.log")))?;
+        topo.client.set_resolver(WEB_V4)?;
+        Ok((topo, socks, servers, dns))
     });
-    let (topo, _socks, _servers) = match built {
+    let (topo, _socks, _servers, _dns) = match built {
         Ok(parts) => parts,
         Err(error) => {
             report.record("default route", "the routed topology is built", Err(error));
@@ -258,6 +280,8 @@ fn whole_machine(
         &stats,
         &logs.join(format!("prism-routed-{name}.log")),
     )?;
+    // The name resolves by UDP DNS, which Prism carries over TCP through the upstream.
+    let resolved = topo.client.exec(&["getent", "ahostsv4", WEB_NAME]);
     let web4 = SocketAddr::new(WEB_V4.parse::<IpAddr>()?, ECHO);
     let web6 = SocketAddr::new(WEB_V6.parse::<IpAddr>()?, ECHO);
     let exchanged = echo(&topo.client, web4, 4 << 20)
@@ -265,6 +289,11 @@ fn whole_machine(
         .and_then(|()| (0..20).try_for_each(|_| echo(&topo.client, web4, 1000)));
     let stopped = prism_run.stop(Signal::SIGTERM, Duration::from_secs(10))?;
     exchanged.with_context(|| prism_run.log())?;
+    let resolved = resolved.with_context(|| format!("{WEB_NAME} did not resolve"))?;
+    ensure!(
+        resolved.contains(WEB_V4),
+        "{WEB_NAME} resolved to something else: {resolved}"
+    );
     ensure!(
         stopped.success(),
         "prism exited with {stopped}: {}",
@@ -276,6 +305,10 @@ fn whole_machine(
         opened == 22,
         "{opened} connections for the client's 22: a loop? {counters}"
     );
+    ensure!(
+        counter(&counters, "relay_dns_queries")? >= 1,
+        "no DNS query was carried: {counters}"
+    );
     let after = topo.routing()?;
     ensure!(
         after == before,
@@ -286,7 +319,10 @@ fn whole_machine(
         "no line at start says what is routed: {}",
         prism_run.log()
     );
-    Ok(" (4 MiB over IPv4, 1 MiB over IPv6, 20 short connections)".to_owned())
+    Ok(
+        " (DNS by name over TCP, 4 MiB over IPv4, 1 MiB over IPv6, 20 short connections)"
+            .to_owned(),
+    )
 }
 
 fn after_a_kill(topo: &Routed, prism: &Path, logs: &Path, proxy: &str) -> Result<String> {

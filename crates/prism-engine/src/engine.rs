@@ -12,15 +12,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use prism_device::{Diverted, Link, Outside};
 use prism_relay::Keys;
 use prism_relay::{PacketTunnel, UdpTunnel};
 use prism_stack::{Config, Control, HandshakePolicy, Report, Stack};
 use prism_tunnel::{Connector, Direct, Socks5, Socks5Url, serve};
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
+use crate::dns;
 use crate::source::{Kind, Source};
 use crate::stats::Stats;
 use crate::tap;
@@ -92,7 +94,15 @@ enum Relay {
     /// Prism's own UDP relay, connected at start.
     Udp { server: SocketAddr, keys: Keys },
     /// The product's own packet tunnel.
-    Custom(Box<dyn FnOnce(Diverted, usize, Arc<prism_relay::Counters>) -> JoinHandle<()> + Send>),
+    Custom(Box<dyn FnOnce(RelayParts) -> JoinHandle<()> + Send>),
+}
+
+/// What a product's relay task is started with.
+struct RelayParts {
+    diverted: Diverted,
+    mtu: usize,
+    dns: Option<mpsc::Sender<Bytes>>,
+    counters: Arc<prism_relay::Counters>,
 }
 
 /// Sets an engine up; [`Builder::start`] runs it.
@@ -107,6 +117,7 @@ pub struct Builder {
     connect_timeout: Duration,
     relay: Relay,
     relay_path_mtu: u16,
+    dns: Option<SocketAddr>,
     gateway: Option<prism_l2::Config>,
 }
 
@@ -134,6 +145,7 @@ impl Builder {
             connect_timeout: Duration::from_secs(10),
             relay: Relay::None,
             relay_path_mtu: 1500,
+            dns: None,
             gateway: None,
         }
     }
@@ -208,12 +220,13 @@ impl Builder {
 
     /// Every non-TCP packet goes through the product's own packet tunnel.
     pub fn relay<T: PacketTunnel>(mut self, tunnel: Arc<T>) -> Builder {
-        self.relay = Relay::Custom(Box::new(move |diverted, mtu, counters| {
+        self.relay = Relay::Custom(Box::new(move |parts: RelayParts| {
             tokio::spawn(prism_relay::run_relay(
-                diverted,
+                parts.diverted,
                 Some(tunnel),
-                mtu,
-                counters,
+                parts.mtu,
+                parts.dns,
+                parts.counters,
             ))
         }));
         self
@@ -223,6 +236,15 @@ impl Builder {
     /// be fragmented are answered with ICMP fragmentation needed / packet too big.
     pub fn relay_path_mtu(mut self, mtu: u16) -> Builder {
         self.relay_path_mtu = mtu;
+        self
+    }
+
+    /// Where DNS queries go. Without a relay, every UDP query to port 53 is carried over TCP
+    /// (RFC 7766) through the connector to the resolver the client asked, and the answer comes
+    /// back as UDP; with `resolver` set, to that resolver instead. With a relay, DNS crosses
+    /// the relay unless `resolver` is set.
+    pub fn dns(mut self, resolver: SocketAddr) -> Builder {
+        self.dns = Some(resolver);
         self
     }
 
@@ -315,6 +337,32 @@ impl Builder {
         let stack_counters = stack.counters();
         let diverted = stack.divert_other_protocols(LINK_QUEUE);
 
+        let direct = Direct::new()
+            .timeout(self.connect_timeout)
+            .outside(self.outside.clone());
+        let connector: Arc<dyn Connector> = match self.upstream {
+            Upstream::Direct => Arc::new(direct),
+            Upstream::Socks5(url) => Arc::new(Socks5::new(url, direct)),
+            Upstream::Custom(connector) => connector,
+        };
+
+        // DNS over TCP through the connector: always without a relay, with one only when a
+        // resolver is named.
+        let forward_dns = matches!(self.relay, Relay::None) || self.dns.is_some();
+        let (dns, dns_task) = if forward_dns {
+            let (queries_tx, queries) = mpsc::channel(dns::IN_FLIGHT);
+            let task = tokio::spawn(dns::run(
+                queries,
+                Arc::clone(&connector),
+                self.dns,
+                diverted.to_device.clone(),
+                diverted.framing,
+            ));
+            (Some(queries_tx), Some(task))
+        } else {
+            (None, None)
+        };
+
         let relay_counters = Arc::new(prism_relay::Counters::default());
         let (relay_task, keepalive) = match self.relay {
             Relay::None => {
@@ -322,6 +370,7 @@ impl Builder {
                     diverted,
                     None,
                     0,
+                    dns,
                     Arc::clone(&relay_counters),
                 );
                 (tokio::spawn(relay), None)
@@ -343,24 +392,22 @@ impl Builder {
                     diverted,
                     Some(tunnel),
                     mtu,
+                    dns,
                     Arc::clone(&relay_counters),
                 );
                 (tokio::spawn(relay), Some(keepalive))
             }
-            Relay::Custom(start) => {
-                let mtu = usize::from(self.relay_path_mtu);
-                (start(diverted, mtu, Arc::clone(&relay_counters)), None)
-            }
+            Relay::Custom(start) => (
+                start(RelayParts {
+                    diverted,
+                    mtu: usize::from(self.relay_path_mtu),
+                    dns,
+                    counters: Arc::clone(&relay_counters),
+                }),
+                None,
+            ),
         };
 
-        let direct = Direct::new()
-            .timeout(self.connect_timeout)
-            .outside(self.outside);
-        let connector: Arc<dyn Connector> = match self.upstream {
-            Upstream::Direct => Arc::new(direct),
-            Upstream::Socks5(url) => Arc::new(Socks5::new(url, direct)),
-            Upstream::Custom(connector) => connector,
-        };
         let server = tokio::spawn(serve(requests, connector));
         let stack = tokio::spawn(stack.run());
 
@@ -378,6 +425,7 @@ impl Builder {
             stack,
             server,
             relay: relay_task,
+            dns: dns_task,
             keepalive,
             bridge,
             pump,
@@ -453,6 +501,7 @@ struct Tasks {
     stack: JoinHandle<Report>,
     server: JoinHandle<()>,
     relay: JoinHandle<()>,
+    dns: Option<JoinHandle<()>>,
     keepalive: Option<JoinHandle<()>>,
     bridge: Option<JoinHandle<()>>,
     pump: Option<JoinHandle<io::Result<()>>>,
@@ -615,6 +664,11 @@ async fn supervise(
     // The relay holds a sender into the device; once it is gone, the device's queue ends.
     tasks.relay.abort();
     let _ = (&mut tasks.relay).await;
+    if let Some(dns) = tasks.dns.take() {
+        // Its queries in flight end with it (their upstream connections closed).
+        dns.abort();
+        let _ = dns.await;
+    }
     if let Some(keepalive) = tasks.keepalive.take() {
         keepalive.abort();
         let _ = keepalive.await;

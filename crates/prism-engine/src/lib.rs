@@ -24,6 +24,7 @@
 //! waiting; what a source's buffers are is decided once, by the source. Next: the `prism`
 //! binary maps its flags onto a [`Builder`]; `prism-ffi` does the same for a C caller.
 
+mod dns;
 mod engine;
 #[cfg(target_os = "linux")]
 mod relay_server;
@@ -36,7 +37,8 @@ pub use engine::{Builder, DROP_GRACE, Device, Engine, Error};
 #[cfg(target_os = "linux")]
 pub use relay_server::RelayServer;
 pub use settings::{
-    BadValue, GatewayMac, PortHandshake, RelayUrl, Settings, SettingsError, UpstreamUrl, relay_keys,
+    BadValue, GatewayMac, PortHandshake, RelayUrl, Resolver, Settings, SettingsError, UpstreamUrl,
+    relay_keys,
 };
 #[cfg(target_os = "linux")]
 pub use source::DEFAULT_QUEUE;

@@ -168,6 +168,32 @@ impl fmt::Display for GatewayMac {
     }
 }
 
+/// A DNS resolver for DNS over TCP, as `IP` (port 53) or `IP:PORT` (`[IPv6]:PORT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resolver(pub SocketAddr);
+
+impl FromStr for Resolver {
+    type Err = BadValue;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if let Ok(ip) = s.parse::<IpAddr>() {
+            return Ok(Resolver(SocketAddr::new(ip, 53)));
+        }
+        s.parse().map(Resolver).map_err(|_| {
+            BadValue(format!(
+                "bad DNS resolver {s:?}; expected an address, with a port if not 53 \
+                 (1.1.1.1, 10.0.0.53:5353, [2606:4700::1111]:53)"
+            ))
+        })
+    }
+}
+
+impl fmt::Display for Resolver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
 /// Why settings could not become a running configuration.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -275,6 +301,11 @@ pub struct Settings {
     /// On a TAP: answer ARP and neighbor solicitations for every on-link address.
     #[serde(default)]
     pub proxy_arp: bool,
+    /// The resolver DNS queries are carried to over TCP, instead of the one each client asked
+    /// (without a relay), or instead of crossing the relay.
+    #[serde_as(as = "Option<DisplayFromStr>")]
+    #[serde(default)]
+    pub dns: Option<Resolver>,
     /// On a descriptor handed over: it was opened with `IFF_VNET_HDR` and offload, so its
     /// reads and writes carry virtio-net headers.
     #[serde(default)]
@@ -304,6 +335,7 @@ impl Settings {
             gateway: Vec::new(),
             gateway_mac: None,
             proxy_arp: false,
+            dns: None,
             vnet_hdr: false,
         }
     }
@@ -418,6 +450,9 @@ impl Settings {
             UpstreamUrl::Direct => builder.direct(),
             UpstreamUrl::Socks5(url) => builder.socks5(url.clone()),
         };
+        if let Some(resolver) = self.dns {
+            builder = builder.dns(resolver.0);
+        }
         if let Some(relay) = &self.relay {
             let keys = relay_keys(self.relay_key.as_deref(), self.relay_key_file.as_deref())?;
             builder = builder.udp_relay(resolve(relay).await?, keys);

@@ -66,6 +66,10 @@ counters! {
     drop_no_session,
     /// Hellos accepted (sessions registered or refreshed).
     hellos,
+    /// DNS queries handed to the DNS-over-TCP forwarder instead of the relay.
+    dns_queries,
+    /// DNS queries dropped because the forwarder had too many in flight.
+    drop_dns_busy,
 }
 
 impl Counters {

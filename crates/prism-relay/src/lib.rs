@@ -33,6 +33,7 @@ pub use frame::{KeyTooShort, Keys, OVERHEAD};
 use refuse::prohibited;
 use replay::ReplayWindow;
 pub use server::Server;
+pub use split::dns_query;
 use split::{Route, route};
 pub use splitter::run_relay;
 pub use tunnel::{PacketTunnel, UdpTunnel};

@@ -51,6 +51,28 @@ pub(crate) fn route(packet: &[u8]) -> Route {
     }
 }
 
+/// Whether `packet` is a DNS query: UDP to port 53, not an IPv4 fragment after the first, not
+/// behind IPv6 extension headers.
+pub fn dns_query(packet: &[u8]) -> bool {
+    use smoltcp::wire::UdpPacket;
+    let udp_payload = match packet.first().map(|b| b >> 4) {
+        Some(4) => Ipv4Packet::new_checked(packet).ok().and_then(|ip| {
+            (ip.next_header() == IpProtocol::Udp && ip.frag_offset() == 0)
+                .then(|| packet.get(ip.header_len().into()..))
+                .flatten()
+        }),
+        Some(6) => Ipv6Packet::new_checked(packet).ok().and_then(|ip| {
+            (ip.next_header() == IpProtocol::Udp)
+                .then(|| packet.get(ip.header_len()..))
+                .flatten()
+        }),
+        _ => None,
+    };
+    udp_payload
+        .and_then(|udp| UdpPacket::new_checked(udp).ok())
+        .is_some_and(|udp| udp.dst_port() == 53)
+}
+
 /// The next-hop MTU to report when `packet` is larger than `mtu` and may not be fragmented
 /// (IPv6, or IPv4 with Don't Fragment). `None` when it fits or the outer datagram may be
 /// fragmented instead.
@@ -144,6 +166,26 @@ mod tests {
                 "IPv6 next header {protocol}"
             );
         }
+    }
+
+    #[test]
+    fn dns_queries_are_udp_to_port_53() {
+        let mut query = vec![0u8; 36];
+        query[..20].copy_from_slice(&v4(17)[..20]);
+        query[3] = 36;
+        query[22..24].copy_from_slice(&53u16.to_be_bytes());
+        query[24..26].copy_from_slice(&16u16.to_be_bytes());
+        assert!(dns_query(&query));
+        let mut other_port = query.clone();
+        other_port[23] = 54;
+        assert!(!dns_query(&other_port));
+        let mut tcp = query.clone();
+        tcp[9] = 6;
+        assert!(!dns_query(&tcp));
+        let mut fragment = query.clone();
+        fragment[7] = 1;
+        assert!(!dns_query(&fragment), "a later fragment has no UDP header");
+        assert!(!dns_query(&query[..25]));
     }
 
     #[test]

@@ -10,20 +10,25 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use prism_device::{Diverted, Framing, vnet};
+use tokio::sync::mpsc;
 use tracing::debug;
 
 use crate::split::too_big;
-use crate::{Counters, PacketTunnel, Route, prohibited, route};
+use crate::{Counters, PacketTunnel, Route, dns_query, prohibited, route};
 
 /// Runs until the stack stops diverting (it stopped) or the device is gone. `diverted` comes
 /// from `Stack::divert_other_protocols`. `relay_mtu` is the largest packet the relay carries
 /// whole; larger ones that may not be fragmented are answered with ICMP. On a link of
 /// virtio-net frames ([`prism_device::vnet`]) the relay still gets plain packets, and what goes
 /// to the device is framed.
+///
+/// `dns`, when given, takes every DNS query (UDP to port 53, see [`dns_query`]) instead of the
+/// relay, as a plain packet: the engine answers it over TCP through the upstream.
 pub async fn run_relay<T: PacketTunnel>(
     diverted: Diverted,
     relay: Option<Arc<T>>,
     relay_mtu: usize,
+    dns: Option<mpsc::Sender<Bytes>>,
     counters: Arc<Counters>,
 ) {
     let Diverted {
@@ -57,6 +62,13 @@ pub async fn run_relay<T: PacketTunnel>(
                         Counters::bump(&counters.drop_malformed);
                         continue;
                     }
+                }
+                if let Some(dns) = dns.as_ref().filter(|_| dns_query(packet)) {
+                    match dns.try_send(frame.slice(skip..)) {
+                        Ok(()) => Counters::bump(&counters.dns_queries),
+                        Err(_) => Counters::bump(&counters.drop_dns_busy),
+                    }
+                    continue;
                 }
                 let Some(relay) = &relay else {
                     if let Some(error) = prohibited(packet) {
