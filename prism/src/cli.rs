@@ -60,6 +60,10 @@ pub(crate) struct RelayServerArgs {
     /// MTU of the TUN device.
     #[arg(long, default_value_t = 1500, value_parser = clap::value_parser!(u16).range(1280..))]
     pub(crate) mtu: u16,
+    /// Packets the kernel may queue on the TUN for the server (Linux's default, 500, drops
+    /// bursts).
+    #[arg(long, default_value_t = prism_engine::DEFAULT_QUEUE, value_name = "PACKETS")]
+    pub(crate) tun_queue: u32,
     #[command(flatten)]
     pub(crate) key: KeyArgs,
     /// Write the final counters as JSON to this file when stopping.

@@ -16,7 +16,15 @@ pub(crate) async fn serve(args: RelayServerArgs) -> Result<()> {
         .iter()
         .map(|n| (n.addr(), n.prefix_len()))
         .collect();
-    let mut server = RelayServer::start(args.listen, &args.tun, &addresses, args.mtu, keys).await?;
+    let mut server = RelayServer::start(
+        args.listen,
+        &args.tun,
+        &addresses,
+        args.mtu,
+        args.tun_queue,
+        keys,
+    )
+    .await?;
     info!(listen = %args.listen, tun = %args.tun, "relay server");
     let failed = tokio::select! {
         signal = stop => {

@@ -225,6 +225,22 @@ pub(crate) fn run(
         ping(topo, TARGET_V4, false),
     );
 
+    // A restarted client is a new session with the same addresses: it takes them over at
+    // once instead of waiting for the old session to idle out (60 s).
+    let stopped = client.stop(Signal::SIGINT, Duration::from_secs(10))?;
+    ensure!(stopped.success(), "prism exited with {stopped}");
+    client = topo.start_prism(prism, &args, &logs.join("prism-relay-restarted.log"))?;
+    let restarted = Instant::now();
+    report.record(
+        "relay v4",
+        "a restarted client gets replies at once (its new session takes the addresses over)",
+        ping(topo, TARGET_V4, false).map(|note| {
+            format!(
+                "{note} {:.1} s after the restart",
+                restarted.elapsed().as_secs_f64()
+            )
+        }),
+    );
     let stopped = client.stop(Signal::SIGINT, Duration::from_secs(10))?;
     ensure!(stopped.success(), "prism exited with {stopped}");
     // Prism embedded through its C ABI, on the same relay server.

@@ -25,12 +25,14 @@ pub struct RelayServer {
 
 impl RelayServer {
     /// Opens the TUN `tun` with `addresses` (their prefixes must cover the clients'
-    /// addresses) and listens for clients on `listen`.
+    /// addresses) and a kernel queue of `queue_len` packets, and listens for clients on
+    /// `listen`.
     pub async fn start(
         listen: SocketAddr,
         tun: &str,
         addresses: &[(IpAddr, u8)],
         mtu: u16,
+        queue_len: u32,
         keys: RelayKeys,
     ) -> Result<RelayServer, Error> {
         let device = Tun::open(&TunConfig {
@@ -38,7 +40,7 @@ impl RelayServer {
             mtu,
             addresses: addresses.to_vec(),
             layer: Layer::Ip,
-            queue_len: prism_device::tun::DEFAULT_QUEUE,
+            queue_len,
             // The server relays whole packets between clients and its TUN; plain is what both
             // speak.
             offload: false,

@@ -60,8 +60,8 @@ counters! {
     drop_session,
     /// Packets whose source (server) or destination (client) the session does not own.
     drop_spoofed,
-    /// Hellos claiming an address another live session owns.
-    drop_address_taken,
+    /// Hellos of a new session that took over addresses another session owned (a restart).
+    takeovers,
     /// Packets from the server's TUN for an address no session owns.
     drop_no_session,
     /// Hellos accepted (sessions registered or refreshed).

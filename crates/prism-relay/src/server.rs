@@ -15,7 +15,7 @@ use bytes::BytesMut;
 use prism_device::Link;
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
-use tracing::{debug, info};
+use tracing::info;
 
 use crate::frame::{self, FrameError, Header, Keys, Kind};
 use crate::tunnel::endpoints;
@@ -41,6 +41,9 @@ pub struct Server {
     keys: Keys,
     sessions: HashMap<[u8; 16], Session>,
     owners: HashMap<IpAddr, [u8; 16]>,
+    /// Sessions that lost every address to a newer one, and when: their hellos are refused
+    /// for a while, so that a replayed old hello cannot take the addresses back.
+    retired: HashMap<[u8; 16], Instant>,
     counters: Arc<Counters>,
 }
 
@@ -56,6 +59,7 @@ impl Server {
             keys,
             sessions: HashMap::new(),
             owners: HashMap::new(),
+            retired: HashMap::new(),
             counters,
         })
     }
@@ -133,15 +137,38 @@ impl Server {
             Counters::bump(&c.drop_version);
             return;
         };
-        let taken = addresses.iter().any(|a| {
-            self.owners
-                .get(a)
-                .is_some_and(|owner| *owner != header.session && self.sessions.contains_key(owner))
-        });
-        if taken {
-            debug!(?addresses, "hello claims addresses another session owns");
-            Counters::bump(&c.drop_address_taken);
+        // A fresh session may claim addresses another one owns: a client that restarted comes
+        // back with a new session before the old one idles out, and must not wait for that.
+        // The hello authenticated, so it holds the key; the old session loses those addresses
+        // (and is forgotten once it has none). Only a hello that passes the replay check below
+        // may do this, so a replayed hello cannot take anything back.
+        if self.retired.contains_key(&header.session) {
+            Counters::bump(&c.drop_session);
             return;
+        }
+        let fresh = self
+            .sessions
+            .get(&header.session)
+            .is_none_or(|session| session.replay.clone().accept(header.counter));
+        if !fresh {
+            Counters::bump(&c.drop_replay);
+            return;
+        }
+        let previous: Vec<[u8; 16]> = addresses
+            .iter()
+            .filter_map(|a| self.owners.get(a).copied())
+            .filter(|owner| *owner != header.session && self.sessions.contains_key(owner))
+            .collect();
+        for old in previous {
+            if let Some(session) = self.sessions.get_mut(&old) {
+                session.addresses.retain(|a| !addresses.contains(a));
+                info!(client = %from, ?addresses, previous = %session.endpoint, "relay session takes over its addresses (the client restarted?)");
+                Counters::bump(&c.takeovers);
+                if session.addresses.is_empty() {
+                    self.sessions.remove(&old);
+                    self.retired.insert(old, Instant::now());
+                }
+            }
         }
         let session = self.sessions.entry(header.session).or_insert_with(|| {
             info!(client = %from, ?addresses, "relay session");
@@ -176,6 +203,7 @@ impl Server {
             sessions,
             owners,
             counters,
+            ..
         } = self;
         let owner = endpoints(packet).and_then(|(_, dst)| owners.get(&dst));
         let Some((id, session)) = owner.and_then(|id| sessions.get_mut(id).map(|s| (*id, s)))
@@ -197,6 +225,8 @@ impl Server {
 
     fn forget_idle(&mut self) {
         let now = Instant::now();
+        self.retired
+            .retain(|_, at| now.duration_since(*at) <= SESSION_IDLE * 2);
         let idle: Vec<[u8; 16]> = self
             .sessions
             .iter()

@@ -231,3 +231,35 @@ async fn a_client_accepts_only_packets_for_its_own_addresses() {
     assert_eq!(got, packet([192, 0, 2, 1], [10, 99, 0, 1], 1));
     assert_eq!(counters.snapshot().drop_spoofed, 1);
 }
+
+/// A client that restarts (a new session with the same addresses and the key) takes its
+/// addresses over at once: replies go to it, not to the old session.
+#[tokio::test]
+async fn a_restarted_client_takes_its_addresses_over_at_once() {
+    let mut s = setup().await;
+    let again = UdpTunnel::connect(
+        s.server_addr,
+        Keys::derive(PSK).unwrap(),
+        vec![IpAddr::from([10, 99, 0, 1])],
+        &Outside::default(),
+        Arc::new(Counters::default()),
+    )
+    .await
+    .unwrap();
+    // Its hello arrives before its first packet.
+    let out = packet([10, 99, 0, 1], [192, 0, 2, 1], 3);
+    again.send(out.clone()).await.unwrap();
+    assert_eq!(tun_receives(&mut s.tun).await, Some(out));
+    let back = packet([192, 0, 2, 1], [10, 99, 0, 1], 4);
+    s.tun.send(back.clone()).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(2), again.recv())
+        .await
+        .expect("the restarted client gets the reply at once")
+        .unwrap();
+    assert_eq!(got, back);
+    assert_eq!(s.server_counters.snapshot().takeovers, 1);
+    // The old session is gone: what it sends now is refused.
+    let stale = packet([10, 99, 0, 1], [192, 0, 2, 1], 5);
+    s.client.send(stale).await.unwrap();
+    assert_eq!(tun_receives(&mut s.tun).await, None);
+}
