@@ -151,7 +151,8 @@ pub(crate) struct RunArgs {
     /// kernel and Prism exchange TCP segments of up to 64 KB and leave checksums partial.
     #[arg(long)]
     pub(crate) no_offload: bool,
-    /// Write the final counters as JSON to this file when stopping.
+    /// Write the counters, the connection counts and the open connections as JSON to this
+    /// file every 5 s while running, and once more when stopping.
     #[arg(long, value_name = "FILE")]
     pub(crate) stats_file: Option<PathBuf>,
     /// Send every non-TCP packet through the relay server at udp://HOST:PORT. Without it,

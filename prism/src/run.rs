@@ -11,6 +11,9 @@ use crate::cli::RunArgs;
 use crate::policy::{Families, Policy};
 use crate::routes::Routes;
 
+/// How often the stats file is rewritten while Prism runs.
+const STATS_EVERY: Duration = Duration::from_secs(5);
+
 /// How long open connections get to close after SIGINT or SIGTERM before they are reset.
 const STOP_GRACE: Duration = Duration::from_secs(1);
 
@@ -118,10 +121,23 @@ async fn serve_until_signal(
         routes = ?args.routes,
         "serving"
     );
-    tokio::select! {
-        signal = stop => info!(signal, "stopping"),
-        // The failure is reported once the engine is stopped.
-        _ = engine.failed() => {}
+    let mut refresh = tokio::time::interval(STATS_EVERY);
+    refresh.tick().await;
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            signal = &mut stop => {
+                info!(signal, "stopping");
+                break;
+            }
+            // The failure is reported once the engine is stopped.
+            _ = engine.failed() => break,
+            _ = refresh.tick(), if args.stats_file.is_some() => {
+                if let Some(path) = &args.stats_file {
+                    crate::stats::write(path, &engine.stats().await.to_json());
+                }
+            }
+        }
     }
     Ok(())
 }

@@ -19,10 +19,14 @@ pub(crate) fn stop_signal() -> Result<impl Future<Output = &'static str>> {
     })
 }
 
-/// Writes the stats file. A failure is logged: the stats file never changes how the command
-/// ends.
+/// Writes the stats file whole: into a file beside it, then renamed over it, so a reader never
+/// sees half of it. A failure is logged: the stats file never changes how the command ends.
 pub(crate) fn write(path: &Path, json: &str) {
-    if let Err(error) = std::fs::write(path, format!("{json}\n")) {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    let written = std::fs::write(&partial, format!("{json}\n"))
+        .and_then(|()| std::fs::rename(&partial, path));
+    if let Err(error) = written {
         warn!(path = %path.display(), %error, "cannot write the stats file");
     }
 }

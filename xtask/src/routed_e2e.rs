@@ -287,8 +287,24 @@ fn whole_machine(
     let exchanged = echo(&topo.client, web4, 4 << 20)
         .and_then(|()| echo(&topo.client, web6, 1 << 20))
         .and_then(|()| (0..20).try_for_each(|_| echo(&topo.client, web4, 1000)));
+    // The stats file is rewritten while Prism runs (every 5 s), not only at exit.
+    let live = if name == "socks5" {
+        wait_for(
+            "the stats file while running",
+            Duration::from_secs(8),
+            || {
+                std::fs::read_to_string(&stats)
+                    .ok()
+                    .and_then(|s| counter(&s, "bytes_from_clients").ok())
+                    .is_some_and(|bytes| bytes >= 5 << 20)
+            },
+        )
+    } else {
+        Ok(())
+    };
     let stopped = prism_run.stop(Signal::SIGTERM, Duration::from_secs(10))?;
     exchanged.with_context(|| prism_run.log())?;
+    live?;
     let resolved = resolved.with_context(|| format!("{WEB_NAME} did not resolve"))?;
     ensure!(
         resolved.contains(WEB_V4),
