@@ -11,7 +11,8 @@ use prism_engine::{
 
 /// Prism: send a machine's TCP through a proxy or tunnel, terminated in userspace.
 #[derive(Debug, Parser)]
-#[command(version, about)]
+// A flag given twice takes the last value: a configuration file's flags come first.
+#[command(version, about, args_override_self = true)]
 pub(crate) struct Cli {
     #[command(subcommand)]
     pub(crate) command: Command,
@@ -81,6 +82,10 @@ pub(crate) struct RunArgs {
     /// Name of the TUN (or, with --tap, TAP) device to create.
     #[arg(long, value_name = "NAME")]
     pub(crate) tun: String,
+    /// Read flags from a TOML file whose keys are these flags' long names (`default_route =
+    /// true`, `address = ["10.0.0.1/24"]`); flags on the command line override it.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) config: Option<PathBuf>,
     /// Create a TAP device (Ethernet) instead of a TUN: Prism is a gateway on that segment,
     /// answering ARP and neighbor solicitations; routes go via --gateway.
     #[arg(long, requires = "gateways")]

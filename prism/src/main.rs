@@ -5,6 +5,7 @@
 //! line and exits 1. See `cli.rs` for the flags.
 
 mod cli;
+mod config;
 #[cfg(target_os = "linux")]
 mod policy;
 #[cfg(target_os = "linux")]
@@ -29,7 +30,14 @@ use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = cli::Cli::parse();
+    let args = match config::expand(std::env::args_os().collect()) {
+        Ok(args) => args,
+        Err(error) => {
+            eprintln!("prism: error: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cli = cli::Cli::parse_from(args);
     accept_stop_signals();
     tracing_subscriber::fmt()
         .with_env_filter(

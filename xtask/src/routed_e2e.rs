@@ -130,18 +130,31 @@ impl Routed {
         log: &Path,
     ) -> Result<Process> {
         let mut command = self.client.command(prism);
-        command
-            .args([
-                "run",
-                "--tun",
-                TUN,
-                "--address",
-                "10.98.0.1/24",
-                "--address",
-                "fd98::1/64",
-            ])
-            .args(["--default-route", "--upstream", upstream, "--stats-file"])
-            .arg(stats);
+        command.arg("run");
+        if upstream.starts_with("socks5://") {
+            // Through a configuration file, as the README shows; the stats file stays a flag.
+            let config = stats.with_extension("toml");
+            std::fs::write(
+                &config,
+                format!(
+                    "tun = \"{TUN}\"\naddress = [\"10.98.0.1/24\", \"fd98::1/64\"]\n\
+                     default_route = true\nupstream = \"{upstream}\"\n"
+                ),
+            )?;
+            command.arg("--config").arg(config);
+        } else {
+            command
+                .args([
+                    "--tun",
+                    TUN,
+                    "--address",
+                    "10.98.0.1/24",
+                    "--address",
+                    "fd98::1/64",
+                ])
+                .args(["--default-route", "--upstream", upstream]);
+        }
+        command.arg("--stats-file").arg(stats);
         let mut process = Process::spawn("prism", command, Some(log))?;
         let ready = wait_for("prism's default route", Duration::from_secs(20), || {
             self.client
