@@ -70,6 +70,9 @@ pub(crate) struct RelayServerArgs {
     /// Write the final counters as JSON to this file when stopping.
     #[arg(long, value_name = "FILE")]
     pub(crate) stats_file: Option<PathBuf>,
+    /// Serve the counters in Prometheus's text format at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub(crate) metrics: Option<std::net::SocketAddr>,
 }
 
 fn parse_cidr(s: &str) -> Result<IpNet, String> {
@@ -160,6 +163,11 @@ pub(crate) struct RunArgs {
     /// file every 5 s while running, and once more when stopping.
     #[arg(long, value_name = "FILE")]
     pub(crate) stats_file: Option<PathBuf>,
+    /// Serve the counters and gauges (open, pending and half-open connections, bytes each
+    /// way, relay packets, drops by reason) in Prometheus's text format at
+    /// http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR:PORT")]
+    pub(crate) metrics: Option<std::net::SocketAddr>,
     /// Send every non-TCP packet through the relay server at udp://HOST:PORT. Without it,
     /// non-TCP packets are answered with ICMP administratively prohibited.
     #[arg(long, value_name = "URL", value_parser = parse::<RelayUrl>)]

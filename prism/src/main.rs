@@ -7,6 +7,8 @@
 mod cli;
 mod config;
 #[cfg(target_os = "linux")]
+mod metrics;
+#[cfg(target_os = "linux")]
 mod policy;
 #[cfg(target_os = "linux")]
 mod relay;

@@ -1,6 +1,8 @@
 //! `prism relay-server`: the far end of the relay. (The client end is the engine's; see
 //! `prism_engine::Builder::udp_relay`.)
 
+use std::sync::Arc;
+
 use anyhow::Result;
 use prism_engine::RelayServer;
 use tracing::info;
@@ -26,6 +28,22 @@ pub(crate) async fn serve(args: RelayServerArgs) -> Result<()> {
     )
     .await?;
     info!(listen = %args.listen, tun = %args.tun, "relay server");
+    let metrics = match args.metrics {
+        Some(listen) => {
+            let counters = server.counters();
+            let sampler: crate::metrics::Sampler = Arc::new(move || {
+                let samples = counters
+                    .snapshot()
+                    .fields()
+                    .into_iter()
+                    .map(|(name, value)| (format!("relay_{name}"), value, false))
+                    .collect();
+                Box::pin(async move { samples })
+            });
+            Some(crate::metrics::serve(listen, sampler).await?)
+        }
+        None => None,
+    };
     let failed = tokio::select! {
         signal = stop => {
             info!(signal, "stopping");
@@ -33,6 +51,9 @@ pub(crate) async fn serve(args: RelayServerArgs) -> Result<()> {
         }
         error = server.failed() => Some(error),
     };
+    if let Some(metrics) = metrics {
+        metrics.abort();
+    }
     let counters = server.shutdown().await;
     if let Some(path) = &args.stats_file {
         let fields: serde_json::Map<String, serde_json::Value> = counters

@@ -1,6 +1,7 @@
 //! `prism run`: flags onto a `prism_engine::Builder`, routes, serve until a signal, tear down.
 
 use std::net::IpAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -10,6 +11,15 @@ use tracing::info;
 use crate::cli::RunArgs;
 use crate::policy::{Families, Policy};
 use crate::routes::Routes;
+
+/// Ends a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 /// How often the stats file is rewritten while Prism runs.
 const STATS_EVERY: Duration = Duration::from_secs(5);
@@ -121,6 +131,18 @@ async fn serve_until_signal(
         routes = ?args.routes,
         "serving"
     );
+    let metrics = match args.metrics {
+        Some(listen) => {
+            let observer = engine.observer();
+            let sampler: crate::metrics::Sampler = Arc::new(move || {
+                let observer = observer.clone();
+                Box::pin(async move { crate::metrics::engine_samples(&observer.stats().await) })
+            });
+            Some(crate::metrics::serve(listen, sampler).await?)
+        }
+        None => None,
+    };
+    let _metrics = metrics.map(AbortOnDrop);
     let mut refresh = tokio::time::interval(STATS_EVERY);
     refresh.tick().await;
     tokio::pin!(stop);

@@ -31,6 +31,8 @@ const PROXY_PORT: u16 = 1080;
 const WEB_V4: &str = "10.70.3.1";
 const WEB_V6: &str = "fd70:3::1";
 const TUN: &str = "prism0";
+/// Where the socks5 runs serve their Prometheus metrics.
+const METRICS: &str = "127.0.0.1:9477";
 /// What the far side's dnsmasq answers with WEB_V4.
 const WEB_NAME: &str = "web.prism.test";
 
@@ -138,7 +140,7 @@ impl Routed {
                 &config,
                 format!(
                     "tun = \"{TUN}\"\naddress = [\"10.98.0.1/24\", \"fd98::1/64\"]\n\
-                     default_route = true\nupstream = \"{upstream}\"\n"
+                     default_route = true\nupstream = \"{upstream}\"\nmetrics = \"{METRICS}\"\n"
                 ),
             )?;
             command.arg("--config").arg(config);
@@ -199,6 +201,7 @@ pub(crate) fn run(prism: &Path, logs: &Path, report: &mut Report) {
         ("danted", "dante-server"),
         ("dnsmasq", "dnsmasq-base"),
         ("getent", "libc-bin"),
+        ("curl", "curl"),
     ]);
     let built = tools.and_then(|()| Routed::build()).and_then(|topo| {
         // dante: microsocks cuts a bulk echo short (see NOTES).
@@ -246,6 +249,28 @@ pub(crate) fn run(prism: &Path, logs: &Path, report: &mut Report) {
         "a proxy that is down is one warning line at the default level",
         proxy_down(&topo, prism, logs),
     );
+}
+
+/// Prometheus's view: the bytes counted so far and the open-connection gauge.
+fn scrape(topo: &Routed) -> Result<()> {
+    let text = topo
+        .client
+        .exec(&["curl", "-sf", &format!("http://{METRICS}/metrics")])
+        .context("the metrics endpoint did not answer")?;
+    let value = |name: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    ensure!(
+        value("prism_bytes_from_clients_total").is_some_and(|b| b >= 5 << 20),
+        "the bytes are not in the metrics:\n{text}"
+    );
+    ensure!(
+        text.contains("# TYPE prism_open gauge") && value("prism_open").is_some(),
+        "no open-connection gauge:\n{text}"
+    );
+    Ok(())
 }
 
 /// Prism runs here without RUST_LOG: what a user sees by default.
@@ -315,9 +340,16 @@ fn whole_machine(
     } else {
         Ok(())
     };
+    // And a scraper sees the same while it runs.
+    let scraped = if name == "socks5" {
+        scrape(topo)
+    } else {
+        Ok(())
+    };
     let stopped = prism_run.stop(Signal::SIGTERM, Duration::from_secs(10))?;
     exchanged.with_context(|| prism_run.log())?;
     live?;
+    scraped?;
     let resolved = resolved.with_context(|| format!("{WEB_NAME} did not resolve"))?;
     ensure!(
         resolved.contains(WEB_V4),

@@ -507,6 +507,24 @@ struct Tasks {
     pump: Option<JoinHandle<io::Result<()>>>,
 }
 
+/// Reads a running engine's stats: [`Engine::observer`].
+#[derive(Debug, Clone)]
+pub struct Observer {
+    control: Control,
+    parts: Arc<Parts>,
+}
+
+impl Observer {
+    /// As [`Engine::stats`].
+    pub async fn stats(&self) -> Stats {
+        let report = match tokio::time::timeout(REPORT_WAIT, self.control.report()).await {
+            Ok(Some(report)) => report,
+            _ => self.parts.fallback(),
+        };
+        self.parts.stats(report)
+    }
+}
+
 /// A running engine. [`Engine::shutdown`] stops it and returns the final stats; dropping it
 /// stops it too, with [`DROP_GRACE`] for connections to close.
 #[derive(Debug)]
@@ -534,11 +552,16 @@ impl Engine {
     /// has stopped, its final stats; if the stack cannot answer within a second (a product
     /// that stopped reading its queues), the counters alone.
     pub async fn stats(&self) -> Stats {
-        let report = match tokio::time::timeout(REPORT_WAIT, self.control.report()).await {
-            Ok(Some(report)) => report,
-            _ => self.parts.fallback(),
-        };
-        self.parts.stats(report)
+        self.observer().stats().await
+    }
+
+    /// A handle that reads the stats from another task (a metrics endpoint) while the engine
+    /// runs; cheap to clone. It keeps nothing running.
+    pub fn observer(&self) -> Observer {
+        Observer {
+            control: self.control.clone(),
+            parts: Arc::clone(&self.parts),
+        }
     }
 
     /// Resolves only if the engine stops on its own: the device failed or was closed. It

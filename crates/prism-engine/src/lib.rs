@@ -33,7 +33,7 @@ mod source;
 mod stats;
 mod tap;
 
-pub use engine::{Builder, DROP_GRACE, Device, Engine, Error};
+pub use engine::{Builder, DROP_GRACE, Device, Engine, Error, Observer};
 #[cfg(target_os = "linux")]
 pub use relay_server::RelayServer;
 pub use settings::{
@@ -50,7 +50,7 @@ pub use prism_device::{FdKind, Protect};
 pub use prism_device::{Framing, Link, Outside};
 pub use prism_l2::{Config as GatewayConfig, DEFAULT_MAC, Mac};
 pub use prism_relay::Keys as RelayKeys;
-pub use prism_relay::{PacketTunnel, Snapshot as RelaySnapshot};
+pub use prism_relay::{Counters as RelayCounters, PacketTunnel, Snapshot as RelaySnapshot};
 pub use prism_stack::{
     Config as StackConfig, Connection, ConnectionState, Handshake, HandshakePolicy, PortPolicy,
     Rejection, Request, Stream,

@@ -62,6 +62,11 @@ impl RelayServer {
         self.counters.snapshot()
     }
 
+    /// The live counters, readable from another task (a metrics endpoint).
+    pub fn counters(&self) -> Arc<Counters> {
+        Arc::clone(&self.counters)
+    }
+
     /// Resolves only if the TUN fails or closes.
     pub async fn failed(&mut self) -> Error {
         let Some(pump) = self.pump.as_mut() else {
