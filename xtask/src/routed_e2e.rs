@@ -249,6 +249,56 @@ pub(crate) fn run(prism: &Path, logs: &Path, report: &mut Report) {
         "a proxy that is down is one warning line at the default level",
         proxy_down(&topo, prism, logs),
     );
+    report.record(
+        "default route",
+        "a route that would loop (the proxy inside --route) is refused, with the fix, once",
+        loop_refused(&topo, prism, logs),
+    );
+}
+
+/// `--route 10.70.0.0/16` takes in the proxy's own address, without `--default-route`: each
+/// connection to the proxy would re-enter the TUN. Prism refuses them instead of recursing.
+fn loop_refused(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
+    let stats = logs.join("stats-routed-loop.json");
+    let mut command = topo.client.command(prism);
+    command
+        .args(["run", "--tun", TUN, "--address", "10.98.0.1/24"])
+        .args(["--route", "10.70.0.0/16", "--upstream"])
+        .arg(format!("socks5://{PROXY}:{PROXY_PORT}"))
+        .arg("--stats-file")
+        .arg(&stats);
+    let mut looping = Process::spawn("prism", command, Some(&logs.join("prism-routed-loop.log")))?;
+    wait_for("prism's route", Duration::from_secs(20), || {
+        topo.client
+            .ip(&format!("route show dev {TUN}"))
+            .is_ok_and(|r| r.contains("10.70.0.0/16"))
+    })
+    .with_context(|| looping.log())?;
+    let target = SocketAddr::new(WEB_V4.parse::<IpAddr>()?, ECHO);
+    for _ in 0..3 {
+        ensure!(
+            echo(&topo.client, target, 100).is_err(),
+            "an echo worked through a looping setup"
+        );
+    }
+    let stopped = looping.stop(Signal::SIGTERM, Duration::from_secs(10))?;
+    ensure!(stopped.success(), "prism exited with {stopped}");
+    let log = looping.log();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("routed back into Prism's own device"))
+        .collect();
+    ensure!(
+        warnings.len() == 1 && warnings[0].contains("--default-route"),
+        "expected one warning with the fix, got:\n{log}"
+    );
+    let counters = std::fs::read_to_string(&stats).context("prism wrote no stats file")?;
+    let opened = counter(&counters, "connections_opened")?;
+    ensure!(
+        opened <= 3,
+        "{opened} connections for the client's 3 attempts: it recursed"
+    );
+    Ok(format!(" ({opened} connections, each refused)"))
 }
 
 /// Prometheus's view: the bytes counted so far and the open-connection gauge.

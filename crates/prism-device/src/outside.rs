@@ -30,13 +30,17 @@ pub struct Outside {
     /// Hand each socket to the product before it connects.
     #[cfg(unix)]
     pub protect: Option<Protect>,
+    /// The device's own addresses: a socket whose route would leave from one of them is
+    /// headed back into the device (a loop), and [`Outside::loops_back`] says so.
+    pub device_addresses: Vec<std::net::IpAddr>,
 }
 
 impl fmt::Debug for Outside {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut s = f.debug_struct("Outside");
         s.field("bind_interface", &self.bind_interface)
-            .field("fwmark", &self.fwmark);
+            .field("fwmark", &self.fwmark)
+            .field("device_addresses", &self.device_addresses);
         #[cfg(unix)]
         s.field("protect", &self.protect.is_some());
         s.finish()
@@ -44,6 +48,30 @@ impl fmt::Debug for Outside {
 }
 
 impl Outside {
+    /// Whether a socket prepared as this one says, connecting to `destination`, would be
+    /// routed back into the device: asks the kernel with a UDP socket of the same binding,
+    /// mark and hook (connecting one sends nothing) which source address it would use. An
+    /// error means the question could not be asked; the caller goes on.
+    pub fn loops_back(&self, destination: std::net::SocketAddr) -> io::Result<bool> {
+        if self.device_addresses.is_empty() {
+            return Ok(false);
+        }
+        let probe = Socket::new(
+            socket2::Domain::for_address(destination),
+            socket2::Type::DGRAM,
+            None,
+        )?;
+        self.prepare(&probe)?;
+        match probe.connect(&destination.into()) {
+            Ok(()) => {}
+            // No route at all is not a loop; the real connect reports it.
+            Err(error) if error.raw_os_error() == Some(101) => return Ok(false),
+            Err(error) => return Err(error),
+        }
+        let source = probe.local_addr()?.as_socket().map(|address| address.ip());
+        Ok(source.is_some_and(|ip| self.device_addresses.contains(&ip)))
+    }
+
     /// Applies the binding, the mark and the product's hook to a socket not yet connected.
     pub fn prepare(&self, socket: &Socket) -> io::Result<()> {
         #[cfg(any(target_os = "linux", target_os = "android"))]
@@ -94,6 +122,22 @@ mod tests {
     use super::*;
     use std::os::fd::AsRawFd;
     use std::sync::Mutex;
+
+    #[test]
+    fn a_route_that_leaves_from_the_device_is_a_loop() {
+        let loopback: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let this_host = Outside {
+            device_addresses: vec!["127.0.0.1".parse().unwrap()],
+            ..Outside::default()
+        };
+        assert!(this_host.loops_back(loopback).unwrap());
+        let elsewhere = Outside {
+            device_addresses: vec!["10.255.255.1".parse().unwrap()],
+            ..Outside::default()
+        };
+        assert!(!elsewhere.loops_back(loopback).unwrap());
+        assert!(!Outside::default().loops_back(loopback).unwrap());
+    }
 
     #[test]
     fn the_hook_sees_the_socket_and_its_error_fails_the_socket() {

@@ -337,9 +337,14 @@ impl Builder {
         let stack_counters = stack.counters();
         let diverted = stack.divert_other_protocols(LINK_QUEUE);
 
+        // Prism's own sockets must not leave from the device's addresses: that is a loop.
+        let mut outside = self.outside;
+        outside
+            .device_addresses
+            .extend(self.addresses.iter().map(|&(address, _)| address));
         let direct = Direct::new()
             .timeout(self.connect_timeout)
-            .outside(self.outside.clone());
+            .outside(outside.clone());
         let connector: Arc<dyn Connector> = match self.upstream {
             Upstream::Direct => Arc::new(direct),
             Upstream::Socks5(url) => Arc::new(Socks5::new(url, direct)),
@@ -382,7 +387,7 @@ impl Builder {
                     server,
                     keys,
                     addresses,
-                    &self.outside,
+                    &outside,
                     Arc::clone(&relay_counters),
                 )
                 .await

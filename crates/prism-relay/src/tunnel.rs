@@ -66,6 +66,12 @@ impl UdpTunnel {
             Some(Protocol::UDP),
         )?;
         socket.set_nonblocking(true)?;
+        if outside.loops_back(server).unwrap_or(false) {
+            return Err(io::Error::other(format!(
+                "the relay server {server} is routed back into Prism's own TUN; route it \
+                 outside with --default-route, --bind-interface or --exclude"
+            )));
+        }
         outside.prepare(&socket)?;
         let socket = UdpSocket::from_std(socket.into())?;
         socket.connect(server).await?;

@@ -69,6 +69,12 @@ impl Direct {
 
     /// Connects to one socket address with this connector's binding and mark.
     pub async fn connect_addr(&self, addr: SocketAddr) -> Result<TcpStream, ConnectError> {
+        match self.outside.loops_back(addr) {
+            Ok(true) => return Err(ConnectError::Loop { destination: addr }),
+            Ok(false) => {}
+            // The question could not be asked: the connect itself will tell.
+            Err(error) => tracing::debug!(%addr, %error, "route check failed"),
+        }
         let socket = self.socket(addr)?;
         match tokio::time::timeout(self.timeout, socket.connect(addr)).await {
             Ok(Ok(stream)) => {

@@ -26,6 +26,12 @@ pub enum ConnectError {
     /// No answer in time.
     #[error("timed out")]
     TimedOut,
+    /// The socket would be routed back into Prism's own device: connecting would loop.
+    #[error("{destination} is routed back into Prism's own device")]
+    Loop {
+        /// The destination (the upstream, or the proxy).
+        destination: std::net::SocketAddr,
+    },
     /// The SOCKS5 proxy failed in another way (unreachable proxy, bad reply, auth failure).
     #[error("SOCKS5 proxy {proxy}: {reason}")]
     Proxy {
@@ -44,7 +50,10 @@ impl ConnectError {
     /// credentials or answers nonsense, or a local resource failed. A destination refusing or
     /// unreachable is not such a failure.
     pub fn needs_attention(&self) -> bool {
-        matches!(self, ConnectError::Proxy { .. } | ConnectError::Io(_))
+        matches!(
+            self,
+            ConnectError::Proxy { .. } | ConnectError::Io(_) | ConnectError::Loop { .. }
+        )
     }
 
     /// What a user can do about it, as a clause to append to the message (empty if nothing
@@ -58,6 +67,10 @@ impl ConnectError {
                  use --default-route, --bind-interface or --exclude"
             }
             ConnectError::Proxy { .. } => "; clients are refused until the proxy answers",
+            ConnectError::Loop { .. } => {
+                "; refused: route it outside the TUN with --default-route, --bind-interface or \
+                 --exclude"
+            }
             _ => "",
         }
     }
@@ -70,7 +83,7 @@ impl ConnectError {
             }
             ConnectError::HostUnreachable | ConnectError::TtlExpired => Rejection::HostUnreachable,
             ConnectError::NetworkUnreachable => Rejection::NetworkUnreachable,
-            ConnectError::NotAllowed => Rejection::Prohibited,
+            ConnectError::NotAllowed | ConnectError::Loop { .. } => Rejection::Prohibited,
             ConnectError::TimedOut => Rejection::TimedOut,
         }
     }

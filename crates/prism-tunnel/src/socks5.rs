@@ -129,7 +129,11 @@ impl Socks5 {
             .direct
             .connect_host(&self.url.host, self.url.port)
             .await
-            .map_err(|e| self.proxy_error(format_args!("cannot reach the proxy: {e}")))?;
+            .map_err(|e| match e {
+                // A proxy routed into Prism's own TUN: the loop is the news, not the proxy.
+                ConnectError::Loop { .. } => e,
+                other => self.proxy_error(format_args!("cannot reach the proxy: {other}")),
+            })?;
         let result = match (target, &self.url.auth) {
             (Target::Ip(addr), None) => Socks5Stream::connect_with_socket(proxy, *addr).await,
             (Target::Ip(addr), Some((user, pass))) => {
