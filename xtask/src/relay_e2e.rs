@@ -243,6 +243,11 @@ pub(crate) fn run(
     );
     let stopped = client.stop(Signal::SIGINT, Duration::from_secs(10))?;
     ensure!(stopped.success(), "prism exited with {stopped}");
+    report.record(
+        "relay",
+        "a wrong key is one warning on each side at the default level",
+        wrong_key(topo, prism, logs, &args, &key, &server),
+    );
     // Prism embedded through its C ABI, on the same relay server.
     crate::ffi_e2e::run(topo, logs, &key, report);
     let stopped = server.stop(Signal::SIGINT, Duration::from_secs(10))?;
@@ -255,6 +260,56 @@ pub(crate) fn run(
     drop(sink);
     drop(target);
     Ok(())
+}
+
+/// A client whose key differs from the server's: its hellos never authenticate. The client says
+/// the relay is silent after 10 s; the server says which source fails authentication.
+fn wrong_key(
+    topo: &Topology,
+    prism: &Path,
+    logs: &Path,
+    args: &[String],
+    key: &Path,
+    server: &Process,
+) -> Result<String> {
+    let wrong = logs.join("wrong.key");
+    std::fs::write(&wrong, "a different key of more than sixteen bytes\n")?;
+    let args: Vec<String> = args
+        .iter()
+        .map(|a| {
+            if Path::new(a) == key {
+                wrong.display().to_string()
+            } else {
+                a.clone()
+            }
+        })
+        .collect();
+    let mut client = topo.start_prism(prism, &args, &logs.join("prism-relay-wrong-key.log"))?;
+    let said = wait_for(
+        "the client to say the relay is silent",
+        Duration::from_secs(20),
+        || client.log().contains("is silent"),
+    );
+    let stopped = client.stop(Signal::SIGINT, Duration::from_secs(10))?;
+    said.with_context(|| client.log())?;
+    ensure!(stopped.success(), "prism exited with {stopped}");
+    let warned = |log: &str, says: &str| {
+        log.lines()
+            .filter(|l| l.contains("WARN") && l.contains(says))
+            .count()
+    };
+    ensure!(
+        warned(&client.log(), "is silent") == 1,
+        "the client should warn once:\n{}",
+        client.log()
+    );
+    ensure!(
+        warned(&server.log(), "fail authentication") == 1,
+        "the server should warn once about the source (its forgeries before and this key \
+         count as one: the warning is per source, at most every 30 s):\n{}",
+        server.log()
+    );
+    Ok(String::new())
 }
 
 fn ping(topo: &Topology, to: &str, v6: bool) -> Result<String> {

@@ -48,7 +48,8 @@ impl RelayServer {
         let counters = Arc::new(Counters::default());
         let server = Server::bind(listen, keys, Arc::clone(&counters))
             .await
-            .map_err(|source| Error::Listen { listen, source })?;
+            .map_err(|source| Error::Listen { listen, source })?
+            .with_prefixes(addresses.to_vec());
         let (link, pump) = device.spawn(LINK_QUEUE);
         Ok(RelayServer {
             counters,

@@ -64,8 +64,10 @@ counters! {
     takeovers,
     /// Packets from the server's TUN for an address no session owns.
     drop_no_session,
-    /// Hellos accepted (sessions registered or refreshed).
+    /// Hellos accepted (sessions registered or refreshed), on the server.
     hellos,
+    /// Hellos the server acknowledged, on the client.
+    hello_acks,
     /// DNS queries handed to the DNS-over-TCP forwarder instead of the relay.
     dns_queries,
     /// DNS queries dropped because the forwarder had too many in flight.

@@ -44,7 +44,43 @@ pub struct Server {
     /// Sessions that lost every address to a newer one, and when: their hellos are refused
     /// for a while, so that a replayed old hello cannot take the addresses back.
     retired: HashMap<[u8; 16], Instant>,
+    /// The server TUN's prefixes: a client claiming an address outside them gets no replies.
+    prefixes: Vec<(IpAddr, u8)>,
+    /// When each kind of trouble was last warned about (rate limit).
+    warned: HashMap<String, Instant>,
     counters: Arc<Counters>,
+}
+
+/// What a datagram from a client leads to.
+enum Inbound {
+    /// A packet for the TUN.
+    Packet(bytes::Bytes),
+    /// An acknowledgement to send back (a hello was accepted).
+    Ack(Vec<u8>, SocketAddr),
+    /// Nothing (counted).
+    Nothing,
+}
+
+/// How often one kind of trouble is warned about at most.
+const WARN_EVERY: Duration = Duration::from_secs(30);
+
+/// Whether `address` is inside `prefix`.
+fn within((network, len): (IpAddr, u8), address: IpAddr) -> bool {
+    match (network, address) {
+        (IpAddr::V4(n), IpAddr::V4(a)) => {
+            let mask = u32::MAX
+                .checked_shl(32 - u32::from(len.min(32)))
+                .unwrap_or(0);
+            u32::from(n) & mask == u32::from(a) & mask
+        }
+        (IpAddr::V6(n), IpAddr::V6(a)) => {
+            let mask = u128::MAX
+                .checked_shl(128 - u32::from(len.min(128)))
+                .unwrap_or(0);
+            u128::from(n) & mask == u128::from(a) & mask
+        }
+        _ => false,
+    }
 }
 
 impl Server {
@@ -60,8 +96,34 @@ impl Server {
             sessions: HashMap::new(),
             owners: HashMap::new(),
             retired: HashMap::new(),
+            prefixes: Vec::new(),
+            warned: HashMap::new(),
             counters,
         })
+    }
+
+    /// The server TUN's addresses with their prefix lengths: a client whose addresses fall
+    /// outside them is warned about (its replies cannot be routed to it).
+    pub fn with_prefixes(mut self, prefixes: Vec<(IpAddr, u8)>) -> Self {
+        self.prefixes = prefixes;
+        self
+    }
+
+    /// Warns about `key` unless it was warned about lately.
+    fn warn_once(&mut self, key: String, message: impl FnOnce() -> String) {
+        let now = Instant::now();
+        if self.warned.len() > 256 {
+            self.warned
+                .retain(|_, at| now.duration_since(*at) < WARN_EVERY);
+        }
+        let due = self
+            .warned
+            .get(&key)
+            .is_none_or(|at| now.duration_since(*at) >= WARN_EVERY);
+        if due {
+            self.warned.insert(key, now);
+            tracing::warn!("{}", message());
+        }
     }
 
     /// The address it listens on.
@@ -82,10 +144,17 @@ impl Server {
                     if buf.capacity() < MAX_DATAGRAM {
                         buf = BytesMut::with_capacity(MAX_DATAGRAM * 4);
                     }
-                    if let Some(packet) = self.inbound(datagram, from) {
-                        if to_tun.send(packet).await.is_err() {
-                            return;
+                    match self.inbound(datagram, from) {
+                        Inbound::Packet(packet) => {
+                            if to_tun.send(packet).await.is_err() {
+                                return;
+                            }
                         }
+                        Inbound::Ack(datagram, to) => {
+                            // A lost acknowledgement is repeated with the next hello.
+                            let _ = self.socket.send_to(&datagram, to).await;
+                        }
+                        Inbound::Nothing => {}
                     }
                 }
                 packet = from_tun.recv() => {
@@ -98,44 +167,53 @@ impl Server {
     }
 
     /// Checks a datagram from a client; `Some(packet)` for the TUN.
-    fn inbound(&mut self, datagram: BytesMut, from: SocketAddr) -> Option<bytes::Bytes> {
-        let c = &self.counters;
+    fn inbound(&mut self, datagram: BytesMut, from: SocketAddr) -> Inbound {
+        let c = Arc::clone(&self.counters);
         let (header, payload) = match frame::open(&self.keys.to_server, datagram) {
             Ok(opened) => opened,
-            Err(FrameError::Truncated) => return bump(&c.drop_truncated),
-            Err(FrameError::Version | FrameError::Kind) => return bump(&c.drop_version),
-            Err(_) => return bump(&c.drop_auth),
+            Err(FrameError::Truncated) => return nothing(&c.drop_truncated),
+            Err(FrameError::Version | FrameError::Kind) => return nothing(&c.drop_version),
+            Err(_) => {
+                self.warn_once(format!("auth {}", from.ip()), || {
+                    format!(
+                        "datagrams from {from} fail authentication: a client with another key \
+                         (or not a Prism client)"
+                    )
+                });
+                return nothing(&c.drop_auth);
+            }
         };
         match header.kind {
-            Kind::Hello => {
-                self.hello(&header, &payload, from);
-                None
-            }
+            Kind::Hello => match self.hello(&header, &payload, from) {
+                Some(ack) => Inbound::Ack(ack, from),
+                None => Inbound::Nothing,
+            },
             Kind::Data => {
                 let Some(session) = self.sessions.get_mut(&header.session) else {
-                    return bump(&c.drop_session);
+                    return nothing(&c.drop_session);
                 };
                 if !session.replay.accept(header.counter) {
-                    return bump(&c.drop_replay);
+                    return nothing(&c.drop_replay);
                 }
                 session.endpoint = from;
                 session.seen = Instant::now();
                 let owned =
                     endpoints(&payload).is_some_and(|(src, _)| session.addresses.contains(&src));
                 if !owned {
-                    return bump(&c.drop_spoofed);
+                    return nothing(&c.drop_spoofed);
                 }
                 Counters::bump(&c.received);
-                Some(payload)
+                Inbound::Packet(payload)
             }
         }
     }
 
-    fn hello(&mut self, header: &Header, payload: &[u8], from: SocketAddr) {
+    /// Registers a hello; the acknowledgement to send back if it was accepted.
+    fn hello(&mut self, header: &Header, payload: &[u8], from: SocketAddr) -> Option<Vec<u8>> {
         let c = Arc::clone(&self.counters);
         let Some(addresses) = frame::decode_addresses(payload) else {
             Counters::bump(&c.drop_version);
-            return;
+            return None;
         };
         // A fresh session may claim addresses another one owns: a client that restarted comes
         // back with a new session before the old one idles out, and must not wait for that.
@@ -144,7 +222,7 @@ impl Server {
         // may do this, so a replayed hello cannot take anything back.
         if self.retired.contains_key(&header.session) {
             Counters::bump(&c.drop_session);
-            return;
+            return None;
         }
         let fresh = self
             .sessions
@@ -152,7 +230,7 @@ impl Server {
             .is_none_or(|session| session.replay.clone().accept(header.counter));
         if !fresh {
             Counters::bump(&c.drop_replay);
-            return;
+            return None;
         }
         let previous: Vec<[u8; 16]> = addresses
             .iter()
@@ -182,17 +260,44 @@ impl Server {
         });
         if !session.replay.accept(header.counter) {
             Counters::bump(&c.drop_replay);
-            return;
+            return None;
         }
         session.endpoint = from;
         session.seen = Instant::now();
+        // The acknowledgement tells the client the server is there and shares its key.
+        let ack = frame::seal(
+            &self.keys.to_client,
+            &Header {
+                kind: Kind::Hello,
+                session: header.session,
+                counter: session.counter,
+            },
+            &[],
+        );
+        session.counter += 1;
         for old in std::mem::replace(&mut session.addresses, addresses.clone()) {
             self.owners.remove(&old);
         }
+        let outside: Vec<IpAddr> = addresses
+            .iter()
+            .copied()
+            .filter(|a| !self.prefixes.is_empty() && !self.prefixes.iter().any(|p| within(*p, *a)))
+            .collect();
         for address in addresses {
             self.owners.insert(address, header.session);
         }
+        if !outside.is_empty() {
+            let prefixes = self.prefixes.clone();
+            self.warn_once(format!("outside {from}"), || {
+                format!(
+                    "client {from} uses {outside:?}, outside this server's prefixes \
+                     {prefixes:?}: replies to it cannot be routed; give the server an --address \
+                     covering them"
+                )
+            });
+        }
         Counters::bump(&c.hellos);
+        Some(ack)
     }
 
     /// Sends a packet from the TUN to the client that owns its destination.
@@ -243,7 +348,23 @@ impl Server {
     }
 }
 
-fn bump<T>(counter: &std::sync::atomic::AtomicU64) -> Option<T> {
+fn nothing(counter: &std::sync::atomic::AtomicU64) -> Inbound {
     Counters::bump(counter);
-    None
+    Inbound::Nothing
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefixes_contain_their_addresses_only() {
+        let v4 = |s: &str| s.parse::<IpAddr>().unwrap_or(IpAddr::from([0, 0, 0, 0]));
+        assert!(within((v4("10.99.0.254"), 24), v4("10.99.0.7")));
+        assert!(!within((v4("10.99.0.254"), 24), v4("10.98.0.7")));
+        assert!(within((v4("10.0.0.0"), 0), v4("192.0.2.1")));
+        assert!(within((v4("fd99::fe"), 64), v4("fd99::7")));
+        assert!(!within((v4("fd99::fe"), 64), v4("fd98::7")));
+        assert!(!within((v4("fd99::fe"), 64), v4("10.99.0.7")));
+    }
 }

@@ -16,7 +16,7 @@ use prism_device::Outside;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
-use tracing::debug;
+use tracing::{debug, info, warn};
 
 use crate::frame::{self, FrameError, Header, Keys, Kind};
 use crate::{Counters, ReplayWindow};
@@ -48,7 +48,14 @@ pub struct UdpTunnel {
     replay: Mutex<ReplayWindow>,
     arena: tokio::sync::Mutex<BytesMut>,
     counters: Arc<Counters>,
+    server: SocketAddr,
+    /// When the server last sent anything authentic (a packet or a hello's acknowledgement),
+    /// or when the session started.
+    heard: Mutex<std::time::Instant>,
 }
+
+/// Hellos sent and nothing authentic back for this long: the relay is silent.
+const SILENCE: Duration = Duration::from_secs(10);
 
 impl UdpTunnel {
     /// Opens a session with the relay server at `server`, for a client whose tunnel addresses
@@ -87,6 +94,8 @@ impl UdpTunnel {
             replay: Mutex::new(ReplayWindow::default()),
             arena: tokio::sync::Mutex::new(BytesMut::new()),
             counters,
+            server,
+            heard: Mutex::new(std::time::Instant::now()),
         });
         tunnel.say_hello().await?;
         Ok(tunnel)
@@ -113,10 +122,29 @@ impl UdpTunnel {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(HELLO_INTERVAL);
             tick.tick().await;
+            let mut silent = false;
             loop {
                 tick.tick().await;
                 if let Err(error) = tunnel.say_hello().await {
                     debug!(%error, "relay hello not sent");
+                }
+                let quiet = tunnel
+                    .heard
+                    .lock()
+                    .map(|heard| heard.elapsed())
+                    .unwrap_or_default();
+                if quiet >= SILENCE && !silent {
+                    silent = true;
+                    warn!(
+                        "the relay {} is silent: hellos sent for {}s and nothing authentic back \
+                         (a wrong key, a wrong address, or the server is down); non-TCP traffic \
+                         is not getting through",
+                        tunnel.server,
+                        quiet.as_secs()
+                    );
+                } else if quiet < SILENCE && silent {
+                    silent = false;
+                    info!("the relay {} answers again", tunnel.server);
                 }
             }
         })
@@ -131,7 +159,7 @@ impl UdpTunnel {
             Err(FrameError::Version | FrameError::Kind) => return bump(&c.drop_version),
             Err(_) => return bump(&c.drop_auth),
         };
-        if header.session != self.session || header.kind != Kind::Data {
+        if header.session != self.session {
             return bump(&c.drop_session);
         }
         let fresh = self
@@ -141,6 +169,13 @@ impl UdpTunnel {
             .unwrap_or(false);
         if !fresh {
             return bump(&c.drop_replay);
+        }
+        if let Ok(mut heard) = self.heard.lock() {
+            *heard = std::time::Instant::now();
+        }
+        if header.kind == Kind::Hello {
+            // The server's acknowledgement: it is there and shares the key.
+            return bump(&c.hello_acks);
         }
         if !destination(&packet).is_some_and(|d| self.addresses.contains(&d)) {
             return bump(&c.drop_spoofed);

@@ -263,3 +263,22 @@ async fn a_restarted_client_takes_its_addresses_over_at_once() {
     s.client.send(stale).await.unwrap();
     assert_eq!(tun_receives(&mut s.tun).await, None);
 }
+
+/// The server acknowledges each hello: the client knows the server is there and shares the
+/// key (without it, the client warns that the relay is silent).
+#[tokio::test]
+async fn the_server_acknowledges_hellos() {
+    let s = setup().await;
+    // The acknowledgement is taken in by the client's receive loop.
+    let receiving = {
+        let client = Arc::clone(&s.client);
+        tokio::spawn(async move { client.recv().await })
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while s.client_counters.snapshot().hello_acks == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "no acknowledgement");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(s.server_counters.snapshot().hellos, 1);
+    receiving.abort();
+}
