@@ -131,8 +131,20 @@ impl Routed {
         stats: &Path,
         log: &Path,
     ) -> Result<Process> {
+        self.start_prism_with(prism, upstream, stats, log, &[])
+    }
+
+    /// As `start_prism`, with `extra` flags.
+    fn start_prism_with(
+        &self,
+        prism: &Path,
+        upstream: &str,
+        stats: &Path,
+        log: &Path,
+        extra: &[String],
+    ) -> Result<Process> {
         let mut command = self.client.command(prism);
-        command.arg("run");
+        command.arg("run").args(extra);
         if upstream.starts_with("socks5://") {
             // Through a configuration file, as the README shows; the stats file stays a flag.
             let config = stats.with_extension("toml");
@@ -202,6 +214,7 @@ pub(crate) fn run(prism: &Path, logs: &Path, report: &mut Report) {
         ("dnsmasq", "dnsmasq-base"),
         ("getent", "libc-bin"),
         ("curl", "curl"),
+        ("microsocks", "microsocks"),
     ]);
     let built = tools.and_then(|()| Routed::build()).and_then(|topo| {
         // dante: microsocks cuts a bulk echo short (see NOTES).
@@ -254,6 +267,154 @@ pub(crate) fn run(prism: &Path, logs: &Path, report: &mut Report) {
         "a route that would loop (the proxy inside --route) is refused, with the fix, once",
         loop_refused(&topo, prism, logs),
     );
+    report.record(
+        "default route",
+        "SOCKS5 credentials the proxy refuses are one warning line",
+        wrong_password(&topo, prism, logs),
+    );
+    report.record(
+        "default route",
+        "with --relay too: ping and DNS cross the relay, TCP the proxy, routing restored",
+        with_relay(&topo, prism, logs, &proxy),
+    );
+}
+
+/// `prism relay-server` on the far side; the client routes everything through Prism, TCP
+/// through dante and the rest through the relay, whose socket carries the mark like the
+/// proxy's.
+fn with_relay(topo: &Routed, prism: &Path, logs: &Path, proxy: &str) -> Result<String> {
+    let key = logs.join("routed-relay.key");
+    std::fs::write(&key, "routed relay key, more than sixteen bytes\n")?;
+    let mut server = topo.far.command(prism);
+    server
+        .args([
+            "relay-server",
+            "--listen",
+            &format!("{PROXY}:5555"),
+            "--tun",
+            "prelay0",
+        ])
+        .args(["--address", "10.98.0.254/24", "--key-file"])
+        .arg(&key);
+    let mut server = Process::spawn(
+        "prism relay-server",
+        server,
+        Some(&logs.join("routed-relay-server.log")),
+    )?;
+    wait_for("the relay server's TUN", Duration::from_secs(10), || {
+        topo.far.ip("link show prelay0").is_ok()
+    })?;
+    let before = topo.routing()?;
+    let stats = logs.join("stats-routed-relay.json");
+    let extra = [
+        "--relay".to_owned(),
+        format!("udp://{PROXY}:5555"),
+        "--relay-key-file".to_owned(),
+        key.display().to_string(),
+    ];
+    let mut client = topo.start_prism_with(
+        prism,
+        proxy,
+        &stats,
+        &logs.join("prism-routed-relay.log"),
+        &extra,
+    )?;
+    let pinged = topo
+        .client
+        .exec(&["ping", "-c", "3", "-i", "0.2", "-W", "2", WEB_V4]);
+    let resolved = topo.client.exec(&["getent", "ahostsv4", WEB_NAME]);
+    let echoed = echo(
+        &topo.client,
+        SocketAddr::new(WEB_V4.parse::<IpAddr>()?, ECHO),
+        1 << 20,
+    );
+    let stopped = client.stop(Signal::SIGTERM, Duration::from_secs(10))?;
+    let _ = server.stop(Signal::SIGTERM, Duration::from_secs(10));
+    let pinged = pinged.with_context(|| client.log())?;
+    ensure!(
+        pinged.contains("3 received"),
+        "not every echo came back:\n{pinged}"
+    );
+    ensure!(
+        resolved
+            .with_context(|| format!("{WEB_NAME} did not resolve"))?
+            .contains(WEB_V4),
+        "{WEB_NAME} resolved to something else"
+    );
+    echoed.with_context(|| client.log())?;
+    ensure!(stopped.success(), "prism exited with {stopped}");
+    let counters = std::fs::read_to_string(&stats).context("prism wrote no stats file")?;
+    ensure!(
+        counter(&counters, "relay_sent")? >= 4,
+        "nothing crossed the relay: {counters}"
+    );
+    ensure!(
+        counter(&counters, "relay_dns_queries")? == 0,
+        "with a relay, DNS should cross it: {counters}"
+    );
+    let after = topo.routing()?;
+    ensure!(
+        after == before,
+        "routing differs:\nbefore:\n{before}\nafter:\n{after}"
+    );
+    Ok(String::new())
+}
+
+/// microsocks with a password on the far side; Prism gives the wrong one.
+fn wrong_password(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
+    const AUTH_PORT: u16 = 1081;
+    let mut socks = topo.far.command("microsocks");
+    socks.args([
+        "-i",
+        PROXY,
+        "-p",
+        &AUTH_PORT.to_string(),
+        "-u",
+        "prism",
+        "-P",
+        "right",
+    ]);
+    let _socks = Process::spawn(
+        "microsocks",
+        socks,
+        Some(&logs.join("routed-microsocks.log")),
+    )?;
+    crate::topology::wait_listening(&topo.far, AUTH_PORT, 1, "microsocks")?;
+    let stats = logs.join("stats-routed-auth.json");
+    let upstream = format!("socks5://prism:wrong@{PROXY}:{AUTH_PORT}");
+    let mut refused = topo.start_prism(
+        prism,
+        &upstream,
+        &stats,
+        &logs.join("prism-routed-auth.log"),
+    )?;
+    let target = SocketAddr::new(WEB_V4.parse::<IpAddr>()?, ECHO);
+    for _ in 0..3 {
+        ensure!(
+            echo(&topo.client, target, 100).is_err(),
+            "an echo worked with the wrong password"
+        );
+    }
+    let stopped = refused.stop(Signal::SIGTERM, Duration::from_secs(10))?;
+    ensure!(stopped.success(), "prism exited with {stopped}");
+    let log = refused.log();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains(&format!("SOCKS5 proxy {PROXY}:{AUTH_PORT}")))
+        .collect();
+    ensure!(
+        warnings.len() == 1,
+        "expected one warning naming the proxy, got:\n{log}"
+    );
+    ensure!(!log.contains("wrong"), "the password is in the log:\n{log}");
+    ensure!(
+        warnings[0].contains("user and password"),
+        "the warning does not say what to check:\n{log}"
+    );
+    Ok(format!(
+        " ({})",
+        warnings[0].split("fail: ").nth(1).unwrap_or_default()
+    ))
 }
 
 /// `--route 10.70.0.0/16` takes in the proxy's own address, without `--default-route`: each

@@ -66,6 +66,9 @@ impl ConnectError {
                 "; out of descriptors: if Prism's own upstream is routed back into its TUN, \
                  use --default-route, --bind-interface or --exclude"
             }
+            ConnectError::Proxy { reason, .. } if reason.to_lowercase().contains("auth") => {
+                "; check the user and password in the socks5:// URL"
+            }
             ConnectError::Proxy { .. } => "; clients are refused until the proxy answers",
             ConnectError::Loop { .. } => {
                 "; refused: route it outside the TUN with --default-route, --bind-interface or \
