@@ -439,6 +439,40 @@ mod tests {
         }
     }
 
+    /// Every `prism` command the README shows parses (so a recipe cannot rot unnoticed), and
+    /// so does its configuration file.
+    #[test]
+    fn the_readmes_commands_parse() {
+        let readme = include_str!("../../README.md");
+        let mut commands = Vec::new();
+        let mut current = String::new();
+        for line in readme.lines() {
+            let line = line.trim();
+            if current.is_empty() && !line.starts_with("sudo prism ") {
+                continue;
+            }
+            current.push_str(line.trim_end_matches('\\'));
+            current.push(' ');
+            if !line.ends_with('\\') {
+                commands.push(std::mem::take(&mut current));
+            }
+        }
+        assert!(commands.len() >= 2, "{commands:?}");
+        for command in &commands {
+            let words: Vec<&str> = command.split_whitespace().skip(2).collect();
+            parse(&words).unwrap_or_else(|e| panic!("README: {command}\n{e}"));
+        }
+        let toml = readme
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .unwrap();
+        let mut words = vec!["run".to_owned()];
+        words.extend(crate::config::flags(toml).unwrap());
+        let words: Vec<&str> = words.iter().map(String::as_str).collect();
+        parse(&words).unwrap();
+    }
+
     #[test]
     fn wrong_flags_are_refused_with_a_reason() {
         let base = ["run", "--tun", "t", "--upstream", "direct"];

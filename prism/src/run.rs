@@ -123,6 +123,16 @@ async fn serve_until_signal(
             .install(families, device.index, &via, mark, &args.excludes)
             .await?;
         crate::policy::describe(families, mark, &args.excludes);
+    } else if args.routes.iter().any(|n| n.prefix_len() > 0) {
+        let escape = match (&args.bind_interface, args.fwmark) {
+            (Some(interface), _) => format!("bound to {interface}"),
+            (None, Some(mark)) => format!("marked {mark:#x} (a rule of yours must route it)"),
+            (None, None) => "routed by the main table".to_owned(),
+        };
+        info!(
+            "Prism's own sockets are {escape}; an upstream inside the routed prefixes would \
+             loop and is refused"
+        );
     }
     info!(
         tun = %device.name,
