@@ -31,6 +31,8 @@ const PROXY_PORT: u16 = 1080;
 const WEB_V4: &str = "10.70.3.1";
 const WEB_V6: &str = "fd70:3::1";
 const TUN: &str = "prism0";
+/// The far side's web server.
+const WEB_PORT: u16 = 8080;
 /// Where the socks5 runs serve their Prometheus metrics.
 const METRICS: &str = "127.0.0.1:9477";
 /// What the far side's dnsmasq answers with WEB_V4.
@@ -185,6 +187,33 @@ impl Routed {
     }
 }
 
+/// `curl http://web.prism.test:8080/big` in the client namespace: the 64 MiB arrive intact.
+fn curl_big(topo: &Routed, logs: &Path, name: &str) -> Result<()> {
+    let out = logs.join(format!("routed-curl-{name}.bin"));
+    let url = format!("http://{WEB_NAME}:{WEB_PORT}/big");
+    let output = topo
+        .client
+        .command("curl")
+        .args(["-sS", "--fail", "--max-time", "60", "-o"])
+        .arg(&out)
+        .arg(&url)
+        .output()
+        .context("cannot run curl")?;
+    ensure!(
+        output.status.success(),
+        "curl {url} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let body = std::fs::read(&out)?;
+    let _ = std::fs::remove_file(&out);
+    ensure!(
+        Sha256::digest(&body) == Sha256::digest(pattern(64, 64 << 20)),
+        "the 64 MiB from {url} differ ({} bytes)",
+        body.len()
+    );
+    Ok(())
+}
+
 /// Echoes `len` bytes from the client namespace to `target` and compares their SHA-256.
 fn echo(client: &Netns, target: SocketAddr, len: usize) -> Result<()> {
     in_netns(client.name(), async move || {
@@ -235,7 +264,23 @@ pub(crate) fn run(prism: &Path, logs: &Path, report: &mut Report) {
         ]);
         let dns = Process::spawn("dnsmasq", dns, Some(&logs.join("routed-dnsmasq.log")))?;
         topo.client.set_resolver(WEB_V4)?;
-        Ok((topo, socks, servers, dns))
+        // A web server with a 64 MiB file, for curl by name.
+        let site = logs.join("routed-site");
+        std::fs::create_dir_all(&site)?;
+        std::fs::write(site.join("big"), pattern(64, 64 << 20))?;
+        let mut web = topo.far.command("python3");
+        web.args([
+            "-m",
+            "http.server",
+            "--bind",
+            WEB_V4,
+            &WEB_PORT.to_string(),
+            "--directory",
+        ])
+        .arg(&site);
+        let web = Process::spawn("http.server", web, Some(&logs.join("routed-http.log")))?;
+        crate::topology::wait_listening(&topo.far, WEB_PORT, 1, "http.server")?;
+        Ok((topo, socks, servers, (dns, web)))
     });
     let (topo, _socks, _servers, _dns) = match built {
         Ok(parts) => parts,
@@ -531,6 +576,8 @@ fn whole_machine(
     )?;
     // The name resolves by UDP DNS, which Prism carries over TCP through the upstream.
     let resolved = topo.client.exec(&["getent", "ahostsv4", WEB_NAME]);
+    // curl by name: DNS, then 64 MiB through Prism, compared by SHA-256.
+    let fetched = curl_big(topo, logs, name);
     let web4 = SocketAddr::new(WEB_V4.parse::<IpAddr>()?, ECHO);
     let web6 = SocketAddr::new(WEB_V6.parse::<IpAddr>()?, ECHO);
     let exchanged = echo(&topo.client, web4, 4 << 20)
@@ -559,6 +606,7 @@ fn whole_machine(
     };
     let stopped = prism_run.stop(Signal::SIGTERM, Duration::from_secs(10))?;
     exchanged.with_context(|| prism_run.log())?;
+    fetched.with_context(|| prism_run.log())?;
     live?;
     scraped?;
     let resolved = resolved.with_context(|| format!("{WEB_NAME} did not resolve"))?;
@@ -574,8 +622,8 @@ fn whole_machine(
     let counters = std::fs::read_to_string(&stats).context("prism wrote no stats file")?;
     let opened = counter(&counters, "connections_opened")?;
     ensure!(
-        opened == 22,
-        "{opened} connections for the client's 22: a loop? {counters}"
+        opened == 23,
+        "{opened} connections for the client's 23 (curl and 22 echoes): a loop? {counters}"
     );
     ensure!(
         counter(&counters, "relay_dns_queries")? >= 1,
@@ -592,7 +640,7 @@ fn whole_machine(
         prism_run.log()
     );
     Ok(
-        " (DNS by name over TCP, 4 MiB over IPv4, 1 MiB over IPv6, 20 short connections)"
+        " (curl by name: 64 MiB intact; echoes of 4 MiB over IPv4, 1 MiB over IPv6, 20 short)"
             .to_owned(),
     )
 }
