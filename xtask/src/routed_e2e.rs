@@ -319,7 +319,7 @@ pub(crate) fn run(prism: &Path, logs: &Path, report: &mut Report) {
     );
     report.record(
         "default route",
-        "with --relay too: ping and DNS cross the relay, TCP the proxy, routing restored",
+        "with --relay too: ping and DNS cross the relay, TCP the proxy, routing restored; the server warns about an address outside its prefixes and serves metrics",
         with_relay(&topo, prism, logs, &proxy),
     );
 }
@@ -339,7 +339,13 @@ fn with_relay(topo: &Routed, prism: &Path, logs: &Path, proxy: &str) -> Result<S
             "--tun",
             "prelay0",
         ])
-        .args(["--address", "10.98.0.254/24", "--key-file"])
+        .args([
+            "--address",
+            "10.98.0.254/24",
+            "--metrics",
+            "127.0.0.1:9478",
+            "--key-file",
+        ])
         .arg(&key);
     let mut server = Process::spawn(
         "prism relay-server",
@@ -373,6 +379,9 @@ fn with_relay(topo: &Routed, prism: &Path, logs: &Path, proxy: &str) -> Result<S
         SocketAddr::new(WEB_V4.parse::<IpAddr>()?, ECHO),
         1 << 20,
     );
+    let scraped = topo
+        .far
+        .exec(&["curl", "-sf", "http://127.0.0.1:9478/metrics"]);
     let stopped = client.stop(Signal::SIGTERM, Duration::from_secs(10))?;
     let _ = server.stop(Signal::SIGTERM, Duration::from_secs(10));
     let pinged = pinged.with_context(|| client.log())?;
@@ -388,6 +397,23 @@ fn with_relay(topo: &Routed, prism: &Path, logs: &Path, proxy: &str) -> Result<S
     );
     echoed.with_context(|| client.log())?;
     ensure!(stopped.success(), "prism exited with {stopped}");
+    let scraped = scraped.context("the relay server's metrics did not answer")?;
+    ensure!(
+        scraped.contains("prism_relay_hellos_total")
+            && scraped.contains("prism_relay_received_total"),
+        "the relay server's metrics lack its counters:\n{scraped}"
+    );
+    // The client also claims fd98::1, which the server's one IPv4 prefix does not cover.
+    let outside = server
+        .log()
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains("outside this server's prefixes"))
+        .count();
+    ensure!(
+        outside == 1 && server.log().contains("fd98::1"),
+        "expected one warning about fd98::1 outside the server's prefixes:\n{}",
+        server.log()
+    );
     let counters = std::fs::read_to_string(&stats).context("prism wrote no stats file")?;
     ensure!(
         counter(&counters, "relay_sent")? >= 4,
