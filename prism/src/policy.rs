@@ -37,6 +37,13 @@ pub(crate) struct Families {
     pub(crate) v6: bool,
 }
 
+impl Families {
+    /// Whether the default route covers any family.
+    pub(crate) fn any(self) -> bool {
+        self.v4 || self.v6
+    }
+}
+
 /// The rules and routes this run added, removed on exit.
 #[derive(Debug)]
 pub(crate) struct Policy {

@@ -59,8 +59,13 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
                 .iter()
                 .any(|n| n.prefix_len() == 0 && n.addr().is_ipv6()),
     };
+    if !args.excludes.is_empty() && !families.any() {
+        anyhow::bail!(
+            "--exclude bypasses the default route: add --default-route (or --route 0.0.0.0/0)"
+        );
+    }
     let mark = args.fwmark.unwrap_or(crate::policy::TABLE);
-    let mut engine = builder(&args, (families.v4 || families.v6).then_some(mark))
+    let mut engine = builder(&args, families.any().then_some(mark))
         .await?
         .start()
         .await?;
@@ -113,7 +118,7 @@ async fn serve_until_signal(
         let via = next_hop(args, net)?;
         routes.add(net, device.index, &device.name, via).await?;
     }
-    if families.v4 || families.v6 {
+    if families.any() {
         let via = if args.tap {
             args.gateways.clone()
         } else {

@@ -1130,10 +1130,7 @@ pub(crate) fn counter(counters: &str, name: &str) -> Result<u64> {
 
 /// One counter from a stats file's JSON object (0 if absent or not a number).
 pub(crate) fn stat(counters: &str, name: &str) -> u64 {
-    serde_json::from_str::<serde_json::Value>(counters)
-        .ok()
-        .and_then(|stats| stats.get(name).and_then(serde_json::Value::as_u64))
-        .unwrap_or(0)
+    counter(counters, name).unwrap_or(0)
 }
 
 /// The gateway counted the injected garbage by kind.

@@ -293,11 +293,7 @@ fn wrong_key(
     let stopped = client.stop(Signal::SIGINT, Duration::from_secs(10))?;
     said.with_context(|| client.log())?;
     ensure!(stopped.success(), "prism exited with {stopped}");
-    let warned = |log: &str, says: &str| {
-        log.lines()
-            .filter(|l| l.contains("WARN") && l.contains(says))
-            .count()
-    };
+    let warned = |log: &str, says: &str| crate::routed_e2e::warnings(log, says).len();
     ensure!(
         warned(&client.log(), "is silent") == 1,
         "the client should warn once:\n{}",

@@ -214,6 +214,22 @@ fn curl_big(topo: &Routed, logs: &Path, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// Three echoes from the client namespace that must all fail (`why` says what would be wrong
+/// if one worked).
+fn every_echo_fails(topo: &Routed, target: SocketAddr, why: &str) -> Result<()> {
+    for _ in 0..3 {
+        ensure!(echo(&topo.client, target, 100).is_err(), "{why}");
+    }
+    Ok(())
+}
+
+/// The warning lines of `log` that contain `says`.
+pub(crate) fn warnings<'a>(log: &'a str, says: &str) -> Vec<&'a str> {
+    log.lines()
+        .filter(|l| l.contains("WARN") && l.contains(says))
+        .collect()
+}
+
 /// Echoes `len` bytes from the client namespace to `target` and compares their SHA-256.
 fn echo(client: &Netns, target: SocketAddr, len: usize) -> Result<()> {
     in_netns(client.name(), async move || {
@@ -460,19 +476,11 @@ fn wrong_password(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
         &logs.join("prism-routed-auth.log"),
     )?;
     let target = SocketAddr::new(WEB_V4.parse::<IpAddr>()?, ECHO);
-    for _ in 0..3 {
-        ensure!(
-            echo(&topo.client, target, 100).is_err(),
-            "an echo worked with the wrong password"
-        );
-    }
+    every_echo_fails(topo, target, "an echo worked with the wrong password")?;
     let stopped = refused.stop(Signal::SIGTERM, Duration::from_secs(10))?;
     ensure!(stopped.success(), "prism exited with {stopped}");
     let log = refused.log();
-    let warnings: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("WARN") && l.contains(&format!("SOCKS5 proxy {PROXY}:{AUTH_PORT}")))
-        .collect();
+    let warnings = warnings(&log, &format!("SOCKS5 proxy {PROXY}:{AUTH_PORT}"));
     ensure!(
         warnings.len() == 1,
         "expected one warning naming the proxy, got:\n{log}"
@@ -507,19 +515,11 @@ fn loop_refused(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
     })
     .with_context(|| looping.log())?;
     let target = SocketAddr::new(WEB_V4.parse::<IpAddr>()?, ECHO);
-    for _ in 0..3 {
-        ensure!(
-            echo(&topo.client, target, 100).is_err(),
-            "an echo worked through a looping setup"
-        );
-    }
+    every_echo_fails(topo, target, "an echo worked through a looping setup")?;
     let stopped = looping.stop(Signal::SIGTERM, Duration::from_secs(10))?;
     ensure!(stopped.success(), "prism exited with {stopped}");
     let log = looping.log();
-    let warnings: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("WARN") && l.contains("routed back into Prism's own device"))
-        .collect();
+    let warnings = warnings(&log, "routed back into Prism's own device");
     ensure!(
         warnings.len() == 1 && warnings[0].contains("--default-route"),
         "expected one warning with the fix, got:\n{log}"
@@ -561,19 +561,11 @@ fn proxy_down(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
     let nobody = format!("socks5://{PROXY}:1099");
     let mut down = topo.start_prism(prism, &nobody, &stats, &logs.join("prism-routed-down.log"))?;
     let target = SocketAddr::new(WEB_V4.parse::<IpAddr>()?, ECHO);
-    for _ in 0..3 {
-        ensure!(
-            echo(&topo.client, target, 100).is_err(),
-            "an echo worked through a proxy that is down"
-        );
-    }
+    every_echo_fails(topo, target, "an echo worked through a proxy that is down")?;
     let stopped = down.stop(Signal::SIGTERM, Duration::from_secs(10))?;
     ensure!(stopped.success(), "prism exited with {stopped}");
     let log = down.log();
-    let warnings: Vec<&str> = log
-        .lines()
-        .filter(|l| l.contains("WARN") && l.contains("upstream connects fail"))
-        .collect();
+    let warnings = warnings(&log, "upstream connects fail");
     ensure!(
         warnings.len() == 1 && warnings[0].contains("cannot reach the proxy"),
         "expected one warning naming the proxy, got:\n{log}"

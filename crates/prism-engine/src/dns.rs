@@ -16,7 +16,7 @@ use bytes::Bytes;
 use prism_device::Framing;
 use prism_tunnel::{Connector, Target};
 use smoltcp::phy::ChecksumCapabilities;
-use smoltcp::wire::{IpProtocol, Ipv4Packet, Ipv4Repr, Ipv6Packet, Ipv6Repr, UdpPacket, UdpRepr};
+use smoltcp::wire::{IpAddress, IpProtocol, IpRepr, Ipv4Packet, Ipv6Packet, UdpPacket, UdpRepr};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -76,56 +76,32 @@ pub(crate) fn parse(packet: &Bytes) -> Option<Query> {
 
 /// The UDP answer to `query`, from the resolver the client asked, with its checksums.
 pub(crate) fn answer(query: &Query, message: &[u8]) -> Option<Vec<u8>> {
+    let (src, dst) = (
+        IpAddress::from(query.resolver.ip()),
+        IpAddress::from(query.client.ip()),
+    );
+    if src.version() != dst.version() {
+        return None;
+    }
     let udp = UdpRepr {
         src_port: query.resolver.port(),
         dst_port: query.client.port(),
     };
+    let payload_len = udp.header_len() + message.len();
+    let ip = IpRepr::new(src, dst, IpProtocol::Udp, payload_len, 64);
     let checksums = ChecksumCapabilities::default();
-    match (query.resolver.ip(), query.client.ip()) {
-        (IpAddr::V4(src), IpAddr::V4(dst)) => {
-            let ip = Ipv4Repr {
-                src_addr: src,
-                dst_addr: dst,
-                next_header: IpProtocol::Udp,
-                payload_len: udp.header_len() + message.len(),
-                hop_limit: 64,
-            };
-            let mut bytes = vec![0u8; ip.buffer_len() + ip.payload_len];
-            let mut packet = Ipv4Packet::new_unchecked(&mut bytes);
-            ip.emit(&mut packet, &checksums);
-            udp.emit(
-                &mut UdpPacket::new_unchecked(packet.payload_mut()),
-                &src.into(),
-                &dst.into(),
-                message.len(),
-                |payload| payload.copy_from_slice(message),
-                &checksums,
-            );
-            Some(bytes)
-        }
-        (IpAddr::V6(src), IpAddr::V6(dst)) => {
-            let ip = Ipv6Repr {
-                src_addr: src,
-                dst_addr: dst,
-                next_header: IpProtocol::Udp,
-                payload_len: udp.header_len() + message.len(),
-                hop_limit: 64,
-            };
-            let mut bytes = vec![0u8; ip.buffer_len() + ip.payload_len];
-            let mut packet = Ipv6Packet::new_unchecked(&mut bytes);
-            ip.emit(&mut packet);
-            udp.emit(
-                &mut UdpPacket::new_unchecked(packet.payload_mut()),
-                &src.into(),
-                &dst.into(),
-                message.len(),
-                |payload| payload.copy_from_slice(message),
-                &checksums,
-            );
-            Some(bytes)
-        }
-        _ => None,
-    }
+    let mut bytes = vec![0u8; ip.buffer_len()];
+    ip.emit(&mut bytes[..], &checksums);
+    let header_len = ip.header_len();
+    udp.emit(
+        &mut UdpPacket::new_unchecked(bytes.get_mut(header_len..)?),
+        &src,
+        &dst,
+        message.len(),
+        |payload| payload.copy_from_slice(message),
+        &checksums,
+    );
+    Some(bytes)
 }
 
 /// Answers queries until `queries` ends. `resolver`, when set, is asked instead of the address

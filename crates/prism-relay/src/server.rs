@@ -66,21 +66,7 @@ const WARN_EVERY: Duration = Duration::from_secs(30);
 
 /// Whether `address` is inside `prefix`.
 fn within((network, len): (IpAddr, u8), address: IpAddr) -> bool {
-    match (network, address) {
-        (IpAddr::V4(n), IpAddr::V4(a)) => {
-            let mask = u32::MAX
-                .checked_shl(32 - u32::from(len.min(32)))
-                .unwrap_or(0);
-            u32::from(n) & mask == u32::from(a) & mask
-        }
-        (IpAddr::V6(n), IpAddr::V6(a)) => {
-            let mask = u128::MAX
-                .checked_shl(128 - u32::from(len.min(128)))
-                .unwrap_or(0);
-            u128::from(n) & mask == u128::from(a) & mask
-        }
-        _ => false,
-    }
+    ipnet::IpNet::new(network, len).is_ok_and(|net| net.contains(&address))
 }
 
 impl Server {
