@@ -348,6 +348,7 @@ async fn stats_count_the_bytes_each_way_and_list_each_connection() {
         assert_eq!(stats.stack.bytes_from_clients, total, "{framing:?}");
         assert_eq!(stats.stack.bytes_to_clients, 3 * total, "{framing:?}");
         assert_eq!(stats.open, 3);
+        assert_eq!((stats.upstream.connects, stats.upstream.connected), (3, 3));
         for (i, s) in sent.iter().enumerate() {
             let port = 1000 + i as u16;
             let c = stats
@@ -361,7 +362,8 @@ async fn stats_count_the_bytes_each_way_and_list_each_connection() {
         }
         let json = stats.to_json();
         assert!(
-            json.contains(&format!("\"bytes_from_clients\":{total}")),
+            json.contains(&format!("\"bytes_from_clients\":{total}"))
+                && json.contains("\"upstream_connected\":3"),
             "{json}"
         );
         let last = setup.engine.shutdown(Duration::from_millis(200)).await;

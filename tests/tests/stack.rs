@@ -65,7 +65,7 @@ where
 /// A stack serving through `Redirect(to)`, and a client on it.
 fn prism_to(to: SocketAddr, config: Config) -> (Client, Arc<prism_stack::Counters>) {
     let (link, requests, counters) = start_stack(config);
-    tokio::spawn(serve(requests, Arc::new(Redirect(to))));
+    tokio::spawn(serve(requests, Arc::new(Redirect(to)), Arc::default()));
     (Client::new(link), counters)
 }
 
@@ -255,7 +255,7 @@ async fn four_mib_cross_intact_both_ways_over_ipv6() {
 async fn an_upstream_without_read_readiness_carries_the_same_bytes() {
     let (tx, seen) = mpsc::unbounded_channel();
     let (link, requests, counters) = start_stack(Config::default());
-    tokio::spawn(serve(requests, Arc::new(InMemoryEcho(tx))));
+    tokio::spawn(serve(requests, Arc::new(InMemoryEcho(tx)), Arc::default()));
     exchange_four_mib(Client::new(link), counters, seen, false).await;
 }
 

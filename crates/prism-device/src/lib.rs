@@ -16,6 +16,7 @@
 //! segmentation). Where it goes belongs to `prism-trap`, `prism-relay` and `prism-stack`.
 //! Next: `prism-stack` owns a `PrismDevice` and drives it.
 
+mod counters;
 #[cfg(unix)]
 mod fd;
 mod link;

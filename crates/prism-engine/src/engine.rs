@@ -413,12 +413,14 @@ impl Builder {
             ),
         };
 
-        let server = tokio::spawn(serve(requests, connector));
+        let upstream_counters = Arc::new(prism_tunnel::Counters::default());
+        let server = tokio::spawn(serve(requests, connector, Arc::clone(&upstream_counters)));
         let stack = tokio::spawn(stack.run());
 
         let parts = Arc::new(Parts {
             stack: stack_counters,
             relay: relay_counters,
+            upstream: upstream_counters,
             gateway: ethernet.then_some(gateway_counters),
             refused,
             last: Mutex::new(None),
@@ -467,6 +469,7 @@ pub struct Device {
 struct Parts {
     stack: Arc<prism_stack::Counters>,
     relay: Arc<prism_relay::Counters>,
+    upstream: Arc<prism_tunnel::Counters>,
     gateway: Option<tap::SharedCounters>,
     refused: Arc<AtomicU64>,
     /// The stack's last report, once it stopped.
@@ -494,6 +497,7 @@ impl Parts {
         Stats::new(
             report,
             self.relay.snapshot(),
+            self.upstream.snapshot(),
             gateway,
             self.refused.load(Ordering::Relaxed),
         )

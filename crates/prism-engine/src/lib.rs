@@ -55,4 +55,7 @@ pub use prism_stack::{
     Config as StackConfig, Connection, ConnectionState, Handshake, HandshakePolicy, PortPolicy,
     Rejection, Request, Stream,
 };
-pub use prism_tunnel::{ConnectError, Connecting, Connector, Socks5Url, Target, Upstream};
+pub use prism_tunnel::{
+    ConnectError, Connecting, Connector, Counters as UpstreamCounters,
+    Snapshot as UpstreamSnapshot, Socks5Url, Target, Upstream,
+};

@@ -12,6 +12,8 @@ pub struct Stats {
     pub stack: prism_stack::Snapshot,
     /// The relay's counters (all zero without a relay).
     pub relay: prism_relay::Snapshot,
+    /// The upstream connects and how they ended (refused, unreachable, a loop, the proxy...).
+    pub upstream: prism_tunnel::Snapshot,
     /// The Ethernet gateway's counters, on an Ethernet source.
     pub gateway: Option<prism_l2::Counters>,
     /// Packets the device refused to take (each dropped).
@@ -30,12 +32,14 @@ impl Stats {
     pub(crate) fn new(
         report: Report,
         relay: prism_relay::Snapshot,
+        upstream: prism_tunnel::Snapshot,
         gateway: Option<prism_l2::Counters>,
         device_refused_writes: u64,
     ) -> Stats {
         Stats {
             stack: report.counters,
             relay,
+            upstream,
             gateway,
             device_refused_writes,
             open: report.open,
@@ -46,7 +50,7 @@ impl Stats {
     }
 
     /// Every counter by one flat name: the stack's as they are, the relay's with `relay_`, the
-    /// gateway's with `l2_`, then `tun_refused_writes`, `open`, `half_open` and `pending`.
+    /// upstream's with `upstream_`, the gateway's with `l2_`, then `tun_refused_writes`, `open`, `half_open` and `pending`.
     pub fn fields(&self) -> Vec<(String, u64)> {
         let prefixed = |prefix: &'static str, fields: Vec<(&'static str, u64)>| {
             fields
@@ -56,6 +60,7 @@ impl Stats {
         let count = |n: usize| u64::try_from(n).unwrap_or(u64::MAX);
         prefixed("", self.stack.fields())
             .chain(prefixed("relay_", self.relay.fields()))
+            .chain(prefixed("upstream_", self.upstream.fields()))
             .chain(prefixed(
                 "l2_",
                 self.gateway.map(|g| g.fields()).unwrap_or_default(),

@@ -2,40 +2,7 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-macro_rules! counters {
-    ($($(#[$doc:meta])* $name:ident,)*) => {
-        /// Live counters of a relay client or server, updated by the relay's tasks.
-        #[derive(Debug, Default)]
-        pub struct Counters {
-            $($(#[$doc])* pub(crate) $name: AtomicU64,)*
-        }
-
-        /// A copy of the counters at one moment.
-        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-        #[non_exhaustive]
-        pub struct Snapshot {
-            $($(#[$doc])* pub $name: u64,)*
-        }
-
-        impl Counters {
-            /// Reads every counter.
-            pub fn snapshot(&self) -> Snapshot {
-                Snapshot {
-                    $($name: self.$name.load(Ordering::Relaxed),)*
-                }
-            }
-        }
-
-        impl Snapshot {
-            /// Every counter by name, in a fixed order.
-            pub fn fields(&self) -> Vec<(&'static str, u64)> {
-                vec![$((stringify!($name), self.$name),)*]
-            }
-        }
-    };
-}
-
-counters! {
+prism_device::counters! {
     /// Packets sent into the tunnel.
     sent,
     /// Packets received from the tunnel and delivered.

@@ -1,61 +1,8 @@
 //! [`Counters`]: what the stack did and what it dropped, readable from any thread.
 
-use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-macro_rules! counters {
-    ($($(#[$doc:meta])* $name:ident,)*) => {
-        /// Live counters, updated by the stack task.
-        #[derive(Debug, Default)]
-        pub struct Counters {
-            $($(#[$doc])* pub(crate) $name: AtomicU64,)*
-        }
-
-        /// A copy of the counters at one moment.
-        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-        #[non_exhaustive]
-        pub struct Snapshot {
-            $($(#[$doc])* pub $name: u64,)*
-        }
-
-        impl Counters {
-            /// Reads every counter.
-            pub fn snapshot(&self) -> Snapshot {
-                Snapshot {
-                    $($name: self.$name.load(Ordering::Relaxed),)*
-                }
-            }
-        }
-
-        impl Snapshot {
-            /// Every counter by name, in a fixed order.
-            pub fn fields(&self) -> Vec<(&'static str, u64)> {
-                vec![$((stringify!($name), self.$name),)*]
-            }
-        }
-
-        impl fmt::Display for Snapshot {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                let mut first = true;
-                $(
-                    if self.$name != 0 {
-                        if !first {
-                            f.write_str(" ")?;
-                        }
-                        first = false;
-                        write!(f, "{}={}", stringify!($name), self.$name)?;
-                    }
-                )*
-                if first {
-                    f.write_str("(all zero)")?;
-                }
-                Ok(())
-            }
-        }
-    };
-}
-
-counters! {
+prism_device::counters! {
     /// Packets read from the link.
     packets_in,
     /// Packets written to the link.

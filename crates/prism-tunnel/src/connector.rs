@@ -7,6 +7,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 use prism_stack::{Request, Requests};
@@ -17,6 +18,7 @@ use tracing::debug;
 
 use crate::ConnectError;
 use crate::alerts::Alerts;
+use crate::counters::Counters;
 use crate::relay::relay;
 
 /// Where an upstream connection goes.
@@ -93,15 +95,17 @@ pub trait Connector: Send + Sync + 'static {
 /// Connects every request with `connector` and relays its bytes, until the stack stops. A
 /// failed connect rejects the request with the matching [`prism_stack::Rejection`]. Every task
 /// it starts is its own: when the stack stops, the connects and relays still running are
-/// ended (their upstream sockets closed) before `serve` returns.
-pub async fn serve(mut requests: Requests, connector: Arc<dyn Connector>) {
+/// ended (their upstream sockets closed) before `serve` returns. Each connect and its outcome
+/// is counted in `counters`.
+pub async fn serve(mut requests: Requests, connector: Arc<dyn Connector>, counters: Arc<Counters>) {
     let alerts = Arc::new(Alerts::default());
     let mut tasks = JoinSet::new();
     loop {
         tokio::select! {
             request = requests.next() => match request {
                 Some(request) => {
-                    tasks.spawn(handle(request, Arc::clone(&connector), Arc::clone(&alerts)));
+                    let context = (Arc::clone(&alerts), Arc::clone(&counters));
+                    tasks.spawn(handle(request, Arc::clone(&connector), context));
                 }
                 None => break,
             },
@@ -111,12 +115,18 @@ pub async fn serve(mut requests: Requests, connector: Arc<dyn Connector>) {
     tasks.shutdown().await;
 }
 
-async fn handle(request: Request, connector: Arc<dyn Connector>, alerts: Arc<Alerts>) {
+async fn handle(
+    request: Request,
+    connector: Arc<dyn Connector>,
+    (alerts, counters): (Arc<Alerts>, Arc<Counters>),
+) {
     let target = Target::Ip(request.destination());
+    counters.connects.fetch_add(1, Ordering::Relaxed);
     // The connect future is boxed: it is freed once connected instead of sizing the task that
     // lives as long as the connection.
     match connector.connect(&target).await {
         Ok(upstream) => {
+            counters.count(Ok(()));
             let stream = request.accept();
             if let Err(error) = relay(stream, upstream).await {
                 debug!(%target, %error, "relay ended with an error");
@@ -124,6 +134,7 @@ async fn handle(request: Request, connector: Arc<dyn Connector>, alerts: Arc<Ale
         }
         Err(error) => {
             debug!(%target, %error, "upstream connect failed");
+            counters.count(Err(&error));
             alerts.connect_failed(&error);
             request.reject(error.rejection());
         }

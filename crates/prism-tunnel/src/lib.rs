@@ -13,12 +13,14 @@
 
 mod alerts;
 mod connector;
+mod counters;
 mod direct;
 mod error;
 mod relay;
 mod socks5;
 
 pub use connector::{Connecting, Connector, Target, Upstream, serve};
+pub use counters::{Counters, Snapshot};
 pub use direct::Direct;
 pub use error::ConnectError;
 pub use prism_device::Outside;
