@@ -1,10 +1,11 @@
 //! The whole machine through Prism, on a routed topology: the proxy and the servers are on
-//! the far side of a router, not on the client's subnet.
+//! the far side of a router, not on the client's subnet. The addresses are the README's, so
+//! its `prism run` commands and its configuration file run here word for word.
 //!
 //! ```text
-//!  client ns                      router ns                      far ns
-//!  prism run --default-route ── c0 ──── r0 (forwards) r1 ──── f0  dante 10.70.2.2:1080
-//!  10.70.1.2, fd70:1::2            10.70.1.1  10.70.2.1           servers 10.70.3.1, fd70:3::1
+//!  client ns                       router ns                        far ns
+//!  prism run (the README's) ── c0 ──── r0 (forwards) r1 ──── f0  dante 192.168.1.10:1080
+//!  192.168.0.2, fd70:1::2          192.168.0.1  192.168.1.1        servers 10.200.0.1, fd00:200::1
 //! ```
 //!
 //! With `--default-route`, every unmarked packet of the client enters the TUN; Prism's own
@@ -26,10 +27,13 @@ use crate::e2e::{Report, counter, in_netns};
 use crate::netns::{Netns, Process, run as sh, wait_for};
 use crate::servers::{ECHO, Servers, pattern};
 
-const PROXY: &str = "10.70.2.2";
+/// The README's proxy "behind your router".
+const PROXY: &str = "192.168.1.10";
 const PROXY_PORT: u16 = 1080;
-const WEB_V4: &str = "10.70.3.1";
-const WEB_V6: &str = "fd70:3::1";
+/// Servers inside the README's `--route 10.200.0.0/16` and `--route fd00:200::/64`.
+const WEB_V4: &str = "10.200.0.1";
+const WEB_V6: &str = "fd00:200::1";
+/// The README's `--tun`.
 const TUN: &str = "prism0";
 /// The far side's web server.
 const WEB_PORT: u16 = 8080;
@@ -38,7 +42,73 @@ const METRICS: &str = "127.0.0.1:9477";
 /// What the far side's dnsmasq answers with WEB_V4.
 const WEB_NAME: &str = "web.prism.test";
 
+/// The README's `prism run` recipes, word for word (after `sudo prism`).
+struct Readme {
+    /// Some prefixes through a proxy on the loopback (`--route`).
+    routes: Vec<String>,
+    /// The whole machine through a proxy behind the router (`--default-route`).
+    default_route: Vec<String>,
+    /// The configuration file.
+    toml: String,
+}
+
+impl Readme {
+    /// Reads the README; fails if it shows a `prism` command this suite does not run.
+    fn read() -> Result<Readme> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let mut commands = Vec::new();
+        let mut current = String::new();
+        for line in text.lines().map(str::trim) {
+            if current.is_empty() && !line.starts_with("sudo prism ") {
+                continue;
+            }
+            current.push_str(line.trim_end_matches('\\'));
+            current.push(' ');
+            if !line.ends_with('\\') {
+                commands.push(std::mem::take(&mut current));
+            }
+        }
+        let words = |command: &String| -> Vec<String> {
+            command
+                .split_whitespace()
+                .skip(2)
+                .map(str::to_owned)
+                .collect()
+        };
+        let (mut routes, mut default_route) = (None, None);
+        for command in &commands {
+            if command.contains("--default-route") && default_route.is_none() {
+                default_route = Some(words(command));
+            } else if command.contains("--route ") && routes.is_none() {
+                routes = Some(words(command));
+            } else {
+                anyhow::bail!("the README shows a command this suite does not run: {command}");
+            }
+        }
+        let toml = text
+            .split("```toml\n")
+            .nth(1)
+            .and_then(|rest| rest.split("```").next())
+            .context("the README shows no configuration file")?;
+        Ok(Readme {
+            routes: routes.context("the README shows no `prism run --route` command")?,
+            default_route: default_route
+                .context("the README shows no `prism run --default-route` command")?,
+            toml: toml.to_owned(),
+        })
+    }
+
+    /// The `--default-route` command with `extra` flags after it (later flags win).
+    fn default_route_and(&self, extra: &[&str]) -> Vec<String> {
+        let extra = extra.iter().map(|s| (*s).to_owned());
+        self.default_route.iter().cloned().chain(extra).collect()
+    }
+}
+
 struct Routed {
+    readme: Readme,
     client: Netns,
     _router: Netns,
     far: Netns,
@@ -67,6 +137,7 @@ fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) -> Result<()> {
 
 impl Routed {
     fn build() -> Result<Routed> {
+        let readme = Readme::read()?;
         let client = Netns::create("rclient")?;
         let router = Netns::create("router")?;
         let far = Netns::create("far")?;
@@ -80,33 +151,33 @@ impl Routed {
         veth(&client, &c0, &router, &r0)?;
         veth(&router, &r1, &far, &f0)?;
         for (ns, dev, v4, v6) in [
-            (&client, &c0, "10.70.1.2/24", "fd70:1::2/64"),
-            (&router, &r0, "10.70.1.1/24", "fd70:1::1/64"),
-            (&router, &r1, "10.70.2.1/24", "fd70:2::1/64"),
-            (&far, &f0, "10.70.2.2/24", "fd70:2::2/64"),
+            (&client, &c0, "192.168.0.2/24", "fd70:1::2/64"),
+            (&router, &r0, "192.168.0.1/24", "fd70:1::1/64"),
+            (&router, &r1, "192.168.1.1/24", "fd70:2::1/64"),
+            (&far, &f0, "192.168.1.10/24", "fd70:2::2/64"),
         ] {
             ns.ip(&format!("addr add {v4} dev {dev}"))?;
             ns.ip(&format!("-6 addr add {v6} dev {dev} nodad"))?;
             ns.ip(&format!("link set {dev} up"))?;
         }
-        client.ip("route add default via 10.70.1.1")?;
+        client.ip("route add default via 192.168.0.1")?;
         client.ip("-6 route add default via fd70:1::1")?;
-        far.ip("route add default via 10.70.2.1")?;
+        far.ip("route add default via 192.168.1.1")?;
         far.ip("-6 route add default via fd70:2::1")?;
         far.ip(&format!("addr add {WEB_V4}/32 dev lo"))?;
         far.ip(&format!("-6 addr add {WEB_V6}/128 dev lo nodad"))?;
         router.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"])?;
         router.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])?;
-        router.ip("route add 10.70.3.0/24 via 10.70.2.2")?;
-        router.ip("-6 route add fd70:3::/64 via fd70:2::2")?;
+        router.ip(&format!("route add 10.200.0.0/16 via {PROXY}"))?;
+        router.ip("-6 route add fd00:200::/64 via fd70:2::2")?;
         Ok(Routed {
+            readme,
             client,
             _router: router,
             far,
         })
     }
 
-    /// The client's policy rules and every routing table, as text, for before/after.
     /// The client's policy rules and every routing table, as text, for before/after. IPv6
     /// link-local routes are left out: the kernel adds them when its address detection ends,
     /// whenever that is.
@@ -126,57 +197,40 @@ impl Routed {
             .join("\n"))
     }
 
+    /// Starts `prism` with `args` (a README recipe, and flags after it) and `--stats-file`, and
+    /// waits for its routes: Prism's own table with `--default-route` or a configuration file,
+    /// else the first `--route` through the TUN.
     fn start_prism(
         &self,
         prism: &Path,
-        upstream: &str,
+        args: &[String],
         stats: &Path,
         log: &Path,
-    ) -> Result<Process> {
-        self.start_prism_with(prism, upstream, stats, log, &[])
-    }
-
-    /// As `start_prism`, with `extra` flags.
-    fn start_prism_with(
-        &self,
-        prism: &Path,
-        upstream: &str,
-        stats: &Path,
-        log: &Path,
-        extra: &[String],
     ) -> Result<Process> {
         let mut command = self.client.command(prism);
-        command.arg("run").args(extra);
-        if upstream.starts_with("socks5://") {
-            // Through a configuration file, as the README shows; the stats file stays a flag.
-            let config = stats.with_extension("toml");
-            std::fs::write(
-                &config,
-                format!(
-                    "tun = \"{TUN}\"\naddress = [\"10.98.0.1/24\", \"fd98::1/64\"]\n\
-                     default_route = true\nupstream = \"{upstream}\"\nmetrics = \"{METRICS}\"\n"
-                ),
-            )?;
-            command.arg("--config").arg(config);
-        } else {
-            command
-                .args([
-                    "--tun",
-                    TUN,
-                    "--address",
-                    "10.98.0.1/24",
-                    "--address",
-                    "fd98::1/64",
-                ])
-                .args(["--default-route", "--upstream", upstream]);
-        }
-        command.arg("--stats-file").arg(stats);
+        command.args(args).arg("--stats-file").arg(stats);
         let mut process = Process::spawn("prism", command, Some(log))?;
-        let ready = wait_for("prism's default route", Duration::from_secs(20), || {
-            self.client
-                .ip("route show table 0x7072")
-                .is_ok_and(|r| r.contains(TUN))
-        });
+        let route = args
+            .iter()
+            .skip_while(|a| *a != "--route")
+            .nth(1)
+            .filter(|_| {
+                !args
+                    .iter()
+                    .any(|a| a == "--default-route" || a == "--config")
+            });
+        let ready = match route {
+            Some(prefix) => wait_for("prism's route", Duration::from_secs(20), || {
+                self.client
+                    .ip(&format!("route show dev {TUN}"))
+                    .is_ok_and(|r| r.contains(prefix.as_str()))
+            }),
+            None => wait_for("prism's default route", Duration::from_secs(20), || {
+                self.client
+                    .ip("route show table 0x7072")
+                    .is_ok_and(|r| r.contains(TUN))
+            }),
+        };
         if let Err(error) = ready {
             return Err(error).context(process.log());
         }
@@ -239,12 +293,14 @@ fn echo(client: &Netns, target: SocketAddr, len: usize) -> Result<()> {
             .with_context(|| format!("connecting to {target} timed out"))??;
         let (mut read, mut write) = stream.into_split();
         let sent = message.clone();
-        let writer = tokio::spawn(async move { write.write_all(&sent).await });
+        // The write half is kept until the echo is back: dropping it sends a FIN, and
+        // microsocks ends both directions at the first one.
+        let writer = tokio::spawn(async move { write.write_all(&sent).await.map(|()| write) });
         let mut echoed = vec![0u8; len];
         tokio::time::timeout(Duration::from_secs(30), read.read_exact(&mut echoed))
             .await
             .context("the echo stalled")??;
-        writer.await??;
+        drop(writer.await??);
         ensure!(
             Sha256::digest(&echoed) == Sha256::digest(&message),
             "the echo of {len} bytes from {target} differs"
@@ -260,6 +316,7 @@ pub(crate) fn run(prism: &Path, logs: &Path, report: &mut Report) {
         ("getent", "libc-bin"),
         ("curl", "curl"),
         ("microsocks", "microsocks"),
+        ("socat", "socat"),
     ]);
     let built = tools.and_then(|()| Routed::build()).and_then(|topo| {
         // dante: microsocks cuts a bulk echo short (see NOTES).
@@ -305,18 +362,25 @@ pub(crate) fn run(prism: &Path, logs: &Path, report: &mut Report) {
             return;
         }
     };
-    let proxy = format!("socks5://{PROXY}:{PROXY_PORT}");
-    for (name, upstream) in [("socks5", proxy.as_str()), ("direct", "direct")] {
-        report.record(
-            "default route",
-            &format!("{name} via a router: both families, no loop, routing restored on exit"),
-            whole_machine(&topo, prism, logs, upstream, name),
-        );
-    }
+    report.record(
+        "default route",
+        "the README's --default-route command, word for word: curl by name through the proxy via a router, both families, no loop, live metrics, routing restored on exit",
+        whole_machine(&topo, prism, logs, Recipe::Command),
+    );
+    report.record(
+        "default route",
+        "the README's configuration file with --upstream direct: the same, direct",
+        whole_machine(&topo, prism, logs, Recipe::FileThenDirect),
+    );
+    report.record(
+        "default route",
+        "the README's --route command, word for word, through a password-protected proxy on the loopback",
+        readme_routes(&topo, prism, logs),
+    );
     report.record(
         "default route",
         "kill -9 leaves rules; the next start removes them and works",
-        after_a_kill(&topo, prism, logs, &proxy),
+        after_a_kill(&topo, prism, logs),
     );
     report.record(
         "default route",
@@ -336,14 +400,14 @@ pub(crate) fn run(prism: &Path, logs: &Path, report: &mut Report) {
     report.record(
         "default route",
         "with --relay too: ping and DNS cross the relay, TCP the proxy, routing restored; the server warns about an address outside its prefixes and serves metrics",
-        with_relay(&topo, prism, logs, &proxy),
+        with_relay(&topo, prism, logs),
     );
 }
 
 /// `prism relay-server` on the far side; the client routes everything through Prism, TCP
 /// through dante and the rest through the relay, whose socket carries the mark like the
 /// proxy's.
-fn with_relay(topo: &Routed, prism: &Path, logs: &Path, proxy: &str) -> Result<String> {
+fn with_relay(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
     let key = logs.join("routed-relay.key");
     std::fs::write(&key, "routed relay key, more than sixteen bytes\n")?;
     let mut server = topo.far.command(prism);
@@ -357,7 +421,7 @@ fn with_relay(topo: &Routed, prism: &Path, logs: &Path, proxy: &str) -> Result<S
         ])
         .args([
             "--address",
-            "10.98.0.254/24",
+            "10.99.0.254/24",
             "--metrics",
             "127.0.0.1:9478",
             "--key-file",
@@ -373,19 +437,13 @@ fn with_relay(topo: &Routed, prism: &Path, logs: &Path, proxy: &str) -> Result<S
     })?;
     let before = topo.routing()?;
     let stats = logs.join("stats-routed-relay.json");
-    let extra = [
-        "--relay".to_owned(),
-        format!("udp://{PROXY}:5555"),
-        "--relay-key-file".to_owned(),
-        key.display().to_string(),
-    ];
-    let mut client = topo.start_prism_with(
-        prism,
-        proxy,
-        &stats,
-        &logs.join("prism-routed-relay.log"),
-        &extra,
-    )?;
+    let relay = format!("udp://{PROXY}:5555");
+    let key_file = key.display().to_string();
+    let args = topo
+        .readme
+        .default_route_and(&["--relay", &relay, "--relay-key-file", &key_file]);
+    let mut client =
+        topo.start_prism(prism, &args, &stats, &logs.join("prism-routed-relay.log"))?;
     let pinged = topo
         .client
         .exec(&["ping", "-c", "3", "-i", "0.2", "-W", "2", WEB_V4]);
@@ -419,15 +477,15 @@ fn with_relay(topo: &Routed, prism: &Path, logs: &Path, proxy: &str) -> Result<S
             && scraped.contains("prism_relay_received_total"),
         "the relay server's metrics lack its counters:\n{scraped}"
     );
-    // The client also claims fd98::1, which the server's one IPv4 prefix does not cover.
+    // The client also claims fd99::1, which the server's one IPv4 prefix does not cover.
     let outside = server
         .log()
         .lines()
         .filter(|l| l.contains("WARN") && l.contains("outside this server's prefixes"))
         .count();
     ensure!(
-        outside == 1 && server.log().contains("fd98::1"),
-        "expected one warning about fd98::1 outside the server's prefixes:\n{}",
+        outside == 1 && server.log().contains("fd99::1"),
+        "expected one warning about fd99::1 outside the server's prefixes:\n{}",
         server.log()
     );
     let counters = std::fs::read_to_string(&stats).context("prism wrote no stats file")?;
@@ -445,6 +503,85 @@ fn with_relay(topo: &Routed, prism: &Path, logs: &Path, proxy: &str) -> Result<S
         "routing differs:\nbefore:\n{before}\nafter:\n{after}"
     );
     Ok(String::new())
+}
+
+/// The README's `--route` command as it stands: its proxy URL names the loopback and a user
+/// and password. Here that is what `ssh -D` would be: socat on the client's loopback, carrying
+/// each connection to microsocks (with that user and password) behind the router. Only the
+/// two routed prefixes enter the TUN.
+fn readme_routes(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
+    const FAR_PORT: u16 = 1082;
+    let args = &topo.readme.routes;
+    let url = args
+        .iter()
+        .skip_while(|a| *a != "--upstream")
+        .nth(1)
+        .context("the README's --route command has no --upstream")?;
+    let (credentials, listen) = url
+        .strip_prefix("socks5://")
+        .and_then(|rest| rest.split_once('@'))
+        .with_context(|| format!("{url} is not socks5://USER:PASS@HOST:PORT"))?;
+    let (user, password) = credentials
+        .split_once(':')
+        .with_context(|| format!("{url} has no password"))?;
+    let (host, port) = listen
+        .rsplit_once(':')
+        .with_context(|| format!("{url} has no port"))?;
+    let mut socks = topo.far.command("microsocks");
+    socks.args([
+        "-i",
+        PROXY,
+        "-p",
+        &FAR_PORT.to_string(),
+        "-u",
+        user,
+        "-P",
+        password,
+    ]);
+    let _socks = Process::spawn(
+        "microsocks",
+        socks,
+        Some(&logs.join("routed-microsocks-readme.log")),
+    )?;
+    crate::topology::wait_listening(&topo.far, FAR_PORT, 1, "microsocks")?;
+    let mut forward = topo.client.command("socat");
+    forward.args([
+        format!("TCP-LISTEN:{port},bind={host},reuseaddr,fork"),
+        format!("TCP:{PROXY}:{FAR_PORT}"),
+    ]);
+    let _forward = Process::spawn("socat", forward, Some(&logs.join("routed-socat.log")))?;
+    crate::topology::wait_listening(&topo.client, port.parse()?, 1, "socat")?;
+    let before = topo.routing()?;
+    let stats = logs.join("stats-routed-readme-routes.json");
+    let mut routed = topo.start_prism(
+        prism,
+        args,
+        &stats,
+        &logs.join("prism-routed-readme-routes.log"),
+    )?;
+    let web4 = SocketAddr::new(WEB_V4.parse::<IpAddr>()?, ECHO);
+    let web6 = SocketAddr::new(WEB_V6.parse::<IpAddr>()?, ECHO);
+    let exchanged =
+        echo(&topo.client, web4, 100_000).and_then(|()| echo(&topo.client, web6, 100_000));
+    let stopped = routed.stop(Signal::SIGTERM, Duration::from_secs(10))?;
+    exchanged.with_context(|| routed.log())?;
+    ensure!(
+        stopped.success(),
+        "prism exited with {stopped}: {}",
+        routed.log()
+    );
+    let counters = std::fs::read_to_string(&stats).context("prism wrote no stats file")?;
+    ensure!(
+        counter(&counters, "connections_opened")? == 2
+            && counter(&counters, "upstream_connected")? == 2,
+        "two echoes should be two connections through the proxy: {counters}"
+    );
+    let after = topo.routing()?;
+    ensure!(
+        after == before,
+        "routing differs:\nbefore:\n{before}\nafter:\n{after}"
+    );
+    Ok(" (IPv4 and IPv6 echoes)".to_owned())
 }
 
 /// microsocks with a password on the far side; Prism gives the wrong one.
@@ -469,12 +606,9 @@ fn wrong_password(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
     crate::topology::wait_listening(&topo.far, AUTH_PORT, 1, "microsocks")?;
     let stats = logs.join("stats-routed-auth.json");
     let upstream = format!("socks5://prism:wrong@{PROXY}:{AUTH_PORT}");
-    let mut refused = topo.start_prism(
-        prism,
-        &upstream,
-        &stats,
-        &logs.join("prism-routed-auth.log"),
-    )?;
+    let args = topo.readme.default_route_and(&["--upstream", &upstream]);
+    let mut refused =
+        topo.start_prism(prism, &args, &stats, &logs.join("prism-routed-auth.log"))?;
     let target = SocketAddr::new(WEB_V4.parse::<IpAddr>()?, ECHO);
     every_echo_fails(topo, target, "an echo worked with the wrong password")?;
     let stopped = refused.stop(Signal::SIGTERM, Duration::from_secs(10))?;
@@ -496,24 +630,22 @@ fn wrong_password(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
     ))
 }
 
-/// `--route 10.70.0.0/16` takes in the proxy's own address, without `--default-route`: each
-/// connection to the proxy would re-enter the TUN. Prism refuses them instead of recursing.
+/// The README's `--route` recipe with the proxy behind the router and its subnet routed too,
+/// without `--default-route`: each connection to the proxy would re-enter the TUN. Prism
+/// refuses them instead of recursing.
 fn loop_refused(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
     let stats = logs.join("stats-routed-loop.json");
-    let mut command = topo.client.command(prism);
-    command
-        .args(["run", "--tun", TUN, "--address", "10.98.0.1/24"])
-        .args(["--route", "10.70.0.0/16", "--upstream"])
-        .arg(format!("socks5://{PROXY}:{PROXY_PORT}"))
-        .arg("--stats-file")
-        .arg(&stats);
-    let mut looping = Process::spawn("prism", command, Some(&logs.join("prism-routed-loop.log")))?;
-    wait_for("prism's route", Duration::from_secs(20), || {
-        topo.client
-            .ip(&format!("route show dev {TUN}"))
-            .is_ok_and(|r| r.contains("10.70.0.0/16"))
-    })
-    .with_context(|| looping.log())?;
+    let proxy = format!("socks5://{PROXY}:{PROXY_PORT}");
+    let args: Vec<String> = topo
+        .readme
+        .routes
+        .iter()
+        .map(String::as_str)
+        .chain(["--route", "192.168.1.0/24", "--upstream", &proxy])
+        .map(str::to_owned)
+        .collect();
+    let mut looping =
+        topo.start_prism(prism, &args, &stats, &logs.join("prism-routed-loop.log"))?;
     let target = SocketAddr::new(WEB_V4.parse::<IpAddr>()?, ECHO);
     every_echo_fails(topo, target, "an echo worked through a looping setup")?;
     let stopped = looping.stop(Signal::SIGTERM, Duration::from_secs(10))?;
@@ -530,36 +662,94 @@ fn loop_refused(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
         opened <= 3,
         "{opened} connections for the client's 3 attempts: it recursed"
     );
-    Ok(format!(" ({opened} connections, each refused)"))
+    let loops = counter(&counters, "upstream_loops")?;
+    ensure!(
+        loops == opened && opened >= 1,
+        "{loops} loops counted for {opened} connections: {counters}"
+    );
+    Ok(format!(" ({opened} connections, each refused and counted)"))
 }
 
-/// Prometheus's view: the bytes counted so far and the open-connection gauge.
-fn scrape(topo: &Routed) -> Result<()> {
+/// One scrape of `--metrics`: each sample's value by name.
+fn metrics(topo: &Routed) -> Result<(String, impl Fn(&str) -> Option<u64>)> {
     let text = topo
         .client
         .exec(&["curl", "-sf", &format!("http://{METRICS}/metrics")])
         .context("the metrics endpoint did not answer")?;
-    let value = |name: &str| -> Option<u64> {
-        text.lines()
+    let lines = text.clone();
+    let value = move |name: &str| -> Option<u64> {
+        lines
+            .lines()
             .find_map(|l| l.strip_prefix(&format!("{name} ")))
             .and_then(|v| v.trim().parse().ok())
     };
-    ensure!(
-        value("prism_bytes_from_clients_total").is_some_and(|b| b >= 5 << 20),
-        "the bytes are not in the metrics:\n{text}"
-    );
-    ensure!(
-        text.contains("# TYPE prism_open gauge") && value("prism_open").is_some(),
-        "no open-connection gauge:\n{text}"
-    );
-    Ok(())
+    Ok((text, value))
+}
+
+/// Prometheus's view while Prism runs: with 5 connections held open, the open-connection gauge
+/// comes to 5 (what ended before drains away); a 1 MiB echo then grows the bytes by as much.
+fn scrape(topo: &Routed) -> Result<()> {
+    const HELD: usize = 5;
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let client = topo.client.name().to_owned();
+    let target = SocketAddr::new(WEB_V4.parse::<IpAddr>()?, ECHO);
+    let holder = std::thread::spawn(move || {
+        in_netns(&client, async move || {
+            let mut streams = Vec::new();
+            for _ in 0..HELD {
+                let mut stream = TcpStream::connect(target).await?;
+                stream.write_all(b"x").await?;
+                stream.read_exact(&mut [0u8; 1]).await?;
+                streams.push(stream);
+            }
+            let _ = held_tx.send(());
+            // Blocks this test thread's runtime, which has nothing else to run.
+            let _ = release_rx.recv_timeout(Duration::from_secs(60));
+            drop(streams);
+            Ok(())
+        })
+    });
+    let checked = (|| -> Result<()> {
+        held_rx
+            .recv_timeout(Duration::from_secs(20))
+            .context("the held connections did not open")?;
+        let mut seen = None;
+        let settled = wait_for("the open gauge to settle", Duration::from_secs(30), || {
+            seen = metrics(topo)
+                .ok()
+                .and_then(|(_, value)| value("prism_open"));
+            seen == Some(HELD as u64)
+        });
+        settled.with_context(|| format!("prism_open is {seen:?} with {HELD} connections held"))?;
+        let (text, value) = metrics(topo)?;
+        ensure!(
+            text.contains("# TYPE prism_open gauge"),
+            "prism_open is not a gauge:\n{text}"
+        );
+        let before = value("prism_bytes_from_clients_total")
+            .with_context(|| format!("the bytes are not in the metrics:\n{text}"))?;
+        echo(&topo.client, target, 1 << 20)?;
+        let (text, value) = metrics(topo)?;
+        ensure!(
+            value("prism_bytes_from_clients_total").is_some_and(|b| b >= before + (1 << 20)),
+            "the bytes did not grow by the 1 MiB echoed (from {before}):\n{text}"
+        );
+        Ok(())
+    })();
+    let _ = release_tx.send(());
+    let held = holder
+        .join()
+        .map_err(|_| anyhow::anyhow!("the holding thread panicked"))?;
+    checked.and(held)
 }
 
 /// Prism runs here without RUST_LOG: what a user sees by default.
 fn proxy_down(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
     let stats = logs.join("stats-routed-down.json");
     let nobody = format!("socks5://{PROXY}:1099");
-    let mut down = topo.start_prism(prism, &nobody, &stats, &logs.join("prism-routed-down.log"))?;
+    let args = topo.readme.default_route_and(&["--upstream", &nobody]);
+    let mut down = topo.start_prism(prism, &args, &stats, &logs.join("prism-routed-down.log"))?;
     let target = SocketAddr::new(WEB_V4.parse::<IpAddr>()?, ECHO);
     every_echo_fails(topo, target, "an echo worked through a proxy that is down")?;
     let stopped = down.stop(Signal::SIGTERM, Duration::from_secs(10))?;
@@ -574,21 +764,44 @@ fn proxy_down(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
         !log.contains("\u{1b}["),
         "colour codes in a log file:\n{log}"
     );
+    let counters = std::fs::read_to_string(&stats).context("prism wrote no stats file")?;
+    let failed = counter(&counters, "upstream_proxy_failed")?;
+    ensure!(
+        failed >= 3 && failed == counter(&counters, "upstream_connects")?,
+        "the proxy's failures are not counted: {counters}"
+    );
     Ok(String::new())
 }
 
-fn whole_machine(
-    topo: &Routed,
-    prism: &Path,
-    logs: &Path,
-    upstream: &str,
-    name: &str,
-) -> Result<String> {
+/// How `whole_machine` starts Prism.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recipe {
+    /// The README's `--default-route` command, and `--metrics` after it.
+    Command,
+    /// The README's configuration file, and `--upstream direct` after it (flags override the
+    /// file).
+    FileThenDirect,
+}
+
+fn whole_machine(topo: &Routed, prism: &Path, logs: &Path, recipe: Recipe) -> Result<String> {
     let before = topo.routing()?;
+    let (name, args) = match recipe {
+        Recipe::Command => (
+            "socks5",
+            topo.readme.default_route_and(&["--metrics", METRICS]),
+        ),
+        Recipe::FileThenDirect => {
+            let file = logs.join("routed-prism.toml");
+            std::fs::write(&file, &topo.readme.toml)?;
+            let file = file.display().to_string();
+            let args = ["run", "--config", &file, "--upstream", "direct"];
+            ("direct", args.map(str::to_owned).to_vec())
+        }
+    };
     let stats = logs.join(format!("stats-routed-{name}.json"));
     let mut prism_run = topo.start_prism(
         prism,
-        upstream,
+        &args,
         &stats,
         &logs.join(format!("prism-routed-{name}.log")),
     )?;
@@ -602,7 +815,7 @@ fn whole_machine(
         .and_then(|()| echo(&topo.client, web6, 1 << 20))
         .and_then(|()| (0..20).try_for_each(|_| echo(&topo.client, web4, 1000)));
     // The stats file is rewritten while Prism runs (every 5 s), not only at exit.
-    let live = if name == "socks5" {
+    let live = if recipe == Recipe::Command {
         wait_for(
             "the stats file while running",
             Duration::from_secs(8),
@@ -617,7 +830,7 @@ fn whole_machine(
         Ok(())
     };
     // And a scraper sees the same while it runs.
-    let scraped = if name == "socks5" {
+    let scraped = if recipe == Recipe::Command {
         scrape(topo)
     } else {
         Ok(())
@@ -639,9 +852,11 @@ fn whole_machine(
     );
     let counters = std::fs::read_to_string(&stats).context("prism wrote no stats file")?;
     let opened = counter(&counters, "connections_opened")?;
+    // curl and 22 echoes; the scrape holds 5 more and echoes once.
+    let expected = if recipe == Recipe::Command { 29 } else { 23 };
     ensure!(
-        opened == 23,
-        "{opened} connections for the client's 23 (curl and 22 echoes): a loop? {counters}"
+        opened == expected,
+        "{opened} connections for the client's {expected}: a loop? {counters}"
     );
     ensure!(
         counter(&counters, "relay_dns_queries")? >= 1,
@@ -663,17 +878,18 @@ fn whole_machine(
     )
 }
 
-fn after_a_kill(topo: &Routed, prism: &Path, logs: &Path, proxy: &str) -> Result<String> {
+fn after_a_kill(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
     let before = topo.routing()?;
+    let args = topo.readme.default_route_and(&[]);
     let stats = logs.join("stats-routed-killed.json");
     let mut killed =
-        topo.start_prism(prism, proxy, &stats, &logs.join("prism-routed-killed.log"))?;
+        topo.start_prism(prism, &args, &stats, &logs.join("prism-routed-killed.log"))?;
     killed.stop(Signal::SIGKILL, Duration::from_secs(10))?;
     ensure!(
         topo.client.ip("rule")?.contains("proto 112"),
         "a killed prism left no rules: the test shows nothing"
     );
-    let mut again = topo.start_prism(prism, proxy, &stats, &logs.join("prism-routed-again.log"))?;
+    let mut again = topo.start_prism(prism, &args, &stats, &logs.join("prism-routed-again.log"))?;
     let worked = echo(
         &topo.client,
         SocketAddr::new(WEB_V4.parse::<IpAddr>()?, ECHO),
