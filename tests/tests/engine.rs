@@ -315,10 +315,11 @@ async fn dropping_the_engine_ends_every_connection_and_task() {
 /// connection's original destination.
 #[tokio::test]
 async fn stats_count_the_bytes_each_way_and_list_each_connection() {
-    for framing in [Framing::Plain, Framing::Virtio] {
+    let cases = [Framing::Plain, Framing::Virtio].map(|f| [(f, false), (f, true)]);
+    for (framing, v6) in cases.into_iter().flatten() {
         // Each byte from a client is answered with three.
         let mut setup = setup(Via::Queues(framing), 3).await;
-        let handles = open_connections(&mut setup, 3, false).await;
+        let handles = open_connections(&mut setup, 3, v6).await;
         let sizes = [1000usize, 20_000, 300_000];
         for (h, size) in handles.iter().zip(sizes) {
             setup.client.send_all(*h, &vec![1u8; size]).await;
@@ -346,6 +347,12 @@ async fn stats_count_the_bytes_each_way_and_list_each_connection() {
         let stats = setup.engine.stats().await;
         let total: u64 = sent.iter().sum();
         assert_eq!(stats.stack.bytes_from_clients, total, "{framing:?}");
+        // With offload, the answers leave as super-packets in both families.
+        assert_eq!(
+            stats.stack.super_packets_out > 0,
+            framing == Framing::Virtio,
+            "{framing:?}, IPv6: {v6}"
+        );
         assert_eq!(stats.stack.bytes_to_clients, 3 * total, "{framing:?}");
         assert_eq!(stats.open, 3);
         assert_eq!((stats.upstream.connects, stats.upstream.connected), (3, 3));
@@ -354,9 +361,9 @@ async fn stats_count_the_bytes_each_way_and_list_each_connection() {
             let c = stats
                 .connections
                 .iter()
-                .find(|c| c.destination == destination(port, false))
+                .find(|c| c.destination == destination(port, v6))
                 .expect("each connection is listed with its original destination");
-            assert_eq!(c.source, client_addr(40000 + i as u16, false));
+            assert_eq!(c.source, client_addr(40000 + i as u16, v6));
             assert_eq!((c.bytes_from_client, c.bytes_to_client), (*s, 3 * s));
             assert_eq!(c.state, ConnectionState::Established);
         }

@@ -23,16 +23,23 @@ pub fn run() -> Result<()> {
     ])?;
     cargo(&["test", "--workspace"])?;
     // The patched smoltcp (vendor/smoltcp) is outside the workspace: its own suite, with the
-    // patch's tests, runs here.
+    // patch's tests, runs here, with its default features and again with the ones Prism adds
+    // (their tests are compiled only then).
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-    cargo(&[
-        "test",
-        "--lib",
-        "--manifest-path",
-        &format!("{root}/vendor/smoltcp/Cargo.toml"),
-        "--target-dir",
-        &format!("{root}/target/vendor-smoltcp"),
-    ])?;
+    let manifest = format!("{root}/vendor/smoltcp/Cargo.toml");
+    let target = format!("{root}/target/vendor-smoltcp");
+    for features in ["", "segmentation-offload,socket-tcp-pause-synack"] {
+        cargo(&[
+            "test",
+            "--lib",
+            "--manifest-path",
+            &manifest,
+            "--target-dir",
+            &target,
+            "--features",
+            features,
+        ])?;
+    }
     if crate::tools::is_root() {
         crate::e2e::run(None)?;
     } else if std::env::var_os("PRISM_CI_REQUIRE_E2E").is_some() {

@@ -53,11 +53,10 @@ impl PrismDevice {
     pub fn set_offload(&mut self) {
         self.offload = true;
         self.capabilities.checksum.tcp = Checksum::None;
+        // Both families: the vendored smoltcp hands IPv6 super-packets to the device whole, as
+        // it does IPv4's (vendor/smoltcp/PRISM.md).
         self.capabilities.segmentation.tcpv4 = std::num::NonZeroUsize::new(SUPER_PACKET);
-        // smoltcp 0.14 sizes IPv6 super-packets but then drops every IPv6 packet above the MTU
-        // ("IPv6 fragmentation support is unimplemented"), so IPv6 leaves in MTU-sized
-        // segments, still with partial checksums. Received IPv6 super-packets are fine.
-        self.capabilities.segmentation.tcpv6 = None;
+        self.capabilities.segmentation.tcpv6 = std::num::NonZeroUsize::new(SUPER_PACKET);
     }
 
     /// Declares which checksums smoltcp must verify on receive and fill in on transmit. A stack

@@ -1866,3 +1866,79 @@ fn test_solicited_node_multicast_autojoin(#[case] medium: Medium) {
     assert!(!iface.has_multicast_group(addr1.solicited_node()));
     assert!(!iface.has_multicast_group(addr2.solicited_node()));
 }
+
+/// An IPv6 TCP packet above the MTU whose metadata asks the device to segment it is handed to
+/// the device whole, with that metadata, as an IPv4 one is; without the request it is dropped
+/// (smoltcp does not fragment IPv6).
+#[test]
+#[cfg(all(feature = "medium-ip", feature = "segmentation-offload", feature = "socket-tcp"))]
+fn ipv6_super_packet_is_sent_whole_when_the_device_segments() {
+    /// Records the length and metadata of what it is asked to send.
+    struct Recording<'a> {
+        sent: &'a mut Vec<(usize, PacketMeta)>,
+        meta: PacketMeta,
+    }
+
+    impl TxToken for Recording<'_> {
+        fn consume<R, F>(self, len: usize, f: F) -> R
+        where
+            F: FnOnce(&mut [u8]) -> R,
+        {
+            let mut buffer = vec![0; len];
+            let result = f(&mut buffer);
+            self.sent.push((len, self.meta));
+            result
+        }
+
+        fn set_meta(&mut self, meta: PacketMeta) {
+            self.meta = meta;
+        }
+    }
+
+    let (mut iface, _, _) = setup(Medium::Ip);
+    let payload = vec![7u8; 4 * iface.inner.ip_mtu()];
+    let tcp = TcpRepr {
+        src_port: 443,
+        dst_port: 40000,
+        control: TcpControl::None,
+        seq_number: TcpSeqNumber(1),
+        ack_number: Some(TcpSeqNumber(1)),
+        window_len: 1024,
+        window_scale: None,
+        max_seg_size: None,
+        sack_permitted: false,
+        sack_ranges: [None; 3],
+        timestamp: None,
+        payload: &payload,
+    };
+    let ip = Ipv6Repr {
+        src_addr: Ipv6Address::new(0xfdbe, 0, 0, 0, 0, 0, 0, 1),
+        dst_addr: Ipv6Address::new(0xfdbe, 0, 0, 0, 0, 0, 0, 2),
+        next_header: IpProtocol::Tcp,
+        payload_len: tcp.header_len() + payload.len(),
+        hop_limit: 64,
+    };
+    let total = ip.buffer_len() + ip.payload_len;
+    assert!(total > iface.inner.ip_mtu());
+
+    let mut segmented = PacketMeta::default();
+    segmented.segmentation_offload_size = core::num::NonZeroU16::new(1220);
+    for (meta, expected) in [
+        (segmented, vec![(total, segmented)]),
+        (PacketMeta::default(), vec![]),
+    ] {
+        let mut sent = Vec::new();
+        let token = Recording {
+            sent: &mut sent,
+            meta: PacketMeta::default(),
+        };
+        let packet = Packet::new_ipv6(ip, IpPayload::Tcp(tcp));
+        assert_eq!(
+            iface
+                .inner
+                .dispatch_ip(token, meta, packet, &mut iface.fragmenter),
+            Ok(())
+        );
+        assert_eq!(sent, expected);
+    }
+}
