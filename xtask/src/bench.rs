@@ -3,13 +3,13 @@
 //! Systems: the kernel routing the traffic with no TUN (the client's bypass route over the
 //! veth), Prism with a SOCKS5 upstream (dante in the server namespace), and Prism `direct`.
 //! Measures: one TCP flow up and down and 8 flows (iperf3, 10 s each); 1-byte request/response
-//! p50 and p99 on one connection; new connections per second (connect, one exchange, close);
+//! p50 and p99 on one connection; the single flows and request/response again over IPv6; new connections per second (connect, one exchange, close);
 //! RSS of the stack's process with 2,000 connections open through SOCKS5 and 10,000 through
 //! `direct`, and one flow's throughput while the 10,000 stay open; Prism's CPU seconds per GB.
 //! Writes `docs/bench/results.json` and `docs/bench/results.md`. Nothing here asserts a speed.
 
 use std::fmt::Write as _;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -46,6 +46,14 @@ pub(crate) struct Figures {
     pub(crate) parallel_mbit: Option<f64>,
     pub(crate) rr_p50_us: Option<f64>,
     pub(crate) rr_p99_us: Option<f64>,
+    /// The same one flow each way and request/response over IPv6 (`None` for the forwarder,
+    /// which routes IPv4 only).
+    #[serde(rename = "upload_v6_mbit")]
+    pub(crate) up_v6_mbit: Option<f64>,
+    #[serde(rename = "download_v6_mbit")]
+    pub(crate) down_v6_mbit: Option<f64>,
+    pub(crate) rr_v6_p50_us: Option<f64>,
+    pub(crate) rr_v6_p99_us: Option<f64>,
     pub(crate) conn_per_s: Option<f64>,
     pub(crate) rss_2000_mb: Option<f64>,
     pub(crate) rss_10000_mb: Option<f64>,
@@ -143,32 +151,43 @@ pub(crate) fn run(peers: bool) -> Result<()> {
         "serve-targets",
         topo.server.name(),
         &topology::TARGET_V4.to_string(),
+        &topology::TARGET_V6.to_string(),
     ]);
     let servers = Process::spawn("test servers", servers_cmd, Some(&logs.join("servers.log")))?;
     topology::wait_listening(&topo.server, servers::ECHO, 1, "the test servers")?;
     let _dante = topo.start_dante(&logs)?;
-    let mut iperf_cmd = topo.server.command("iperf3");
-    // A test whose connection a stack wedges must not keep the server busy for the next ones:
-    // unacknowledged data for 10 s, or nothing received for 15 s, ends it.
-    iperf_cmd.args([
-        "--snd-timeout",
-        "10000",
-        "--rcv-timeout",
-        "15000",
-        "-s",
-        "-B",
-        &topology::TARGET_V4.to_string(),
-        "-p",
-        &IPERF_PORT.to_string(),
-    ]);
-    let _iperf = Process::spawn("iperf3 server", iperf_cmd, Some(&logs.join("iperf3.log")))?;
-    topology::wait_listening(&topo.server, IPERF_PORT, 1, "iperf3")?;
+    // One iperf3 server per family (each binds its target address).
+    let mut iperfs = Vec::new();
+    for target in [topology::TARGET_V4, topology::TARGET_V6] {
+        let mut iperf_cmd = topo.server.command("iperf3");
+        // A test whose connection a stack wedges must not keep the server busy for the next
+        // ones: unacknowledged data for 10 s, or nothing received for 15 s, ends it.
+        iperf_cmd.args([
+            "--snd-timeout",
+            "10000",
+            "--rcv-timeout",
+            "15000",
+            "-s",
+            "-B",
+            &target.to_string(),
+            "-p",
+            &IPERF_PORT.to_string(),
+        ]);
+        let log = logs.join(format!(
+            "iperf3-{}.log",
+            if target.is_ipv4() { 4 } else { 6 }
+        ));
+        iperfs.push(Process::spawn("iperf3 server", iperf_cmd, Some(&log))?);
+    }
+    topology::wait_listening(&topo.server, IPERF_PORT, 2, "iperf3")?;
 
     let mut results = Vec::new();
-    // PRISM_BENCH_ONLY=kernel|forward|prism[-socks|-direct]|peers measures one kind of system (for experiments).
+    // PRISM_BENCH_ONLY=kernel|forward|prism[-socks|-direct]|peers, or several separated by
+    // commas, measures those kinds of system only (for experiments; the table is printed, not
+    // written). A kind names its variants by prefix: "prism" measures both Prism passes,
+    // "prism-direct" one.
     let only = std::env::var("PRISM_BENCH_ONLY").unwrap_or_default();
-    // A kind names its variants by prefix: "prism" measures both Prism passes, "prism-direct" one.
-    let wanted = |kind: &str| only.is_empty() || kind.starts_with(&only);
+    let wanted = |kind: &str| only.is_empty() || only.split(',').any(|k| kind.starts_with(k));
 
     if wanted("kernel") {
         println!("bench: kernel routing (no TUN)");
@@ -197,7 +216,7 @@ pub(crate) fn run(peers: bool) -> Result<()> {
         })
         .with_context(|| forwarder.log())?;
         let mut f = Figures::named(name);
-        flows(&topo, &mut f, None)?;
+        flows(&topo, &mut f, None, false)?;
         println!("  {f:?}");
         results.push(f);
         let _ = forwarder.stop(Signal::SIGTERM, Duration::from_secs(5));
@@ -235,7 +254,7 @@ pub(crate) fn run(peers: bool) -> Result<()> {
         stop(&mut p)?;
     }
 
-    if peers && (only.is_empty() || only == "peers") {
+    if peers && wanted("peers") {
         for peer in Peer::ALL {
             println!("bench: {}", peer.name());
             let mut running = peers::start(peer, &topo, &logs)?;
@@ -307,7 +326,7 @@ fn measure(topo: &Topology, mut f: Figures, pid: Option<u32>, many: bool) -> Res
             f.up_with_10000_idle_mbit = Some(up_idle);
         }
     }
-    flows(topo, &mut f, pid)?;
+    flows(topo, &mut f, pid, true)?;
     let before = retransmissions(topo);
     f.conn_per_s = f.attempt("connections per second", || connections_per_second(topo));
     let after = retransmissions(topo);
@@ -324,11 +343,13 @@ fn measure(topo: &Topology, mut f: Figures, pid: Option<u32>, many: bool) -> Res
 }
 
 /// One flow each way, 8 flows, and request/response; the CPU `pid` spends per GB of the single
-/// flows when there is a process to ask.
-fn flows(topo: &Topology, f: &mut Figures, pid: Option<u32>) -> Result<()> {
+/// flows when there is a process to ask; with `v6`, the single flows and request/response again
+/// over IPv6.
+fn flows(topo: &Topology, f: &mut Figures, pid: Option<u32>, v6: bool) -> Result<()> {
+    const V4: IpAddr = topology::TARGET_V4;
     let cpu_before = pid.map(cpu_seconds).transpose()?;
-    let up = f.attempt("upload", || iperf(topo, &[]));
-    let down = f.attempt("download", || iperf(topo, &["-R"]));
+    let up = f.attempt("upload", || iperf(topo, V4, &[]));
+    let down = f.attempt("download", || iperf(topo, V4, &["-R"]));
     if let (Some(before), Some(pid), Some((_, up_bytes)), Some((_, down_bytes))) =
         (cpu_before, pid, up, down)
     {
@@ -338,11 +359,25 @@ fn flows(topo: &Topology, f: &mut Figures, pid: Option<u32>) -> Result<()> {
     f.up_mbit = up.map(|(mbit, _)| mbit);
     f.down_mbit = down.map(|(mbit, _)| mbit);
     f.parallel_mbit = f
-        .attempt("8 flows", || iperf(topo, &["-P", "8"]))
+        .attempt("8 flows", || iperf(topo, V4, &["-P", "8"]))
         .map(|(mbit, _)| mbit);
-    if let Some((p50, p99)) = f.attempt("request/response", || request_response(topo)) {
+    if let Some((p50, p99)) = f.attempt("request/response", || request_response(topo, V4)) {
         f.rr_p50_us = Some(p50);
         f.rr_p99_us = Some(p99);
+    }
+    if v6 {
+        const V6: IpAddr = topology::TARGET_V6;
+        f.up_v6_mbit = f
+            .attempt("IPv6 upload", || iperf(topo, V6, &[]))
+            .map(|(mbit, _)| mbit);
+        f.down_v6_mbit = f
+            .attempt("IPv6 download", || iperf(topo, V6, &["-R"]))
+            .map(|(mbit, _)| mbit);
+        if let Some((p50, p99)) = f.attempt("IPv6 request/response", || request_response(topo, V6))
+        {
+            f.rr_v6_p50_us = Some(p50);
+            f.rr_v6_p99_us = Some(p99);
+        }
     }
     Ok(())
 }
@@ -350,10 +385,10 @@ fn flows(topo: &Topology, f: &mut Figures, pid: Option<u32>) -> Result<()> {
 /// One iperf3 run from the client namespace; (Mbit/s received, bytes). A run that fails is
 /// tried again, three times in all, and each failure is printed: a peer that drops a test's
 /// connection under load should cost that run, not the whole bench.
-fn iperf(topo: &Topology, extra: &[&str]) -> Result<(f64, u64)> {
+fn iperf(topo: &Topology, target: IpAddr, extra: &[&str]) -> Result<(f64, u64)> {
     let mut attempt = 1;
     loop {
-        match iperf_once(topo, extra) {
+        match iperf_once(topo, target, extra) {
             Ok(result) => return Ok(result),
             Err(error) if attempt < 3 => {
                 println!("  iperf3 {extra:?} failed (attempt {attempt}): {error:#}");
@@ -365,8 +400,8 @@ fn iperf(topo: &Topology, extra: &[&str]) -> Result<(f64, u64)> {
     }
 }
 
-fn iperf_once(topo: &Topology, extra: &[&str]) -> Result<(f64, u64)> {
-    let target = topology::TARGET_V4.to_string();
+fn iperf_once(topo: &Topology, target: IpAddr, extra: &[&str]) -> Result<(f64, u64)> {
+    let target = target.to_string();
     let port = IPERF_PORT.to_string();
     let mut args = vec![
         "timeout",
@@ -405,12 +440,11 @@ fn iperf_once(topo: &Topology, extra: &[&str]) -> Result<(f64, u64)> {
 /// Rounds of 20,000 one-byte round trips on one connection to the echo server, after 1,000 to
 /// warm up; (p50, p99) in µs, each the median over the rounds. One round's figures move with
 /// whatever else the machine does for that second or two; the median of five is steadier.
-fn request_response(topo: &Topology) -> Result<(f64, f64)> {
+fn request_response(topo: &Topology, target: IpAddr) -> Result<(f64, f64)> {
     const ROUNDS: usize = 5;
     const TRIPS: usize = 20_000;
-    in_netns(topo.client.name(), async || {
-        let mut stream =
-            TcpStream::connect(SocketAddr::new(topology::TARGET_V4, servers::ECHO)).await?;
+    in_netns(topo.client.name(), async move || {
+        let mut stream = TcpStream::connect(SocketAddr::new(target, servers::ECHO)).await?;
         stream.set_nodelay(true)?;
         let mut byte = [0u8; 1];
         for i in 0..1000u32 {
@@ -543,7 +577,9 @@ fn hold_connections(topo: &Topology, n: usize, pid: u32) -> Result<f64> {
 
 /// RSS with 10,000 direct connections open, and one upload's throughput meanwhile.
 fn ten_thousand(topo: &Topology, pid: u32) -> Result<(f64, f64)> {
-    holding(topo, 10_000, pid, || Ok(iperf(topo, &[])?.0))
+    holding(topo, 10_000, pid, || {
+        Ok(iperf(topo, topology::TARGET_V4, &[])?.0)
+    })
 }
 
 /// Opens `n` connections, 500 at a time, each exchanging a byte. A connection that fails is
@@ -653,19 +689,23 @@ fn markdown(results: &[Figures]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| system | upload Mbit/s | download Mbit/s | 8 flows Mbit/s | RR p50/p99 µs | new conn/s | RSS 2000 conns MB | RSS 10000 conns MB | upload with 10000 idle Mbit/s | CPU s/GB |"
+        "| system | upload Mbit/s | download Mbit/s | 8 flows Mbit/s | RR p50/p99 µs | IPv6 upload Mbit/s | IPv6 download Mbit/s | IPv6 RR p50/p99 µs | new conn/s | RSS 2000 conns MB | RSS 10000 conns MB | upload with 10000 idle Mbit/s | CPU s/GB |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for f in results {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {}/{} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {}/{} | {} | {} | {}/{} | {} | {} | {} | {} | {} |",
             f.name,
             cell(f.up_mbit, 0),
             cell(f.down_mbit, 0),
             cell(f.parallel_mbit, 0),
             cell(f.rr_p50_us, 0),
             cell(f.rr_p99_us, 0),
+            cell(f.up_v6_mbit, 0),
+            cell(f.down_v6_mbit, 0),
+            cell(f.rr_v6_p50_us, 0),
+            cell(f.rr_v6_p99_us, 0),
             cell(f.conn_per_s, 0),
             cell(f.rss_2000_mb, 1),
             cell(f.rss_10000_mb, 1),

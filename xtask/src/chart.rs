@@ -19,7 +19,7 @@ struct Panel {
     value: fn(&Figures) -> Option<f64>,
 }
 
-const PANELS: [Panel; 5] = [
+const PANELS: [Panel; 7] = [
     Panel {
         title: "one flow upload, Gbit/s (higher is better)",
         value: |f| f.up_mbit.map(|v| v / 1000.0),
@@ -27,6 +27,14 @@ const PANELS: [Panel; 5] = [
     Panel {
         title: "one flow download, Gbit/s (higher is better)",
         value: |f| f.down_mbit.map(|v| v / 1000.0),
+    },
+    Panel {
+        title: "one flow upload over IPv6, Gbit/s (higher is better)",
+        value: |f| f.up_v6_mbit.map(|v| v / 1000.0),
+    },
+    Panel {
+        title: "one flow download over IPv6, Gbit/s (higher is better)",
+        value: |f| f.down_v6_mbit.map(|v| v / 1000.0),
     },
     Panel {
         title: "1-byte request/response p50, µs (lower is better)",
@@ -163,8 +171,11 @@ mod tests {
         // Upload values in Gbit/s, and the RSS panel only for the two that have one.
         assert!(svg.contains("> 22.0<") && svg.contains("> 4.3<") && svg.contains("> 0.4<"));
         assert!(svg.contains("> 82.0<") && svg.contains("> 113<"));
-        // The kernel has no RSS figure, and every other panel is empty.
-        assert_eq!(svg.matches("> not measured<").count(), 1 + 3 * 3);
+        // The kernel has no RSS figure, and every panel but upload and RSS is empty.
+        assert_eq!(
+            svg.matches("> not measured<").count(),
+            1 + 3 * (PANELS.len() - 2)
+        );
         assert_eq!(
             svg.matches("#D95F02").count() + svg.matches("#d95f02").count(),
             2
