@@ -40,6 +40,9 @@ pub fn run() -> Result<()> {
             features,
         ])?;
     }
+    // A short run of every fuzz target: each must build and survive its corpus and a few
+    // seconds of new inputs (`cargo xtask fuzz --seconds N` for a long run).
+    crate::fuzz::run(10, None)?;
     if crate::tools::is_root() {
         crate::e2e::run(None)?;
     } else if std::env::var_os("PRISM_CI_REQUIRE_E2E").is_some() {

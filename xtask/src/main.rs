@@ -27,6 +27,7 @@ mod demo;
 mod e2e;
 mod ffi_e2e;
 mod forward;
+mod fuzz;
 mod netns;
 mod peers;
 mod relay_e2e;
@@ -66,6 +67,14 @@ enum Task {
     },
     /// Draw docs/bench/results.svg again from docs/bench/results.json.
     BenchChart,
+    /// Run every fuzz target in fuzz/ (cargo-fuzz, nightly) for some seconds each.
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Only this target (classify, vnet, l2_ingress, relay, stack).
+        target: Option<String>,
+    },
     /// Internal: the bare TUN-to-TUN forwarder the bench measures.
     #[command(hide = true)]
     TunForward {
@@ -97,6 +106,7 @@ fn main() -> ExitCode {
         Task::Demo => demo::run(),
         Task::Bench { peers } => bench::run(peers),
         Task::BenchChart => bench::redraw_chart(),
+        Task::Fuzz { seconds, target } => fuzz::run(seconds, target.as_deref()),
         Task::ServeTargets { ns, addresses } => bench::serve_targets(&ns, addresses),
         Task::TunForward {
             client_ns,

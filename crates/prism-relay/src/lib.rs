@@ -19,6 +19,9 @@
 
 mod counters;
 mod frame;
+#[cfg(fuzzing)]
+#[doc(hidden)]
+pub mod fuzzing;
 mod refuse;
 mod replay;
 mod server;

@@ -52,7 +52,7 @@ pub struct Server {
 }
 
 /// What a datagram from a client leads to.
-enum Inbound {
+pub(crate) enum Inbound {
     /// A packet for the TUN.
     Packet(bytes::Bytes),
     /// An acknowledgement to send back (a hello was accepted).
@@ -153,7 +153,7 @@ impl Server {
     }
 
     /// Checks a datagram from a client; `Some(packet)` for the TUN.
-    fn inbound(&mut self, datagram: BytesMut, from: SocketAddr) -> Inbound {
+    pub(crate) fn inbound(&mut self, datagram: BytesMut, from: SocketAddr) -> Inbound {
         let c = Arc::clone(&self.counters);
         let (header, payload) = match frame::open(&self.keys.to_server, datagram) {
             Ok(opened) => opened,

@@ -151,7 +151,7 @@ impl UdpTunnel {
     }
 
     /// Checks one received datagram; `Some(packet)` if it is to be delivered.
-    fn accept(&self, datagram: BytesMut) -> Option<Bytes> {
+    pub(crate) fn accept(&self, datagram: BytesMut) -> Option<Bytes> {
         let c = &self.counters;
         let (header, packet) = match frame::open(&self.keys.to_client, datagram) {
             Ok(opened) => opened,
