@@ -1871,7 +1871,11 @@ fn test_solicited_node_multicast_autojoin(#[case] medium: Medium) {
 /// the device whole, with that metadata, as an IPv4 one is; without the request it is dropped
 /// (smoltcp does not fragment IPv6).
 #[test]
-#[cfg(all(feature = "medium-ip", feature = "segmentation-offload", feature = "socket-tcp"))]
+#[cfg(all(
+    feature = "medium-ip",
+    feature = "segmentation-offload",
+    feature = "socket-tcp"
+))]
 fn ipv6_super_packet_is_sent_whole_when_the_device_segments() {
     /// Records the length and metadata of what it is asked to send.
     struct Recording<'a> {
