@@ -35,6 +35,9 @@ prism_device::counters! {
     hellos,
     /// Hellos the server acknowledged, on the client.
     hello_acks,
+    /// Datagrams not sent because the cipher refused to seal them (it does only for payloads
+    /// beyond 256 GiB: never expected).
+    seal_failed,
     /// DNS queries handed to the DNS-over-TCP forwarder instead of the relay.
     dns_queries,
     /// DNS queries dropped because the forwarder had too many in flight.

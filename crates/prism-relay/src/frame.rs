@@ -132,20 +132,25 @@ impl Keys {
     }
 }
 
+/// The cipher refused to seal a payload (it does only beyond 256 GiB): the datagram is not
+/// sent, rather than sent with a tag that authenticates nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the relay could not seal a datagram")]
+pub(crate) struct SealFailed;
+
 /// Seals `payload` into a datagram.
-pub(crate) fn seal(key: &Key, header: &Header, payload: &[u8]) -> Vec<u8> {
+pub(crate) fn seal(key: &Key, header: &Header, payload: &[u8]) -> Result<Vec<u8>, SealFailed> {
     let aad = header.encode();
     let mut datagram = Vec::with_capacity(OVERHEAD + payload.len());
     datagram.extend_from_slice(&aad);
     datagram.extend_from_slice(payload);
     let body = datagram.get_mut(HEADER..).unwrap_or_default();
-    // Encryption fails only for payloads beyond 256 GiB.
     let tag = key
         .0
         .encrypt_in_place_detached(&header.nonce(), &aad, body)
-        .unwrap_or_default();
+        .map_err(|_| SealFailed)?;
     datagram.extend_from_slice(&tag);
-    datagram
+    Ok(datagram)
 }
 
 /// Opens a datagram in place; the payload comes back as a slice of the same buffer.
@@ -244,7 +249,7 @@ mod tests {
     fn a_sealed_packet_opens_to_itself() {
         let k = keys();
         let packet = b"\x45\x00 an IP packet".to_vec();
-        let datagram = seal(&k.to_server, &header(42), &packet);
+        let datagram = seal(&k.to_server, &header(42), &packet).unwrap();
         assert_eq!(datagram.len(), packet.len() + OVERHEAD);
         let (h, payload) = open(&k.to_server, BytesMut::from(&datagram[..])).unwrap();
         assert_eq!(h, header(42));
@@ -254,7 +259,7 @@ mod tests {
     #[test]
     fn the_wrong_key_direction_or_session_fails_authentication() {
         let k = keys();
-        let datagram = seal(&k.to_server, &header(1), b"payload");
+        let datagram = seal(&k.to_server, &header(1), b"payload").unwrap();
         let other = Keys::derive(b"another pre-shared key entirely").unwrap();
         for key in [&other.to_server, &k.to_client] {
             assert_eq!(
@@ -267,7 +272,7 @@ mod tests {
     #[test]
     fn every_flipped_bit_and_every_truncation_is_refused() {
         let k = keys();
-        let datagram = seal(&k.to_server, &header(9), b"some packet bytes");
+        let datagram = seal(&k.to_server, &header(9), b"some packet bytes").unwrap();
         for i in 0..datagram.len() {
             for bit in 0..8 {
                 let mut forged = datagram.clone();

@@ -40,7 +40,7 @@ pub fn seal(
         session,
         counter,
     };
-    frame::seal(key, &header, payload)
+    frame::seal(key, &header, payload).expect("a payload the cipher takes")
 }
 
 /// A hello's payload announcing `addresses`.

@@ -251,7 +251,7 @@ impl Server {
         session.endpoint = from;
         session.seen = Instant::now();
         // The acknowledgement tells the client the server is there and shares its key.
-        let ack = frame::seal(
+        let sealed = frame::seal(
             &self.keys.to_client,
             &Header {
                 kind: Kind::Hello,
@@ -260,6 +260,10 @@ impl Server {
             },
             &[],
         );
+        let Ok(ack) = sealed else {
+            Counters::bump(&c.seal_failed);
+            return None;
+        };
         session.counter += 1;
         for old in std::mem::replace(&mut session.addresses, addresses.clone()) {
             self.owners.remove(&old);
@@ -308,7 +312,10 @@ impl Server {
             counter: session.counter,
         };
         session.counter += 1;
-        let datagram = frame::seal(&keys.to_client, &header, packet);
+        let Ok(datagram) = frame::seal(&keys.to_client, &header, packet) else {
+            Counters::bump(&counters.seal_failed);
+            return;
+        };
         if socket.send_to(&datagram, session.endpoint).await.is_ok() {
             Counters::bump(&counters.sent);
         }

@@ -102,17 +102,21 @@ impl UdpTunnel {
     }
 
     async fn say_hello(&self) -> io::Result<()> {
-        let datagram = self.seal(Kind::Hello, &self.hello);
+        let datagram = self.seal(Kind::Hello, &self.hello)?;
         self.socket.send(&datagram).await.map(|_| ())
     }
 
-    fn seal(&self, kind: Kind, payload: &[u8]) -> Vec<u8> {
+    /// Seals a datagram of this session; a failure is counted and is an error.
+    fn seal(&self, kind: Kind, payload: &[u8]) -> io::Result<Vec<u8>> {
         let header = Header {
             kind,
             session: self.session,
             counter: self.counter.fetch_add(1, Ordering::Relaxed),
         };
-        frame::seal(&self.keys.to_server, &header, payload)
+        frame::seal(&self.keys.to_server, &header, payload).map_err(|error| {
+            Counters::bump(&self.counters.seal_failed);
+            io::Error::other(error)
+        })
     }
 
     /// Repeats the hello every 5 s, so a restarted server learns the session
@@ -213,7 +217,7 @@ fn destination(packet: &[u8]) -> Option<IpAddr> {
 
 impl PacketTunnel for UdpTunnel {
     async fn send(&self, packet: Bytes) -> io::Result<()> {
-        let datagram = self.seal(Kind::Data, &packet);
+        let datagram = self.seal(Kind::Data, &packet)?;
         self.socket.send(&datagram).await?;
         Counters::bump(&self.counters.sent);
         Ok(())

@@ -215,6 +215,7 @@ async fn a_client_accepts_only_packets_for_its_own_addresses() {
             },
             &packet([192, 0, 2, 1], dst, 1),
         )
+        .unwrap()
     };
     fake_server
         .send_to(&seal(0, [10, 99, 0, 9]), client_addr)
