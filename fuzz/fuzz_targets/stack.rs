@@ -5,8 +5,9 @@
 //! is paused and jumps ahead when the stack is idle). The application accepts, refuses or
 //! ignores each connection and echoes what accepted ones send.
 //!
-//! Checked: no panic; every packet fed is counted as read; once the traffic has stopped and
-//! every timer has run out, no consistent handshake is still pending.
+//! Checked: no panic; every packet fed is counted as read, and once (handed to a connection or
+//! one reason for refusing or dropping it); once the traffic has stopped and every timer has
+//! run out, no consistent handshake is still pending.
 #![no_main]
 
 use std::collections::HashMap;
@@ -308,10 +309,24 @@ async fn run(input: Input) {
         panic!("the stack task panicked");
     };
     answering.abort();
-    assert_eq!(
-        report.counters.packets_in, fed,
-        "every packet is counted as read"
-    );
+    let c = report.counters;
+    assert_eq!(c.packets_in, fed, "every packet is counted as read");
+    // And each once: handed to a connection, diverted, or one reason for refusing or dropping.
+    let accounted = c.segments_in
+        + c.diverted
+        + c.drop_version
+        + c.drop_truncated
+        + c.drop_checksum
+        + c.drop_fragment
+        + c.drop_address
+        + c.drop_not_tcp
+        + c.drop_divert_full
+        + c.syn_refused
+        + c.syn_refused_stopping
+        + c.pending_refused
+        + c.no_connection
+        + c.syn_absorbed;
+    assert_eq!(c.packets_in, accounted, "every packet is counted once: {c}");
     assert_eq!(
         report.pending, 0,
         "a consistent handshake outlived its timeout"

@@ -307,7 +307,8 @@ fn tcp_repr(
     }
 }
 
-fn tcp_v6(
+/// An IPv6 TCP segment, as [`tcp_v4`].
+pub fn tcp_v6(
     src: SocketAddr,
     dst: SocketAddr,
     control: TcpControl,

@@ -1,6 +1,8 @@
 //! Hostile input: tens of thousands of mutated packets, most with their checksums recomputed so
-//! that they get past classification into smoltcp's own parsing. The stack must not panic, must
-//! count what it drops, and must still serve a real connection afterwards.
+//! that they get past classification into smoltcp's own parsing, over IPv4 and IPv6, with
+//! offload on and off, for both handshakes. The stack must not panic, must count every packet
+//! it read exactly once (handed to a connection, or one reason for refusing or dropping it),
+//! and must still serve a real connection afterwards.
 
 #![allow(clippy::unwrap_used, clippy::indexing_slicing, reason = "tests")]
 
@@ -10,9 +12,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use std::sync::Arc;
 
-use prism_stack::{Config, Handshake, Rejection};
-use prism_tests::{Client, start_stack, tcp_v4};
-use smoltcp::wire::{IpAddress, Ipv4Packet, TcpControl, TcpPacket};
+use prism_device::{Framing, Link};
+use prism_stack::{Config, Handshake, Rejection, Stack};
+use prism_tests::{Client, tcp_v4, tcp_v6, virtio_kernel};
+use smoltcp::wire::{IpAddress, Ipv4Packet, Ipv6Packet, TcpControl, TcpPacket};
 
 struct Rng(u64);
 
@@ -29,15 +32,19 @@ impl Rng {
     }
 }
 
-/// Recomputes the IPv4 and TCP checksums of a packet, if its headers allow.
+/// Recomputes the IP and TCP checksums of a packet, if its headers allow.
 fn fix_checksums(bytes: &mut [u8]) {
-    let Ok(mut ip) = Ipv4Packet::new_checked(&mut *bytes) else {
-        return;
-    };
-    ip.fill_checksum();
-    let (src, dst) = (ip.src_addr(), ip.dst_addr());
-    if let Ok(mut tcp) = TcpPacket::new_checked(ip.payload_mut()) {
-        tcp.fill_checksum(&IpAddress::from(src), &IpAddress::from(dst));
+    if let Ok(mut ip) = Ipv4Packet::new_checked(&mut *bytes) {
+        ip.fill_checksum();
+        let (src, dst) = (ip.src_addr(), ip.dst_addr());
+        if let Ok(mut tcp) = TcpPacket::new_checked(ip.payload_mut()) {
+            tcp.fill_checksum(&IpAddress::from(src), &IpAddress::from(dst));
+        }
+    } else if let Ok(mut ip) = Ipv6Packet::new_checked(&mut *bytes) {
+        let (src, dst) = (ip.src_addr(), ip.dst_addr());
+        if let Ok(mut tcp) = TcpPacket::new_checked(ip.payload_mut()) {
+            tcp.fill_checksum(&IpAddress::from(src), &IpAddress::from(dst));
+        }
     }
 }
 
@@ -68,20 +75,50 @@ fn mutate(rng: &mut Rng, seeds: &[Bytes]) -> Bytes {
 }
 
 #[tokio::test]
-async fn mutated_packets_never_stop_a_fast_stack() {
-    hostile(Handshake::Fast).await;
+async fn mutated_ipv4_packets_never_stop_a_fast_stack() {
+    hostile(Handshake::Fast, false, Framing::Plain).await;
 }
 
 #[tokio::test]
-async fn mutated_packets_never_stop_a_consistent_stack() {
-    hostile(Handshake::Consistent).await;
+async fn mutated_ipv4_packets_never_stop_a_fast_stack_with_offload() {
+    hostile(Handshake::Fast, false, Framing::Virtio).await;
 }
 
-async fn hostile(handshake: Handshake) {
+#[tokio::test]
+async fn mutated_ipv6_packets_never_stop_a_fast_stack() {
+    hostile(Handshake::Fast, true, Framing::Plain).await;
+}
+
+#[tokio::test]
+async fn mutated_ipv6_packets_never_stop_a_fast_stack_with_offload() {
+    hostile(Handshake::Fast, true, Framing::Virtio).await;
+}
+
+#[tokio::test]
+async fn mutated_ipv4_packets_never_stop_a_consistent_stack() {
+    hostile(Handshake::Consistent, false, Framing::Plain).await;
+}
+
+#[tokio::test]
+async fn mutated_ipv4_packets_never_stop_a_consistent_stack_with_offload() {
+    hostile(Handshake::Consistent, false, Framing::Virtio).await;
+}
+
+#[tokio::test]
+async fn mutated_ipv6_packets_never_stop_a_consistent_stack() {
+    hostile(Handshake::Consistent, true, Framing::Plain).await;
+}
+
+#[tokio::test]
+async fn mutated_ipv6_packets_never_stop_a_consistent_stack_with_offload() {
+    hostile(Handshake::Consistent, true, Framing::Virtio).await;
+}
+
+async fn hostile(handshake: Handshake, v6: bool, framing: Framing) {
     let iterations: usize = std::env::var("PRISM_HOSTILE_ITERATIONS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(30_000);
+        .unwrap_or(20_000);
     let seed: u64 = std::env::var("PRISM_HOSTILE_SEED")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -91,7 +128,15 @@ async fn hostile(handshake: Handshake) {
     config.tcp_tx_buffer = 8192;
     config.handshake = Arc::new(handshake);
     config.pending_timeout = Duration::from_millis(50);
-    let (link, mut requests, counters) = start_stack(config);
+    let (stack_end, client_end) = Link::framed_pair(4096, framing);
+    let (stack, mut requests) = Stack::new(config, stack_end);
+    let counters = stack.counters();
+    tokio::spawn(stack.run());
+    // With offload, each packet reaches the stack framed as an offloading TUN frames it.
+    let link = match framing {
+        Framing::Virtio => virtio_kernel(client_end).0,
+        _ => client_end,
+    };
     tokio::spawn(async move {
         // Every kind of answer, in turn: accept, refuse, unreachable, and silence.
         let mut held = Vec::new();
@@ -108,14 +153,26 @@ async fn hostile(handshake: Handshake) {
     });
     let mut client = Client::new(link);
 
-    let a: SocketAddr = "10.0.0.2:40000".parse().unwrap();
-    let b: SocketAddr = "192.0.2.1:80".parse().unwrap();
+    let (client_ip, a, b): (&str, SocketAddr, SocketAddr) = if v6 {
+        (
+            "fd00::2",
+            "[fd00::2]:40000".parse().unwrap(),
+            "[2001:db8::1]:80".parse().unwrap(),
+        )
+    } else {
+        (
+            "10.0.0.2",
+            "10.0.0.2:40000".parse().unwrap(),
+            "192.0.2.1:80".parse().unwrap(),
+        )
+    };
+    let tcp = if v6 { tcp_v6 } else { tcp_v4 };
     let seeds = [
-        tcp_v4(a, b, TcpControl::Syn, 1, &[]),
-        tcp_v4(a, b, TcpControl::None, 2, b"payload bytes"),
-        tcp_v4(a, b, TcpControl::Fin, 3, b"last"),
-        tcp_v4(a, b, TcpControl::Rst, 4, &[]),
-        tcp_v4(a, b, TcpControl::Psh, 5, &[0xaa; 300]),
+        tcp(a, b, TcpControl::Syn, 1, &[]),
+        tcp(a, b, TcpControl::None, 2, b"payload bytes"),
+        tcp(a, b, TcpControl::Fin, 3, b"last"),
+        tcp(a, b, TcpControl::Rst, 4, &[]),
+        tcp(a, b, TcpControl::Psh, 5, &[0xaa; 300]),
     ];
     let mut rng = Rng(seed | 1);
     for i in 0..iterations {
@@ -130,7 +187,10 @@ async fn hostile(handshake: Handshake) {
     // Still serving: real connections complete their handshakes (the application accepts
     // one request in four, so eight connections are enough).
     let handles: Vec<_> = (0..8)
-        .map(|i| client.connect(format!("10.0.0.2:{}", 39000 + i).parse().unwrap(), b, 4096))
+        .map(|i| {
+            let from = SocketAddr::new(client_ip.parse().unwrap(), 39000 + i);
+            client.connect(from, b, 4096)
+        })
         .collect();
     client
         .until("a handshake after the junk", |c| {
@@ -150,7 +210,19 @@ async fn hostile(handshake: Handshake) {
         + c.drop_checksum
         + c.drop_fragment
         + c.drop_address
-        + c.drop_not_tcp;
+        + c.drop_not_tcp
+        + c.drop_divert_full;
     assert!(drops > 0 && c.connections_opened > 0, "{c}");
-    eprintln!("{handshake}: seed {seed}, {iterations} packets: {c}");
+    // Every packet read is counted once: handed to a connection, diverted, or one reason.
+    let refused = c.syn_refused
+        + c.syn_refused_stopping
+        + c.pending_refused
+        + c.no_connection
+        + c.syn_absorbed;
+    assert_eq!(
+        c.packets_in,
+        c.segments_in + c.diverted + drops + refused,
+        "{c}"
+    );
+    eprintln!("{handshake}, IPv6 {v6}, {framing:?}: seed {seed}, {iterations} packets: {c}");
 }

@@ -528,6 +528,27 @@ async fn a_segment_for_no_connection_is_reset() {
 }
 
 #[tokio::test]
+async fn a_syn_to_port_zero_is_dropped_and_counted() {
+    let (link, _requests, counters) = start_stack(Config::default());
+    let mut client = Client::new(link);
+    let syn = tcp_v4(
+        addr("10.0.0.2:50005"),
+        addr("192.0.2.1:0"),
+        TcpControl::Syn,
+        5,
+        &[],
+    );
+    client.inject(syn).await;
+    let replies = client.capture(Duration::from_millis(200)).await;
+    let c = counters.snapshot();
+    assert!(replies.is_empty(), "{replies:?}");
+    assert_eq!(
+        (c.no_connection, c.connections_opened, c.segments_in),
+        (1, 0, 0)
+    );
+}
+
+#[tokio::test]
 async fn junk_is_counted_and_changes_nothing_else() {
     let (addr_up, _seen) = upstream(echo).await;
     let (mut client, counters) = prism_to(addr_up, Config::default());

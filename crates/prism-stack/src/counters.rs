@@ -32,10 +32,13 @@ prism_device::counters! {
     drop_divert_full,
     /// SYNs refused because the half-open cap was reached.
     syn_refused,
-    /// TCP segments for no connection, answered with RST.
+    /// TCP segments for no connection, answered with RST (a SYN to port 0 is dropped).
     no_connection,
     /// Connections opened (SYN accepted).
     connections_opened,
+    /// TCP segments handed to a connection's socket (the SYNs that opened one included). With
+    /// the drops and refusals, every packet read is counted exactly once.
+    segments_in,
     /// Retransmitted SYNs absorbed while a consistent handshake waited.
     syn_absorbed,
     /// Consistent SYNs refused because the pending cap was reached.

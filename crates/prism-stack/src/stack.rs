@@ -459,6 +459,7 @@ impl Stack {
                     Counters::add(&self.counters.syn_absorbed, 1);
                     continue;
                 }
+                Counters::add(&self.counters.segments_in, 1);
             }
             self.device.push_rx(packet);
             let sockets = match conn {
@@ -572,7 +573,9 @@ impl Stack {
         socket.set_tsval_generator(Some(tcp_timestamp));
         socket.pause_synack(handshake == Handshake::Consistent);
         if socket.listen(endpoint).is_err() {
-            // Port 0: not a connectable endpoint. smoltcp answers it as a closed port.
+            // Port 0: not a connectable endpoint, and smoltcp drops the SYN unanswered. It is
+            // counted with the segments for no connection.
+            Counters::add(&self.counters.no_connection, 1);
             return None;
         }
         let mut sockets = SocketSet::new(Vec::with_capacity(1));
