@@ -111,7 +111,8 @@ fn emit(src: IpAddr, dst: IpAddr, tcp: &TcpRepr) -> Vec<u8> {
     let caps = ChecksumCapabilities::default();
     let (src, dst) = (IpAddress::from(src), IpAddress::from(dst));
     let ip = IpRepr::new(src, dst, IpProtocol::Tcp, tcp.buffer_len(), 64);
-    let mut out = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
+    // `IpRepr::buffer_len` is the whole packet: header and payload.
+    let mut out = vec![0u8; ip.buffer_len()];
     ip.emit(&mut out[..], &caps);
     let header = ip.header_len();
     tcp.emit(
@@ -169,6 +170,12 @@ fn segment(s: &Segment, flows: &mut HashMap<(bool, u8), Flow>) -> Vec<u8> {
         flow.next = seq.wrapping_add(payload.len() as u32 + flags);
     }
     let mut bytes = emit(client, server, &tcp);
+    // The generator itself must make valid segments, or the stack never gets past
+    // classification and the target fuzzes nothing.
+    assert!(
+        matches!(prism_trap::classify(&bytes), Ok(prism_trap::Packet::Tcp(_))),
+        "the generator made a segment the stack refuses: {tcp:?}"
+    );
     if let Some((at, mask)) = s.corrupt {
         let at = usize::from(at) % bytes.len();
         bytes[at] ^= mask;

@@ -22,8 +22,8 @@ use prism_stack::{Config, Requests, Stack};
 use smoltcp::iface::{Config as IfaceConfig, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::tcp;
 use smoltcp::wire::{
-    HardwareAddress, Icmpv4Packet, Icmpv6Packet, IpAddress, IpCidr, IpProtocol, Ipv4Packet,
-    Ipv4Repr, Ipv6Packet, Ipv6Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
+    HardwareAddress, Icmpv4Packet, Icmpv6Packet, IpAddress, IpCidr, IpProtocol, IpRepr, Ipv4Packet,
+    Ipv6Packet, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
 };
 use tokio::time::{Instant, timeout};
 
@@ -315,27 +315,8 @@ pub fn tcp_v6(
     seq: u32,
     payload: &[u8],
 ) -> Bytes {
-    let (SocketAddr::V6(s), SocketAddr::V6(d)) = (src, dst) else {
-        panic!("IPv6 addresses expected");
-    };
-    let tcp = tcp_repr(src, dst, control, seq, payload);
-    let ip = Ipv6Repr {
-        src_addr: *s.ip(),
-        dst_addr: *d.ip(),
-        next_header: IpProtocol::Tcp,
-        payload_len: tcp.buffer_len(),
-        hop_limit: 64,
-    };
-    let mut bytes = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
-    let mut packet = Ipv6Packet::new_unchecked(&mut bytes);
-    ip.emit(&mut packet);
-    tcp.emit(
-        &mut TcpPacket::new_unchecked(packet.payload_mut()),
-        &IpAddress::from(*s.ip()),
-        &IpAddress::from(*d.ip()),
-        &smoltcp::phy::ChecksumCapabilities::default(),
-    );
-    Bytes::from(bytes)
+    assert!(src.is_ipv6() && dst.is_ipv6(), "IPv6 addresses expected");
+    emit_tcp(src, dst, &tcp_repr(src, dst, control, seq, payload))
 }
 
 /// An IPv4 TCP segment from `src` to `dst` with the given control flag, sequence number and
@@ -347,25 +328,31 @@ pub fn tcp_v4(
     seq: u32,
     payload: &[u8],
 ) -> Bytes {
-    let (SocketAddr::V4(src), SocketAddr::V4(dst)) = (src, dst) else {
-        panic!("IPv4 addresses expected");
-    };
-    let tcp = tcp_repr(src.into(), dst.into(), control, seq, payload);
-    let ip = Ipv4Repr {
-        src_addr: *src.ip(),
-        dst_addr: *dst.ip(),
-        next_header: IpProtocol::Tcp,
-        payload_len: tcp.buffer_len(),
-        hop_limit: 64,
-    };
-    let mut bytes = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
-    let mut packet = Ipv4Packet::new_unchecked(&mut bytes);
-    ip.emit(&mut packet, &smoltcp::phy::ChecksumCapabilities::default());
+    assert!(src.is_ipv4() && dst.is_ipv4(), "IPv4 addresses expected");
+    emit_tcp(src, dst, &tcp_repr(src, dst, control, seq, payload))
+}
+
+/// A bare ACK (IPv4 or IPv6, by the addresses) with sequence number `seq` acknowledging up to
+/// `ack`, checksums filled: what completes a handshake a test drives by hand.
+pub fn tcp_ack(src: SocketAddr, dst: SocketAddr, seq: u32, ack: u32) -> Bytes {
+    let mut tcp = tcp_repr(src, dst, TcpControl::None, seq, &[]);
+    tcp.ack_number = Some(TcpSeqNumber(ack as i32));
+    emit_tcp(src, dst, &tcp)
+}
+
+/// `tcp` in an IP packet from `src` to `dst`, checksums filled.
+fn emit_tcp(src: SocketAddr, dst: SocketAddr, tcp: &TcpRepr<'_>) -> Bytes {
+    let caps = smoltcp::phy::ChecksumCapabilities::default();
+    let (src, dst) = (IpAddress::from(src.ip()), IpAddress::from(dst.ip()));
+    let ip = IpRepr::new(src, dst, IpProtocol::Tcp, tcp.buffer_len(), 64);
+    let mut bytes = vec![0u8; ip.buffer_len()];
+    ip.emit(&mut bytes[..], &caps);
+    let header = ip.header_len();
     tcp.emit(
-        &mut TcpPacket::new_unchecked(packet.payload_mut()),
-        &IpAddress::from(*src.ip()),
-        &IpAddress::from(*dst.ip()),
-        &smoltcp::phy::ChecksumCapabilities::default(),
+        &mut TcpPacket::new_unchecked(&mut bytes[header..]),
+        &src,
+        &dst,
+        &caps,
     );
     Bytes::from(bytes)
 }

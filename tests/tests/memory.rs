@@ -19,14 +19,11 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use prism_engine::{
     ConnectError, Connecting, Connector, Engine, Framing, Source, StackConfig, Target, Upstream,
 };
-use smoltcp::phy::ChecksumCapabilities;
-use smoltcp::wire::{
-    IpAddress, IpProtocol, Ipv4Packet, Ipv4Repr, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber,
-};
+use prism_tests::{tcp_ack, tcp_v4};
+use smoltcp::wire::{Ipv4Packet, TcpControl, TcpPacket};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// An upstream that takes every byte and never sends one: a connection at rest.
@@ -74,48 +71,6 @@ impl Connector for IdleConnector {
     fn connect<'a>(&'a self, _: &'a Target) -> Connecting<'a> {
         Box::pin(async { Ok::<Box<dyn Upstream>, ConnectError>(Box::new(Idle)) })
     }
-}
-
-/// An IPv4 TCP segment with an optional acknowledgement.
-fn segment(
-    src: SocketAddrV4,
-    dst: SocketAddrV4,
-    control: TcpControl,
-    seq: u32,
-    ack: Option<u32>,
-) -> Bytes {
-    let tcp = TcpRepr {
-        src_port: src.port(),
-        dst_port: dst.port(),
-        control,
-        seq_number: TcpSeqNumber(seq as i32),
-        ack_number: ack.map(|a| TcpSeqNumber(a as i32)),
-        window_len: 64240,
-        window_scale: None,
-        max_seg_size: Some(1460),
-        sack_permitted: false,
-        sack_ranges: [None; 3],
-        timestamp: None,
-        payload: &[],
-    };
-    let ip = Ipv4Repr {
-        src_addr: *src.ip(),
-        dst_addr: *dst.ip(),
-        next_header: IpProtocol::Tcp,
-        payload_len: tcp.buffer_len(),
-        hop_limit: 64,
-    };
-    let caps = ChecksumCapabilities::default();
-    let mut bytes = vec![0u8; ip.buffer_len() + tcp.buffer_len()];
-    let mut packet = Ipv4Packet::new_unchecked(&mut bytes);
-    ip.emit(&mut packet, &caps);
-    tcp.emit(
-        &mut TcpPacket::new_unchecked(packet.payload_mut()),
-        &IpAddress::from(*src.ip()),
-        &IpAddress::from(*dst.ip()),
-        &caps,
-    );
-    Bytes::from(bytes)
 }
 
 /// This process's resident set, in bytes.
@@ -166,7 +121,13 @@ async fn memory_per_connection_at_rest() {
         let last = (first + BATCH).min(count);
         for i in first..last {
             to_engine
-                .send(segment(client(i), server, TcpControl::Syn, 1, None))
+                .send(tcp_v4(
+                    client(i).into(),
+                    server.into(),
+                    TcpControl::Syn,
+                    1,
+                    &[],
+                ))
                 .await
                 .unwrap();
         }
@@ -192,13 +153,7 @@ async fn memory_per_connection_at_rest() {
             let c = client(i);
             let their = isn[&(*c.ip(), c.port())];
             to_engine
-                .send(segment(
-                    c,
-                    server,
-                    TcpControl::None,
-                    2,
-                    Some(their.wrapping_add(1)),
-                ))
+                .send(tcp_ack(c.into(), server.into(), 2, their.wrapping_add(1)))
                 .await
                 .unwrap();
         }
