@@ -335,8 +335,15 @@ pub fn tcp_v4(
 /// A bare ACK (IPv4 or IPv6, by the addresses) with sequence number `seq` acknowledging up to
 /// `ack`, checksums filled: what completes a handshake a test drives by hand.
 pub fn tcp_ack(src: SocketAddr, dst: SocketAddr, seq: u32, ack: u32) -> Bytes {
-    let mut tcp = tcp_repr(src, dst, TcpControl::None, seq, &[]);
+    tcp_data(src, dst, seq, ack, &[])
+}
+
+/// An ACK carrying `payload`, as [`tcp_ack`].
+pub fn tcp_data(src: SocketAddr, dst: SocketAddr, seq: u32, ack: u32, payload: &[u8]) -> Bytes {
+    let mut tcp = tcp_repr(src, dst, TcpControl::None, seq, payload);
     tcp.ack_number = Some(TcpSeqNumber(ack as i32));
+    tcp.window_scale = None;
+    tcp.max_seg_size = None;
     emit_tcp(src, dst, &tcp)
 }
 

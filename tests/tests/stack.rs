@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use prism_stack::{Config, Rejection};
-use prism_tests::{Client, Reply, reply, start_stack, tcp_v4};
+use prism_tests::{Client, PATIENCE, Reply, reply, start_stack, tcp_data, tcp_v4};
 use prism_tunnel::{ConnectError, Connecting, Connector, Target, Upstream, serve};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::socket::tcp::State;
@@ -508,6 +508,37 @@ async fn syns_beyond_the_half_open_cap_are_reset_and_counted() {
     assert_eq!(count_replies(&replies), (2, 1), "{replies:?}");
     let counters = counters.snapshot();
     assert_eq!((counters.connections_opened, counters.syn_refused), (2, 1));
+}
+
+/// Found by the `stack` fuzz target: a client that sent more than its SYN-ACK's window right
+/// after the handshake made smoltcp panic (the SYN-ACK's unscaled window was read as scaled).
+#[tokio::test]
+async fn a_client_that_overruns_the_synack_window_gets_only_the_window() {
+    let (link, mut requests, _) = start_stack(Config::default());
+    let mut client = Client::new(link);
+    let src = addr("10.0.0.2:50100");
+    client
+        .inject(tcp_v4(src, addr(TARGET_V4), TcpControl::Syn, 1, &[]))
+        .await;
+    let replies = client.capture(Duration::from_millis(100)).await;
+    let synack = Ipv4Packet::new_checked(&replies[0][..]).unwrap();
+    let synack = TcpPacket::new_checked(synack.payload()).unwrap();
+    let offered = usize::from(synack.window_len());
+    let ack = (synack.seq_number() + 1).0 as u32;
+    client
+        .inject(tcp_data(src, addr(TARGET_V4), 2, ack, &[7; 4000]))
+        .await;
+    let mut stream = tokio::time::timeout(PATIENCE, requests.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .accept();
+    let mut got = vec![0; 4000];
+    let n = tokio::time::timeout(PATIENCE, stream.read(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(n, offered, "exactly the window the SYN-ACK offered");
 }
 
 #[tokio::test]

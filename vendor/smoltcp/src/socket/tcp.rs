@@ -1762,6 +1762,16 @@ impl<'a> Socket<'a> {
         } else {
             window_start
         };
+        // Never past what the receive buffer holds. A SYN|ACK's window is not scaled (RFC
+        // 7323), yet `remote_last_win` is read as scaled: with a shift above 0 (a buffer above
+        // 64 KiB, or a larger buffer to come, `set_rx_capacity_bound`) a client sending more
+        // than the SYN|ACK offered would overrun the buffer and panic in `enqueue_unallocated`.
+        let buffer_end = window_start + self.rx_buffer.window();
+        let window_end = if window_end > buffer_end {
+            buffer_end
+        } else {
+            window_end
+        };
         let segment_start = repr.seq_number;
         let segment_end = repr.seq_number + repr.payload.len();
 
@@ -8979,6 +8989,48 @@ mod test {
                 ..RECV_TEMPL
             }]
         );
+    }
+
+    #[test]
+    fn test_rx_capacity_bound_accepts_no_more_than_the_synack_window() {
+        let mut s = socket_with_buffer_sizes(64, 1024);
+        s.set_rx_capacity_bound(262144);
+        s.listen(LISTEN_END).unwrap();
+        send!(
+            s,
+            TcpRepr {
+                control: TcpControl::Syn,
+                seq_number: REMOTE_SEQ,
+                ack_number: None,
+                window_scale: Some(0),
+                ..SEND_TEMPL
+            }
+        );
+        recv!(
+            s,
+            [TcpRepr {
+                control: TcpControl::Syn,
+                seq_number: LOCAL_SEQ,
+                ack_number: Some(REMOTE_SEQ + 1),
+                max_seg_size: Some(BASE_MSS),
+                window_scale: Some(3),
+                window_len: 1024,
+                ..RECV_TEMPL
+            }]
+        );
+        // A client that sends more than the 1024 bytes the SYN|ACK offered (but less than
+        // 1024 << 3): only what the buffer holds is taken.
+        let data = [0x5a; 4000];
+        send!(
+            s,
+            TcpRepr {
+                seq_number: REMOTE_SEQ + 1,
+                ack_number: Some(LOCAL_SEQ + 1),
+                payload: &data[..],
+                ..SEND_TEMPL
+            }
+        );
+        assert_eq!(s.recv_queue(), 1024);
     }
 
     #[test]
