@@ -71,6 +71,8 @@ struct Input {
     consistent: bool,
     /// Two bits per connection, in turn: accept, refuse, unreachable, or no answer.
     answers: u64,
+    /// Small half-open and pending caps (1 to 4), so that SYNs beyond them get SYN cookies.
+    tight_caps: Option<u8>,
     steps: Vec<Step>,
 }
 
@@ -252,6 +254,10 @@ async fn run(input: Input) {
     } else {
         Handshake::Fast
     });
+    if let Some(cap) = input.tight_caps {
+        config.max_half_open = 1 + usize::from(cap % 4);
+        config.max_pending = config.max_half_open;
+    }
     let framing = if input.offload {
         Framing::Virtio
     } else {
@@ -328,9 +334,8 @@ async fn run(input: Input) {
         + c.drop_address
         + c.drop_not_tcp
         + c.drop_divert_full
-        + c.syn_refused
         + c.syn_refused_stopping
-        + c.pending_refused
+        + c.syn_cookies_sent
         + c.no_connection
         + c.syn_absorbed;
     assert_eq!(c.packets_in, accounted, "every packet is counted once: {c}");

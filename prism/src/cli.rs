@@ -141,10 +141,12 @@ pub(crate) struct RunArgs {
     /// Seconds an upstream connect (including the SOCKS5 exchange) may take.
     #[arg(long, default_value_t = 10, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=300))]
     pub(crate) connect_timeout: u64,
-    /// Most consistent handshakes waiting for their upstream; SYNs beyond it get RST.
+    /// Most consistent handshakes waiting for their upstream; SYNs beyond it are answered
+    /// with SYN cookies and the fast handshake.
     #[arg(long, default_value_t = 1024, value_name = "N")]
     pub(crate) max_pending: usize,
-    /// Most connections whose handshake has not completed; SYNs beyond it get RST.
+    /// Most connections whose handshake has not completed; SYNs beyond it are answered with
+    /// SYN cookies, so a SYN flood does not lock real clients out.
     #[arg(long, default_value_t = 4096, value_name = "N")]
     pub(crate) max_half_open: usize,
     /// Receive and send buffer of each TCP connection, in KiB, once grown: both start at 1 KiB

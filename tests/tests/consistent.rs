@@ -1,6 +1,7 @@
 //! The consistent handshake: the SYN-ACK waits for the application's answer; a refusal is a
 //! RST, an unreachable upstream an ICMP error, silence a timeout; retransmitted SYNs are
-//! absorbed; the pending cap refuses. And the fast handshake beside it.
+//! absorbed; at the pending cap a SYN gets the fast handshake; a client that gives up cancels
+//! its request. And the fast handshake beside it.
 
 #![allow(
     clippy::unwrap_used,
@@ -199,32 +200,71 @@ async fn syn_retransmits_while_pending_are_absorbed() {
 }
 
 #[tokio::test]
-async fn the_pending_cap_refuses_with_a_reset() {
+async fn at_the_pending_cap_a_syn_gets_the_fast_handshake() {
     let mut config = consistent();
     config.max_pending = 2;
     let (link, mut requests, counters) = start_stack(config);
     let mut client = Client::new(link);
-    for port in [40010, 40011, 40012] {
+    for port in [40010, 40011] {
         client
             .inject(syn(&format!("10.0.0.2:{port}"), TARGET_V4))
             .await;
     }
+    assert!(replies(&mut client, 100).await.is_empty());
+    client.inject(syn("10.0.0.2:40012", TARGET_V4)).await;
     let got = replies(&mut client, 150).await;
     assert_eq!(
-        got,
-        [Reply::Tcp {
-            syn: false,
-            ack: true,
-            rst: true,
-            fin: false
-        }],
-        "only the third SYN should be answered, with RST"
+        syn_acks(&got),
+        1,
+        "the third SYN is answered at once: {got:?}"
     );
     let _held = (
         next_request(&mut requests).await,
         next_request(&mut requests).await,
     );
-    assert_eq!(counters.snapshot().pending_refused, 1);
+    let c = counters.snapshot();
+    assert_eq!(
+        (
+            c.connections_opened,
+            c.consistent_as_fast,
+            c.syn_cookies_sent
+        ),
+        (3, 1, 0),
+        "{c}"
+    );
+}
+
+fn rst(src: &str, dst: &str) -> bytes::Bytes {
+    tcp_segment(addr(src), addr(dst), TcpControl::Rst, 8, &[])
+}
+
+#[tokio::test]
+async fn a_request_whose_client_resets_is_cancelled() {
+    let (link, mut requests, _) = start_stack(consistent());
+    let mut client = Client::new(link);
+    client.inject(syn("10.0.0.2:40020", TARGET_V4)).await;
+    let request = next_request(&mut requests).await;
+    assert!(!request.is_cancelled());
+    client.inject(rst("10.0.0.2:40020", TARGET_V4)).await;
+    tokio::time::timeout(Duration::from_secs(5), request.cancelled())
+        .await
+        .expect("the request is cancelled");
+    assert!(request.is_cancelled());
+    // Accepting it changes nothing: no SYN-ACK.
+    drop(request.accept());
+    assert!(replies(&mut client, 150).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_request_cancelled_while_queued_is_never_offered() {
+    let (link, mut requests, _) = start_stack(consistent());
+    let mut client = Client::new(link);
+    client.inject(syn("10.0.0.2:40021", TARGET_V4)).await;
+    client.inject(rst("10.0.0.2:40021", TARGET_V4)).await;
+    client.inject(syn("10.0.0.2:40022", TARGET_V4)).await;
+    assert!(replies(&mut client, 100).await.is_empty());
+    let first = next_request(&mut requests).await;
+    assert_eq!(first.source(), addr("10.0.0.2:40022"));
 }
 
 #[tokio::test]
@@ -292,4 +332,47 @@ async fn a_port_policy_mixes_both_modes() {
     let request = next_request(&mut requests).await;
     assert_eq!(request.destination().port(), 443);
     assert_eq!(request.handshake(), Handshake::Consistent);
+}
+
+/// A connect that never completes; each one, when dropped, sends its target on the channel.
+struct Hangs(tokio::sync::mpsc::UnboundedSender<String>);
+
+impl prism_tunnel::Connector for Hangs {
+    fn connect<'a>(&'a self, target: &'a prism_tunnel::Target) -> prism_tunnel::Connecting<'a> {
+        struct Dropped(tokio::sync::mpsc::UnboundedSender<String>, String);
+        impl Drop for Dropped {
+            fn drop(&mut self) {
+                let _ = self.0.send(std::mem::take(&mut self.1));
+            }
+        }
+        let dropped = Dropped(self.0.clone(), target.to_string());
+        Box::pin(async move {
+            let _dropped = dropped;
+            std::future::pending().await
+        })
+    }
+}
+
+#[tokio::test]
+async fn serve_drops_the_connect_of_a_cancelled_request() {
+    let (link, requests, _) = start_stack(consistent());
+    let (dropped_tx, mut dropped) = tokio::sync::mpsc::unbounded_channel();
+    let upstream = Arc::new(prism_tunnel::Counters::default());
+    tokio::spawn(prism_tunnel::serve(
+        requests,
+        Arc::new(Hangs(dropped_tx)),
+        Arc::clone(&upstream),
+    ));
+    let mut client = Client::new(link);
+    client.inject(syn("10.0.0.2:40030", "192.0.2.7:80")).await;
+    // The connect is under way when the client gives up.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    client.inject(rst("10.0.0.2:40030", "192.0.2.7:80")).await;
+    let gone = tokio::time::timeout(Duration::from_secs(5), dropped.recv())
+        .await
+        .expect("the cancelled request's connect was not dropped")
+        .unwrap();
+    assert_eq!(gone, "192.0.2.7:80");
+    let u = upstream.snapshot();
+    assert_eq!((u.connects, u.cancelled), (1, 1), "{u}");
 }

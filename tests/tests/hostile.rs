@@ -214,11 +214,7 @@ async fn hostile(handshake: Handshake, v6: bool, framing: Framing) {
         + c.drop_divert_full;
     assert!(drops > 0 && c.connections_opened > 0, "{c}");
     // Every packet read is counted once: handed to a connection, diverted, or one reason.
-    let refused = c.syn_refused
-        + c.syn_refused_stopping
-        + c.pending_refused
-        + c.no_connection
-        + c.syn_absorbed;
+    let refused = c.syn_refused_stopping + c.syn_cookies_sent + c.no_connection + c.syn_absorbed;
     assert_eq!(
         c.packets_in,
         c.segments_in + c.diverted + drops + refused,

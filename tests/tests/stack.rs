@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use prism_stack::{Config, Rejection};
-use prism_tests::{Client, PATIENCE, Reply, reply, start_stack, tcp_data, tcp_v4};
+use prism_tests::{Client, PATIENCE, Reply, reply, start_stack, tcp_ack, tcp_data, tcp_v4};
 use prism_tunnel::{ConnectError, Connecting, Connector, Target, Upstream, serve};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::socket::tcp::State;
@@ -493,21 +493,70 @@ async fn a_retransmitted_syn_creates_nothing_new() {
 }
 
 #[tokio::test]
-async fn syns_beyond_the_half_open_cap_are_reset_and_counted() {
+async fn at_the_half_open_cap_syns_are_answered_with_cookies() {
     let mut config = Config::default();
     config.max_half_open = 2;
-    let (link, _requests, counters) = start_stack(config);
+    let (link, mut requests, counters) = start_stack(config);
     let mut client = Client::new(link);
-    for port in [50001, 50002, 50003] {
+    // Two handshakes that never complete, as from spoofed sources, fill the cap.
+    for port in [50001, 50002] {
         let src = addr(&format!("10.0.0.2:{port}"));
         client
             .inject(tcp_v4(src, addr(TARGET_V4), TcpControl::Syn, 1, &[]))
             .await;
     }
+    let replies = client.capture(Duration::from_millis(100)).await;
+    assert_eq!(count_replies(&replies), (2, 0), "{replies:?}");
+
+    // A real client beyond the cap gets a SYN-ACK that keeps no state; its ACK opens the
+    // connection, which carries bytes both ways.
+    let h = client.connect(addr("10.0.0.2:50004"), addr(TARGET_V4), 4096);
+    client
+        .until("established", |c| c.socket(h).may_send().then_some(()))
+        .await;
+    let c = counters.snapshot();
+    assert_eq!(
+        (
+            c.connections_opened,
+            c.syn_cookies_sent,
+            c.syn_cookies_accepted
+        ),
+        (3, 1, 1),
+        "{c}"
+    );
+    let request = tokio::time::timeout(PATIENCE, requests.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(request.source(), addr("10.0.0.2:50004"));
+    let mut stream = request.accept();
+    client.send_all(h, b"hello").await;
+    let mut got = [0; 5];
+    tokio::time::timeout(PATIENCE, stream.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got, b"hello");
+    stream.write_all(b"world").await.unwrap();
+    let echoed = client
+        .until("the answer", |c| {
+            let socket = c.socket(h);
+            socket.can_recv().then(|| {
+                let mut buf = [0; 5];
+                let n = socket.recv_slice(&mut buf).unwrap();
+                buf[..n].to_vec()
+            })
+        })
+        .await;
+    assert_eq!(echoed, b"world");
+
+    // While cookies are in use, a segment that proves none is dropped without an answer.
+    client
+        .inject(tcp_ack(addr("10.0.0.2:50009"), addr(TARGET_V4), 2, 1))
+        .await;
     let replies = client.capture(Duration::from_millis(200)).await;
-    assert_eq!(count_replies(&replies), (2, 1), "{replies:?}");
-    let counters = counters.snapshot();
-    assert_eq!((counters.connections_opened, counters.syn_refused), (2, 1));
+    assert_eq!(count_replies(&replies), (0, 0), "{replies:?}");
+    assert_eq!(counters.snapshot().no_connection, 1);
 }
 
 /// Found by the `stack` fuzz target: a client that sent more than its SYN-ACK's window right

@@ -26,6 +26,7 @@ mod delay;
 mod demo;
 mod e2e;
 mod ffi_e2e;
+mod flood_e2e;
 mod forward;
 mod fuzz;
 mod netns;

@@ -39,13 +39,15 @@ pub struct Config {
     pub tcp_initial_buffer: usize,
     /// Bytes queued between the socket and the application, each way, per connection.
     pub stream_buffer: usize,
-    /// Most connections whose handshake has not completed; SYNs beyond it get RST.
+    /// Most connections whose handshake has not completed. SYNs beyond it are answered with
+    /// SYN cookies, without state: under a SYN flood real clients still get in (at least 1).
     pub max_half_open: usize,
     /// Most requests waiting for the application; connections beyond it get RST.
     pub request_queue: usize,
     /// Picks each new connection's handshake at its SYN. A plain [`Handshake`] applies to all.
     pub handshake: Arc<dyn HandshakePolicy>,
-    /// Most consistent handshakes waiting for the application's answer; SYNs beyond it get RST.
+    /// Most consistent handshakes waiting for the application's answer. SYNs beyond it are
+    /// answered with SYN cookies and get the fast handshake (at least 1).
     pub max_pending: usize,
     /// How long a consistent handshake waits for the application's answer before the client
     /// is told the host is unreachable.

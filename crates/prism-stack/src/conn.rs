@@ -220,6 +220,31 @@ impl Request {
         self.handshake
     }
 
+    /// Whether the stack gave up on this connection before the application answered: the
+    /// client reset it, its handshake timed out, or the stack is stopping. An answer then
+    /// changes nothing.
+    pub fn is_cancelled(&self) -> bool {
+        let state = self.shared.lock();
+        state.reset || state.shutdown
+    }
+
+    /// Resolves once [`is_cancelled`](Request::is_cancelled) is true. An application that
+    /// connects upstream before answering waits on both and drops the connect if this comes
+    /// first, so connections the stack no longer holds do not keep upstream sockets open.
+    pub async fn cancelled(&self) {
+        std::future::poll_fn(|cx| {
+            let mut state = self.shared.lock();
+            if state.reset || state.shutdown {
+                Poll::Ready(())
+            } else {
+                // Nobody reads before the request is answered: the read waker is free.
+                state.read_waker = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await;
+    }
+
     /// Takes the connection: its bytes flow through the returned stream.
     pub fn accept(mut self) -> Stream {
         self.answer(Answer::Accepted);

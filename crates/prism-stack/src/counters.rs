@@ -30,9 +30,9 @@ prism_device::counters! {
     diverted,
     /// Non-TCP packets dropped because their taker's queue was full.
     drop_divert_full,
-    /// SYNs refused because the half-open cap was reached.
-    syn_refused,
-    /// TCP segments for no connection, answered with RST (a SYN to port 0 is dropped).
+    /// TCP segments for no connection, answered with RST (a SYN to port 0 is dropped, and so
+    /// is a segment that proves no SYN cookie while cookies are in use, unless the stack is
+    /// stopping).
     no_connection,
     /// Connections opened (SYN accepted).
     connections_opened,
@@ -41,8 +41,8 @@ prism_device::counters! {
     segments_in,
     /// Retransmitted SYNs absorbed while a consistent handshake waited.
     syn_absorbed,
-    /// Consistent SYNs refused because the pending cap was reached.
-    pending_refused,
+    /// Consistent handshakes done the fast way because the pending cap was reached.
+    consistent_as_fast,
     /// Consistent handshakes the application did not answer in time.
     pending_timeouts,
     /// ICMP destination-unreachable errors sent.
@@ -59,6 +59,11 @@ prism_device::counters! {
     connections_closed,
     /// SYNs refused because the stack is shutting down.
     syn_refused_stopping,
+    /// SYNs answered with a SYN cookie, without state, because the half-open cap was reached:
+    /// a SYN flood, or clients that never complete their handshakes.
+    syn_cookies_sent,
+    /// Connections opened when a client's ACK returned a valid SYN cookie.
+    syn_cookies_accepted,
     /// Bytes the clients sent, handed to the application's streams.
     bytes_from_clients,
     /// Bytes the application sent, handed to the clients' connections.

@@ -20,16 +20,16 @@ use std::time::Duration;
 use bytes::{Buf, Bytes};
 use prism_device::{BATCH, Diverted, Framing, Link, LinkClosed, Medium, PrismDevice, vnet};
 use prism_trap::{
-    Checksums, FourTuple, Handshake, Malformed, Packet, Segment, Unreachable, classify_with,
-    unreachable,
+    Checksums, FourTuple, Handshake, Malformed, Packet, Segment, SynCookies, Unreachable,
+    classify_with, unreachable,
 };
 use smoltcp::iface::{Config as IfaceConfig, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::phy::{Checksum, ChecksumCapabilities};
 use smoltcp::socket::tcp::{self, State as TcpState};
-use smoltcp::wire::{HardwareAddress, IpCidr, IpListenEndpoint};
+use smoltcp::wire::{HardwareAddress, IpCidr, IpListenEndpoint, TcpSeqNumber};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
-use tracing::{debug, trace};
+use tracing::{debug, trace, warn};
 
 use crate::Config;
 use crate::conn::{Answer, ConnId, Rejection, Request, Shared, State};
@@ -65,14 +65,24 @@ pub struct Requests {
 }
 
 impl Requests {
-    /// The next connection, or `None` once the stack is shutting down or has stopped.
+    /// The next connection, or `None` once the stack is shutting down or has stopped. A
+    /// request the stack gave up on while it was queued ([`Request::is_cancelled`]) is skipped.
     pub async fn next(&mut self) -> Option<Request> {
         if self.stopped.load(Ordering::Acquire) {
             return None;
         }
-        let request = self.queue.recv().await?;
-        // A request queued just before the shutdown began: dropping it refuses it.
-        (!self.stopped.load(Ordering::Acquire)).then_some(request)
+        loop {
+            let request = self.queue.recv().await?;
+            if self.stopped.load(Ordering::Acquire) {
+                // A request queued just before the shutdown began: dropping it refuses it.
+                return None;
+            }
+            // One the stack gave up on while it waited here (its client reset it, or it timed
+            // out) would only cost the application a connect.
+            if !request.is_cancelled() {
+                return Some(request);
+            }
+        }
     }
 }
 
@@ -122,6 +132,8 @@ struct Conn {
     fin_sent: bool,
     /// Already queued for servicing in this round.
     dirty: bool,
+    /// Opened through a SYN cookie: no window scaling, so a window of at most 64 KiB.
+    unscaled: bool,
     /// When its SYN arrived.
     opened: Instant,
     /// Bytes delivered to the application, and bytes it sent that entered the socket.
@@ -159,7 +171,7 @@ pub struct Stack {
     conns: HashMap<ConnId, Conn>,
     timers: Timers,
     /// A set with no sockets: segments that belong to no connection meet it, and smoltcp
-    /// answers them as a closed port does (RST).
+    /// answers them as a closed port does (RST), unless SYN cookies are in use.
     orphans: SocketSet<'static>,
     wake_tx: mpsc::UnboundedSender<ConnId>,
     wake_rx: mpsc::UnboundedReceiver<ConnId>,
@@ -180,6 +192,52 @@ pub struct Stack {
     stopped: Arc<AtomicBool>,
     /// Set once the shutdown began: when its grace period ends.
     closing: Option<Instant>,
+    /// Answer SYNs without state at the caps.
+    cookies: SynCookies,
+    /// When the last cookie was sent: until two cookie periods later, a segment for no
+    /// connection may be the ACK of one.
+    cookies_sent_at: Option<Instant>,
+    cookie_warning: Every,
+}
+
+/// A rate limit for a warning about something that happens often: due at most once every
+/// [`Every::PERIOD`], saying how many times it happened since.
+#[derive(Debug, Default)]
+struct Every {
+    last: Option<Instant>,
+    since: u64,
+}
+
+impl Every {
+    const PERIOD: Duration = Duration::from_secs(10);
+
+    /// Counts one more; `Some(count)` when a warning is due.
+    fn due(&mut self, now: Instant) -> Option<u64> {
+        self.since += 1;
+        if self
+            .last
+            .is_some_and(|at| now.duration_since(at) < Self::PERIOD)
+        {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.since))
+    }
+}
+
+/// How long after the last cookie sent a returning ACK is checked for one: a cookie verifies
+/// for at most two 64-second periods.
+const COOKIES_VERIFY_FOR: Duration = Duration::from_secs(128);
+
+/// Where a segment goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// To this connection's socket.
+    Conn(ConnId),
+    /// To smoltcp with no socket: it answers as a closed port does (RST).
+    Orphan,
+    /// Nowhere: it was answered (a SYN cookie) or is dropped without an answer.
+    Done,
 }
 
 impl std::fmt::Debug for Stack {
@@ -199,6 +257,8 @@ impl Stack {
         config.tcp_rx_buffer = config.tcp_rx_buffer.clamp(1, MAX_TCP_RX_BUFFER);
         config.tcp_tx_buffer = config.tcp_tx_buffer.max(1);
         config.tcp_initial_buffer = config.tcp_initial_buffer.max(1);
+        config.max_half_open = config.max_half_open.max(1);
+        config.max_pending = config.max_pending.max(1);
         let mut device = PrismDevice::new(Medium::Ip, config.mtu);
         // `prism_trap::classify` verified every incoming checksum already.
         let mut checksum = ChecksumCapabilities::default();
@@ -232,7 +292,7 @@ impl Stack {
             stopped: Arc::clone(&stopped),
         };
         let stack = Stack {
-            table: Table::new(config.max_half_open),
+            table: Table::default(),
             config,
             iface,
             device,
@@ -254,6 +314,9 @@ impl Stack {
             control_rx,
             stopped,
             closing: None,
+            cookies: SynCookies::new(),
+            cookies_sent_at: None,
+            cookie_warning: Every::default(),
         };
         (stack, requests)
     }
@@ -447,8 +510,11 @@ impl Stack {
                     continue;
                 }
             };
-            let target = self.target(&segment, &packet, now);
-            let conn = target.and_then(|id| self.conns.get_mut(&id));
+            let conn = match self.target(&segment, &packet, now) {
+                Route::Done => continue,
+                Route::Orphan => None,
+                Route::Conn(id) => self.conns.get_mut(&id),
+            };
             if let Some(conn) = &conn {
                 if conn.awaits_answer()
                     && segment.is_initial_syn()
@@ -506,13 +572,8 @@ impl Stack {
         }
     }
 
-    /// The connection a segment goes to, opening one for a new SYN.
-    fn target(
-        &mut self,
-        segment: &Segment,
-        packet: &Bytes,
-        now: smoltcp::time::Instant,
-    ) -> Option<ConnId> {
+    /// Where a segment goes, opening a connection for a new SYN.
+    fn target(&mut self, segment: &Segment, packet: &Bytes, now: smoltcp::time::Instant) -> Route {
         match self.table.decide(segment) {
             Decision::Existing(id) if segment.is_initial_syn() && self.has_closed(id) => {
                 // The client reuses the tuple of a connection that has closed, from its side
@@ -521,38 +582,131 @@ impl Stack {
                 // over; a new one starts.
                 self.service(id, now);
                 self.retire(id);
-                if self.closing.is_some() {
-                    Counters::add(&self.counters.syn_refused_stopping, 1);
-                    return None;
-                }
-                self.open(segment.tuple, packet)
+                self.new_connection(segment.tuple, packet)
             }
-            Decision::Existing(id) => Some(id),
-            Decision::Open if self.closing.is_some() => {
-                Counters::add(&self.counters.syn_refused_stopping, 1);
-                None
-            }
-            Decision::Open => self.open(segment.tuple, packet),
-            Decision::Refuse => {
-                debug!(tuple = ?segment.tuple, "half-open cap reached; SYN refused");
-                Counters::add(&self.counters.syn_refused, 1);
-                None
-            }
-            Decision::NoConnection => {
-                Counters::add(&self.counters.no_connection, 1);
-                None
-            }
+            Decision::Existing(id) => Route::Conn(id),
+            Decision::Open => self.new_connection(segment.tuple, packet),
+            Decision::NoConnection => self.no_connection(segment, packet, now),
         }
     }
 
-    /// Creates the listening socket for exactly `tuple`, whose SYN is `syn`.
-    fn open(&mut self, tuple: FourTuple, syn: &Bytes) -> Option<ConnId> {
-        let handshake = self.config.handshake.handshake(&tuple);
-        if handshake == Handshake::Consistent && self.pending >= self.config.max_pending {
-            debug!(?tuple, "pending cap reached; SYN refused");
-            Counters::add(&self.counters.pending_refused, 1);
-            return None;
+    /// A SYN for a new connection: opened, or answered with a SYN cookie at the caps.
+    fn new_connection(&mut self, tuple: FourTuple, syn: &Bytes) -> Route {
+        if self.closing.is_some() {
+            Counters::add(&self.counters.syn_refused_stopping, 1);
+            return Route::Orphan;
         }
+        if tuple.destination.port() == 0 {
+            // Not a connectable endpoint: smoltcp drops the SYN unanswered.
+            Counters::add(&self.counters.no_connection, 1);
+            return Route::Orphan;
+        }
+        if self.table.half_open() >= self.config.max_half_open {
+            self.send_cookie(tuple, syn);
+            return Route::Done;
+        }
+        let mut handshake = self.config.handshake.handshake(&tuple);
+        if handshake == Handshake::Consistent && self.pending >= self.config.max_pending {
+            // Every pending handshake holds an upstream connect: beyond the cap, the client
+            // gets in the fast way rather than not at all.
+            Counters::add(&self.counters.consistent_as_fast, 1);
+            handshake = Handshake::Fast;
+        }
+        self.open(tuple, syn, handshake, None)
+            .map_or(Route::Orphan, Route::Conn)
+    }
+
+    /// Answers a SYN at the half-open cap with a SYN|ACK that keeps no state: its sequence
+    /// number is a cookie, and the connection is built when the client's ACK returns it (see
+    /// [`Stack::no_connection`]). Refusing would let a flood of spoofed SYNs, which never
+    /// complete, lock every real client out until their entries expire.
+    fn send_cookie(&mut self, tuple: FourTuple, syn: &Bytes) {
+        let headers = if tuple.destination.is_ipv6() { 60 } else { 40 };
+        let mss = u16::try_from(self.config.mtu.saturating_sub(headers)).unwrap_or(u16::MAX);
+        // The socket that takes over must agree: it advertises its initial receive buffer,
+        // unscaled (a cookie's SYN|ACK offers no window scaling).
+        let window = u16::try_from(self.initial_rx_buffer()).unwrap_or(u16::MAX);
+        let now = Instant::now();
+        let Some(synack) =
+            self.cookies
+                .synack(syn, mss.max(536), window, now.duration_since(self.epoch))
+        else {
+            // Classified as a SYN, yet smoltcp's parser refuses its options.
+            Counters::add(&self.counters.drop_truncated, 1);
+            return;
+        };
+        self.device.push_tx(Bytes::from(synack));
+        Counters::add(&self.counters.syn_cookies_sent, 1);
+        self.cookies_sent_at = Some(now);
+        if let Some(answered) = self.cookie_warning.due(now) {
+            warn!(
+                answered,
+                "half-open cap ({}) reached: answering new SYNs with SYN cookies (a SYN flood, or \
+                 clients that never finish their handshakes); their connections go without window \
+                 scaling or timestamps",
+                self.config.max_half_open
+            );
+        }
+    }
+
+    /// A segment for no connection: the ACK of a SYN cookie opens its connection; anything
+    /// else is answered as a closed port does (RST). While cookies are in use, a segment that
+    /// does not prove one is dropped silently instead: it may be a real client's later segment
+    /// whose first was lost, and a RST would kill a connection its retransmission rebuilds.
+    fn no_connection(
+        &mut self,
+        segment: &Segment,
+        packet: &Bytes,
+        now: smoltcp::time::Instant,
+    ) -> Route {
+        let cookies_in_use = self
+            .cookies_sent_at
+            .is_some_and(|at| at.elapsed() < COOKIES_VERIFY_FOR);
+        if !cookies_in_use || self.closing.is_some() {
+            Counters::add(&self.counters.no_connection, 1);
+            return Route::Orphan;
+        }
+        let clock = Instant::now().duration_since(self.epoch);
+        let Some(rebuilt) = self.cookies.check(packet, clock) else {
+            Counters::add(&self.counters.no_connection, 1);
+            return if segment.rst {
+                Route::Orphan
+            } else {
+                Route::Done
+            };
+        };
+        let syn = Bytes::from(rebuilt.syn);
+        // `open` fails only for port 0, which no cookie was made for; it counts the segment.
+        let Some(id) = self.open(segment.tuple, &syn, Handshake::Fast, Some(rebuilt.cookie)) else {
+            return Route::Orphan;
+        };
+        Counters::add(&self.counters.syn_cookies_accepted, 1);
+        // The rebuilt SYN puts the socket where the cookie's SYN|ACK left the client; the ACK
+        // itself then goes in as any segment does.
+        if let Some(conn) = self.conns.get_mut(&id) {
+            self.device.push_rx(syn);
+            self.iface
+                .poll_ingress_single(now, &mut self.device, &mut conn.sockets);
+        }
+        Route::Conn(id)
+    }
+
+    /// What each socket's receive buffer starts at.
+    fn initial_rx_buffer(&self) -> usize {
+        self.config
+            .tcp_initial_buffer
+            .min(self.config.tcp_rx_buffer)
+    }
+
+    /// Creates the listening socket for exactly `tuple`, whose SYN is `syn`. `cookie`: the SYN
+    /// was answered already, with a SYN cookie, and the socket takes over from there.
+    fn open(
+        &mut self,
+        tuple: FourTuple,
+        syn: &Bytes,
+        handshake: Handshake,
+        cookie: Option<u32>,
+    ) -> Option<ConnId> {
         let endpoint = IpListenEndpoint {
             addr: Some(tuple.destination.ip().into()),
             port: tuple.destination.port(),
@@ -561,7 +715,7 @@ impl Stack {
         // `grow_tx`); the window scale is chosen for the full receive buffer.
         let initial = self.config.tcp_initial_buffer;
         let mut socket = tcp::Socket::new(
-            tcp::SocketBuffer::new(vec![0; initial.min(self.config.tcp_rx_buffer)]),
+            tcp::SocketBuffer::new(vec![0; self.initial_rx_buffer()]),
             tcp::SocketBuffer::new(vec![0; initial.min(self.config.tcp_tx_buffer)]),
         );
         socket.set_rx_capacity_bound(self.config.tcp_rx_buffer);
@@ -572,6 +726,7 @@ impl Stack {
         // (Linux reuses a TIME-WAIT port only when the peer sent timestamps).
         socket.set_tsval_generator(Some(tcp_timestamp));
         socket.pause_synack(handshake == Handshake::Consistent);
+        socket.set_synack_sent(cookie.map(|c| TcpSeqNumber(c as i32)));
         if socket.listen(endpoint).is_err() {
             // Port 0: not a connectable endpoint, and smoltcp drops the SYN unanswered. It is
             // counted with the segments for no connection.
@@ -608,6 +763,7 @@ impl Stack {
                 deadline: Some(Instant::now() + wait),
                 fin_sent: false,
                 dirty: false,
+                unscaled: cookie.is_some(),
                 opened: Instant::now(),
                 bytes_from_client: 0,
                 bytes_to_client: 0,
@@ -888,7 +1044,12 @@ impl Stack {
                         }
                     }
                 } else {
-                    if grow_rx(socket, self.config.tcp_rx_buffer) {
+                    // Without window scaling, a larger buffer could never be advertised.
+                    let full = match conn.unscaled {
+                        true => self.config.tcp_rx_buffer.min(usize::from(u16::MAX)),
+                        false => self.config.tcp_rx_buffer,
+                    };
+                    if grow_rx(socket, full) {
                         Counters::add(&self.counters.rx_buffers_grown, 1);
                     }
                     let cap = conn.shared.capacity;

@@ -10,11 +10,11 @@ use prism_trap::{FourTuple, Segment};
 pub(crate) enum Decision<Id> {
     /// It belongs to this connection (a retransmitted SYN included: nothing new is created).
     Existing(Id),
-    /// A SYN to a new tuple: open a connection for exactly this tuple.
+    /// A SYN to a new tuple: open a connection for exactly this tuple (or, at a cap, answer it
+    /// with a SYN cookie).
     Open,
-    /// A SYN beyond the half-open cap: refuse it (RST) and count it.
-    Refuse,
-    /// No connection and not a SYN: the stack answers as TCP does for a closed port (RST).
+    /// No connection and not a SYN: the ACK of a SYN cookie, or the stack answers as TCP does
+    /// for a closed port (RST).
     NoConnection,
 }
 
@@ -24,30 +24,19 @@ struct Entry<Id> {
     half_open: bool,
 }
 
-/// Maps 4-tuples to connection ids and caps half-open connections.
-#[derive(Debug)]
+/// Maps 4-tuples to connection ids and counts half-open connections.
+#[derive(Debug, Default)]
 pub(crate) struct Table<Id> {
     entries: HashMap<FourTuple, Entry<Id>>,
     half_open: usize,
-    max_half_open: usize,
 }
 
 impl<Id: Copy> Table<Id> {
-    /// An empty table that refuses SYNs while `max_half_open` connections are half-open.
-    pub(crate) fn new(max_half_open: usize) -> Self {
-        Self {
-            entries: HashMap::new(),
-            half_open: 0,
-            max_half_open,
-        }
-    }
-
     /// What `segment` means.
     pub(crate) fn decide(&self, segment: &Segment) -> Decision<Id> {
         match self.entries.get(&segment.tuple) {
             Some(entry) => Decision::Existing(entry.id),
             None if !segment.is_initial_syn() => Decision::NoConnection,
-            None if self.half_open >= self.max_half_open => Decision::Refuse,
             None => Decision::Open,
         }
     }
@@ -119,7 +108,7 @@ mod tests {
 
     #[test]
     fn a_syn_to_a_new_tuple_opens_and_its_retransmit_does_not() {
-        let mut table = Table::new(8);
+        let mut table = Table::default();
         let syn = segment(1000, true, false);
         assert_eq!(table.decide(&syn), Decision::Open);
         table.insert(syn.tuple, 7u32);
@@ -130,7 +119,7 @@ mod tests {
 
     #[test]
     fn segments_without_a_connection_are_not_opened() {
-        let table: Table<u32> = Table::new(8);
+        let table: Table<u32> = Table::default();
         assert_eq!(
             table.decide(&segment(1000, false, true)),
             Decision::NoConnection
@@ -142,16 +131,15 @@ mod tests {
     }
 
     #[test]
-    fn the_half_open_cap_refuses_until_a_handshake_completes() {
-        let mut table = Table::new(2);
+    fn half_open_connections_are_counted_until_their_handshakes_complete() {
+        let mut table = Table::default();
         table.insert(segment(1, true, false).tuple, 1u32);
         table.insert(segment(2, true, false).tuple, 2);
-        assert_eq!(table.decide(&segment(3, true, false)), Decision::Refuse);
+        assert_eq!(table.half_open(), 2);
 
         table.established(&segment(1, true, false).tuple);
         table.established(&segment(1, true, false).tuple); // twice counts once
         assert_eq!(table.half_open(), 1);
-        assert_eq!(table.decide(&segment(3, true, false)), Decision::Open);
 
         assert_eq!(table.remove(&segment(2, true, false).tuple), Some(2));
         assert_eq!(table.half_open(), 0);

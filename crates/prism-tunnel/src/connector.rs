@@ -124,7 +124,17 @@ async fn handle(
     counters.connects.fetch_add(1, Ordering::Relaxed);
     // The connect future is boxed: it is freed once connected instead of sizing the task that
     // lives as long as the connection.
-    match connector.connect(&target).await {
+    let connected = tokio::select! {
+        connected = connector.connect(&target) => connected,
+        () = request.cancelled() => {
+            // The stack gave up on the client (it reset, its handshake timed out, the stack stops):
+            // dropping the connect closes its socket now rather than at its timeout.
+            debug!(%target, "request cancelled while connecting");
+            counters.cancelled.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    };
+    match connected {
         Ok(upstream) => {
             counters.count(Ok(()));
             let stream = request.accept();

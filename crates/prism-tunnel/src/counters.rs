@@ -24,6 +24,9 @@ prism_device::counters! {
     proxy_failed,
     /// Connects that failed on a local error (no descriptors left, a protect hook refusing).
     local_errors,
+    /// Connects dropped because the stack gave up on the client meanwhile (the client reset,
+    /// the handshake timed out, the stack is stopping).
+    cancelled,
 }
 
 impl Counters {

@@ -545,6 +545,9 @@ pub struct Socket<'a> {
     /// tsval generator - if some, tcp timestamp is enabled
     tsval_generator: Option<TcpTimestampGenerator>,
 
+    /// The sequence number of a SYN|ACK sent outside the socket for the next SYN.
+    synack_sent: Option<TcpSeqNumber>,
+
     /// 0 if not seen or timestamp not enabled
     last_remote_tsval: u32,
 
@@ -624,6 +627,7 @@ impl<'a> Socket<'a> {
             nagle: true,
             tsval_generator: None,
             last_remote_tsval: 0,
+            synack_sent: None,
             congestion_controller: congestion::AnyController::new(),
 
             #[cfg(feature = "async")]
@@ -798,6 +802,20 @@ impl<'a> Socket<'a> {
     /// See also the [set_nagle_enabled](#method.set_nagle_enabled) method.
     pub fn nagle_enabled(&self) -> bool {
         self.nagle
+    }
+
+    /// Declare that the next SYN this listening socket receives was answered already, outside
+    /// the socket, by a SYN|ACK with sequence number `seq` that advertised this socket's
+    /// receive window (unscaled, as in any SYN) and offered no window scaling: the SYN handed
+    /// to the socket should offer none either. The socket takes `seq` as its initial sequence
+    /// number instead of a random one, and counts that SYN|ACK as sent.
+    ///
+    /// This is what a SYN-cookie implementation needs: having answered a SYN without state, with
+    /// a SYN|ACK whose sequence number encodes the connection, it rebuilds the connection when
+    /// the ACK returns by handing a new listening socket the SYN, with this set to the cookie,
+    /// and then the ACK, which moves it to `Established` before it sends anything.
+    pub fn set_synack_sent(&mut self, seq: Option<TcpSeqNumber>) {
+        self.synack_sent = seq;
     }
 
     /// Pause sending of SYN|ACK packets.
@@ -1979,7 +1997,10 @@ impl<'a> Socket<'a> {
                     local: IpEndpoint::new(ip_repr.dst_addr(), repr.dst_port),
                     remote: IpEndpoint::new(ip_repr.src_addr(), repr.src_port),
                 });
-                self.local_seq_no = Self::random_seq_no(cx);
+                self.local_seq_no = match self.synack_sent {
+                    Some(seq) => seq,
+                    None => Self::random_seq_no(cx),
+                };
                 self.remote_seq_no = repr.seq_number + 1;
                 self.remote_last_seq = self.local_seq_no;
                 self.remote_has_sack = repr.sack_permitted;
@@ -1991,6 +2012,13 @@ impl<'a> Socket<'a> {
                 // Remote doesn't support timestamping, don't do it.
                 if repr.timestamp.is_none() {
                     self.tsval_generator = None;
+                }
+                if self.synack_sent.take().is_some() {
+                    // As `dispatch` records a SYN|ACK it sent (its window unscaled).
+                    self.remote_last_seq = self.local_seq_no + 1;
+                    self.remote_last_ack = Some(self.remote_seq_no);
+                    self.remote_last_win =
+                        u16::try_from(self.rx_buffer.window()).unwrap_or(u16::MAX);
                 }
                 self.set_state(State::SynReceived);
                 self.timer.set_for_idle(cx.now(), self.keep_alive);
@@ -9031,6 +9059,48 @@ mod test {
             }
         );
         assert_eq!(s.recv_queue(), 1024);
+    }
+
+    #[test]
+    fn test_synack_sent_rebuilds_a_connection_from_its_ack() {
+        const COOKIE: TcpSeqNumber = TcpSeqNumber(0x1234_5678);
+        let mut s = socket_listen();
+        s.set_synack_sent(Some(COOKIE));
+        // The SYN answered elsewhere, then the ACK of that SYN|ACK, with data.
+        send!(
+            s,
+            TcpRepr {
+                control: TcpControl::Syn,
+                seq_number: REMOTE_SEQ,
+                ack_number: None,
+                ..SEND_TEMPL
+            }
+        );
+        assert_eq!(s.state(), State::SynReceived);
+        send!(
+            s,
+            TcpRepr {
+                seq_number: REMOTE_SEQ + 1,
+                ack_number: Some(COOKIE + 1),
+                payload: &b"abc"[..],
+                ..SEND_TEMPL
+            }
+        );
+        assert_eq!(s.state(), State::Established);
+        assert_eq!(s.recv_slice(&mut [0; 3]), Ok(3));
+        // What the socket sends next continues from the cookie; no SYN|ACK of its own.
+        s.send_slice(b"xyz").unwrap();
+        recv!(
+            s,
+            [TcpRepr {
+                seq_number: COOKIE + 1,
+                ack_number: Some(REMOTE_SEQ + 1 + 3),
+                payload: &b"xyz"[..],
+                ..RECV_TEMPL
+            }]
+        );
+        // Used once: the next SYN of a reopened socket gets a random one again.
+        assert_eq!(s.synack_sent, None);
     }
 
     #[test]
