@@ -255,6 +255,21 @@ async fn a_request_whose_client_resets_is_cancelled() {
     assert!(replies(&mut client, 150).await.is_empty());
 }
 
+/// Found by the hostile test's check that nothing is left once the timers run out: the
+/// connection stayed in smoltcp's Listen for ever.
+#[tokio::test]
+async fn a_reset_after_the_application_accepted_ends_the_connection() {
+    let (link, mut requests, counters) = start_stack(consistent());
+    let mut client = Client::new(link);
+    client.inject(syn("10.0.0.2:40025", TARGET_V4)).await;
+    drop(next_request(&mut requests).await.accept());
+    assert_eq!(syn_acks(&replies(&mut client, 100).await), 1);
+    client.inject(rst("10.0.0.2:40025", TARGET_V4)).await;
+    replies(&mut client, 100).await;
+    let c = counters.snapshot();
+    assert_eq!(c.connections_reset, 1, "{c}");
+}
+
 #[tokio::test]
 async fn a_request_cancelled_while_queued_is_never_offered() {
     let (link, mut requests, _) = start_stack(consistent());

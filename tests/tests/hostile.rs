@@ -131,13 +131,14 @@ async fn hostile(handshake: Handshake, v6: bool, framing: Framing) {
     let (stack_end, client_end) = Link::framed_pair(4096, framing);
     let (stack, mut requests) = Stack::new(config, stack_end);
     let counters = stack.counters();
+    let control = stack.control();
     tokio::spawn(stack.run());
     // With offload, each packet reaches the stack framed as an offloading TUN frames it.
     let link = match framing {
         Framing::Virtio => virtio_kernel(client_end).0,
         _ => client_end,
     };
-    tokio::spawn(async move {
+    let application = tokio::spawn(async move {
         // Every kind of answer, in turn: accept, refuse, unreachable, and silence.
         let mut held = Vec::new();
         let mut turn = 0usize;
@@ -221,4 +222,19 @@ async fn hostile(handshake: Handshake, v6: bool, framing: Framing) {
         "{c}"
     );
     eprintln!("{handshake}, IPv6 {v6}, {framing:?}: seed {seed}, {iterations} packets: {c}");
+
+    // The traffic stops, the application lets go of the requests it held, and every timer
+    // runs out (on tokio's clock, paused from here): no connection is left in any state.
+    application.abort();
+    tokio::time::pause();
+    for _ in 0..60 {
+        client.capture(Duration::from_secs(10)).await;
+    }
+    let report = control.report().await.unwrap();
+    assert_eq!(
+        (report.open, report.half_open, report.pending),
+        (0, 0, 0),
+        "left behind: {:?}",
+        report.connections
+    );
 }

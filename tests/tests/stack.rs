@@ -590,6 +590,56 @@ async fn a_client_that_overruns_the_synack_window_gets_only_the_window() {
     assert_eq!(n, offered, "exactly the window the SYN-ACK offered");
 }
 
+/// Completes a handshake by hand from `src` (the client then never answers again) and returns
+/// the accepted stream.
+async fn hand_made_connection(
+    client: &mut Client,
+    requests: &mut prism_stack::Requests,
+    src: SocketAddr,
+) -> prism_stack::Stream {
+    client
+        .inject(tcp_v4(src, addr(TARGET_V4), TcpControl::Syn, 1, &[]))
+        .await;
+    let replies = client.capture(Duration::from_millis(100)).await;
+    let synack = Ipv4Packet::new_checked(&replies[0][..]).unwrap();
+    let synack = TcpPacket::new_checked(synack.payload()).unwrap();
+    let ack = (synack.seq_number() + 1).0 as u32;
+    client.inject(tcp_ack(src, addr(TARGET_V4), 2, ack)).await;
+    tokio::time::timeout(PATIENCE, requests.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .accept()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_stops_answering_is_given_up_but_an_idle_one_is_not() {
+    let (link, mut requests, counters) = start_stack(Config::default());
+    let mut client = Client::new(link);
+    let mut silent = hand_made_connection(&mut client, &mut requests, addr("10.0.0.2:50200")).await;
+    let _idle = hand_made_connection(&mut client, &mut requests, addr("10.0.0.2:50201")).await;
+    // Data for the first client, which never acknowledges it.
+    silent.write_all(b"anyone there?").await.unwrap();
+    client.capture(Duration::from_secs(110)).await;
+    assert_eq!(counters.snapshot().gave_up, 0, "too early");
+    client.capture(Duration::from_secs(20)).await;
+    let c = counters.snapshot();
+    assert_eq!((c.gave_up, c.connections_reset), (1, 1), "{c}");
+    let mut buf = [0; 8];
+    assert!(
+        silent.read(&mut buf).await.is_err(),
+        "the stream sees the reset"
+    );
+    // The idle one waits on nothing and lives on.
+    client.capture(Duration::from_secs(600)).await;
+    let c = counters.snapshot();
+    assert_eq!(
+        (c.gave_up, c.connections_reset, c.connections_closed),
+        (1, 1, 0),
+        "{c}"
+    );
+}
+
 #[tokio::test]
 async fn a_segment_for_no_connection_is_reset() {
     let (link, _requests, counters) = start_stack(Config::default());

@@ -57,6 +57,9 @@ prism_device::counters! {
     connections_reset,
     /// Connections that ended gracefully.
     connections_closed,
+    /// Connections reset because their client answered nothing for two minutes while they
+    /// waited on it (it is gone): they are also in `connections_reset`.
+    gave_up,
     /// SYNs refused because the stack is shutting down.
     syn_refused_stopping,
     /// SYNs answered with a SYN cookie, without state, because the half-open cap was reached:

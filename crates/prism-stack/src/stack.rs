@@ -41,6 +41,12 @@ use crate::timers::Timers;
 /// A half-open connection that has not completed its handshake by then is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A connection that waits on its client (for it to acknowledge data or a FIN, or for its FIN
+/// once the application left) and hears nothing from it this long, in seconds, is reset: the
+/// client is gone, since a live one answers every retransmission, if only with a RST. Two
+/// minutes is the longest interval between Linux's retransmissions (`TCP_RTO_MAX`).
+const GIVE_UP_SECS: u32 = 120;
+
 /// The largest receive buffer TCP's window scale can advertise (RFC 7323); smoltcp refuses more.
 const MAX_TCP_RX_BUFFER: usize = 1 << 30;
 
@@ -134,6 +140,11 @@ struct Conn {
     dirty: bool,
     /// Opened through a SYN cookie: no window scaling, so a window of at most 64 KiB.
     unscaled: bool,
+    /// It waits on its client (see [`GIVE_UP_SECS`]).
+    waiting: bool,
+    /// Seconds since the stack's epoch when the client last sent a segment, or when the
+    /// connection began waiting on it if that was later.
+    heard: u32,
     /// When its SYN arrived.
     opened: Instant,
     /// Bytes delivered to the application, and bytes it sent that entered the socket.
@@ -530,6 +541,7 @@ impl Stack {
             self.device.push_rx(packet);
             let sockets = match conn {
                 Some(conn) => {
+                    conn.heard = seconds(now);
                     if !conn.dirty {
                         conn.dirty = true;
                         self.dirty.push(conn.shared.id);
@@ -764,6 +776,8 @@ impl Stack {
                 fin_sent: false,
                 dirty: false,
                 unscaled: cookie.is_some(),
+                waiting: false,
+                heard: 0,
                 opened: Instant::now(),
                 bytes_from_client: 0,
                 bytes_to_client: 0,
@@ -868,6 +882,20 @@ impl Stack {
             {}
             fate = self.fate_after_egress(&conn);
         }
+        if fate == Fate::Alive
+            && conn.phase == Phase::Offered
+            && client_gone(&mut conn, state.app_gone, seconds(now))
+        {
+            debug!(tuple = ?conn.tuple, "the client answered nothing for {GIVE_UP_SECS} s; reset");
+            Counters::add(&self.counters.gave_up, 1);
+            conn.sockets.get_mut::<tcp::Socket>(conn.handle).abort();
+            while self
+                .iface
+                .poll_egress(now, &mut self.device, &mut conn.sockets)
+                == PollResult::SocketStateChanged
+            {}
+            fate = self.fate_after_egress(&conn);
+        }
 
         if fate == Fate::Alive {
             // smoltcp's poll_at says "now" for a withheld SYN-ACK for as long as it is withheld
@@ -880,7 +908,10 @@ impl Stack {
                     .poll_at(now, &conn.sockets)
                     .map(|at| self.to_instant(at))
             };
-            if let Some(limit) = conn.deadline {
+            let give_up = conn
+                .waiting
+                .then(|| self.epoch + Duration::from_secs(u64::from(conn.heard + GIVE_UP_SECS)));
+            for limit in [conn.deadline, give_up].into_iter().flatten() {
                 deadline = Some(deadline.map_or(limit, |d| d.min(limit)));
             }
             self.timers.set(id, deadline);
@@ -991,7 +1022,9 @@ impl Stack {
             shut_down(conn, state);
             return;
         }
-        if conn.deadline.is_some() && !matches!(socket.state(), TcpState::SynReceived) {
+        if conn.deadline.is_some()
+            && !matches!(socket.state(), TcpState::SynReceived | TcpState::Listen)
+        {
             // A consistent handshake the application accepted has completed.
             self.table.established(&conn.tuple);
             conn.deadline = None;
@@ -1091,8 +1124,9 @@ impl Stack {
             (TcpState::Closed, _) => Fate::Finished,
             // Both FINs are acknowledged: a stopping stack does not wait out TIME-WAIT.
             (TcpState::TimeWait, _) if self.closing.is_some() => Fate::Finished,
-            // A RST during the handshake sends smoltcp back to Listen.
-            (TcpState::Listen, Phase::Handshake | Phase::Pending) => Fate::Finished,
+            // A RST during the handshake sends smoltcp back to Listen, in every phase: a
+            // consistent handshake the application accepted waits for the client's ACK too.
+            (TcpState::Listen, _) => Fate::Finished,
             _ => Fate::Alive,
         }
     }
@@ -1229,6 +1263,30 @@ fn grow_tx(socket: &mut tcp::Socket<'static>, pending: usize, full: usize) -> bo
         && socket
             .replace_tx_buffer(tcp::SocketBuffer::new(vec![0; full]))
             .is_ok()
+}
+
+/// Whether `conn` has waited on its client for [`GIVE_UP_SECS`] without hearing from it: for it
+/// to acknowledge data or a FIN, or for its FIN once the application left (Linux, likewise,
+/// gives an orphaned connection in FIN-WAIT-2 a limited time). `now`: seconds since the
+/// stack's epoch.
+fn client_gone(conn: &mut Conn, app_gone: bool, now: u32) -> bool {
+    let socket = conn.sockets.get::<tcp::Socket>(conn.handle);
+    let waiting = socket.send_queue() > 0
+        || matches!(
+            socket.state(),
+            TcpState::FinWait1 | TcpState::Closing | TcpState::LastAck
+        )
+        || (app_gone && socket.state() == TcpState::FinWait2);
+    if waiting && !conn.waiting {
+        conn.heard = conn.heard.max(now);
+    }
+    conn.waiting = waiting;
+    waiting && now.saturating_sub(conn.heard) >= GIVE_UP_SECS
+}
+
+/// Seconds since the stack's epoch.
+fn seconds(now: smoltcp::time::Instant) -> u32 {
+    u32::try_from(now.total_millis() / 1000).unwrap_or(u32::MAX)
 }
 
 /// States in which the client's FIN has arrived.
