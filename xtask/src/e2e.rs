@@ -408,6 +408,9 @@ pub fn run(filter: Option<&str>) -> Result<()> {
             report.record("relay", "the relay suite runs", Err(error));
         }
     }
+    if selected(filter, "fault") {
+        crate::fault_e2e::run(&topo, &prism, &logs, &mut report);
+    }
     if selected(filter, "flood") {
         crate::flood_e2e::run(&topo, &prism, &logs, &mut report);
     }

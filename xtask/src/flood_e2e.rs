@@ -157,7 +157,7 @@ fn flood(topo: &Topology, prism: &Path, logs: &Path, mode: &str) -> Result<Strin
 }
 
 /// A field of `/proc/PID/status`, in KiB.
-fn status_kib(pid: u32, field: &str) -> Result<u64> {
+pub(crate) fn status_kib(pid: u32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()

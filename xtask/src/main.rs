@@ -25,6 +25,7 @@ mod ci;
 mod delay;
 mod demo;
 mod e2e;
+mod fault_e2e;
 mod ffi_e2e;
 mod flood_e2e;
 mod forward;
