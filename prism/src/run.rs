@@ -151,7 +151,16 @@ async fn serve_until_signal(
             let observer = engine.observer();
             let sampler: crate::metrics::Sampler = Arc::new(move || {
                 let observer = observer.clone();
-                Box::pin(async move { crate::metrics::engine_samples(&observer.stats().await) })
+                Box::pin(async move {
+                    let mut samples = crate::metrics::engine_samples(&observer.stats().await);
+                    // Tasks alive in the process's runtime: what a leak of connections or
+                    // relays would show first (the soak watches it).
+                    let tasks = tokio::runtime::Handle::current()
+                        .metrics()
+                        .num_alive_tasks();
+                    samples.push(("tasks".to_owned(), tasks as u64, true));
+                    samples
+                })
             });
             Some(crate::metrics::serve(listen, sampler).await?)
         }

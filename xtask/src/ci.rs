@@ -45,6 +45,8 @@ pub fn run() -> Result<()> {
     crate::fuzz::run(10, None)?;
     if crate::tools::is_root() {
         crate::e2e::run(None)?;
+        // A minute of churn; `cargo xtask soak --minutes 30` for a long run.
+        crate::soak::run(1.0)?;
     } else if std::env::var_os("PRISM_CI_REQUIRE_E2E").is_some() {
         bail!("the e2e suite needs root");
     } else {

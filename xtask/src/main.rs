@@ -35,6 +35,7 @@ mod peers;
 mod relay_e2e;
 mod routed_e2e;
 mod servers;
+mod soak;
 mod tools;
 mod topology;
 
@@ -69,6 +70,12 @@ enum Task {
     },
     /// Draw docs/bench/results.svg again from docs/bench/results.json.
     BenchChart,
+    /// Leave `prism run` under connection churn of every kind and watch its resources (root).
+    Soak {
+        /// How long, in minutes.
+        #[arg(long, default_value_t = 1.0)]
+        minutes: f64,
+    },
     /// Run every fuzz target in fuzz/ (cargo-fuzz, nightly) for some seconds each.
     Fuzz {
         /// Seconds per target.
@@ -109,6 +116,7 @@ fn main() -> ExitCode {
         Task::Bench { peers } => bench::run(peers),
         Task::BenchChart => bench::redraw_chart(),
         Task::Fuzz { seconds, target } => fuzz::run(seconds, target.as_deref()),
+        Task::Soak { minutes } => soak::run(minutes),
         Task::ServeTargets { ns, addresses } => bench::serve_targets(&ns, addresses),
         Task::TunForward {
             client_ns,
