@@ -559,6 +559,18 @@ async fn at_the_half_open_cap_syns_are_answered_with_cookies() {
     assert_eq!(counters.snapshot().no_connection, 1);
 }
 
+/// From the stack's IPv4 SYN-ACK, first among `replies`: what acknowledges it, and the window
+/// it offered.
+fn synack(replies: &[Bytes]) -> (u32, usize) {
+    let ip = Ipv4Packet::new_checked(&replies[0][..]).unwrap();
+    let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+    assert!(tcp.syn() && tcp.ack(), "not a SYN-ACK: {tcp}");
+    (
+        (tcp.seq_number() + 1).0 as u32,
+        usize::from(tcp.window_len()),
+    )
+}
+
 /// Found by the `stack` fuzz target: a client that sent more than its SYN-ACK's window right
 /// after the handshake made smoltcp panic (the SYN-ACK's unscaled window was read as scaled).
 #[tokio::test]
@@ -569,11 +581,7 @@ async fn a_client_that_overruns_the_synack_window_gets_only_the_window() {
     client
         .inject(tcp_v4(src, addr(TARGET_V4), TcpControl::Syn, 1, &[]))
         .await;
-    let replies = client.capture(Duration::from_millis(100)).await;
-    let synack = Ipv4Packet::new_checked(&replies[0][..]).unwrap();
-    let synack = TcpPacket::new_checked(synack.payload()).unwrap();
-    let offered = usize::from(synack.window_len());
-    let ack = (synack.seq_number() + 1).0 as u32;
+    let (ack, offered) = synack(&client.capture(Duration::from_millis(100)).await);
     client
         .inject(tcp_data(src, addr(TARGET_V4), 2, ack, &[7; 4000]))
         .await;
@@ -600,10 +608,7 @@ async fn hand_made_connection(
     client
         .inject(tcp_v4(src, addr(TARGET_V4), TcpControl::Syn, 1, &[]))
         .await;
-    let replies = client.capture(Duration::from_millis(100)).await;
-    let synack = Ipv4Packet::new_checked(&replies[0][..]).unwrap();
-    let synack = TcpPacket::new_checked(synack.payload()).unwrap();
-    let ack = (synack.seq_number() + 1).0 as u32;
+    let (ack, _) = synack(&client.capture(Duration::from_millis(100)).await);
     client.inject(tcp_ack(src, addr(TARGET_V4), 2, ack)).await;
     tokio::time::timeout(PATIENCE, requests.next())
         .await

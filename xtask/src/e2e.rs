@@ -678,17 +678,8 @@ fn buffers_grew(stats: &Path, upload: bool, download: bool) -> Result<String> {
 
 /// Packets the kernel dropped at the TUN (its queue towards Prism full), for the report.
 fn tun_drops(topo: &Topology) -> String {
-    let Ok(out) = topo.client.ip(&format!("-s link show {}", topology::TUN)) else {
-        return String::new();
-    };
-    // `ip -s link`: the line after "TX:" holds bytes, packets, errors, dropped, ...
-    let mut lines = out.lines();
-    let tx = lines
-        .by_ref()
-        .find(|l| l.trim_start().starts_with("TX:"))
-        .and_then(|_| lines.next())
-        .and_then(|l| l.split_whitespace().nth(3).map(str::to_owned));
-    tx.map(|d| format!(" (kernel dropped {d} packets at the TUN queue)"))
+    topo.tun_drops()
+        .map(|d| format!(" (kernel dropped {d} packets at the TUN queue)"))
         .unwrap_or_default()
 }
 

@@ -27,8 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::e2e::{Report, counter, in_netns};
-use crate::flood_e2e::status_kib;
-use crate::netns::{NsTask, Process};
+use crate::netns::{NsTask, Process, status_kib};
 use crate::topology::{self, Topology};
 
 /// What Prism is given as its connect timeout here.

@@ -24,7 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::e2e::{Report, counter, in_netns};
-use crate::netns;
+use crate::netns::{self, status_kib};
 use crate::servers::{self, pattern};
 use crate::topology::{self, Topology};
 
@@ -109,7 +109,7 @@ fn flood(topo: &Topology, prism: &Path, logs: &Path, mode: &str) -> Result<Strin
         slowest,
     } = real?;
     let peak_kib = status_kib(pid, "VmHWM")?;
-    let drops = tun_drops(topo);
+    let drops = topo.tun_drops().unwrap_or(0);
 
     let status = process.stop(Signal::SIGINT, Duration::from_secs(20))?;
     ensure!(
@@ -154,30 +154,6 @@ fn flood(topo: &Topology, prism: &Path, logs: &Path, mode: &str) -> Result<Strin
     ensure!(cookies > 0, "the flood never reached a cap: {summary}");
     ensure!(peak_kib <= bound_kib, "RSS above the bound: {summary}");
     Ok(format!(" ({summary})"))
-}
-
-/// A field of `/proc/PID/status`, in KiB.
-pub(crate) fn status_kib(pid: u32, field: &str) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .with_context(|| format!("no {field} in /proc/{pid}/status"))
-}
-
-/// Packets the kernel dropped at the TUN's queue (the flood outruns Prism's reads).
-fn tun_drops(topo: &Topology) -> u64 {
-    let Ok(out) = topo.client.ip(&format!("-s link show {}", topology::TUN)) else {
-        return 0;
-    };
-    let mut lines = out.lines();
-    lines
-        .by_ref()
-        .find(|l| l.trim_start().starts_with("TX:"))
-        .and_then(|_| lines.next())
-        .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
-        .unwrap_or(0)
 }
 
 /// How the real client fared.

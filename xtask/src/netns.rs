@@ -316,6 +316,16 @@ impl Drop for NsTask {
     }
 }
 
+/// A field of `/proc/PID/status`, in KiB.
+pub fn status_kib(pid: u32, field: &str) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .with_context(|| format!("no {field} in /proc/{pid}/status"))
+}
+
 /// Waits until `check` passes, up to `patience`.
 pub fn wait_for(what: &str, patience: Duration, mut check: impl FnMut() -> bool) -> Result<()> {
     let deadline = Instant::now() + patience;

@@ -727,6 +727,12 @@ fn scrape(topo: &Routed) -> Result<()> {
             text.contains("# TYPE prism_open gauge"),
             "prism_open is not a gauge:\n{text}"
         );
+        // Each held connection has its relay task.
+        ensure!(
+            value("prism_tasks").is_some_and(|t| t >= HELD as u64)
+                && text.contains("# TYPE prism_tasks gauge"),
+            "prism_tasks is not a gauge of at least {HELD}:\n{text}"
+        );
         let before = value("prism_bytes_from_clients_total")
             .with_context(|| format!("the bytes are not in the metrics:\n{text}"))?;
         echo(&topo.client, target, 1 << 20)?;

@@ -25,8 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
 use crate::e2e::in_netns;
-use crate::flood_e2e::status_kib;
-use crate::netns::{self, NsTask, Process, wait_for};
+use crate::netns::{self, NsTask, Process, status_kib, wait_for};
 use crate::servers::{self, Servers, pattern};
 use crate::topology::{self, Topology};
 

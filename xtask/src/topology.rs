@@ -209,6 +209,19 @@ impl Topology {
         dante(&self.server, &[SERVER_V4, SERVER_V6], DANTE_PORT, dir)
     }
 
+    /// Packets the client's kernel dropped at the TUN's queue (Prism not reading fast enough),
+    /// if the TUN is there.
+    pub fn tun_drops(&self) -> Option<u64> {
+        let out = self.client.ip(&format!("-s link show {TUN}")).ok()?;
+        // `ip -s link`: the line after "TX:" holds bytes, packets, errors, dropped, ...
+        let mut lines = out.lines();
+        lines
+            .by_ref()
+            .find(|l| l.trim_start().starts_with("TX:"))
+            .and_then(|_| lines.next())
+            .and_then(|l| l.split_whitespace().nth(3)?.parse().ok())
+    }
+
     /// The arguments of `prism run` in this topology.
     pub fn prism_args(&self, upstream: &str) -> Vec<String> {
         [

@@ -488,6 +488,7 @@ impl Stack {
 
     /// Feeds a batch of packets to their connections.
     fn ingress(&mut self, batch: &mut Vec<Bytes>, now: smoltcp::time::Instant) {
+        let heard = seconds(now);
         Counters::add(&self.counters.packets_in, batch.len() as u64);
         for frame in batch.drain(..) {
             // With offload the link carries frames and the packet is a slice of one; what is
@@ -541,7 +542,7 @@ impl Stack {
             self.device.push_rx(packet);
             let sockets = match conn {
                 Some(conn) => {
-                    conn.heard = seconds(now);
+                    conn.heard = heard;
                     if !conn.dirty {
                         conn.dirty = true;
                         self.dirty.push(conn.shared.id);
