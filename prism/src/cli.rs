@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 use ipnet::IpNet;
 use prism_engine::{
-    GatewayMac, Handshake, PortHandshake, RelayUrl, Resolver, Settings, UpstreamUrl,
+    GatewayMac, Handshake, PortHandshake, RelayPeer, RelayUrl, Resolver, Settings, UpstreamUrl,
 };
 
 /// Prism: send a machine's TCP through a proxy or tunnel, terminated in userspace.
@@ -28,6 +28,10 @@ pub(crate) enum Command {
     Run(RunArgs),
     /// The far end of the relay: write clients' non-TCP packets to a TUN, send replies back.
     RelayServer(RelayServerArgs),
+    /// Write a new private key (base64) for the relay to standard output.
+    Genkey,
+    /// Read a private key from standard input and write its public key.
+    Pubkey,
 }
 
 /// Where the pre-shared relay key comes from: a flag, a file, or the environment.
@@ -67,6 +71,14 @@ pub(crate) struct RelayServerArgs {
     pub(crate) tun_queue: u32,
     #[command(flatten)]
     pub(crate) key: KeyArgs,
+    /// A file holding the server's private key (`prism genkey`): clients then have their own
+    /// keys, allowed with --peer, instead of a pre-shared key.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["key", "key_file"])]
+    pub(crate) private_key_file: Option<PathBuf>,
+    /// A client allowed to connect, as KEY,CIDR[,CIDR...]: its public key (`prism pubkey`) and
+    /// the addresses it may use (repeatable).
+    #[arg(long = "peer", value_name = "KEY,CIDR...", requires = "private_key_file", value_parser = parse::<RelayPeer>)]
+    pub(crate) peers: Vec<RelayPeer>,
     /// Write the final counters as JSON to this file when stopping.
     #[arg(long, value_name = "FILE")]
     pub(crate) stats_file: Option<PathBuf>,
@@ -200,6 +212,18 @@ pub(crate) struct RunArgs {
         requires = "relay"
     )]
     pub(crate) relay_key_file: Option<PathBuf>,
+    /// A file holding this client's private key for the relay (`prism genkey`), instead of a
+    /// pre-shared key; the server allows its public key with --peer.
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with_all = ["relay_key", "relay_key_file"],
+        requires_all = ["relay", "relay_server_key"]
+    )]
+    pub(crate) relay_private_key_file: Option<PathBuf>,
+    /// The relay server's public key, with --relay-private-key-file.
+    #[arg(long, value_name = "KEY", requires = "relay_private_key_file")]
+    pub(crate) relay_server_key: Option<String>,
 }
 
 /// A flag's value through its type's own parser, which says what was expected.
@@ -228,6 +252,8 @@ impl RunArgs {
         settings.relay = self.relay.clone();
         settings.relay_key = self.relay_key.clone();
         settings.relay_key_file = self.relay_key_file.clone();
+        settings.relay_private_key_file = self.relay_private_key_file.clone();
+        settings.relay_server_key = self.relay_server_key.clone();
         settings.relay_path_mtu = self.relay_path_mtu;
         settings.tap = self.tap;
         settings.gateway = self.gateways.clone();
@@ -304,6 +330,48 @@ mod tests {
         ])
         .unwrap();
         assert!(matches!(server.command, Command::RelayServer(_)));
+
+        let key = prism_engine::PrivateKey::generate().unwrap().public_key();
+        let identities = [
+            "relay-server",
+            "--listen",
+            "0.0.0.0:5555",
+            "--tun",
+            "r0",
+            "--address",
+            "10.98.0.1/24",
+            "--private-key-file",
+            "/k",
+        ];
+        let peer = format!("{key},10.98.0.2/32,fd98::2/128");
+        let server = parse(&[&identities[..], &["--peer", &peer]].concat()).unwrap();
+        let Command::RelayServer(args) = server.command else {
+            panic!("not relay-server");
+        };
+        assert_eq!(args.peers.len(), 1);
+        assert_eq!(args.peers[0].allowed.len(), 2);
+        let error = parse(&[&identities[..], &["--peer", "nokey,10.98.0.2/32"]].concat());
+        assert!(error.unwrap_err().to_string().contains("not a key"));
+        assert!(
+            parse(&[&identities[..], &["--key-file", "/k"]].concat()).is_err(),
+            "a pre-shared key and identities"
+        );
+        let key = key.to_string();
+        let client = [
+            "--relay",
+            "udp://h:5",
+            "--relay-private-key-file",
+            "/c",
+            "--relay-server-key",
+            &key,
+        ];
+        let args = run_args(with(&client).unwrap());
+        assert_eq!(args.relay_server_key.as_deref(), Some(&key[..]));
+        assert!(with(&client[..4]).is_err(), "no server key");
+        assert!(
+            with(&[&client[..], &["--relay-key-file", "/k"]].concat()).is_err(),
+            "both kinds of key"
+        );
     }
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {

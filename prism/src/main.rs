@@ -6,6 +6,7 @@
 
 mod cli;
 mod config;
+mod keys;
 #[cfg(target_os = "linux")]
 mod metrics;
 #[cfg(target_os = "linux")]
@@ -88,6 +89,8 @@ async fn execute(cli: cli::Cli) -> anyhow::Result<()> {
         cli::Command::Run(args) => run::run(args).await,
         #[cfg(target_os = "linux")]
         cli::Command::RelayServer(args) => relay::serve(args).await,
+        cli::Command::Genkey => keys::genkey(),
+        cli::Command::Pubkey => keys::pubkey(),
         #[cfg(target_os = "macos")]
         cli::Command::Run(args) if args.tap => {
             anyhow::bail!("--tap needs a TAP device, and macOS has only L3 utun devices")

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use anyhow::Result;
-use prism_engine::RelayServer;
+use prism_engine::{RelayServer, RelayServerAuth};
 use tracing::info;
 
 use crate::cli::RelayServerArgs;
@@ -12,7 +12,27 @@ use crate::cli::RelayServerArgs;
 /// `prism relay-server`: a TUN for the clients' packets and the UDP server, until a signal.
 pub(crate) async fn serve(args: RelayServerArgs) -> Result<()> {
     let stop = crate::stats::stop_signal()?;
-    let keys = prism_engine::relay_keys(args.key.key.as_deref(), args.key.key_file.as_deref())?;
+    let auth = match &args.private_key_file {
+        Some(file) => {
+            if args.peers.is_empty() {
+                anyhow::bail!(
+                    "--private-key-file needs at least one --peer KEY,CIDR: no client could \
+                     connect"
+                );
+            }
+            let private = prism_engine::read_private_key(file)?;
+            info!(public_key = %private.public_key(), peers = args.peers.len(), "relay identities");
+            RelayServerAuth::Identities {
+                private,
+                peers: args.peers.clone(),
+            }
+        }
+        None => {
+            let keys =
+                prism_engine::relay_keys(args.key.key.as_deref(), args.key.key_file.as_deref())?;
+            RelayServerAuth::PreShared(keys)
+        }
+    };
     let addresses: Vec<_> = args
         .addresses
         .iter()
@@ -24,7 +44,7 @@ pub(crate) async fn serve(args: RelayServerArgs) -> Result<()> {
         &addresses,
         args.mtu,
         args.tun_queue,
-        keys,
+        auth,
     )
     .await?;
     info!(listen = %args.listen, tun = %args.tun, "relay server");

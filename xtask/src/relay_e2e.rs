@@ -4,7 +4,7 @@
 //! UDP compared by SHA-256; forged datagrams at the relay port change nothing but counters.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
@@ -257,9 +257,148 @@ pub(crate) fn run(
         "the forgeries are in the server's counters",
         forgeries_counted(&server_stats),
     );
+    identities(topo, prism, logs, &args, &key, report)?;
     drop(sink);
     drop(target);
     Ok(())
+}
+
+/// The relay with identities: keys made by `prism genkey` and `prism pubkey`, the server
+/// allowing the client's public key for the client's addresses. Pings cross both families; a
+/// client whose key the server does not allow gets nothing through, and each side says why
+/// in one warning.
+fn identities(
+    topo: &Topology,
+    prism: &Path,
+    logs: &Path,
+    shared_args: &[String],
+    shared_key: &Path,
+    report: &mut crate::e2e::Report,
+) -> Result<()> {
+    let keypair = |name: &str| -> Result<(PathBuf, String)> {
+        let private = logs.join(format!("{name}.key"));
+        std::fs::write(&private, sh(&prism.display().to_string(), &["genkey"])?)?;
+        let public = std::process::Command::new(prism)
+            .arg("pubkey")
+            .stdin(std::fs::File::open(&private)?)
+            .output()
+            .context("cannot run prism pubkey")?;
+        ensure!(public.status.success(), "prism pubkey failed");
+        Ok((
+            private,
+            String::from_utf8_lossy(&public.stdout).trim().to_owned(),
+        ))
+    };
+    let (server_key, server_public) = keypair("server")?;
+    let (client_key, client_public) = keypair("client")?;
+    let (stranger_key, _) = keypair("stranger")?;
+
+    let mut server_cmd = topo.server.command(prism);
+    server_cmd.args([
+        "relay-server",
+        "--listen",
+        &format!("{}:{RELAY_PORT}", topology::SERVER_V4),
+        "--tun",
+        "prelay0",
+        "--address",
+        "10.99.0.254/24",
+        "--address",
+        "fd99::fe/64",
+        "--peer",
+        &format!("{client_public},10.99.0.1/32,fd99::1/128"),
+        "--private-key-file",
+    ]);
+    server_cmd.arg(&server_key);
+    let mut server = Process::spawn(
+        "prism relay-server (identities)",
+        server_cmd,
+        Some(&logs.join("relay-server-identities.log")),
+    )?;
+    wait_for("the relay server's TUN", Duration::from_secs(10), || {
+        topo.server.ip("link show prelay0").is_ok()
+    })?;
+    let with_key = |private: &Path| -> Vec<String> {
+        let mut args = Vec::new();
+        let mut rest = shared_args.iter();
+        while let Some(arg) = rest.next() {
+            if arg == "--relay-key-file" {
+                rest.next();
+                continue;
+            }
+            args.push(arg.clone());
+        }
+        args.extend([
+            "--relay-private-key-file".to_owned(),
+            private.display().to_string(),
+            "--relay-server-key".to_owned(),
+            server_public.clone(),
+        ]);
+        debug_assert!(!args.iter().any(|a| Path::new(a) == shared_key));
+        args
+    };
+    let mut client = topo.start_prism(
+        prism,
+        &with_key(&client_key),
+        &logs.join("prism-relay-identities.log"),
+    )?;
+    println!("e2e: relay with identities");
+    report.record(
+        "relay identities v4",
+        "ping gets replies through the relay, the client with its own key",
+        ping(topo, TARGET_V4, false),
+    );
+    report.record(
+        "relay identities v6",
+        "ping -6 gets replies through the relay, the client with its own key",
+        ping(topo, TARGET_V6, true),
+    );
+    let stopped = client.stop(Signal::SIGINT, Duration::from_secs(10))?;
+    ensure!(stopped.success(), "prism exited with {stopped}");
+    report.record(
+        "relay identities",
+        "a client key the server does not allow: no reply, one warning on each side",
+        stranger(topo, prism, logs, &with_key(&stranger_key), &server),
+    );
+    let stopped = server.stop(Signal::SIGINT, Duration::from_secs(10))?;
+    ensure!(stopped.success(), "relay-server exited with {stopped}");
+    Ok(())
+}
+
+/// A client whose key the server does not allow: the handshake is refused, the client says the
+/// relay is silent and the server names the key to add.
+fn stranger(
+    topo: &Topology,
+    prism: &Path,
+    logs: &Path,
+    args: &[String],
+    server: &Process,
+) -> Result<String> {
+    let mut client = topo.start_prism(prism, args, &logs.join("prism-relay-stranger.log"))?;
+    let pinged = ping(topo, TARGET_V4, false);
+    let said = wait_for(
+        "the client to say the relay is silent",
+        Duration::from_secs(20),
+        || client.log().contains("is silent"),
+    );
+    let stopped = client.stop(Signal::SIGINT, Duration::from_secs(10))?;
+    said.with_context(|| client.log())?;
+    ensure!(stopped.success(), "prism exited with {stopped}");
+    ensure!(
+        pinged.is_err(),
+        "a ping got through with a key the server does not allow"
+    );
+    let warned = |log: &str, says: &str| crate::routed_e2e::warnings(log, says).len();
+    ensure!(
+        warned(&client.log(), "is silent") == 1,
+        "the client should warn once:\n{}",
+        client.log()
+    );
+    ensure!(
+        warned(&server.log(), "does not allow") == 1,
+        "the server should warn once, naming the key:\n{}",
+        server.log()
+    );
+    Ok(String::new())
 }
 
 /// A client whose key differs from the server's: its hellos never authenticate. The client says

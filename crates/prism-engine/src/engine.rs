@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use prism_device::{Diverted, Link, Outside};
-use prism_relay::Keys;
+use prism_relay::ClientAuth;
 use prism_relay::{PacketTunnel, UdpTunnel};
 use prism_stack::{Config, Control, HandshakePolicy, Report, Stack};
 use prism_tunnel::{Connector, Direct, Socks5, Socks5Url, serve};
@@ -92,7 +92,10 @@ enum Relay {
     /// Non-TCP is answered with ICMP administratively prohibited.
     None,
     /// Prism's own UDP relay, connected at start.
-    Udp { server: SocketAddr, keys: Keys },
+    Udp {
+        server: SocketAddr,
+        auth: ClientAuth,
+    },
     /// The product's own packet tunnel.
     Custom(Box<dyn FnOnce(RelayParts) -> JoinHandle<()> + Send>),
 }
@@ -212,9 +215,14 @@ impl Builder {
         self
     }
 
-    /// Every non-TCP packet goes through Prism's UDP relay to `prism relay-server` at `server`.
-    pub fn udp_relay(mut self, server: SocketAddr, keys: Keys) -> Builder {
-        self.relay = Relay::Udp { server, keys };
+    /// Every non-TCP packet goes through Prism's UDP relay to `prism relay-server` at `server`,
+    /// with a pre-shared key ([`crate::RelayKeys`]) or the client's own identity
+    /// ([`ClientAuth::Identity`]).
+    pub fn udp_relay(mut self, server: SocketAddr, auth: impl Into<ClientAuth>) -> Builder {
+        self.relay = Relay::Udp {
+            server,
+            auth: auth.into(),
+        };
         self
     }
 
@@ -380,12 +388,12 @@ impl Builder {
                 );
                 (tokio::spawn(relay), None)
             }
-            Relay::Udp { server, keys } => {
+            Relay::Udp { server, auth } => {
                 let mtu = relay_mtu(server, self.relay_path_mtu);
                 let addresses = self.addresses.iter().map(|&(a, _)| a).collect();
                 let tunnel = UdpTunnel::connect(
                     server,
-                    keys,
+                    auth,
                     addresses,
                     &outside,
                     Arc::clone(&relay_counters),

@@ -38,7 +38,7 @@ pub use engine::{Builder, DROP_GRACE, Device, Engine, Error, Observer};
 pub use relay_server::RelayServer;
 pub use settings::{
     BadValue, GatewayMac, PortHandshake, RelayUrl, Resolver, Settings, SettingsError, UpstreamUrl,
-    relay_keys,
+    read_private_key, relay_keys,
 };
 #[cfg(target_os = "linux")]
 pub use source::DEFAULT_QUEUE;
@@ -50,6 +50,10 @@ pub use prism_device::{FdKind, Protect};
 pub use prism_device::{Framing, Link, Outside};
 pub use prism_l2::{Config as GatewayConfig, DEFAULT_MAC, Mac};
 pub use prism_relay::Keys as RelayKeys;
+pub use prism_relay::{
+    BadKey, ClientAuth as RelayClientAuth, Peer as RelayPeer, PrivateKey, PublicKey, Rotation,
+    ServerAuth as RelayServerAuth,
+};
 pub use prism_relay::{Counters as RelayCounters, PacketTunnel, Snapshot as RelaySnapshot};
 pub use prism_stack::{
     Config as StackConfig, Connection, ConnectionState, Handshake, HandshakePolicy, PortPolicy,

@@ -7,10 +7,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use prism_device::tun::{Layer, Tun, TunConfig};
-use prism_relay::{Counters, Server, Snapshot};
+use prism_relay::{Counters, Server, ServerAuth, Snapshot};
 use tokio::task::JoinHandle;
 
-use crate::{Error, RelayKeys};
+use crate::Error;
 
 /// Packets buffered each way between the TUN and the server.
 const LINK_QUEUE: usize = 4096;
@@ -33,7 +33,7 @@ impl RelayServer {
         addresses: &[(IpAddr, u8)],
         mtu: u16,
         queue_len: u32,
-        keys: RelayKeys,
+        auth: impl Into<ServerAuth>,
     ) -> Result<RelayServer, Error> {
         let device = Tun::open(&TunConfig {
             name: tun.to_owned(),
@@ -46,7 +46,7 @@ impl RelayServer {
             offload: false,
         })?;
         let counters = Arc::new(Counters::default());
-        let server = Server::bind(listen, keys, Arc::clone(&counters))
+        let server = Server::bind(listen, auth, Arc::clone(&counters))
             .await
             .map_err(|source| Error::Listen { listen, source })?
             .with_prefixes(addresses.to_vec());

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use prism_relay::Keys;
+use prism_relay::{BadKey, ClientAuth, Keys, PrivateKey, Rotation};
 use prism_stack::{Config, Handshake, HandshakePolicy, PortPolicy};
 use prism_tunnel::Socks5Url;
 use serde::Deserialize;
@@ -285,6 +285,13 @@ pub struct Settings {
     /// A file holding the relay's pre-shared key.
     #[serde(default)]
     pub relay_key_file: Option<PathBuf>,
+    /// A file holding this client's private key for the relay (an identity, instead of a
+    /// pre-shared key).
+    #[serde(default)]
+    pub relay_private_key_file: Option<PathBuf>,
+    /// The relay server's public key, with `relay_private_key_file`.
+    #[serde(default)]
+    pub relay_server_key: Option<String>,
     /// The path MTU towards the relay server.
     #[serde(default = "default_mtu")]
     pub relay_path_mtu: u16,
@@ -330,6 +337,8 @@ impl Settings {
             relay: None,
             relay_key: None,
             relay_key_file: None,
+            relay_private_key_file: None,
+            relay_server_key: None,
             relay_path_mtu: default_mtu(),
             tap: false,
             gateway: Vec::new(),
@@ -374,11 +383,25 @@ impl Settings {
         if !self.tap && (!self.gateway.is_empty() || self.gateway_mac.is_some() || self.proxy_arp) {
             return invalid("gateway, gateway_mac and proxy_arp need tap".to_owned());
         }
-        if self.relay.is_none() && (self.relay_key.is_some() || self.relay_key_file.is_some()) {
+        let shared = self.relay_key.is_some() || self.relay_key_file.is_some();
+        let identity = self.relay_private_key_file.is_some() || self.relay_server_key.is_some();
+        if self.relay.is_none() && (shared || identity) {
             return invalid("a relay key without a relay".to_owned());
         }
         if self.relay_key.is_some() && self.relay_key_file.is_some() {
             return invalid("relay_key and relay_key_file exclude each other".to_owned());
+        }
+        if shared && identity {
+            return invalid(
+                "a relay takes a pre-shared key (relay_key, relay_key_file) or an identity                  (relay_private_key_file with relay_server_key), not both"
+                    .to_owned(),
+            );
+        }
+        if identity && (self.relay_private_key_file.is_none() || self.relay_server_key.is_none()) {
+            return invalid(
+                "relay_private_key_file and relay_server_key go together (this client's key                  and the server's)"
+                    .to_owned(),
+            );
         }
         Ok(())
     }
@@ -454,8 +477,7 @@ impl Settings {
             builder = builder.dns(resolver.0);
         }
         if let Some(relay) = &self.relay {
-            let keys = relay_keys(self.relay_key.as_deref(), self.relay_key_file.as_deref())?;
-            builder = builder.udp_relay(resolve(relay).await?, keys);
+            builder = builder.udp_relay(resolve(relay).await?, self.relay_auth()?);
         }
         if self.tap {
             let mut gateway = prism_l2::Config {
@@ -473,6 +495,39 @@ impl Settings {
         }
         Ok(builder)
     }
+}
+
+impl Settings {
+    /// How this client proves itself to the relay: its identity, or the pre-shared key.
+    fn relay_auth(&self) -> Result<ClientAuth, SettingsError> {
+        match (&self.relay_private_key_file, &self.relay_server_key) {
+            (Some(file), Some(server)) => Ok(ClientAuth::Identity {
+                private: read_private_key(file)?,
+                server: server.parse().map_err(|e: BadKey| {
+                    SettingsError::RelayKey(format!("relay_server_key: {e}"))
+                })?,
+                rotation: Rotation::default(),
+            }),
+            _ => relay_keys(self.relay_key.as_deref(), self.relay_key_file.as_deref())
+                .map(ClientAuth::from),
+        }
+    }
+}
+
+/// A private key from a file `prism genkey` wrote (surrounding whitespace ignored).
+pub fn read_private_key(path: &Path) -> Result<PrivateKey, SettingsError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        SettingsError::RelayKey(format!(
+            "cannot read the private key from {}: {e}",
+            path.display()
+        ))
+    })?;
+    text.parse().map_err(|_| {
+        SettingsError::RelayKey(format!(
+            "{} does not hold a private key: expected 32 bytes in base64, as `prism genkey`              writes",
+            path.display()
+        ))
+    })
 }
 
 async fn resolve(relay: &RelayUrl) -> Result<SocketAddr, SettingsError> {

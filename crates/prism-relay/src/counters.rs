@@ -35,6 +35,19 @@ prism_device::counters! {
     hellos,
     /// Hellos the server acknowledged, on the client.
     hello_acks,
+    /// Identities: handshakes answered (server) or completed (client).
+    handshakes,
+    /// Identities: sessions replaced by a newer one of the same client (key rotations).
+    rekeys,
+    /// Handshake initiations without a valid mac1: not made for this server's key.
+    drop_mac,
+    /// Handshake initiations from a client key the server does not allow.
+    drop_unknown_key,
+    /// Handshake initiations beyond the rate the server answers (1,000 a second).
+    drop_handshake_busy,
+    /// Packets dropped on the client while waiting for its first handshake (beyond the few
+    /// it holds until then).
+    drop_before_handshake,
     /// Datagrams not sent because the cipher refused to seal them (it does only for payloads
     /// beyond 256 GiB: never expected).
     seal_failed,

@@ -37,6 +37,10 @@ pub(crate) enum Kind {
     Hello = 1,
     /// One whole IP packet.
     Data = 2,
+    /// A client's handshake initiation (identities; see `identity`).
+    Initiation = 3,
+    /// The server's handshake response.
+    Response = 4,
 }
 
 /// The clear part of a datagram.
@@ -51,7 +55,7 @@ pub(crate) struct Header {
 }
 
 impl Header {
-    fn encode(&self) -> [u8; HEADER] {
+    pub(crate) fn encode(&self) -> [u8; HEADER] {
         let mut out = [0u8; HEADER];
         out[0] = VERSION;
         out[1] = self.kind as u8;
@@ -132,6 +136,16 @@ impl Keys {
     }
 }
 
+impl Keys {
+    /// The keys of one session, from a handshake's split.
+    pub(crate) fn from_split(to_server: [u8; 32], to_client: [u8; 32]) -> Keys {
+        Keys {
+            to_server: Key(XChaCha20Poly1305::new(&to_server.into())),
+            to_client: Key(XChaCha20Poly1305::new(&to_client.into())),
+        }
+    }
+}
+
 /// The cipher refused to seal a payload (it does only beyond 256 GiB): the datagram is not
 /// sent, rather than sent with a tag that authenticates nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -169,6 +183,14 @@ pub(crate) fn open(key: &Key, mut datagram: BytesMut) -> Result<(Header, Bytes),
     Ok((header, datagram.freeze().slice(HEADER..end)))
 }
 
+/// The clear header of a datagram, unauthenticated.
+pub(crate) fn peek(datagram: &[u8]) -> Result<Header, FrameError> {
+    if datagram.len() < HEADER {
+        return Err(FrameError::Truncated);
+    }
+    parse_header(datagram)
+}
+
 fn parse_header(datagram: &[u8]) -> Result<Header, FrameError> {
     let get = |range: std::ops::Range<usize>| datagram.get(range).ok_or(FrameError::Truncated);
     if get(0..1)? != [VERSION] {
@@ -177,6 +199,8 @@ fn parse_header(datagram: &[u8]) -> Result<Header, FrameError> {
     let kind = match get(1..2)? {
         [1] => Kind::Hello,
         [2] => Kind::Data,
+        [3] => Kind::Initiation,
+        [4] => Kind::Response,
         _ => return Err(FrameError::Kind),
     };
     let mut session = [0u8; 16];

@@ -22,6 +22,9 @@ mod frame;
 #[cfg(fuzzing)]
 #[doc(hidden)]
 pub mod fuzzing;
+mod identity;
+#[cfg(test)]
+mod identity_tests;
 mod refuse;
 mod replay;
 mod server;
@@ -33,10 +36,11 @@ mod udp_tests;
 
 pub use counters::{Counters, Snapshot};
 pub use frame::{KeyTooShort, Keys, OVERHEAD};
+pub use identity::{BadKey, Peer, PrivateKey, PublicKey};
 use refuse::prohibited;
 use replay::ReplayWindow;
-pub use server::Server;
+pub use server::{SESSION_LIFETIME, Server, ServerAuth};
 pub use split::dns_query;
 use split::{Route, route};
 pub use splitter::run_relay;
-pub use tunnel::{PacketTunnel, UdpTunnel};
+pub use tunnel::{ClientAuth, PacketTunnel, Rotation, UdpTunnel};

@@ -2,8 +2,17 @@
 //! (the kernel there routes and NATs them onward) and sends the replies back to the client
 //! they belong to.
 //!
-//! A client announces its tunnel addresses in a hello; an address belongs to one live session
-//! at a time. A client may only send packets from its own addresses (anti-spoofing), and the
+//! Two ways to tell clients apart ([`ServerAuth`]):
+//! - **Identities**: each client has its own key pair and the server a list of allowed client
+//!   keys with the prefixes each may use (WireGuard's cryptokey routing). A client opens each
+//!   session with a Noise handshake (`identity`); the session's first authentic datagram
+//!   confirms it and ends the client's previous session, whose keys then open nothing.
+//!   Sessions older than [`SESSION_LIFETIME`] are refused, so a client must rotate.
+//! - **A pre-shared key** shared by all clients (weaker: any holder can claim any address and
+//!   decrypt any recorded session). A client announces its tunnel addresses in a hello; an
+//!   address belongs to one live session at a time.
+//!
+//! Either way a client may only send packets from its own addresses (anti-spoofing), and the
 //! server routes replies by destination address to the session that owns it.
 
 use std::collections::HashMap;
@@ -12,34 +21,151 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use ipnet::IpNet;
 use prism_device::Link;
 use tokio::net::UdpSocket;
 use tokio::time::Instant;
 use tracing::info;
 
-use crate::frame::{self, FrameError, Header, Keys, Kind};
+use crate::frame::{self, FrameError, Header, Key, Keys, Kind};
+use crate::identity::{self, HandshakeError, Peer, PrivateKey};
 use crate::tunnel::endpoints;
 use crate::{Counters, ReplayWindow};
 
 /// A session silent this long is forgotten (its client says hello every 5 s).
 pub(crate) const SESSION_IDLE: Duration = Duration::from_secs(60);
+/// With identities, a session older than this is refused: clients rotate every 2 minutes.
+pub const SESSION_LIFETIME: Duration = Duration::from_secs(180);
+/// Handshakes the server answers per second at most (each costs four Diffie-Hellman
+/// operations), and the burst it takes at once. Beyond, initiations are dropped and counted.
+const HANDSHAKE_RATE: f64 = 1000.0;
+const HANDSHAKE_BURST: f64 = 100.0;
 const MAX_DATAGRAM: usize = 65535;
+
+/// How the server tells its clients apart.
+#[derive(Debug, Clone)]
+pub enum ServerAuth {
+    /// One pre-shared key for every client (weaker; see the module's documentation).
+    PreShared(Keys),
+    /// Each client its own key pair.
+    Identities {
+        /// The server's private key.
+        private: PrivateKey,
+        /// The clients allowed, with their addresses.
+        peers: Vec<Peer>,
+    },
+}
+
+impl From<Keys> for ServerAuth {
+    fn from(keys: Keys) -> Self {
+        ServerAuth::PreShared(keys)
+    }
+}
+
+#[derive(Debug)]
+enum Auth {
+    PreShared(Keys),
+    Identities(Identities),
+}
+
+#[derive(Debug)]
+struct Identities {
+    private: PrivateKey,
+    mac1: [u8; 32],
+    peers: Vec<PeerState>,
+    budget: Budget,
+}
+
+#[derive(Debug)]
+struct PeerState {
+    peer: Peer,
+    /// The newest initiation's timestamp accepted: older ones are replays.
+    timestamp: u64,
+    /// The confirmed session, which replies go through.
+    current: Option<[u8; 16]>,
+    /// A session handshaken but not yet confirmed by a datagram from the client.
+    next: Option<[u8; 16]>,
+}
+
+/// A token bucket for the handshakes' work.
+#[derive(Debug)]
+struct Budget {
+    tokens: f64,
+    at: Instant,
+}
+
+impl Budget {
+    fn take(&mut self, now: Instant) -> bool {
+        let refill = now.duration_since(self.at).as_secs_f64() * HANDSHAKE_RATE;
+        self.tokens = (self.tokens + refill).min(HANDSHAKE_BURST);
+        self.at = now;
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
+}
 
 #[derive(Debug)]
 struct Session {
     endpoint: SocketAddr,
+    /// Pre-shared key: the addresses its hello claimed.
     addresses: Vec<IpAddr>,
     replay: ReplayWindow,
     counter: u64,
     seen: Instant,
+    /// Identities: the session's own keys and its client (an index into the peers).
+    keys: Option<Keys>,
+    peer: usize,
+    born: Instant,
+}
+
+impl Session {
+    fn new(endpoint: SocketAddr, keys: Option<Keys>, peer: usize) -> Session {
+        let now = Instant::now();
+        Session {
+            endpoint,
+            addresses: Vec::new(),
+            replay: ReplayWindow::default(),
+            counter: 0,
+            seen: now,
+            keys,
+            peer,
+            born: now,
+        }
+    }
+
+    /// Seals a datagram to the client; `None` (counted) if the cipher refused.
+    fn seal(
+        &mut self,
+        key: &Key,
+        kind: Kind,
+        id: [u8; 16],
+        payload: &[u8],
+        c: &Counters,
+    ) -> Option<Vec<u8>> {
+        let header = Header {
+            kind,
+            session: id,
+            counter: self.counter,
+        };
+        self.counter += 1;
+        let sealed = frame::seal(key, &header, payload);
+        if sealed.is_err() {
+            Counters::bump(&c.seal_failed);
+        }
+        sealed.ok()
+    }
 }
 
 /// The relay server.
 #[derive(Debug)]
 pub struct Server {
     socket: UdpSocket,
-    keys: Keys,
+    auth: Auth,
     sessions: HashMap<[u8; 16], Session>,
+    /// Pre-shared key: which session owns each address.
     owners: HashMap<IpAddr, [u8; 16]>,
     /// Sessions that lost every address to a newer one, and when: their hellos are refused
     /// for a while, so that a replayed old hello cannot take the addresses back.
@@ -55,7 +181,7 @@ pub struct Server {
 pub(crate) enum Inbound {
     /// A packet for the TUN.
     Packet(bytes::Bytes),
-    /// An acknowledgement to send back (a hello was accepted).
+    /// A datagram to send back (a hello's acknowledgement, a handshake's response).
     Ack(Vec<u8>, SocketAddr),
     /// Nothing (counted).
     Nothing,
@@ -69,16 +195,48 @@ fn within((network, len): (IpAddr, u8), address: IpAddr) -> bool {
     ipnet::IpNet::new(network, len).is_ok_and(|net| net.contains(&address))
 }
 
+/// The peer whose allowed prefixes hold `address` most specifically.
+fn peer_for(peers: &[PeerState], address: IpAddr) -> Option<&PeerState> {
+    peers
+        .iter()
+        .filter_map(|p| {
+            let best = p.peer.allowed.iter().filter(|n| n.contains(&address));
+            best.map(IpNet::prefix_len).max().map(|len| (len, p))
+        })
+        .max_by_key(|(len, _)| *len)
+        .map(|(_, p)| p)
+}
+
 impl Server {
     /// Listens on `listen`.
     pub async fn bind(
         listen: SocketAddr,
-        keys: Keys,
+        auth: impl Into<ServerAuth>,
         counters: Arc<Counters>,
     ) -> std::io::Result<Self> {
+        let auth = match auth.into() {
+            ServerAuth::PreShared(keys) => Auth::PreShared(keys),
+            ServerAuth::Identities { private, peers } => Auth::Identities(Identities {
+                mac1: identity::mac1_key(&private.public_key()),
+                private,
+                peers: peers
+                    .into_iter()
+                    .map(|peer| PeerState {
+                        peer,
+                        timestamp: 0,
+                        current: None,
+                        next: None,
+                    })
+                    .collect(),
+                budget: Budget {
+                    tokens: HANDSHAKE_BURST,
+                    at: Instant::now(),
+                },
+            }),
+        };
         Ok(Self {
             socket: UdpSocket::bind(listen).await?,
-            keys,
+            auth,
             sessions: HashMap::new(),
             owners: HashMap::new(),
             retired: HashMap::new(),
@@ -155,8 +313,29 @@ impl Server {
     /// Checks a datagram from a client; `Some(packet)` for the TUN.
     pub(crate) fn inbound(&mut self, datagram: BytesMut, from: SocketAddr) -> Inbound {
         let c = Arc::clone(&self.counters);
-        let (header, payload) = match frame::open(&self.keys.to_server, datagram) {
-            Ok(opened) => opened,
+        let header = match frame::peek(&datagram) {
+            Ok(header) => header,
+            Err(FrameError::Truncated) => return nothing(&c.drop_truncated),
+            Err(_) => return nothing(&c.drop_version),
+        };
+        match header.kind {
+            Kind::Initiation => return self.initiation(&header, &datagram, from),
+            Kind::Response => return nothing(&c.drop_version),
+            Kind::Hello | Kind::Data => {}
+        }
+        let key = match &self.auth {
+            Auth::PreShared(keys) => keys.to_server.clone(),
+            Auth::Identities(_) => {
+                let session = self.sessions.get(&header.session);
+                let live = session.filter(|s| s.born.elapsed() <= SESSION_LIFETIME);
+                match live.and_then(|s| s.keys.as_ref()) {
+                    Some(keys) => keys.to_server.clone(),
+                    None => return nothing(&c.drop_session),
+                }
+            }
+        };
+        let payload = match frame::open(&key, datagram) {
+            Ok((_, payload)) => payload,
             Err(FrameError::Truncated) => return nothing(&c.drop_truncated),
             Err(FrameError::Version | FrameError::Kind) => return nothing(&c.drop_version),
             Err(_) => {
@@ -169,33 +348,185 @@ impl Server {
                 return nothing(&c.drop_auth);
             }
         };
-        match header.kind {
-            Kind::Hello => match self.hello(&header, &payload, from) {
+        if let Auth::PreShared(keys) = &self.auth
+            && header.kind == Kind::Hello
+        {
+            let keys = keys.clone();
+            return match self.hello(&keys, &header, &payload, from) {
                 Some(ack) => Inbound::Ack(ack, from),
                 None => Inbound::Nothing,
-            },
-            Kind::Data => {
-                let Some(session) = self.sessions.get_mut(&header.session) else {
-                    return nothing(&c.drop_session);
-                };
-                if !session.replay.accept(header.counter) {
-                    return nothing(&c.drop_replay);
-                }
-                session.endpoint = from;
-                session.seen = Instant::now();
-                let owned =
-                    endpoints(&payload).is_some_and(|(src, _)| session.addresses.contains(&src));
-                if !owned {
-                    return nothing(&c.drop_spoofed);
-                }
-                Counters::bump(&c.received);
-                Inbound::Packet(payload)
-            }
+            };
+        }
+        let Some(session) = self.sessions.get_mut(&header.session) else {
+            return nothing(&c.drop_session);
+        };
+        if !session.replay.accept(header.counter) {
+            return nothing(&c.drop_replay);
+        }
+        session.endpoint = from;
+        session.seen = Instant::now();
+        let peer = session.peer;
+        self.confirm(header.session, peer);
+        if header.kind == Kind::Hello {
+            // Identities: a keep-alive, acknowledged so the client knows the server is there.
+            let Some(session) = self.sessions.get_mut(&header.session) else {
+                return Inbound::Nothing;
+            };
+            let Some(key) = session.keys.as_ref().map(|k| k.to_client.clone()) else {
+                return Inbound::Nothing;
+            };
+            Counters::bump(&c.hellos);
+            return match session.seal(&key, Kind::Hello, header.session, &[], &c) {
+                Some(ack) => Inbound::Ack(ack, from),
+                None => Inbound::Nothing,
+            };
+        }
+        let Some(src) = endpoints(&payload).map(|(src, _)| src) else {
+            return nothing(&c.drop_spoofed);
+        };
+        let owned = match &self.auth {
+            Auth::PreShared(_) => self
+                .sessions
+                .get(&header.session)
+                .is_some_and(|s| s.addresses.contains(&src)),
+            Auth::Identities(ids) => ids
+                .peers
+                .get(peer)
+                .is_some_and(|p| p.peer.allowed.iter().any(|n| n.contains(&src))),
+        };
+        if !owned {
+            return nothing(&c.drop_spoofed);
+        }
+        Counters::bump(&c.received);
+        Inbound::Packet(payload)
+    }
+
+    /// Identities: a session's first authentic datagram makes it the client's current one,
+    /// and the previous one is forgotten (its keys open nothing from now on).
+    fn confirm(&mut self, id: [u8; 16], peer: usize) {
+        let Auth::Identities(ids) = &mut self.auth else {
+            return;
+        };
+        let Some(state) = ids.peers.get_mut(peer) else {
+            return;
+        };
+        if state.next != Some(id) {
+            return;
+        }
+        state.next = None;
+        if let Some(old) = state.current.replace(id) {
+            self.sessions.remove(&old);
+            Counters::bump(&self.counters.rekeys);
         }
     }
 
-    /// Registers a hello; the acknowledgement to send back if it was accepted.
-    fn hello(&mut self, header: &Header, payload: &[u8], from: SocketAddr) -> Option<Vec<u8>> {
+    /// Identities: a client's handshake initiation. Refused ones leave nothing behind.
+    fn initiation(&mut self, header: &Header, datagram: &[u8], from: SocketAddr) -> Inbound {
+        let c = Arc::clone(&self.counters);
+        let Auth::Identities(ids) = &mut self.auth else {
+            // A pre-shared-key server speaks no handshakes.
+            return nothing(&c.drop_version);
+        };
+        if !identity::mac1_valid(&ids.mac1, datagram) {
+            return nothing(&c.drop_mac);
+        }
+        if !ids.budget.take(Instant::now()) {
+            return nothing(&c.drop_handshake_busy);
+        }
+        let peers = &ids.peers;
+        let mut admitted = None;
+        let mut unknown = None;
+        let accepted = identity::respond(&ids.private, header, datagram, |key, timestamp| {
+            let Some(index) = peers.iter().position(|p| p.peer.key == *key) else {
+                unknown = Some(*key);
+                return Err(HandshakeError::UnknownKey);
+            };
+            if peers.get(index).is_none_or(|p| timestamp <= p.timestamp) {
+                return Err(HandshakeError::Replay);
+            }
+            admitted = Some(index);
+            Ok(())
+        });
+        let (accepted, index) = match (accepted, admitted) {
+            (Ok(accepted), Some(index)) => (accepted, index),
+            (Err(HandshakeError::UnknownKey), _) => {
+                let key = unknown.map(|k| k.to_string()).unwrap_or_default();
+                self.warn_once(format!("unknown {}", from.ip()), || {
+                    format!(
+                        "a handshake from {from} with the client key {key}, which this server \
+                         does not allow: add it with --peer {key},ADDRESS/PREFIX"
+                    )
+                });
+                return nothing(&c.drop_unknown_key);
+            }
+            (Err(HandshakeError::Replay), _) => return nothing(&c.drop_replay),
+            _ => return nothing(&c.drop_auth),
+        };
+        if self.sessions.contains_key(&header.session) {
+            // A fresh timestamp on a session id in use: a client bug; refused.
+            return nothing(&c.drop_session);
+        }
+        let Some(state) = ids.peers.get_mut(index) else {
+            return Inbound::Nothing;
+        };
+        state.timestamp = accepted.timestamp;
+        let superseded = state.next.replace(header.session);
+        let allowed = state.peer.allowed.clone();
+        let client = accepted.client;
+        if let Some(old) = superseded {
+            self.sessions.remove(&old);
+        }
+        self.sessions.insert(
+            header.session,
+            Session::new(from, Some(accepted.keys), index),
+        );
+        let claimed = frame::decode_addresses(&accepted.payload).unwrap_or_default();
+        let refused: Vec<IpAddr> = claimed
+            .iter()
+            .copied()
+            .filter(|a| !allowed.iter().any(|n| n.contains(a)))
+            .collect();
+        if !refused.is_empty() {
+            self.warn_once(format!("refused {client}"), || {
+                format!(
+                    "client {client} at {from} uses {refused:?}, which its --peer does not \
+                     allow ({allowed:?}): its packets from them are dropped"
+                )
+            });
+        }
+        self.warn_outside(&claimed, from);
+        info!(client = %from, key = %client, "relay session (handshake)");
+        Counters::bump(&c.handshakes);
+        Inbound::Ack(accepted.response, from)
+    }
+
+    /// Warns when a client's addresses fall outside the server's prefixes.
+    fn warn_outside(&mut self, addresses: &[IpAddr], from: SocketAddr) {
+        let outside: Vec<IpAddr> = addresses
+            .iter()
+            .copied()
+            .filter(|a| !self.prefixes.is_empty() && !self.prefixes.iter().any(|p| within(*p, *a)))
+            .collect();
+        if !outside.is_empty() {
+            let prefixes = self.prefixes.clone();
+            self.warn_once(format!("outside {from}"), || {
+                format!(
+                    "client {from} uses {outside:?}, outside this server's prefixes \
+                     {prefixes:?}: replies to it cannot be routed; give the server an --address \
+                     covering them"
+                )
+            });
+        }
+    }
+
+    /// Pre-shared key: registers a hello; the acknowledgement to send back if it was accepted.
+    fn hello(
+        &mut self,
+        keys: &Keys,
+        header: &Header,
+        payload: &[u8],
+        from: SocketAddr,
+    ) -> Option<Vec<u8>> {
         let c = Arc::clone(&self.counters);
         let Some(addresses) = frame::decode_addresses(payload) else {
             Counters::bump(&c.drop_version);
@@ -236,13 +567,7 @@ impl Server {
         }
         let session = self.sessions.entry(header.session).or_insert_with(|| {
             info!(client = %from, ?addresses, "relay session");
-            Session {
-                endpoint: from,
-                addresses: Vec::new(),
-                replay: ReplayWindow::default(),
-                counter: 0,
-                seen: Instant::now(),
-            }
+            Session::new(from, None, 0)
         });
         if !session.replay.accept(header.counter) {
             Counters::bump(&c.drop_replay);
@@ -251,74 +576,49 @@ impl Server {
         session.endpoint = from;
         session.seen = Instant::now();
         // The acknowledgement tells the client the server is there and shares its key.
-        let sealed = frame::seal(
-            &self.keys.to_client,
-            &Header {
-                kind: Kind::Hello,
-                session: header.session,
-                counter: session.counter,
-            },
-            &[],
-        );
-        let Ok(ack) = sealed else {
-            Counters::bump(&c.seal_failed);
-            return None;
-        };
-        session.counter += 1;
+        let ack = session.seal(&keys.to_client, Kind::Hello, header.session, &[], &c)?;
         for old in std::mem::replace(&mut session.addresses, addresses.clone()) {
             self.owners.remove(&old);
         }
-        let outside: Vec<IpAddr> = addresses
-            .iter()
-            .copied()
-            .filter(|a| !self.prefixes.is_empty() && !self.prefixes.iter().any(|p| within(*p, *a)))
-            .collect();
-        for address in addresses {
-            self.owners.insert(address, header.session);
+        for address in &addresses {
+            self.owners.insert(*address, header.session);
         }
-        if !outside.is_empty() {
-            let prefixes = self.prefixes.clone();
-            self.warn_once(format!("outside {from}"), || {
-                format!(
-                    "client {from} uses {outside:?}, outside this server's prefixes \
-                     {prefixes:?}: replies to it cannot be routed; give the server an --address \
-                     covering them"
-                )
-            });
-        }
+        self.warn_outside(&addresses, from);
         Counters::bump(&c.hellos);
         Some(ack)
     }
 
     /// Sends a packet from the TUN to the client that owns its destination.
     async fn outbound(&mut self, packet: &[u8]) {
-        let Self {
-            socket,
-            keys,
-            sessions,
-            owners,
-            counters,
-            ..
-        } = self;
-        let owner = endpoints(packet).and_then(|(_, dst)| owners.get(&dst));
-        let Some((id, session)) = owner.and_then(|id| sessions.get_mut(id).map(|s| (*id, s)))
-        else {
-            Counters::bump(&counters.drop_no_session);
+        let c = Arc::clone(&self.counters);
+        let destination = endpoints(packet).map(|(_, dst)| dst);
+        let owner = destination.and_then(|dst| match &self.auth {
+            Auth::PreShared(_) => self.owners.get(&dst).copied(),
+            Auth::Identities(ids) => peer_for(&ids.peers, dst).and_then(|p| p.current),
+        });
+        let session = owner.and_then(|id| self.sessions.get_mut(&id).map(|s| (id, s)));
+        let Some((id, session)) = session else {
+            Counters::bump(&c.drop_no_session);
             return;
         };
-        let header = Header {
-            kind: Kind::Data,
-            session: id,
-            counter: session.counter,
+        let key = match (&self.auth, &session.keys) {
+            (Auth::PreShared(keys), _) => keys.to_client.clone(),
+            (Auth::Identities(_), Some(keys)) => keys.to_client.clone(),
+            (Auth::Identities(_), None) => return,
         };
-        session.counter += 1;
-        let Ok(datagram) = frame::seal(&keys.to_client, &header, packet) else {
-            Counters::bump(&counters.seal_failed);
+        let Some(datagram) = session.seal(&key, Kind::Data, id, packet, &c) else {
             return;
         };
-        if socket.send_to(&datagram, session.endpoint).await.is_ok() {
-            Counters::bump(&counters.sent);
+        let endpoint = session.endpoint;
+        if self.socket.send_to(&datagram, endpoint).await.is_ok() {
+            Counters::bump(&c.sent);
         }
+    }
+
+    /// How many sessions the server holds.
+    #[cfg(test)]
+    pub(crate) fn sessions_for_tests(&self) -> usize {
+        self.sessions.len()
     }
 
     fn forget_idle(&mut self) {
@@ -328,7 +628,10 @@ impl Server {
         let idle: Vec<[u8; 16]> = self
             .sessions
             .iter()
-            .filter(|(_, s)| now.duration_since(s.seen) > SESSION_IDLE)
+            .filter(|(_, s)| {
+                now.duration_since(s.seen) > SESSION_IDLE
+                    || (s.keys.is_some() && now.duration_since(s.born) > SESSION_LIFETIME)
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in idle {
@@ -336,6 +639,12 @@ impl Server {
                 for address in session.addresses {
                     self.owners.remove(&address);
                 }
+            }
+        }
+        if let Auth::Identities(ids) = &mut self.auth {
+            for state in &mut ids.peers {
+                state.current = state.current.filter(|id| self.sessions.contains_key(id));
+                state.next = state.next.filter(|id| self.sessions.contains_key(id));
             }
         }
     }

@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::frame::{self, FrameError, Header, Keys, Kind};
+use crate::identity::{self, Initiation, PrivateKey, PublicKey};
 use crate::{Counters, ReplayWindow};
 
 /// How often a client repeats its hello (it also keeps NAT mappings open).
@@ -36,16 +37,92 @@ pub trait PacketTunnel: Send + Sync + 'static {
     fn recv(&self) -> impl Future<Output = io::Result<Bytes>> + Send;
 }
 
+/// How a client proves who it is to the relay server.
+#[derive(Debug, Clone)]
+pub enum ClientAuth {
+    /// The key every client shares (weaker; see [`crate::Server`]).
+    PreShared(Keys),
+    /// The client's own key pair and the server's public key: sessions from Noise handshakes.
+    Identity {
+        /// The client's private key.
+        private: PrivateKey,
+        /// The server's public key.
+        server: PublicKey,
+        /// When to open a new session.
+        rotation: Rotation,
+    },
+}
+
+impl From<Keys> for ClientAuth {
+    fn from(keys: Keys) -> Self {
+        ClientAuth::PreShared(keys)
+    }
+}
+
+/// When a client with an identity replaces its session (and so its keys) by a new handshake:
+/// after a time or a number of datagrams sent, whichever comes first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rotation {
+    /// Age of a session; at most two minutes, as the server refuses sessions older than
+    /// [`crate::SESSION_LIFETIME`].
+    pub after: Duration,
+    /// Datagrams sent in a session.
+    pub packets: u64,
+}
+
+/// The longest a session lives before the client rotates it.
+const ROTATE_BEFORE: Duration = Duration::from_secs(120);
+
+impl Default for Rotation {
+    fn default() -> Self {
+        Rotation {
+            after: ROTATE_BEFORE,
+            packets: 1 << 30,
+        }
+    }
+}
+
+/// The session a client seals with.
+#[derive(Debug)]
+struct Sending {
+    session: [u8; 16],
+    keys: Keys,
+    counter: AtomicU64,
+    born: std::time::Instant,
+}
+
+/// A session a client opens datagrams of.
+#[derive(Debug)]
+struct Opening {
+    session: [u8; 16],
+    keys: Keys,
+    replay: ReplayWindow,
+}
+
+/// An identity's keys and rotation.
+#[derive(Debug)]
+struct Identity {
+    private: PrivateKey,
+    server: PublicKey,
+    rotation: Rotation,
+}
+
 /// The client end of the UDP relay.
 #[derive(Debug)]
 pub struct UdpTunnel {
     socket: UdpSocket,
-    keys: Keys,
-    session: [u8; 16],
-    counter: AtomicU64,
+    identity: Option<Identity>,
+    /// The session datagrams are sealed in; `None` until the first handshake completes.
+    sending: Mutex<Option<Arc<Sending>>>,
+    /// The sessions datagrams are accepted from: the newest, and the one before it until the
+    /// server is heard in the newest.
+    opening: Mutex<Vec<Opening>>,
+    /// A handshake in flight, and when it was sent.
+    pending: Mutex<Option<(Initiation, std::time::Instant)>>,
+    /// Packets sent before the first handshake completed, sent when it does.
+    staged: Mutex<Vec<Bytes>>,
     hello: Vec<u8>,
     addresses: Vec<IpAddr>,
-    replay: Mutex<ReplayWindow>,
     arena: tokio::sync::Mutex<BytesMut>,
     counters: Arc<Counters>,
     server: SocketAddr,
@@ -56,13 +133,30 @@ pub struct UdpTunnel {
 
 /// Hellos sent and nothing authentic back for this long: the relay is silent.
 const SILENCE: Duration = Duration::from_secs(10);
+/// A handshake unanswered this long is sent again (with a new session and ephemeral key).
+const HANDSHAKE_RETRY: Duration = Duration::from_secs(5);
+/// Packets held until the first handshake completes.
+const STAGED: usize = 64;
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Nothing panics while holding these locks; if something did, the data is still whole.
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn random_session() -> [u8; 16] {
+    let mut session = [0u8; 16];
+    OsRng.fill_bytes(&mut session);
+    session
+}
 
 impl UdpTunnel {
     /// Opens a session with the relay server at `server`, for a client whose tunnel addresses
-    /// are `addresses`, and sends the first hello.
+    /// are `addresses`: sends the first hello (pre-shared key) or handshake (identity).
     pub async fn connect(
         server: SocketAddr,
-        keys: Keys,
+        auth: impl Into<ClientAuth>,
         addresses: Vec<IpAddr>,
         outside: &Outside,
         counters: Arc<Counters>,
@@ -82,67 +176,189 @@ impl UdpTunnel {
         outside.prepare(&socket)?;
         let socket = UdpSocket::from_std(socket.into())?;
         socket.connect(server).await?;
-        let mut session = [0u8; 16];
-        OsRng.fill_bytes(&mut session);
+        let (identity, sending, opening) = match auth.into() {
+            ClientAuth::PreShared(keys) => {
+                let session = random_session();
+                let opening = Opening {
+                    session,
+                    keys: keys.clone(),
+                    replay: ReplayWindow::default(),
+                };
+                let sending = Sending {
+                    session,
+                    keys,
+                    counter: AtomicU64::new(0),
+                    born: std::time::Instant::now(),
+                };
+                (None, Some(Arc::new(sending)), vec![opening])
+            }
+            ClientAuth::Identity {
+                private,
+                server,
+                rotation,
+            } => {
+                let rotation = Rotation {
+                    after: rotation.after.min(ROTATE_BEFORE),
+                    packets: rotation.packets.max(1),
+                };
+                let identity = Identity {
+                    private,
+                    server,
+                    rotation,
+                };
+                (Some(identity), None, Vec::new())
+            }
+        };
         let tunnel = Arc::new(UdpTunnel {
             socket,
-            keys,
-            session,
-            counter: AtomicU64::new(0),
+            identity,
+            sending: Mutex::new(sending),
+            opening: Mutex::new(opening),
+            pending: Mutex::new(None),
+            staged: Mutex::new(Vec::new()),
             hello: frame::encode_addresses(&addresses),
             addresses,
-            replay: Mutex::new(ReplayWindow::default()),
             arena: tokio::sync::Mutex::new(BytesMut::new()),
             counters,
             server,
             heard: Mutex::new(std::time::Instant::now()),
         });
-        tunnel.say_hello().await?;
+        if tunnel.identity.is_some() {
+            tunnel.rotate_if_due().await?;
+        } else {
+            tunnel.say_hello().await?;
+        }
         Ok(tunnel)
     }
 
-    async fn say_hello(&self) -> io::Result<()> {
-        let datagram = self.seal(Kind::Hello, &self.hello)?;
-        self.socket.send(&datagram).await.map(|_| ())
+    /// Identity: a handshake initiation for a new session, now in flight (a lost one is sent
+    /// again after [`HANDSHAKE_RETRY`]).
+    fn initiation(&self) -> io::Result<Option<Vec<u8>>> {
+        let Some(identity) = &self.identity else {
+            return Ok(None);
+        };
+        let session = random_session();
+        let (initiation, datagram) = identity::initiate(
+            &identity.private,
+            &identity.server,
+            session,
+            identity::now_timestamp(),
+            &self.hello,
+        )
+        .map_err(io::Error::other)?;
+        *lock(&self.pending) = Some((initiation, std::time::Instant::now()));
+        Ok(Some(datagram))
     }
 
-    /// Seals a datagram of this session; a failure is counted and is an error.
-    fn seal(&self, kind: Kind, payload: &[u8]) -> io::Result<Vec<u8>> {
+    /// Identity: whether a handshake is due: the session is due for rotation (or there is
+    /// none) and none is in flight, or the one in flight went unanswered too long.
+    fn handshake_due(&self) -> bool {
+        let Some(identity) = &self.identity else {
+            return false;
+        };
+        let due = lock(&self.sending).as_ref().is_none_or(|s| {
+            s.born.elapsed() >= identity.rotation.after
+                || s.counter.load(Ordering::Relaxed) >= identity.rotation.packets
+        });
+        let waiting = lock(&self.pending)
+            .as_ref()
+            .is_some_and(|(_, sent)| sent.elapsed() < HANDSHAKE_RETRY);
+        due && !waiting
+    }
+
+    /// Identity: sends a handshake initiation if one is due.
+    async fn rotate_if_due(&self) -> io::Result<()> {
+        if !self.handshake_due() {
+            return Ok(());
+        }
+        match self.initiation()? {
+            Some(datagram) => self.socket.send(&datagram).await.map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
+    /// The same from the send path, which cannot wait: if the socket is not ready, the
+    /// keep-alive task tries again within a second.
+    fn rotate_now(&self) {
+        if !self.handshake_due() {
+            return;
+        }
+        if let Ok(Some(datagram)) = self.initiation()
+            && self.socket.try_send(&datagram).is_err()
+        {
+            *lock(&self.pending) = None;
+        }
+    }
+
+    async fn say_hello(&self) -> io::Result<()> {
+        let payload = if self.identity.is_some() {
+            &[][..]
+        } else {
+            &self.hello[..]
+        };
+        match self.seal(Kind::Hello, payload)? {
+            Some(datagram) => self.socket.send(&datagram).await.map(|_| ()),
+            None => Ok(()),
+        }
+    }
+
+    /// Seals a datagram of the current session; `None` before the first handshake. A failure
+    /// is counted and is an error.
+    fn seal(&self, kind: Kind, payload: &[u8]) -> io::Result<Option<Vec<u8>>> {
+        let Some(sending) = lock(&self.sending).clone() else {
+            return Ok(None);
+        };
+        let counter = sending.counter.fetch_add(1, Ordering::Relaxed);
+        if let Some(identity) = &self.identity
+            && counter + 1 == identity.rotation.packets
+        {
+            self.rotate_now();
+        }
         let header = Header {
             kind,
-            session: self.session,
-            counter: self.counter.fetch_add(1, Ordering::Relaxed),
+            session: sending.session,
+            counter,
         };
-        frame::seal(&self.keys.to_server, &header, payload).map_err(|error| {
-            Counters::bump(&self.counters.seal_failed);
-            io::Error::other(error)
-        })
+        frame::seal(&sending.keys.to_server, &header, payload)
+            .map(Some)
+            .map_err(|error| {
+                Counters::bump(&self.counters.seal_failed);
+                io::Error::other(error)
+            })
     }
 
-    /// Repeats the hello every 5 s, so a restarted server learns the session
-    /// again and NAT mappings stay open.
+    /// Repeats the hello every 5 s, so a restarted server learns the session again and NAT
+    /// mappings stay open; with an identity, also rotates the session when it is due.
     pub fn keep_alive(self: &Arc<Self>) -> JoinHandle<()> {
         let tunnel = Arc::clone(self);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(HELLO_INTERVAL);
+            let step = match &tunnel.identity {
+                Some(identity) => (identity.rotation.after / 4)
+                    .clamp(Duration::from_millis(10), Duration::from_secs(1)),
+                None => HELLO_INTERVAL,
+            };
+            let mut tick = tokio::time::interval(step);
             tick.tick().await;
+            let mut said = tokio::time::Instant::now();
             let mut silent = false;
             loop {
                 tick.tick().await;
-                if let Err(error) = tunnel.say_hello().await {
-                    debug!(%error, "relay hello not sent");
+                if let Err(error) = tunnel.rotate_if_due().await {
+                    debug!(%error, "relay handshake not sent");
                 }
-                let quiet = tunnel
-                    .heard
-                    .lock()
-                    .map(|heard| heard.elapsed())
-                    .unwrap_or_default();
+                if said.elapsed() >= HELLO_INTERVAL {
+                    said = tokio::time::Instant::now();
+                    if let Err(error) = tunnel.say_hello().await {
+                        debug!(%error, "relay hello not sent");
+                    }
+                }
+                let quiet = lock(&tunnel.heard).elapsed();
                 if quiet >= SILENCE && !silent {
                     silent = true;
                     warn!(
-                        "the relay {} is silent: hellos sent for {}s and nothing authentic back \
-                         (a wrong key, a wrong address, or the server is down); non-TCP traffic \
-                         is not getting through",
+                        "the relay {} is silent: nothing authentic back for {}s (a wrong key, \
+                         a client key the server does not allow, a wrong address, or the server \
+                         is down); non-TCP traffic is not getting through",
                         tunnel.server,
                         quiet.as_secs()
                     );
@@ -154,29 +370,95 @@ impl UdpTunnel {
         })
     }
 
+    /// Identity: the server's answer to the handshake in flight makes a new session current.
+    fn complete(&self, header: &Header, datagram: &[u8]) {
+        let c = &self.counters;
+        let pending = lock(&self.pending).take_if(|(i, _)| i.session == header.session);
+        let Some((initiation, _)) = pending else {
+            Counters::bump(&c.drop_session);
+            return;
+        };
+        let Ok(keys) = identity::complete(initiation, datagram) else {
+            Counters::bump(&c.drop_auth);
+            return;
+        };
+        let sending = Sending {
+            session: header.session,
+            keys: keys.clone(),
+            counter: AtomicU64::new(0),
+            born: std::time::Instant::now(),
+        };
+        let previous = lock(&self.sending).replace(Arc::new(sending));
+        {
+            let mut opening = lock(&self.opening);
+            opening.push(Opening {
+                session: header.session,
+                keys,
+                replay: ReplayWindow::default(),
+            });
+            let excess = opening.len().saturating_sub(2);
+            opening.drain(..excess);
+        }
+        Counters::bump(&c.handshakes);
+        if previous.is_some() {
+            Counters::bump(&c.rekeys);
+        } else {
+            info!("relay session with {} (handshake)", self.server);
+        }
+        *lock(&self.heard) = std::time::Instant::now();
+        // A keep-alive confirms the session to the server at once; then what waited for it.
+        let staged = std::mem::take(&mut *lock(&self.staged));
+        let hello = self.seal(Kind::Hello, &[]);
+        let datagrams = std::iter::once(hello)
+            .chain(staged.iter().map(|p| self.seal(Kind::Data, p)))
+            .filter_map(|d| d.ok().flatten());
+        for (i, datagram) in datagrams.enumerate() {
+            match self.socket.try_send(&datagram) {
+                Ok(_) if i > 0 => Counters::bump(&c.sent),
+                Ok(_) => {}
+                Err(_) => Counters::bump(&c.drop_before_handshake),
+            }
+        }
+    }
+
     /// Checks one received datagram; `Some(packet)` if it is to be delivered.
     pub(crate) fn accept(&self, datagram: BytesMut) -> Option<Bytes> {
         let c = &self.counters;
-        let (header, packet) = match frame::open(&self.keys.to_client, datagram) {
-            Ok(opened) => opened,
+        let header = match frame::peek(&datagram) {
+            Ok(header) => header,
             Err(FrameError::Truncated) => return bump(&c.drop_truncated),
-            Err(FrameError::Version | FrameError::Kind) => return bump(&c.drop_version),
-            Err(_) => return bump(&c.drop_auth),
+            Err(_) => return bump(&c.drop_version),
         };
-        if header.session != self.session {
-            return bump(&c.drop_session);
+        match header.kind {
+            Kind::Response if self.identity.is_some() => {
+                self.complete(&header, &datagram);
+                return None;
+            }
+            Kind::Response | Kind::Initiation => return bump(&c.drop_version),
+            Kind::Hello | Kind::Data => {}
         }
-        let fresh = self
-            .replay
-            .lock()
-            .map(|mut w| w.accept(header.counter))
-            .unwrap_or(false);
-        if !fresh {
-            return bump(&c.drop_replay);
-        }
-        if let Ok(mut heard) = self.heard.lock() {
-            *heard = std::time::Instant::now();
-        }
+        let packet = {
+            let mut opening = lock(&self.opening);
+            let Some(index) = opening.iter().position(|o| o.session == header.session) else {
+                return bump(&c.drop_session);
+            };
+            let session = opening.get_mut(index)?;
+            let packet = match frame::open(&session.keys.to_client, datagram) {
+                Ok((_, packet)) => packet,
+                Err(FrameError::Truncated) => return bump(&c.drop_truncated),
+                Err(FrameError::Version | FrameError::Kind) => return bump(&c.drop_version),
+                Err(_) => return bump(&c.drop_auth),
+            };
+            if !session.replay.accept(header.counter) {
+                return bump(&c.drop_replay);
+            }
+            // The server speaks in the newest session: the older one is over.
+            if index + 1 == opening.len() {
+                opening.drain(..index);
+            }
+            packet
+        };
+        *lock(&self.heard) = std::time::Instant::now();
         if header.kind == Kind::Hello {
             // The server's acknowledgement: it is there and shares the key.
             return bump(&c.hello_acks);
@@ -217,7 +499,26 @@ fn destination(packet: &[u8]) -> Option<IpAddr> {
 
 impl PacketTunnel for UdpTunnel {
     async fn send(&self, packet: Bytes) -> io::Result<()> {
-        let datagram = self.seal(Kind::Data, &packet)?;
+        let sealed = match self.seal(Kind::Data, &packet)? {
+            Some(datagram) => Some(datagram),
+            None => {
+                // No session yet: held until the first handshake completes, or counted. Under
+                // the lock `complete` takes them with, so none is left behind.
+                let mut staged = lock(&self.staged);
+                let again = self.seal(Kind::Data, &packet)?;
+                if again.is_none() {
+                    if staged.len() < STAGED {
+                        staged.push(packet.clone());
+                    } else {
+                        Counters::bump(&self.counters.drop_before_handshake);
+                    }
+                }
+                again
+            }
+        };
+        let Some(datagram) = sealed else {
+            return Ok(());
+        };
         self.socket.send(&datagram).await?;
         Counters::bump(&self.counters.sent);
         Ok(())

@@ -1,0 +1,516 @@
+//! Relay identities: every client has its own X25519 key pair, the server a list of the client
+//! keys it allows and the addresses each may use (WireGuard's cryptokey routing). A session's
+//! keys come from a Noise IK handshake (the `snow` crate) with fresh ephemeral keys on both
+//! sides, so a stolen static key decrypts no recorded session (forward secrecy).
+//!
+//! ```text
+//!  initiation: header (kind 3, the new session id, counter 0) | Noise IK message 1 | mac1
+//!  response:   header (kind 4, the same session id, counter 0) | Noise IK message 2
+//! ```
+//!
+//! The initiation's payload, encrypted to the server, is a timestamp (nanoseconds since the Unix
+//! epoch, big-endian; the server takes only newer ones per client, so a replayed initiation does
+//! nothing) followed by the client's tunnel addresses. The header is the handshake's prologue,
+//! so the session id is authenticated too. `mac1` is a keyed BLAKE2s-128 of everything before
+//! it, keyed with a hash of the server's public key, as in WireGuard: the server rejects a
+//! datagram without it for the price of one hash, before any Diffie-Hellman and without keeping
+//! anything. Both directions' data keys are Noise's split of the handshake; datagrams after the
+//! handshake are `frame`'s, sealed under them. Pure: the caller moves the datagrams.
+
+use std::fmt;
+use std::str::FromStr;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use blake2::digest::consts::U16;
+use blake2::digest::{FixedOutput, KeyInit, Mac};
+use blake2::{Blake2s256, Blake2sMac, Digest};
+use ipnet::IpNet;
+
+use crate::frame::{HEADER, Header, Keys, Kind};
+
+/// Noise protocol: IK (the client knows the server's static key in advance and sends its own
+/// encrypted in the first message), Curve25519, ChaCha20-Poly1305, BLAKE2s, as WireGuard.
+const PATTERN: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
+const PROLOGUE: &[u8] = b"prism relay identities 1";
+const MAC1_LABEL: &[u8] = b"prism relay mac1";
+/// Bytes of mac1.
+const MAC: usize = 16;
+/// Longest handshake message handled (Noise's own limit).
+const MAX_MESSAGE: usize = 65535;
+/// Bytes of the initiation's timestamp.
+const TIMESTAMP: usize = 8;
+
+/// A key that is not one: not base64, or not 32 bytes once decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0} is not a key: expected 32 bytes in base64 (44 characters), as `prism genkey` writes")]
+pub struct BadKey(String);
+
+/// An X25519 private key.
+#[derive(Clone)]
+pub struct PrivateKey([u8; 32]);
+
+impl fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PrivateKey(..)")
+    }
+}
+
+impl PrivateKey {
+    /// A fresh random key; `None` if the operating system has no randomness to give.
+    pub fn generate() -> Option<PrivateKey> {
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).ok()?;
+        Some(PrivateKey(key))
+    }
+
+    /// The public key that goes with it.
+    pub fn public_key(&self) -> PublicKey {
+        PublicKey(curve25519_dalek::MontgomeryPoint::mul_base_clamped(self.0).to_bytes())
+    }
+
+    /// The key in base64, for a key file.
+    pub fn to_base64(&self) -> String {
+        BASE64.encode(self.0)
+    }
+}
+
+impl FromStr for PrivateKey {
+    type Err = BadKey;
+    fn from_str(s: &str) -> Result<Self, BadKey> {
+        decode(s, "the private key").map(PrivateKey)
+    }
+}
+
+/// An X25519 public key; shown in base64.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct PublicKey([u8; 32]);
+
+impl fmt::Display for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&BASE64.encode(self.0))
+    }
+}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey({self})")
+    }
+}
+
+impl FromStr for PublicKey {
+    type Err = BadKey;
+    fn from_str(s: &str) -> Result<Self, BadKey> {
+        decode(s, &format!("{s:?}")).map(PublicKey)
+    }
+}
+
+fn decode(s: &str, what: &str) -> Result<[u8; 32], BadKey> {
+    BASE64
+        .decode(s.trim())
+        .ok()
+        .and_then(|bytes| bytes.try_into().ok())
+        .ok_or_else(|| BadKey(what.to_owned()))
+}
+
+/// A client the server allows: its public key and the prefixes its packets may come from
+/// (and replies to which go to it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// The client's public key.
+    pub key: PublicKey,
+    /// The addresses it may use.
+    pub allowed: Vec<IpNet>,
+}
+
+/// A peer as `KEY,CIDR[,CIDR...]` (the key's base64 has no commas).
+impl FromStr for Peer {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut parts = s.split(',');
+        let key = parts.next().unwrap_or_default().parse::<PublicKey>();
+        let key = key.map_err(|e| e.to_string())?;
+        let allowed = parts
+            .map(|p| {
+                p.trim()
+                    .parse::<IpNet>()
+                    .map_err(|_| format!("bad CIDR {p:?} in peer {s:?}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        if allowed.is_empty() {
+            return Err(format!(
+                "peer {s:?} allows no address; expected KEY,CIDR[,CIDR...] such as \
+                 KEY,10.99.0.2/32,fd99::2/128"
+            ));
+        }
+        Ok(Peer { key, allowed })
+    }
+}
+
+/// Why a handshake message was refused. Each is a counted drop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum HandshakeError {
+    /// Not a well-formed Noise message under these keys.
+    #[error("the handshake does not authenticate")]
+    Noise,
+    /// A client key the server does not allow.
+    #[error("unknown client key")]
+    UnknownKey,
+    /// A timestamp not newer than the last one of this client: a replay.
+    #[error("replayed initiation")]
+    Replay,
+}
+
+fn noise() -> snow::Builder<'static> {
+    // The pattern is a constant that parses; a failure would show in every test.
+    snow::Builder::new(PATTERN.parse().unwrap_or_else(|_| unreachable!()))
+}
+
+/// The key mac1 is made with: a hash of the server's public key, so anyone who knows the
+/// server's public key can make it and nobody else.
+pub(crate) fn mac1_key(server: &PublicKey) -> [u8; 32] {
+    let mut hash = Blake2s256::new();
+    hash.update(MAC1_LABEL);
+    hash.update(server.0);
+    hash.finalize().into()
+}
+
+fn mac1(key: &[u8; 32], message: &[u8]) -> [u8; MAC] {
+    // BLAKE2s takes keys of up to 32 bytes: this one always fits.
+    let mut mac =
+        <Blake2sMac<U16> as KeyInit>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
+    mac.update(message);
+    mac.finalize_fixed().into()
+}
+
+/// Whether `datagram` ends in a valid mac1 under `key` (constant time).
+pub(crate) fn mac1_valid(key: &[u8; 32], datagram: &[u8]) -> bool {
+    let Some(split) = datagram.len().checked_sub(MAC) else {
+        return false;
+    };
+    let (message, tag) = datagram.split_at(split);
+    let Ok(mut mac) = <Blake2sMac<U16> as KeyInit>::new_from_slice(key) else {
+        return false;
+    };
+    mac.update(message);
+    mac.verify_slice(tag).is_ok()
+}
+
+fn prologue(header: &[u8; HEADER]) -> Vec<u8> {
+    [PROLOGUE, header].concat()
+}
+
+/// A client's handshake in flight.
+pub(crate) struct Initiation {
+    state: snow::HandshakeState,
+    /// The session it opens.
+    pub session: [u8; 16],
+}
+
+impl fmt::Debug for Initiation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Initiation").finish_non_exhaustive()
+    }
+}
+
+/// Starts a handshake for `session`: the initiation datagram to send. `payload` follows the
+/// timestamp, encrypted to the server.
+pub(crate) fn initiate(
+    local: &PrivateKey,
+    server: &PublicKey,
+    session: [u8; 16],
+    timestamp: u64,
+    payload: &[u8],
+) -> Result<(Initiation, Vec<u8>), HandshakeError> {
+    let header = Header {
+        kind: Kind::Initiation,
+        session,
+        counter: 0,
+    }
+    .encode();
+    let prologue = prologue(&header);
+    let mut state = noise()
+        .local_private_key(&local.0)
+        .and_then(|b| b.remote_public_key(&server.0))
+        .and_then(|b| b.prologue(&prologue))
+        .and_then(snow::Builder::build_initiator)
+        .map_err(|_| HandshakeError::Noise)?;
+    let clear = [&timestamp.to_be_bytes()[..], payload].concat();
+    let mut message = vec![0u8; MAX_MESSAGE];
+    let n = state
+        .write_message(&clear, &mut message)
+        .map_err(|_| HandshakeError::Noise)?;
+    message.truncate(n);
+    let mut datagram = [&header[..], &message].concat();
+    let mac = mac1(&mac1_key(server), &datagram);
+    datagram.extend_from_slice(&mac);
+    Ok((Initiation { state, session }, datagram))
+}
+
+/// Finishes a handshake with the server's response: the session's keys.
+pub(crate) fn complete(
+    mut initiation: Initiation,
+    datagram: &[u8],
+) -> Result<Keys, HandshakeError> {
+    let header = Header {
+        kind: Kind::Response,
+        session: initiation.session,
+        counter: 0,
+    }
+    .encode();
+    if datagram.get(..HEADER) != Some(&header[..]) {
+        return Err(HandshakeError::Noise);
+    }
+    let message = datagram.get(HEADER..).unwrap_or_default();
+    let mut payload = vec![0u8; MAX_MESSAGE];
+    initiation
+        .state
+        .read_message(message, &mut payload)
+        .map_err(|_| HandshakeError::Noise)?;
+    split(&mut initiation.state)
+}
+
+fn split(state: &mut snow::HandshakeState) -> Result<Keys, HandshakeError> {
+    if !state.is_handshake_finished() {
+        return Err(HandshakeError::Noise);
+    }
+    let (initiator_to_responder, responder_to_initiator) = state.dangerously_get_raw_split();
+    Ok(Keys::from_split(
+        initiator_to_responder,
+        responder_to_initiator,
+    ))
+}
+
+/// An initiation the server accepted.
+#[derive(Debug)]
+pub(crate) struct Accepted {
+    /// The client's public key.
+    pub client: PublicKey,
+    /// The initiation's timestamp.
+    pub timestamp: u64,
+    /// What followed it (the client's addresses).
+    pub payload: Vec<u8>,
+    /// The new session's keys.
+    pub keys: Keys,
+    /// The response datagram to send back.
+    pub response: Vec<u8>,
+}
+
+/// The server's side of a handshake. `datagram` is a whole initiation whose mac1 the caller
+/// checked; `admit` decides on the client's key and timestamp before the server does the rest
+/// of the work (only two of the four Diffie-Hellman operations are spent on a refused key).
+pub(crate) fn respond(
+    local: &PrivateKey,
+    header: &Header,
+    datagram: &[u8],
+    admit: impl FnOnce(&PublicKey, u64) -> Result<(), HandshakeError>,
+) -> Result<Accepted, HandshakeError> {
+    let end = datagram.len().saturating_sub(MAC);
+    let message = datagram.get(HEADER..end).ok_or(HandshakeError::Noise)?;
+    let prologue = prologue(&header.encode());
+    let mut state = noise()
+        .local_private_key(&local.0)
+        .and_then(|b| b.prologue(&prologue))
+        .and_then(snow::Builder::build_responder)
+        .map_err(|_| HandshakeError::Noise)?;
+    let mut clear = vec![0u8; MAX_MESSAGE];
+    let n = state
+        .read_message(message, &mut clear)
+        .map_err(|_| HandshakeError::Noise)?;
+    clear.truncate(n);
+    let client = state
+        .get_remote_static()
+        .and_then(|k| <[u8; 32]>::try_from(k).ok())
+        .map(PublicKey)
+        .ok_or(HandshakeError::Noise)?;
+    let timestamp = clear
+        .get(..TIMESTAMP)
+        .and_then(|t| <[u8; TIMESTAMP]>::try_from(t).ok())
+        .map(u64::from_be_bytes)
+        .ok_or(HandshakeError::Noise)?;
+    admit(&client, timestamp)?;
+    let response_header = Header {
+        kind: Kind::Response,
+        ..*header
+    }
+    .encode();
+    let mut message = vec![0u8; MAX_MESSAGE];
+    let n = state
+        .write_message(&[], &mut message)
+        .map_err(|_| HandshakeError::Noise)?;
+    message.truncate(n);
+    let keys = split(&mut state)?;
+    Ok(Accepted {
+        client,
+        timestamp,
+        payload: clear.split_off(TIMESTAMP),
+        keys,
+        response: [&response_header[..], &message].concat(),
+    })
+}
+
+/// Now as nanoseconds since the Unix epoch, for an initiation's timestamp.
+pub(crate) fn now_timestamp() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::indexing_slicing, reason = "tests")]
+
+    use super::*;
+    use crate::frame;
+    use bytes::BytesMut;
+
+    /// The header of a handshake datagram, when it is one.
+    fn handshake_header(datagram: &[u8]) -> Option<Header> {
+        frame::peek(datagram)
+            .ok()
+            .filter(|h| matches!(h.kind, Kind::Initiation | Kind::Response))
+    }
+
+    fn pair() -> (PrivateKey, PublicKey) {
+        let private = PrivateKey::generate().unwrap();
+        let public = private.public_key();
+        (private, public)
+    }
+
+    fn server_side(
+        server: &PrivateKey,
+        datagram: &[u8],
+        allowed: &PublicKey,
+    ) -> Result<Accepted, String> {
+        if !mac1_valid(&mac1_key(&server.public_key()), datagram) {
+            return Err("mac1".to_owned());
+        }
+        let header = handshake_header(datagram).ok_or("not a handshake")?;
+        let admit = |client: &PublicKey, _| {
+            if client == allowed {
+                Ok(())
+            } else {
+                Err(HandshakeError::UnknownKey)
+            }
+        };
+        respond(server, &header, datagram, admit).map_err(|e| format!("{e:?}"))
+    }
+
+    #[test]
+    fn keys_round_trip_through_base64_and_public_keys_match_noise() {
+        let (private, public) = pair();
+        let again: PrivateKey = private.to_base64().parse().unwrap();
+        assert_eq!(again.public_key(), public);
+        assert_eq!(public.to_string().parse::<PublicKey>().unwrap(), public);
+        assert_eq!(public.to_string().len(), 44);
+        // snow's own key generation agrees with our public key derivation.
+        let keypair = noise().generate_keypair().unwrap();
+        let ours = PrivateKey(keypair.private.try_into().unwrap()).public_key();
+        assert_eq!(ours.0[..], keypair.public[..]);
+        assert!("not base64!".parse::<PublicKey>().is_err());
+        assert!(BASE64.encode([1u8; 31]).parse::<PublicKey>().is_err());
+    }
+
+    #[test]
+    fn peers_parse_with_their_prefixes() {
+        let (_, public) = pair();
+        let peer: Peer = format!("{public},10.99.0.2/32, fd99::2/128")
+            .parse()
+            .unwrap();
+        assert_eq!(peer.key, public);
+        assert_eq!(peer.allowed.len(), 2);
+        assert!(format!("{public}").parse::<Peer>().is_err(), "no prefix");
+        assert!(format!("{public},10.99.0.2").parse::<Peer>().is_err());
+    }
+
+    #[test]
+    fn a_handshake_gives_both_sides_the_same_keys_and_fresh_ones_each_time() {
+        let (client, client_public) = pair();
+        let (server, server_public) = pair();
+        let mut sessions = Vec::new();
+        for attempt in 0..2u8 {
+            let session = [attempt; 16];
+            let (initiation, datagram) =
+                initiate(&client, &server_public, session, 7, b"addresses").unwrap();
+            let accepted = server_side(&server, &datagram, &client_public).unwrap();
+            assert_eq!(accepted.client, client_public);
+            assert_eq!(accepted.timestamp, 7);
+            assert_eq!(accepted.payload, b"addresses");
+            let keys = complete(initiation, &accepted.response).unwrap();
+            // What the client seals, the server opens, and the other way round.
+            let header = Header {
+                kind: Kind::Data,
+                session,
+                counter: 1,
+            };
+            let up = frame::seal(&keys.to_server, &header, b"up").unwrap();
+            assert!(frame::open(&accepted.keys.to_server, BytesMut::from(&up[..])).is_ok());
+            let down = frame::seal(&accepted.keys.to_client, &header, b"down").unwrap();
+            assert!(frame::open(&keys.to_client, BytesMut::from(&down[..])).is_ok());
+            sessions.push((keys, up));
+        }
+        // Each handshake has its own keys: the second's open nothing of the first's.
+        let (second, _) = &sessions[1];
+        let (_, first_up) = &sessions[0];
+        assert!(frame::open(&second.to_server, BytesMut::from(&first_up[..])).is_err());
+    }
+
+    #[test]
+    fn a_wrong_server_key_an_unknown_client_and_any_flipped_bit_are_refused() {
+        let (client, client_public) = pair();
+        let (server, server_public) = pair();
+        let (_, other_public) = pair();
+        // Made for another server: mac1 fails first, for the price of a hash.
+        let (_, datagram) = initiate(&client, &other_public, [1; 16], 1, b"").unwrap();
+        assert_eq!(
+            server_side(&server, &datagram, &client_public).unwrap_err(),
+            "mac1"
+        );
+        // A client the server does not know.
+        let (_, datagram) = initiate(&client, &server_public, [1; 16], 1, b"").unwrap();
+        assert_eq!(
+            server_side(&server, &datagram, &other_public).unwrap_err(),
+            "UnknownKey"
+        );
+        for i in 0..datagram.len() {
+            let mut forged = datagram.clone();
+            forged[i] ^= 0x20;
+            assert!(
+                server_side(&server, &forged, &client_public).is_err(),
+                "byte {i}"
+            );
+        }
+        for len in 0..datagram.len() {
+            assert!(server_side(&server, &datagram[..len], &client_public).is_err());
+        }
+    }
+
+    #[test]
+    fn a_response_for_another_session_or_forged_is_refused() {
+        let (client, client_public) = pair();
+        let (server, server_public) = pair();
+        let (_, datagram) = initiate(&client, &server_public, [1; 16], 1, b"").unwrap();
+        let accepted = server_side(&server, &datagram, &client_public).unwrap();
+        let (other, _) = initiate(&client, &server_public, [2; 16], 2, b"").unwrap();
+        assert!(complete(other, &accepted.response).is_err());
+        for i in 0..accepted.response.len() {
+            // A fresh handshake each time, its response forged in byte i.
+            let (initiation, datagram) =
+                initiate(&client, &server_public, [1; 16], 1, b"").unwrap();
+            let mut forged = server_side(&server, &datagram, &client_public)
+                .unwrap()
+                .response;
+            forged[i] ^= 1;
+            assert!(complete(initiation, &forged).is_err(), "byte {i}");
+        }
+        let (initiation, datagram) = initiate(&client, &server_public, [1; 16], 1, b"").unwrap();
+        let response = server_side(&server, &datagram, &client_public)
+            .unwrap()
+            .response;
+        assert!(
+            complete(initiation, &response).is_ok(),
+            "unforged, it completes"
+        );
+    }
+}
