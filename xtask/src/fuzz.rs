@@ -9,7 +9,14 @@ use std::process::Command;
 use anyhow::{Context, Result, bail, ensure};
 
 /// Every target, in the order they run.
-pub(crate) const TARGETS: [&str; 5] = ["classify", "vnet", "l2_ingress", "relay", "stack"];
+pub(crate) const TARGETS: [&str; 6] = [
+    "classify",
+    "vnet",
+    "l2_ingress",
+    "relay",
+    "relay_identities",
+    "stack",
+];
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")

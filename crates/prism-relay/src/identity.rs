@@ -48,7 +48,7 @@ pub struct BadKey(String);
 
 /// An X25519 private key.
 #[derive(Clone)]
-pub struct PrivateKey([u8; 32]);
+pub struct PrivateKey(pub(crate) [u8; 32]);
 
 impl fmt::Debug for PrivateKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -186,7 +186,7 @@ async fn a_replayed_handshake_and_an_unknown_or_misaddressed_one_leave_nothing()
         (c.handshakes, c.drop_replay, c.drop_unknown_key, c.drop_mac),
         (1, 2, 1, 1)
     );
-    assert_eq!(server.sessions_for_tests(), 1, "only the genuine session");
+    assert_eq!(server.session_count(), 1, "only the genuine session");
 }
 
 #[tokio::test(start_paused = true)]
@@ -243,7 +243,7 @@ async fn a_handshake_flood_is_rejected_cheaply_and_sessions_keep_working() {
         (c.drop_unknown_key, c.drop_handshake_busy),
         (99, strangers - 99)
     );
-    assert_eq!(server.sessions_for_tests(), 1, "the flood left no state");
+    assert_eq!(server.session_count(), 1, "the flood left no state");
     // The established session carries on through it all.
     assert!(delivered(
         &mut server,
@@ -283,7 +283,7 @@ async fn after_a_rotation_the_old_keys_open_nothing_new() {
         &mut server,
         &data(&new, [2; 16], 1, &packet(A, FAR, 5))
     ));
-    assert_eq!(server.sessions_for_tests(), 1);
+    assert_eq!(server.session_count(), 1);
 }
 
 /// A client over loopback with a receive loop: what it receives comes out of the channel.
@@ -425,4 +425,47 @@ async fn clients_rotate_by_volume_and_by_time_without_losing_a_packet() {
     let out = packet(B, FAR, 99);
     b.tunnel.send(out.clone()).await.unwrap();
     assert_eq!(tun_receives(&mut tun).await, Some(out));
+}
+
+/// A server that restarts forgets every session; a client whose hellos go unacknowledged
+/// opens a new one by itself.
+#[tokio::test]
+async fn a_client_handshakes_again_when_the_server_restarted() {
+    let keys = Keyring::new();
+    let (first, _) = server(&keys).await;
+    let addr = first.local_addr().unwrap();
+    let (server_end, mut tun) = Link::pair(64);
+    let serving = tokio::spawn(first.run(server_end));
+    let a = client(addr, keys.client(&keys.a, Rotation::default()), A).await;
+    let out = packet(A, FAR, 1);
+    a.tunnel.send(out.clone()).await.unwrap();
+    assert_eq!(tun_receives(&mut tun).await, Some(out));
+
+    serving.abort();
+    let _ = serving.await;
+    let counters = Arc::new(Counters::default());
+    let second = Server::bind(addr, keys.auth(), Arc::clone(&counters))
+        .await
+        .unwrap();
+    let (server_end, mut tun) = Link::pair(64);
+    tokio::spawn(second.run(server_end));
+    let restarted = std::time::Instant::now();
+    let mut i = 2;
+    loop {
+        let out = packet(A, FAR, i);
+        a.tunnel.send(out.clone()).await.unwrap();
+        if tun_receives(&mut tun).await == Some(out) {
+            break;
+        }
+        assert!(
+            restarted.elapsed() < Duration::from_secs(20),
+            "the client never came back"
+        );
+        i = i.wrapping_add(1);
+    }
+    assert_eq!(counters.snapshot().handshakes, 1);
+    assert!(
+        counters.snapshot().drop_session > 0,
+        "the old session was refused first"
+    );
 }

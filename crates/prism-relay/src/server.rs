@@ -616,8 +616,8 @@ impl Server {
     }
 
     /// How many sessions the server holds.
-    #[cfg(test)]
-    pub(crate) fn sessions_for_tests(&self) -> usize {
+    #[cfg(any(test, fuzzing))]
+    pub(crate) fn session_count(&self) -> usize {
         self.sessions.len()
     }
 

@@ -135,6 +135,9 @@ pub struct UdpTunnel {
 const SILENCE: Duration = Duration::from_secs(10);
 /// A handshake unanswered this long is sent again (with a new session and ephemeral key).
 const HANDSHAKE_RETRY: Duration = Duration::from_secs(5);
+/// Identity: nothing authentic from the server for this long (two hellos unacknowledged)
+/// starts a new handshake.
+const UNHEARD: Duration = Duration::from_secs(11);
 /// Packets held until the first handshake completes.
 const STAGED: usize = 64;
 
@@ -250,14 +253,18 @@ impl UdpTunnel {
         Ok(Some(datagram))
     }
 
-    /// Identity: whether a handshake is due: the session is due for rotation (or there is
-    /// none) and none is in flight, or the one in flight went unanswered too long.
+    /// Identity: whether a handshake is due: the session is due for rotation, the server has
+    /// not acknowledged a hello for [`UNHEARD`] (it restarted and forgot the session?), or
+    /// there is no session; and none is in flight, or the one in flight went unanswered too
+    /// long.
     fn handshake_due(&self) -> bool {
         let Some(identity) = &self.identity else {
             return false;
         };
+        let unheard = lock(&self.heard).elapsed() >= UNHEARD;
         let due = lock(&self.sending).as_ref().is_none_or(|s| {
-            s.born.elapsed() >= identity.rotation.after
+            unheard
+                || s.born.elapsed() >= identity.rotation.after
                 || s.counter.load(Ordering::Relaxed) >= identity.rotation.packets
         });
         let waiting = lock(&self.pending)
@@ -327,8 +334,10 @@ impl UdpTunnel {
             })
     }
 
-    /// Repeats the hello every 5 s, so a restarted server learns the session again and NAT
-    /// mappings stay open; with an identity, also rotates the session when it is due.
+    /// Repeats the hello every 5 s, so NAT mappings stay open and the client knows the server
+    /// is there. With a pre-shared key a restarted server learns the session again from it;
+    /// with an identity the task starts a handshake when one is due: to rotate, or because
+    /// hellos went unacknowledged (a restarted server forgot the session).
     pub fn keep_alive(self: &Arc<Self>) -> JoinHandle<()> {
         let tunnel = Arc::clone(self);
         tokio::spawn(async move {
