@@ -393,13 +393,15 @@ impl Settings {
         }
         if shared && identity {
             return invalid(
-                "a relay takes a pre-shared key (relay_key, relay_key_file) or an identity                  (relay_private_key_file with relay_server_key), not both"
+                "a relay takes a pre-shared key (relay_key, relay_key_file) or an identity \
+                 (relay_private_key_file with relay_server_key), not both"
                     .to_owned(),
             );
         }
         if identity && (self.relay_private_key_file.is_none() || self.relay_server_key.is_none()) {
             return invalid(
-                "relay_private_key_file and relay_server_key go together (this client's key                  and the server's)"
+                "relay_private_key_file and relay_server_key go together (this client's key \
+                 and the server's)"
                     .to_owned(),
             );
         }
@@ -595,6 +597,34 @@ mod tests {
     }
 
     #[test]
+    fn an_identity_comes_from_a_key_file_and_the_servers_public_key() {
+        let dir = std::env::temp_dir().join(format!("prism-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("client.key");
+        let private = PrivateKey::generate().unwrap();
+        std::fs::write(&file, format!("{}\n", private.to_base64())).unwrap();
+        let server = PrivateKey::generate().unwrap().public_key().to_string();
+        let mut settings = Settings::new(UpstreamUrl::Direct);
+        settings.relay_private_key_file = Some(file.clone());
+        settings.relay_server_key = Some(server);
+        assert!(matches!(
+            settings.relay_auth().unwrap(),
+            ClientAuth::Identity { .. }
+        ));
+        settings.relay_server_key = Some("not a key".to_owned());
+        let error = settings.relay_auth().unwrap_err().to_string();
+        assert!(error.contains("relay_server_key"), "{error}");
+        std::fs::write(&file, "garbage").unwrap();
+        let error = read_private_key(&file).unwrap_err().to_string();
+        assert!(error.contains("does not hold a private key"), "{error}");
+        let error = read_private_key(&dir.join("missing"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("cannot read"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn wrong_keys_and_values_say_what_is_wrong() {
         let cases = [
             (
@@ -628,6 +658,16 @@ mod tests {
             (
                 r#"{"address": ["10.0.0.1/24"], "upstream": "direct", "relay": "tcp://h:1"}"#,
                 "udp://HOST:PORT",
+            ),
+            (
+                r#"{"address": ["10.0.0.1/24"], "upstream": "direct", "relay": "udp://h:1",
+                    "relay_private_key_file": "/k"}"#,
+                "go together",
+            ),
+            (
+                r#"{"address": ["10.0.0.1/24"], "upstream": "direct", "relay": "udp://h:1",
+                    "relay_private_key_file": "/k", "relay_server_key": "x", "relay_key_file": "/p"}"#,
+                "not both",
             ),
         ];
         for (json, says) in cases {

@@ -43,8 +43,12 @@ prism_device::counters! {
     drop_mac,
     /// Handshake initiations from a client key the server does not allow.
     drop_unknown_key,
-    /// Handshake initiations beyond the rate the server answers (1,000 a second).
+    /// Handshake initiations beyond the rate the server answers (1,000 a second, 10 for each
+    /// proven source address).
     drop_handshake_busy,
+    /// Cookie replies: sent by a server under load to initiations that had not shown their
+    /// source address (server); taken in (client).
+    cookies,
     /// Packets dropped on the client while waiting for its first handshake (beyond the few
     /// it holds until then).
     drop_before_handshake,

@@ -1,5 +1,6 @@
-//! Relay datagrams: authenticated and encrypted with XChaCha20-Poly1305 under a key derived
-//! from the pre-shared key.
+//! Relay datagrams: authenticated and encrypted with XChaCha20-Poly1305, under keys derived
+//! from the pre-shared key or, with identities, from a session's handshake (`identity`, whose
+//! handshake datagrams share this header).
 //!
 //! ```text
 //!  0        1      2 .. 17        18 .. 25          26 ..            last 16
@@ -7,8 +8,9 @@
 //! ```
 //!
 //! The header is authenticated as associated data. The 24-byte nonce is the session id (16
-//! random bytes a client picks at start) followed by the counter, so clients that share a key
-//! never reuse a nonce; each direction has its own key (HKDF-SHA256 of the pre-shared key).
+//! random bytes a client picks for each session) followed by the counter, so clients that share
+//! a key never reuse a nonce; each direction has its own key (HKDF-SHA256 of the pre-shared
+//! key, or the handshake's split).
 //! Pure: the caller moves the datagrams.
 
 use std::net::IpAddr;
@@ -33,7 +35,8 @@ pub(crate) const MIN_KEY: usize = 16;
 /// What a datagram carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Kind {
-    /// A client announcing its session and its tunnel addresses.
+    /// A client announcing its session (with a pre-shared key, and its tunnel addresses), and
+    /// the server's acknowledgement.
     Hello = 1,
     /// One whole IP packet.
     Data = 2,
@@ -41,6 +44,8 @@ pub(crate) enum Kind {
     Initiation = 3,
     /// The server's handshake response.
     Response = 4,
+    /// A server under load answering an initiation with a cookie.
+    Cookie = 5,
 }
 
 /// The clear part of a datagram.
@@ -201,6 +206,7 @@ fn parse_header(datagram: &[u8]) -> Result<Header, FrameError> {
         [2] => Kind::Data,
         [3] => Kind::Initiation,
         [4] => Kind::Response,
+        [5] => Kind::Cookie,
         _ => return Err(FrameError::Kind),
     };
     let mut session = [0u8; 16];

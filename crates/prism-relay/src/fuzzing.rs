@@ -211,6 +211,7 @@ impl IdentityHarness {
             session,
             timestamp,
             &addresses,
+            None,
         )
         .expect("an initiation");
         self.pending.insert(session, initiation);
@@ -253,8 +254,8 @@ impl IdentityHarness {
             Inbound::Ack(answer, _) => {
                 if let Ok(header) = frame::peek(&answer)
                     && header.kind == Kind::Response
-                    && let Some(initiation) = self.pending.remove(&header.session)
-                    && let Ok(keys) = identity::complete(initiation, &answer)
+                    && let Some(mut initiation) = self.pending.remove(&header.session)
+                    && let Ok(keys) = identity::complete(&mut initiation, &answer)
                 {
                     self.sessions.insert(header.session, keys);
                 }

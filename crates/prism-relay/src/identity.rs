@@ -4,18 +4,25 @@
 //! sides, so a stolen static key decrypts no recorded session (forward secrecy).
 //!
 //! ```text
-//!  initiation: header (kind 3, the new session id, counter 0) | Noise IK message 1 | mac1
+//!  initiation: header (kind 3, the new session id, counter 0) | Noise IK message 1 | mac1 | mac2
 //!  response:   header (kind 4, the same session id, counter 0) | Noise IK message 2
+//!  cookie:     header (kind 5, the initiation's session id, 0) | nonce (24) | sealed cookie (32)
 //! ```
 //!
 //! The initiation's payload, encrypted to the server, is a timestamp (nanoseconds since the Unix
 //! epoch, big-endian; the server takes only newer ones per client, so a replayed initiation does
 //! nothing) followed by the client's tunnel addresses. The header is the handshake's prologue,
-//! so the session id is authenticated too. `mac1` is a keyed BLAKE2s-128 of everything before
-//! it, keyed with a hash of the server's public key, as in WireGuard: the server rejects a
-//! datagram without it for the price of one hash, before any Diffie-Hellman and without keeping
-//! anything. Both directions' data keys are Noise's split of the handshake; datagrams after the
-//! handshake are `frame`'s, sealed under them. Pure: the caller moves the datagrams.
+//! so the session id is authenticated too. Both directions' data keys are Noise's split of the
+//! handshake; datagrams after the handshake are `frame`'s, sealed under them.
+//!
+//! The two MACs are WireGuard's defence against handshake floods. `mac1`, a keyed BLAKE2s-128
+//! under a hash of the server's public key, shows the sender knows that key: without it a
+//! datagram costs the server one hash. `mac2`, keyed with a cookie, shows the sender receives
+//! at its source address: a server under load answers an initiation without it with a
+//! [`CookieJar`] cookie (a MAC of the source address under a secret that changes every two
+//! minutes, sealed to the client with its `mac1` as associated data) instead of doing the
+//! handshake; the client sends the initiation again with `mac2`. Spoofed sources never see
+//! their cookie. Pure: the caller moves the datagrams.
 
 use std::fmt;
 use std::str::FromStr;
@@ -25,6 +32,8 @@ use base64::engine::general_purpose::STANDARD as BASE64;
 use blake2::digest::consts::U16;
 use blake2::digest::{FixedOutput, KeyInit, Mac};
 use blake2::{Blake2s256, Blake2sMac, Digest};
+use chacha20poly1305::aead::AeadInPlace;
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 use ipnet::IpNet;
 
 use crate::frame::{HEADER, Header, Keys, Kind};
@@ -34,10 +43,13 @@ use crate::frame::{HEADER, Header, Keys, Kind};
 const PATTERN: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
 const PROLOGUE: &[u8] = b"prism relay identities 1";
 const MAC1_LABEL: &[u8] = b"prism relay mac1";
-/// Bytes of mac1.
-const MAC: usize = 16;
-/// Longest handshake message handled (Noise's own limit).
-const MAX_MESSAGE: usize = 65535;
+const COOKIE_LABEL: &[u8] = b"prism relay cookie";
+/// Bytes of each MAC, and of a cookie.
+pub(crate) const MAC: usize = 16;
+/// Bytes a Noise message adds to its payload, at most (two keys and two tags).
+const NOISE_OVERHEAD: usize = 32 + 32 + 16 + 16;
+/// A server's cookie secret is replaced this often, and a client keeps a cookie this long.
+pub(crate) const COOKIE_LIFETIME: std::time::Duration = std::time::Duration::from_secs(120);
 /// Bytes of the initiation's timestamp.
 const TIMESTAMP: usize = 8;
 
@@ -159,6 +171,9 @@ pub(crate) enum HandshakeError {
     /// A timestamp not newer than the last one of this client: a replay.
     #[error("replayed initiation")]
     Replay,
+    /// The local side could not build the message (never expected).
+    #[error("the handshake message could not be built")]
+    Build,
 }
 
 fn noise() -> snow::Builder<'static> {
@@ -166,34 +181,56 @@ fn noise() -> snow::Builder<'static> {
     snow::Builder::new(PATTERN.parse().unwrap_or_else(|_| unreachable!()))
 }
 
-/// The key mac1 is made with: a hash of the server's public key, so anyone who knows the
-/// server's public key can make it and nobody else.
-pub(crate) fn mac1_key(server: &PublicKey) -> [u8; 32] {
+fn hash(label: &[u8], server: &PublicKey) -> [u8; 32] {
     let mut hash = Blake2s256::new();
-    hash.update(MAC1_LABEL);
+    hash.update(label);
     hash.update(server.0);
     hash.finalize().into()
 }
 
-fn mac1(key: &[u8; 32], message: &[u8]) -> [u8; MAC] {
-    // BLAKE2s takes keys of up to 32 bytes: this one always fits.
+/// The key mac1 is made with: a hash of the server's public key, so anyone who knows the
+/// server's public key can make it and nobody else.
+pub(crate) fn mac1_key(server: &PublicKey) -> [u8; 32] {
+    hash(MAC1_LABEL, server)
+}
+
+/// A keyed BLAKE2s-128 over `message`, ready to finalize or verify.
+fn mac(key: &[u8], message: &[u8]) -> Blake2sMac<U16> {
+    // BLAKE2s takes keys of 1 to 32 bytes: ours are 16 or 32.
     let mut mac =
         <Blake2sMac<U16> as KeyInit>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
     mac.update(message);
-    mac.finalize_fixed().into()
+    mac
 }
 
-/// Whether `datagram` ends in a valid mac1 under `key` (constant time).
+/// An initiation's parts: what mac1 covers, mac1, and mac2. `None` if it is too short.
+fn macs(datagram: &[u8]) -> Option<(&[u8], &[u8], &[u8])> {
+    let mac2_at = datagram.len().checked_sub(MAC)?;
+    let mac1_at = mac2_at.checked_sub(MAC)?;
+    let (covered, macs) = datagram.split_at(mac1_at);
+    let (mac1, mac2) = macs.split_at(MAC);
+    Some((covered, mac1, mac2))
+}
+
+/// Whether an initiation carries a valid mac1 under `key` (constant time).
 pub(crate) fn mac1_valid(key: &[u8; 32], datagram: &[u8]) -> bool {
-    let Some(split) = datagram.len().checked_sub(MAC) else {
+    macs(datagram).is_some_and(|(covered, mac1, _)| mac(key, covered).verify_slice(mac1).is_ok())
+}
+
+/// An initiation's mac1 (all zeros if it is too short to have one).
+pub(crate) fn mac1_of(datagram: &[u8]) -> [u8; MAC] {
+    macs(datagram)
+        .and_then(|(_, mac1, _)| <[u8; MAC]>::try_from(mac1).ok())
+        .unwrap_or_default()
+}
+
+/// Whether an initiation carries a valid mac2 under `cookie` (constant time).
+fn mac2_valid(cookie: &[u8; MAC], datagram: &[u8]) -> bool {
+    let Some(end) = datagram.len().checked_sub(MAC) else {
         return false;
     };
-    let (message, tag) = datagram.split_at(split);
-    let Ok(mut mac) = <Blake2sMac<U16> as KeyInit>::new_from_slice(key) else {
-        return false;
-    };
-    mac.update(message);
-    mac.verify_slice(tag).is_ok()
+    let (covered, mac2) = datagram.split_at(end);
+    mac(cookie, covered).verify_slice(mac2).is_ok()
 }
 
 fn prologue(header: &[u8; HEADER]) -> Vec<u8> {
@@ -205,6 +242,8 @@ pub(crate) struct Initiation {
     state: snow::HandshakeState,
     /// The session it opens.
     pub session: [u8; 16],
+    /// Its mac1: a cookie reply is sealed against it.
+    pub mac1: [u8; MAC],
 }
 
 impl fmt::Debug for Initiation {
@@ -214,13 +253,14 @@ impl fmt::Debug for Initiation {
 }
 
 /// Starts a handshake for `session`: the initiation datagram to send. `payload` follows the
-/// timestamp, encrypted to the server.
+/// timestamp, encrypted to the server; `cookie`, the server's latest, makes mac2.
 pub(crate) fn initiate(
     local: &PrivateKey,
     server: &PublicKey,
     session: [u8; 16],
     timestamp: u64,
     payload: &[u8],
+    cookie: Option<&[u8; MAC]>,
 ) -> Result<(Initiation, Vec<u8>), HandshakeError> {
     let header = Header {
         kind: Kind::Initiation,
@@ -234,22 +274,36 @@ pub(crate) fn initiate(
         .and_then(|b| b.remote_public_key(&server.0))
         .and_then(|b| b.prologue(&prologue))
         .and_then(snow::Builder::build_initiator)
-        .map_err(|_| HandshakeError::Noise)?;
+        .map_err(|_| HandshakeError::Build)?;
     let clear = [&timestamp.to_be_bytes()[..], payload].concat();
-    let mut message = vec![0u8; MAX_MESSAGE];
+    let mut datagram = vec![0u8; HEADER + clear.len() + NOISE_OVERHEAD];
     let n = state
-        .write_message(&clear, &mut message)
-        .map_err(|_| HandshakeError::Noise)?;
-    message.truncate(n);
-    let mut datagram = [&header[..], &message].concat();
-    let mac = mac1(&mac1_key(server), &datagram);
-    datagram.extend_from_slice(&mac);
-    Ok((Initiation { state, session }, datagram))
+        .write_message(&clear, datagram.get_mut(HEADER..).unwrap_or_default())
+        .map_err(|_| HandshakeError::Build)?;
+    datagram.truncate(HEADER + n);
+    datagram
+        .get_mut(..HEADER)
+        .unwrap_or_default()
+        .copy_from_slice(&header);
+    let mac1: [u8; MAC] = mac(&mac1_key(server), &datagram).finalize_fixed().into();
+    datagram.extend_from_slice(&mac1);
+    let mac2: [u8; MAC] = match cookie {
+        Some(cookie) => mac(cookie, &datagram).finalize_fixed().into(),
+        None => [0; MAC],
+    };
+    datagram.extend_from_slice(&mac2);
+    let initiation = Initiation {
+        state,
+        session,
+        mac1,
+    };
+    Ok((initiation, datagram))
 }
 
-/// Finishes a handshake with the server's response: the session's keys.
+/// Finishes a handshake with the server's response: the session's keys. A response that does
+/// not authenticate leaves the initiation as it was, for the genuine one.
 pub(crate) fn complete(
-    mut initiation: Initiation,
+    initiation: &mut Initiation,
     datagram: &[u8],
 ) -> Result<Keys, HandshakeError> {
     let header = Header {
@@ -262,7 +316,7 @@ pub(crate) fn complete(
         return Err(HandshakeError::Noise);
     }
     let message = datagram.get(HEADER..).unwrap_or_default();
-    let mut payload = vec![0u8; MAX_MESSAGE];
+    let mut payload = vec![0u8; message.len()];
     initiation
         .state
         .read_message(message, &mut payload)
@@ -296,7 +350,7 @@ pub(crate) struct Accepted {
     pub response: Vec<u8>,
 }
 
-/// The server's side of a handshake. `datagram` is a whole initiation whose mac1 the caller
+/// The server's side of a handshake. `datagram` is a whole initiation whose MACs the caller
 /// checked; `admit` decides on the client's key and timestamp before the server does the rest
 /// of the work (only two of the four Diffie-Hellman operations are spent on a refused key).
 pub(crate) fn respond(
@@ -305,15 +359,15 @@ pub(crate) fn respond(
     datagram: &[u8],
     admit: impl FnOnce(&PublicKey, u64) -> Result<(), HandshakeError>,
 ) -> Result<Accepted, HandshakeError> {
-    let end = datagram.len().saturating_sub(MAC);
+    let end = datagram.len().saturating_sub(2 * MAC);
     let message = datagram.get(HEADER..end).ok_or(HandshakeError::Noise)?;
     let prologue = prologue(&header.encode());
     let mut state = noise()
         .local_private_key(&local.0)
         .and_then(|b| b.prologue(&prologue))
         .and_then(snow::Builder::build_responder)
-        .map_err(|_| HandshakeError::Noise)?;
-    let mut clear = vec![0u8; MAX_MESSAGE];
+        .map_err(|_| HandshakeError::Build)?;
+    let mut clear = vec![0u8; message.len()];
     let n = state
         .read_message(message, &mut clear)
         .map_err(|_| HandshakeError::Noise)?;
@@ -334,19 +388,134 @@ pub(crate) fn respond(
         ..*header
     }
     .encode();
-    let mut message = vec![0u8; MAX_MESSAGE];
+    let mut response = vec![0u8; HEADER + NOISE_OVERHEAD];
     let n = state
-        .write_message(&[], &mut message)
-        .map_err(|_| HandshakeError::Noise)?;
-    message.truncate(n);
+        .write_message(&[], response.get_mut(HEADER..).unwrap_or_default())
+        .map_err(|_| HandshakeError::Build)?;
+    response.truncate(HEADER + n);
+    response
+        .get_mut(..HEADER)
+        .unwrap_or_default()
+        .copy_from_slice(&response_header);
     let keys = split(&mut state)?;
     Ok(Accepted {
         client,
         timestamp,
         payload: clear.split_off(TIMESTAMP),
         keys,
-        response: [&response_header[..], &message].concat(),
+        response,
     })
+}
+
+/// The server's cookies: a MAC of a client's source address under a secret replaced every
+/// [`COOKIE_LIFETIME`].
+pub(crate) struct CookieJar {
+    secret: [u8; 32],
+    since: std::time::Instant,
+    /// Seals cookies to clients: a key from the server's public key, which clients know.
+    cipher: XChaCha20Poly1305,
+    /// Nonces: a random prefix and a count.
+    nonce_prefix: [u8; 16],
+    sealed: u64,
+}
+
+impl fmt::Debug for CookieJar {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CookieJar").finish_non_exhaustive()
+    }
+}
+
+fn random<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    // Without randomness the secret is still unknown to a remote party only through the
+    // address it cannot receive at; getrandom fails only on a broken system.
+    let _ = getrandom::fill(&mut bytes);
+    bytes
+}
+
+fn cookie_cipher(server: &PublicKey) -> XChaCha20Poly1305 {
+    XChaCha20Poly1305::new(&hash(COOKIE_LABEL, server).into())
+}
+
+impl CookieJar {
+    pub(crate) fn new(server: &PublicKey) -> CookieJar {
+        CookieJar {
+            secret: random(),
+            since: std::time::Instant::now(),
+            cipher: cookie_cipher(server),
+            nonce_prefix: random(),
+            sealed: 0,
+        }
+    }
+
+    /// The cookie of `source` now.
+    fn cookie(&mut self, source: std::net::SocketAddr) -> [u8; MAC] {
+        if self.since.elapsed() >= COOKIE_LIFETIME {
+            self.secret = random();
+            self.since = std::time::Instant::now();
+        }
+        let mut address = Vec::with_capacity(18);
+        match source.ip() {
+            std::net::IpAddr::V4(ip) => address.extend_from_slice(&ip.octets()),
+            std::net::IpAddr::V6(ip) => address.extend_from_slice(&ip.octets()),
+        }
+        address.extend_from_slice(&source.port().to_be_bytes());
+        mac(&self.secret, &address).finalize_fixed().into()
+    }
+
+    /// Whether an initiation from `source` carries the cookie of that source as mac2.
+    pub(crate) fn proven(&mut self, datagram: &[u8], source: std::net::SocketAddr) -> bool {
+        mac2_valid(&self.cookie(source), datagram)
+    }
+
+    /// The cookie reply to an initiation from `source`; `None` if the cipher refused.
+    pub(crate) fn reply(
+        &mut self,
+        header: &Header,
+        datagram: &[u8],
+        source: std::net::SocketAddr,
+    ) -> Option<Vec<u8>> {
+        let mut sealed = self.cookie(source).to_vec();
+        let mut nonce = [0u8; 24];
+        nonce[..16].copy_from_slice(&self.nonce_prefix);
+        nonce[16..].copy_from_slice(&self.sealed.to_be_bytes());
+        self.sealed += 1;
+        let tag = self
+            .cipher
+            .encrypt_in_place_detached(XNonce::from_slice(&nonce), &mac1_of(datagram), &mut sealed)
+            .ok()?;
+        let reply_header = Header {
+            kind: Kind::Cookie,
+            session: header.session,
+            counter: 0,
+        }
+        .encode();
+        Some([&reply_header[..], &nonce, &sealed, &tag].concat())
+    }
+}
+
+/// A client's reading of a cookie reply to `initiation`, from the server `server`.
+pub(crate) fn open_cookie(
+    server: &PublicKey,
+    initiation: &Initiation,
+    datagram: &[u8],
+) -> Option<[u8; MAC]> {
+    let rest = datagram.get(HEADER..)?;
+    if rest.len() != 24 + MAC + 16 {
+        return None;
+    }
+    let (nonce, sealed) = rest.split_at(24);
+    let (cookie, tag) = sealed.split_at(MAC);
+    let mut cookie: [u8; MAC] = cookie.try_into().ok()?;
+    cookie_cipher(server)
+        .decrypt_in_place_detached(
+            XNonce::from_slice(nonce),
+            &initiation.mac1,
+            &mut cookie,
+            tag.into(),
+        )
+        .ok()?;
+    Some(cookie)
 }
 
 /// Now as nanoseconds since the Unix epoch, for an initiation's timestamp.
@@ -431,13 +600,13 @@ mod tests {
         let mut sessions = Vec::new();
         for attempt in 0..2u8 {
             let session = [attempt; 16];
-            let (initiation, datagram) =
-                initiate(&client, &server_public, session, 7, b"addresses").unwrap();
+            let (mut initiation, datagram) =
+                initiate(&client, &server_public, session, 7, b"addresses", None).unwrap();
             let accepted = server_side(&server, &datagram, &client_public).unwrap();
             assert_eq!(accepted.client, client_public);
             assert_eq!(accepted.timestamp, 7);
             assert_eq!(accepted.payload, b"addresses");
-            let keys = complete(initiation, &accepted.response).unwrap();
+            let keys = complete(&mut initiation, &accepted.response).unwrap();
             // What the client seals, the server opens, and the other way round.
             let header = Header {
                 kind: Kind::Data,
@@ -462,18 +631,19 @@ mod tests {
         let (server, server_public) = pair();
         let (_, other_public) = pair();
         // Made for another server: mac1 fails first, for the price of a hash.
-        let (_, datagram) = initiate(&client, &other_public, [1; 16], 1, b"").unwrap();
+        let (_, datagram) = initiate(&client, &other_public, [1; 16], 1, b"", None).unwrap();
         assert_eq!(
             server_side(&server, &datagram, &client_public).unwrap_err(),
             "mac1"
         );
         // A client the server does not know.
-        let (_, datagram) = initiate(&client, &server_public, [1; 16], 1, b"").unwrap();
+        let (_, datagram) = initiate(&client, &server_public, [1; 16], 1, b"", None).unwrap();
         assert_eq!(
             server_side(&server, &datagram, &other_public).unwrap_err(),
             "UnknownKey"
         );
-        for i in 0..datagram.len() {
+        // Every byte but mac2's, which only a server under load reads (see the cookie test).
+        for i in 0..datagram.len() - MAC {
             let mut forged = datagram.clone();
             forged[i] ^= 0x20;
             assert!(
@@ -487,30 +657,56 @@ mod tests {
     }
 
     #[test]
-    fn a_response_for_another_session_or_forged_is_refused() {
+    fn forged_responses_are_refused_and_leave_the_handshake_to_the_genuine_one() {
         let (client, client_public) = pair();
         let (server, server_public) = pair();
-        let (_, datagram) = initiate(&client, &server_public, [1; 16], 1, b"").unwrap();
-        let accepted = server_side(&server, &datagram, &client_public).unwrap();
-        let (other, _) = initiate(&client, &server_public, [2; 16], 2, b"").unwrap();
-        assert!(complete(other, &accepted.response).is_err());
-        for i in 0..accepted.response.len() {
-            // A fresh handshake each time, its response forged in byte i.
-            let (initiation, datagram) =
-                initiate(&client, &server_public, [1; 16], 1, b"").unwrap();
-            let mut forged = server_side(&server, &datagram, &client_public)
-                .unwrap()
-                .response;
-            forged[i] ^= 1;
-            assert!(complete(initiation, &forged).is_err(), "byte {i}");
-        }
-        let (initiation, datagram) = initiate(&client, &server_public, [1; 16], 1, b"").unwrap();
+        let (mut initiation, datagram) =
+            initiate(&client, &server_public, [1; 16], 1, b"", None).unwrap();
         let response = server_side(&server, &datagram, &client_public)
             .unwrap()
             .response;
+        let (mut other, _) = initiate(&client, &server_public, [2; 16], 2, b"", None).unwrap();
         assert!(
-            complete(initiation, &response).is_ok(),
-            "unforged, it completes"
+            complete(&mut other, &response).is_err(),
+            "another session's"
         );
+        for i in 0..response.len() {
+            let mut forged = response.clone();
+            forged[i] ^= 1;
+            assert!(complete(&mut initiation, &forged).is_err(), "byte {i}");
+        }
+        assert!(complete(&mut initiation, &response[..response.len() - 1]).is_err());
+        assert!(
+            complete(&mut initiation, &response).is_ok(),
+            "after all the forgeries, the genuine response completes"
+        );
+    }
+
+    #[test]
+    fn a_cookie_proves_only_the_source_it_was_made_for() {
+        let (client, _) = pair();
+        let (_, server_public) = pair();
+        let mut jar = CookieJar::new(&server_public);
+        let source: std::net::SocketAddr = "192.0.2.7:5000".parse().unwrap();
+        let (initiation, datagram) =
+            initiate(&client, &server_public, [1; 16], 1, b"", None).unwrap();
+        assert!(!jar.proven(&datagram, source), "no cookie yet");
+        let header = frame::peek(&datagram).unwrap();
+        let reply = jar.reply(&header, &datagram, source).unwrap();
+        assert_eq!(frame::peek(&reply).unwrap().kind, Kind::Cookie);
+        let cookie = open_cookie(&server_public, &initiation, &reply).unwrap();
+        // Sealed against this initiation's mac1: another initiation cannot read it.
+        let (other, _) = initiate(&client, &server_public, [1; 16], 2, b"", None).unwrap();
+        assert!(open_cookie(&server_public, &other, &reply).is_none());
+        let mut forged = reply.clone();
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        assert!(open_cookie(&server_public, &initiation, &forged).is_none());
+        // With it, the next initiation is proven from that source only.
+        let (_, again) = initiate(&client, &server_public, [1; 16], 3, b"", Some(&cookie)).unwrap();
+        assert!(mac1_valid(&mac1_key(&server_public), &again));
+        assert!(jar.proven(&again, source));
+        let elsewhere: std::net::SocketAddr = "192.0.2.8:5000".parse().unwrap();
+        assert!(!jar.proven(&again, elsewhere));
     }
 }

@@ -102,10 +102,10 @@ fn handshake(
     timestamp: u64,
 ) -> Option<Keys> {
     let addresses = frame::encode_addresses(&[IpAddr::from(A)]);
-    let (initiation, datagram) =
-        identity::initiate(client, server_key, session, timestamp, &addresses).unwrap();
+    let (mut initiation, datagram) =
+        identity::initiate(client, server_key, session, timestamp, &addresses, None).unwrap();
     match server.inbound(BytesMut::from(&datagram[..]), from()) {
-        Inbound::Ack(response, _) => Some(identity::complete(initiation, &response).unwrap()),
+        Inbound::Ack(response, _) => identity::complete(&mut initiation, &response).ok(),
         _ => None,
     }
 }
@@ -165,7 +165,7 @@ async fn a_replayed_handshake_and_an_unknown_or_misaddressed_one_leave_nothing()
     let server_key = keys.server.public_key();
     let addresses = frame::encode_addresses(&[IpAddr::from(A)]);
     let (_, initiation) =
-        identity::initiate(&keys.a, &server_key, [1; 16], 10, &addresses).unwrap();
+        identity::initiate(&keys.a, &server_key, [1; 16], 10, &addresses, None).unwrap();
     assert!(matches!(
         server.inbound(BytesMut::from(&initiation[..]), from()),
         Inbound::Ack(..)
@@ -217,41 +217,122 @@ async fn a_handshake_flood_is_rejected_cheaply_and_sessions_keep_working() {
         ));
     }
     let per_junk = started.elapsed() / u32::try_from(floods).unwrap();
-    // Initiations from strangers who know the server's public key: past mac1, they cost two
-    // Diffie-Hellman operations each, up to the handshake rate; the rest is dropped as busy.
-    // The clock stands still here (a paused runtime), so the budget does not refill.
+    // Initiations from a stranger who knows the server's public key. The clock stands still
+    // here (a paused runtime), so the server's budget does not refill: it does handshakes
+    // until half its burst of 100 is spent (the genuine one took one), then it is under load
+    // and answers each with a cookie, for the price of a MAC and a seal.
     let strangers = 300u64;
     let stranger = PrivateKey::generate().unwrap();
     let initiations: Vec<Vec<u8>> = (0..strangers)
         .map(|i| {
-            identity::initiate(&stranger, &server_key, [2; 16], 100 + i, b"")
+            identity::initiate(&stranger, &server_key, [2; 16], 100 + i, b"", None)
                 .unwrap()
                 .1
         })
         .collect();
     let started = std::time::Instant::now();
+    let mut cookie_replies = 0;
     for datagram in &initiations {
-        server.inbound(BytesMut::from(&datagram[..]), from());
+        if let Inbound::Ack(reply, _) = server.inbound(BytesMut::from(&datagram[..]), from()) {
+            assert_eq!(frame::peek(&reply).unwrap().kind, Kind::Cookie);
+            cookie_replies += 1;
+        }
     }
     let per_stranger = started.elapsed() / u32::try_from(strangers).unwrap();
     println!("rejected: {per_junk:?} per datagram without mac1, {per_stranger:?} per stranger");
+    // The same initiation again costs a lookup, under load or not.
+    assert!(matches!(
+        server.inbound(BytesMut::from(&initiations[0][..]), from()),
+        Inbound::Nothing
+    ));
 
     let c = counters.snapshot();
     assert_eq!(c.drop_mac, floods);
-    // The burst of 100, less the genuine handshake, then nothing until the clock moves on.
-    assert_eq!(
-        (c.drop_unknown_key, c.drop_handshake_busy),
-        (99, strangers - 99)
+    assert_eq!((c.drop_unknown_key, c.cookies), (50, strangers - 50));
+    assert_eq!(cookie_replies, strangers - 50);
+    assert_eq!(c.drop_replay, 1);
+    assert_eq!(server.session_count(), 1, "the flood left no session");
+
+    // Under load, a genuine client gets a cookie, shows it from its own address and is served;
+    // the same cookie from another address proves nothing.
+    let addresses = frame::encode_addresses(&[IpAddr::from(B)]);
+    let (first, datagram) =
+        identity::initiate(&keys.b, &server_key, [3; 16], 20, &addresses, None).unwrap();
+    let Inbound::Ack(reply, _) = server.inbound(BytesMut::from(&datagram[..]), from()) else {
+        panic!("no cookie reply");
+    };
+    let cookie = identity::open_cookie(&server_key, &first, &reply).unwrap();
+    let (_, elsewhere) =
+        identity::initiate(&keys.b, &server_key, [4; 16], 21, &addresses, Some(&cookie)).unwrap();
+    let other_source: SocketAddr = "127.0.0.9:40000".parse().unwrap();
+    let answer = server.inbound(BytesMut::from(&elsewhere[..]), other_source);
+    assert!(
+        matches!(answer, Inbound::Ack(ref a, _) if frame::peek(a).unwrap().kind == Kind::Cookie)
     );
-    assert_eq!(server.session_count(), 1, "the flood left no state");
-    // The established session carries on through it all.
+    let (mut proven, datagram) =
+        identity::initiate(&keys.b, &server_key, [5; 16], 22, &addresses, Some(&cookie)).unwrap();
+    let Inbound::Ack(response, _) = server.inbound(BytesMut::from(&datagram[..]), from()) else {
+        panic!("the proven initiation was not answered");
+    };
+    let b = identity::complete(&mut proven, &response).unwrap();
+    assert!(delivered(
+        &mut server,
+        &data(&b, [5; 16], 0, &packet(B, FAR, 3))
+    ));
+    // The established session carried on through it all.
     assert!(delivered(
         &mut server,
         &data(&k, session, 1, &packet(A, FAR, 2))
     ));
+    assert_eq!(server.session_count(), 2);
 }
 
 #[tokio::test]
+async fn overlapping_prefixes_belong_to_the_most_specific_peer_and_a_key_twice_is_refused() {
+    let keys = Keyring::new();
+    let net = |s: &str| s.parse::<ipnet::IpNet>().unwrap();
+    let peers = vec![
+        Peer {
+            key: keys.a.public_key(),
+            allowed: vec![net("10.99.0.0/24")],
+        },
+        Peer {
+            key: keys.b.public_key(),
+            allowed: vec![net("10.99.0.2/32")],
+        },
+    ];
+    let auth = ServerAuth::Identities {
+        private: keys.server.clone(),
+        peers: peers.clone(),
+    };
+    let counters = Arc::new(Counters::default());
+    let mut server = Server::bind("127.0.0.1:0".parse().unwrap(), auth, Arc::clone(&counters))
+        .await
+        .unwrap();
+    let server_key = keys.server.public_key();
+    let a = handshake(&mut server, &keys.a, &server_key, [1; 16], 10).unwrap();
+    assert!(delivered(
+        &mut server,
+        &data(&a, [1; 16], 0, &packet(A, FAR, 1))
+    ));
+    // 10.99.0.2 is inside A's /24 but B's /32: A may not send from it.
+    assert!(!delivered(
+        &mut server,
+        &data(&a, [1; 16], 1, &packet(B, FAR, 2))
+    ));
+    assert_eq!(counters.snapshot().drop_spoofed, 1);
+
+    let twice = ServerAuth::Identities {
+        private: keys.server.clone(),
+        peers: vec![peers[0].clone(), peers[0].clone()],
+    };
+    let error = Server::bind("127.0.0.1:0".parse().unwrap(), twice, Arc::default())
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("listed twice"), "{error}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn after_a_rotation_the_old_keys_open_nothing_new() {
     let keys = Keyring::new();
     let (mut server, counters) = server(&keys).await;
@@ -272,18 +353,34 @@ async fn after_a_rotation_the_old_keys_open_nothing_new() {
         &data(&new, [2; 16], 0, &packet(A, FAR, 3))
     ));
     assert_eq!(counters.snapshot().rekeys, 1);
-    // From now on the old keys open nothing, whatever the counter.
-    for counter in [2, 3, 1000] {
+    // Packets sealed before the switch and overtaken on the way are still taken for a moment;
+    // a hello in the old session no longer is.
+    assert!(delivered(
+        &mut server,
+        &data(&old, [1; 16], 2, &packet(A, FAR, 4))
+    ));
+    let hello = Header {
+        kind: Kind::Hello,
+        session: [1; 16],
+        counter: 3,
+    };
+    let hello = frame::seal(&old.to_server, &hello, &[]).unwrap();
+    assert!(matches!(
+        server.inbound(BytesMut::from(&hello[..]), from()),
+        Inbound::Nothing
+    ));
+    // After that the old keys open nothing, whatever the counter.
+    tokio::time::advance(crate::server::ROTATION_GRACE).await;
+    for counter in [4, 5, 1000] {
         assert!(!delivered(
             &mut server,
-            &data(&old, [1; 16], counter, &packet(A, FAR, 4))
+            &data(&old, [1; 16], counter, &packet(A, FAR, 5))
         ));
     }
     assert!(delivered(
         &mut server,
-        &data(&new, [2; 16], 1, &packet(A, FAR, 5))
+        &data(&new, [2; 16], 1, &packet(A, FAR, 6))
     ));
-    assert_eq!(server.session_count(), 1);
 }
 
 /// A client over loopback with a receive loop: what it receives comes out of the channel.
@@ -468,4 +565,23 @@ async fn a_client_handshakes_again_when_the_server_restarted() {
         counters.snapshot().drop_session > 0,
         "the old session was refused first"
     );
+}
+
+/// A server under load answers the client's first initiation with a cookie; the client sends
+/// it again at once with the cookie and is served.
+#[tokio::test]
+async fn a_client_shows_its_cookie_to_a_server_under_load() {
+    let keys = Keyring::new();
+    let (server, server_counters) = server(&keys).await;
+    let server = server.under_load_for_tests();
+    let addr = server.local_addr().unwrap();
+    let (server_end, mut tun) = Link::pair(64);
+    tokio::spawn(server.run(server_end));
+    let a = client(addr, keys.client(&keys.a, Rotation::default()), A).await;
+    let out = packet(A, FAR, 1);
+    a.tunnel.send(out.clone()).await.unwrap();
+    assert_eq!(tun_receives(&mut tun).await, Some(out));
+    let c = server_counters.snapshot();
+    assert_eq!((c.cookies, c.handshakes), (1, 1));
+    assert_eq!(a.counters.snapshot().cookies, 1);
 }

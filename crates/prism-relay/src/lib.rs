@@ -4,7 +4,9 @@
 //! Pure cores (crate-private, unit-tested): `split::route` decides where a packet the stack
 //! diverted goes (the relay, or nowhere: link business and junk); `refuse::prohibited` answers
 //! non-TCP with ICMP "administratively prohibited" when no relay is configured; `frame` seals
-//! and opens datagrams (XChaCha20-Poly1305, HKDF-derived per-direction [`Keys`]);
+//! and opens datagrams (XChaCha20-Poly1305, per-direction [`Keys`] derived from a pre-shared
+//! key or a session's handshake); `identity` makes key pairs and runs the Noise handshake that
+//! gives each session of a client with its own [`PrivateKey`] its keys;
 //! `replay::ReplayWindow` accepts each counter once.
 //!
 //! I/O at the edge: [`run_relay`] is the task between the stack's diverted packets, the relay

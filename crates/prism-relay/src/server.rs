@@ -6,8 +6,10 @@
 //! - **Identities**: each client has its own key pair and the server a list of allowed client
 //!   keys with the prefixes each may use (WireGuard's cryptokey routing). A client opens each
 //!   session with a Noise handshake (`identity`); the session's first authentic datagram
-//!   confirms it and ends the client's previous session, whose keys then open nothing.
-//!   Sessions older than [`SESSION_LIFETIME`] are refused, so a client must rotate.
+//!   confirms it, and the client's previous session takes packets for [`ROTATION_GRACE`] more
+//!   and then nothing. Sessions older than [`SESSION_LIFETIME`] are refused, so a client must
+//!   rotate. Handshake floods are cut short by mac1, a cache of recent initiations, a budget,
+//!   and cookies that make a source prove its address once the server is under load.
 //! - **A pre-shared key** shared by all clients (weaker: any holder can claim any address and
 //!   decrypt any recorded session). A client announces its tunnel addresses in a hello; an
 //!   address belongs to one live session at a time.
@@ -28,7 +30,7 @@ use tokio::time::Instant;
 use tracing::info;
 
 use crate::frame::{self, FrameError, Header, Key, Keys, Kind};
-use crate::identity::{self, HandshakeError, Peer, PrivateKey};
+use crate::identity::{self, CookieJar, HandshakeError, Peer, PrivateKey};
 use crate::tunnel::endpoints;
 use crate::{Counters, ReplayWindow};
 
@@ -36,10 +38,24 @@ use crate::{Counters, ReplayWindow};
 pub(crate) const SESSION_IDLE: Duration = Duration::from_secs(60);
 /// With identities, a session older than this is refused: clients rotate every 2 minutes.
 pub const SESSION_LIFETIME: Duration = Duration::from_secs(180);
-/// Handshakes the server answers per second at most (each costs four Diffie-Hellman
-/// operations), and the burst it takes at once. Beyond, initiations are dropped and counted.
+/// Handshakes the server does per second (each costs four Diffie-Hellman operations), and the
+/// burst it takes at once. Below half the burst the server is under load: initiations without
+/// a cookie for their source get a cookie reply instead of a handshake.
 const HANDSHAKE_RATE: f64 = 1000.0;
 const HANDSHAKE_BURST: f64 = 100.0;
+/// Handshakes one proven source address gets per second, and its burst.
+const SOURCE_RATE: f64 = 10.0;
+const SOURCE_BURST: f64 = 10.0;
+/// Source addresses whose handshake rate is tracked at once; beyond, proven initiations from
+/// new sources wait until some are forgotten.
+const SOURCES: usize = 4096;
+/// Initiations remembered by their mac1, so that a byte-for-byte replay costs a lookup.
+const SEEN_INITIATIONS: usize = 8192;
+/// After a rotation the previous session still takes datagrams this long (sealed before the
+/// switch, or reordered on the way), and nothing after.
+pub(crate) const ROTATION_GRACE: Duration = Duration::from_secs(2);
+/// Kinds of trouble warned about at once; beyond, only the counters tell.
+const WARNINGS: usize = 256;
 const MAX_DATAGRAM: usize = 65535;
 
 /// How the server tells its clients apart.
@@ -65,7 +81,7 @@ impl From<Keys> for ServerAuth {
 #[derive(Debug)]
 enum Auth {
     PreShared(Keys),
-    Identities(Identities),
+    Identities(Box<Identities>),
 }
 
 #[derive(Debug)]
@@ -73,7 +89,51 @@ struct Identities {
     private: PrivateKey,
     mac1: [u8; 32],
     peers: Vec<PeerState>,
+    /// The handshake work of the whole server, and its rate ([`HANDSHAKE_RATE`]).
     budget: Budget,
+    rate: f64,
+    /// The handshake work of each proven source address.
+    sources: HashMap<IpAddr, Budget>,
+    cookies: CookieJar,
+    /// The mac1 of recent initiations, oldest first.
+    seen: std::collections::VecDeque<[u8; identity::MAC]>,
+    seen_set: std::collections::HashSet<[u8; identity::MAC]>,
+}
+
+impl Identities {
+    /// Whether an initiation with this mac1 came lately; remembers it.
+    fn seen_before(&mut self, mac1: [u8; identity::MAC]) -> bool {
+        if !self.seen_set.insert(mac1) {
+            return true;
+        }
+        self.seen.push_back(mac1);
+        if self.seen.len() > SEEN_INITIATIONS
+            && let Some(oldest) = self.seen.pop_front()
+        {
+            self.seen_set.remove(&oldest);
+        }
+        false
+    }
+
+    /// Whether a proven source may have a handshake now.
+    fn source_allows(&mut self, source: IpAddr, now: Instant) -> bool {
+        if self.sources.len() >= SOURCES {
+            self.sources.retain(|_, b| {
+                b.refill(now, SOURCE_RATE, SOURCE_BURST);
+                b.tokens < SOURCE_BURST
+            });
+        }
+        if self.sources.len() >= SOURCES && !self.sources.contains_key(&source) {
+            return false;
+        }
+        self.sources
+            .entry(source)
+            .or_insert(Budget {
+                tokens: SOURCE_BURST,
+                at: now,
+            })
+            .take(now, SOURCE_RATE, SOURCE_BURST)
+    }
 }
 
 #[derive(Debug)]
@@ -95,10 +155,14 @@ struct Budget {
 }
 
 impl Budget {
-    fn take(&mut self, now: Instant) -> bool {
-        let refill = now.duration_since(self.at).as_secs_f64() * HANDSHAKE_RATE;
-        self.tokens = (self.tokens + refill).min(HANDSHAKE_BURST);
+    fn refill(&mut self, now: Instant, rate: f64, burst: f64) {
+        let refill = now.duration_since(self.at).as_secs_f64() * rate;
+        self.tokens = (self.tokens + refill).min(burst);
         self.at = now;
+    }
+
+    fn take(&mut self, now: Instant, rate: f64, burst: f64) -> bool {
+        self.refill(now, rate, burst);
         if self.tokens < 1.0 {
             return false;
         }
@@ -119,6 +183,8 @@ struct Session {
     keys: Option<Keys>,
     peer: usize,
     born: Instant,
+    /// Identities: replaced by a newer session; datagrams are taken until then.
+    retiring: Option<Instant>,
 }
 
 impl Session {
@@ -133,6 +199,7 @@ impl Session {
             keys,
             peer,
             born: now,
+            retiring: None,
         }
     }
 
@@ -195,16 +262,48 @@ fn within((network, len): (IpAddr, u8), address: IpAddr) -> bool {
     ipnet::IpNet::new(network, len).is_ok_and(|net| net.contains(&address))
 }
 
-/// The peer whose allowed prefixes hold `address` most specifically.
-fn peer_for(peers: &[PeerState], address: IpAddr) -> Option<&PeerState> {
+/// The peer whose allowed prefixes hold `address` most specifically (its index).
+fn peer_for(peers: &[PeerState], address: IpAddr) -> Option<usize> {
     peers
         .iter()
-        .filter_map(|p| {
+        .enumerate()
+        .filter_map(|(i, p)| {
             let best = p.peer.allowed.iter().filter(|n| n.contains(&address));
-            best.map(IpNet::prefix_len).max().map(|len| (len, p))
+            best.map(IpNet::prefix_len).max().map(|len| (len, i))
         })
         .max_by_key(|(len, _)| *len)
-        .map(|(_, p)| p)
+        .map(|(_, i)| i)
+}
+
+/// Refuses a peer list with a key twice (the second could never have a session), and warns
+/// about prefixes two peers share (each address goes to the most specific one).
+fn check_peers(peers: &[Peer]) -> std::io::Result<()> {
+    for (i, peer) in peers.iter().enumerate() {
+        let later = peers.get(i + 1..).unwrap_or_default();
+        if later.iter().any(|other| other.key == peer.key) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("the relay peer {} is listed twice", peer.key),
+            ));
+        }
+        for other in later {
+            let shared = peer.allowed.iter().find(|a| {
+                other
+                    .allowed
+                    .iter()
+                    .any(|b| a.contains(&b.network()) || b.contains(&a.network()))
+            });
+            if let Some(prefix) = shared {
+                tracing::warn!(
+                    "relay peers {} and {} overlap at {prefix}: each address belongs to the peer \
+                     with its most specific prefix",
+                    peer.key,
+                    other.key
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Server {
@@ -214,10 +313,19 @@ impl Server {
         auth: impl Into<ServerAuth>,
         counters: Arc<Counters>,
     ) -> std::io::Result<Self> {
-        let auth = match auth.into() {
+        let auth = auth.into();
+        if let ServerAuth::Identities { peers, .. } = &auth {
+            check_peers(peers)?;
+        }
+        let auth = match auth {
             ServerAuth::PreShared(keys) => Auth::PreShared(keys),
-            ServerAuth::Identities { private, peers } => Auth::Identities(Identities {
+            ServerAuth::Identities { private, peers } => Auth::Identities(Box::new(Identities {
                 mac1: identity::mac1_key(&private.public_key()),
+                cookies: CookieJar::new(&private.public_key()),
+                rate: HANDSHAKE_RATE,
+                sources: HashMap::new(),
+                seen: std::collections::VecDeque::new(),
+                seen_set: std::collections::HashSet::new(),
                 private,
                 peers: peers
                     .into_iter()
@@ -232,7 +340,7 @@ impl Server {
                     tokens: HANDSHAKE_BURST,
                     at: Instant::now(),
                 },
-            }),
+            })),
         };
         Ok(Self {
             socket: UdpSocket::bind(listen).await?,
@@ -253,12 +361,16 @@ impl Server {
         self
     }
 
-    /// Warns about `key` unless it was warned about lately.
+    /// Warns about `key` unless it was warned about lately, or too many kinds of trouble
+    /// were (a flood from many sources: the counters tell the rest).
     fn warn_once(&mut self, key: String, message: impl FnOnce() -> String) {
         let now = Instant::now();
-        if self.warned.len() > 256 {
+        if self.warned.len() >= WARNINGS {
             self.warned
                 .retain(|_, at| now.duration_since(*at) < WARN_EVERY);
+            if self.warned.len() >= WARNINGS {
+                return;
+            }
         }
         let due = self
             .warned
@@ -320,14 +432,21 @@ impl Server {
         };
         match header.kind {
             Kind::Initiation => return self.initiation(&header, &datagram, from),
-            Kind::Response => return nothing(&c.drop_version),
+            Kind::Response | Kind::Cookie => return nothing(&c.drop_version),
             Kind::Hello | Kind::Data => {}
         }
         let key = match &self.auth {
             Auth::PreShared(keys) => keys.to_server.clone(),
             Auth::Identities(_) => {
+                let now = Instant::now();
                 let session = self.sessions.get(&header.session);
-                let live = session.filter(|s| s.born.elapsed() <= SESSION_LIFETIME);
+                // A session past its lifetime, or past its grace after a rotation (which
+                // takes only packets, not hellos), opens nothing.
+                let live = session.filter(|s| {
+                    now.duration_since(s.born) <= SESSION_LIFETIME
+                        && s.retiring
+                            .is_none_or(|until| now < until && header.kind == Kind::Data)
+                });
                 match live.and_then(|s| s.keys.as_ref()) {
                     Some(keys) => keys.to_server.clone(),
                     None => return nothing(&c.drop_session),
@@ -389,10 +508,8 @@ impl Server {
                 .sessions
                 .get(&header.session)
                 .is_some_and(|s| s.addresses.contains(&src)),
-            Auth::Identities(ids) => ids
-                .peers
-                .get(peer)
-                .is_some_and(|p| p.peer.allowed.iter().any(|n| n.contains(&src))),
+            // Cryptokey routing: the source must be one whose replies would go to this client.
+            Auth::Identities(ids) => peer_for(&ids.peers, src) == Some(peer),
         };
         if !owned {
             return nothing(&c.drop_spoofed);
@@ -414,13 +531,16 @@ impl Server {
             return;
         }
         state.next = None;
-        if let Some(old) = state.current.replace(id) {
-            self.sessions.remove(&old);
+        if let Some(old) = state.current.replace(id)
+            && let Some(session) = self.sessions.get_mut(&old)
+        {
+            session.retiring = Some(Instant::now() + ROTATION_GRACE);
             Counters::bump(&self.counters.rekeys);
         }
     }
 
-    /// Identities: a client's handshake initiation. Refused ones leave nothing behind.
+    /// Identities: a client's handshake initiation. Refused ones leave nothing behind but
+    /// their mac1 among the recent ones, and a proven source's rate.
     fn initiation(&mut self, header: &Header, datagram: &[u8], from: SocketAddr) -> Inbound {
         let c = Arc::clone(&self.counters);
         let Auth::Identities(ids) = &mut self.auth else {
@@ -430,28 +550,54 @@ impl Server {
         if !identity::mac1_valid(&ids.mac1, datagram) {
             return nothing(&c.drop_mac);
         }
-        if !ids.budget.take(Instant::now()) {
+        if self.sessions.contains_key(&header.session)
+            || ids.seen_before(identity::mac1_of(datagram))
+        {
+            // A session id in use, or this very initiation again: a replay.
+            return nothing(&c.drop_replay);
+        }
+        let now = Instant::now();
+        let proven = ids.cookies.proven(datagram, from);
+        ids.budget.refill(now, ids.rate, HANDSHAKE_BURST);
+        if !proven && ids.budget.tokens < HANDSHAKE_BURST / 2.0 {
+            // Under load: the source must show it receives there before it costs any work.
+            return match ids.cookies.reply(header, datagram, from) {
+                Some(reply) => {
+                    Counters::bump(&c.cookies);
+                    Inbound::Ack(reply, from)
+                }
+                None => nothing(&c.seal_failed),
+            };
+        }
+        let allowed = if proven {
+            // Also spent from the server's budget, which keeps it under load while it lasts.
+            let _ = ids.budget.take(now, ids.rate, HANDSHAKE_BURST);
+            ids.source_allows(from.ip(), now)
+        } else {
+            ids.budget.take(now, ids.rate, HANDSHAKE_BURST)
+        };
+        if !allowed {
             return nothing(&c.drop_handshake_busy);
         }
         let peers = &ids.peers;
         let mut admitted = None;
-        let mut unknown = None;
+        let mut refused = None;
         let accepted = identity::respond(&ids.private, header, datagram, |key, timestamp| {
             let Some(index) = peers.iter().position(|p| p.peer.key == *key) else {
-                unknown = Some(*key);
+                refused = Some((*key, HandshakeError::UnknownKey));
                 return Err(HandshakeError::UnknownKey);
             };
             if peers.get(index).is_none_or(|p| timestamp <= p.timestamp) {
+                refused = Some((*key, HandshakeError::Replay));
                 return Err(HandshakeError::Replay);
             }
             admitted = Some(index);
             Ok(())
         });
-        let (accepted, index) = match (accepted, admitted) {
-            (Ok(accepted), Some(index)) => (accepted, index),
-            (Err(HandshakeError::UnknownKey), _) => {
-                let key = unknown.map(|k| k.to_string()).unwrap_or_default();
-                self.warn_once(format!("unknown {}", from.ip()), || {
+        let (accepted, index) = match (accepted, admitted, refused) {
+            (Ok(accepted), Some(index), _) => (accepted, index),
+            (_, _, Some((key, HandshakeError::UnknownKey))) => {
+                self.warn_once(format!("unknown {key}"), || {
                     format!(
                         "a handshake from {from} with the client key {key}, which this server \
                          does not allow: add it with --peer {key},ADDRESS/PREFIX"
@@ -459,13 +605,17 @@ impl Server {
                 });
                 return nothing(&c.drop_unknown_key);
             }
-            (Err(HandshakeError::Replay), _) => return nothing(&c.drop_replay),
+            (_, _, Some((key, _))) => {
+                self.warn_once(format!("stale {key}"), || {
+                    format!(
+                        "a handshake from {from} for client {key} is not newer than its last: \
+                         a replay, or that client's clock went back"
+                    )
+                });
+                return nothing(&c.drop_replay);
+            }
             _ => return nothing(&c.drop_auth),
         };
-        if self.sessions.contains_key(&header.session) {
-            // A fresh timestamp on a session id in use: a client bug; refused.
-            return nothing(&c.drop_session);
-        }
         let Some(state) = ids.peers.get_mut(index) else {
             return Inbound::Nothing;
         };
@@ -594,9 +744,14 @@ impl Server {
         let destination = endpoints(packet).map(|(_, dst)| dst);
         let owner = destination.and_then(|dst| match &self.auth {
             Auth::PreShared(_) => self.owners.get(&dst).copied(),
-            Auth::Identities(ids) => peer_for(&ids.peers, dst).and_then(|p| p.current),
+            Auth::Identities(ids) => {
+                peer_for(&ids.peers, dst).and_then(|i| ids.peers.get(i)?.current)
+            }
         });
-        let session = owner.and_then(|id| self.sessions.get_mut(&id).map(|s| (id, s)));
+        let now = Instant::now();
+        let session = owner
+            .and_then(|id| self.sessions.get_mut(&id).map(|s| (id, s)))
+            .filter(|(_, s)| s.keys.is_none() || now.duration_since(s.born) <= SESSION_LIFETIME);
         let Some((id, session)) = session else {
             Counters::bump(&c.drop_no_session);
             return;
@@ -615,6 +770,16 @@ impl Server {
         }
     }
 
+    /// A server under load for good: every initiation must show a cookie.
+    #[cfg(test)]
+    pub(crate) fn under_load_for_tests(mut self) -> Self {
+        if let Auth::Identities(ids) = &mut self.auth {
+            ids.rate = 0.0;
+            ids.budget.tokens = 0.0;
+        }
+        self
+    }
+
     /// How many sessions the server holds.
     #[cfg(any(test, fuzzing))]
     pub(crate) fn session_count(&self) -> usize {
@@ -631,6 +796,7 @@ impl Server {
             .filter(|(_, s)| {
                 now.duration_since(s.seen) > SESSION_IDLE
                     || (s.keys.is_some() && now.duration_since(s.born) > SESSION_LIFETIME)
+                    || s.retiring.is_some_and(|until| now >= until)
             })
             .map(|(id, _)| *id)
             .collect();
@@ -642,6 +808,10 @@ impl Server {
             }
         }
         if let Auth::Identities(ids) = &mut self.auth {
+            ids.sources.retain(|_, b| {
+                b.refill(now, SOURCE_RATE, SOURCE_BURST);
+                b.tokens < SOURCE_BURST
+            });
             for state in &mut ids.peers {
                 state.current = state.current.filter(|id| self.sessions.contains_key(id));
                 state.next = state.next.filter(|id| self.sessions.contains_key(id));

@@ -72,6 +72,8 @@ pub struct Rotation {
 
 /// The longest a session lives before the client rotates it.
 const ROTATE_BEFORE: Duration = Duration::from_secs(120);
+/// The shortest: rotations cost the server handshakes.
+const ROTATE_AFTER_LEAST: Duration = Duration::from_millis(50);
 
 impl Default for Rotation {
     fn default() -> Self {
@@ -119,6 +121,10 @@ pub struct UdpTunnel {
     opening: Mutex<Vec<Opening>>,
     /// A handshake in flight, and when it was sent.
     pending: Mutex<Option<(Initiation, std::time::Instant)>>,
+    /// The server's latest cookie for this client's address, and when it came.
+    cookie: Mutex<Option<([u8; identity::MAC], std::time::Instant)>>,
+    /// The newest initiation's timestamp: the next is later even if the clock went back.
+    timestamp: AtomicU64,
     /// Packets sent before the first handshake completed, sent when it does.
     staged: Mutex<Vec<Bytes>>,
     hello: Vec<u8>,
@@ -201,7 +207,7 @@ impl UdpTunnel {
                 rotation,
             } => {
                 let rotation = Rotation {
-                    after: rotation.after.min(ROTATE_BEFORE),
+                    after: rotation.after.clamp(ROTATE_AFTER_LEAST, ROTATE_BEFORE),
                     packets: rotation.packets.max(1),
                 };
                 let identity = Identity {
@@ -218,6 +224,8 @@ impl UdpTunnel {
             sending: Mutex::new(sending),
             opening: Mutex::new(opening),
             pending: Mutex::new(None),
+            cookie: Mutex::new(None),
+            timestamp: AtomicU64::new(0),
             staged: Mutex::new(Vec::new()),
             hello: frame::encode_addresses(&addresses),
             addresses,
@@ -241,12 +249,23 @@ impl UdpTunnel {
             return Ok(None);
         };
         let session = random_session();
+        let now = identity::now_timestamp();
+        let last = self.timestamp.fetch_max(now, Ordering::Relaxed);
+        let timestamp = if now > last {
+            now
+        } else {
+            self.timestamp.fetch_add(1, Ordering::Relaxed) + 1
+        };
+        let cookie = lock(&self.cookie)
+            .filter(|(_, at)| at.elapsed() < identity::COOKIE_LIFETIME)
+            .map(|(cookie, _)| cookie);
         let (initiation, datagram) = identity::initiate(
             &identity.private,
             &identity.server,
             session,
-            identity::now_timestamp(),
+            timestamp,
             &self.hello,
+            cookie.as_ref(),
         )
         .map_err(io::Error::other)?;
         *lock(&self.pending) = Some((initiation, std::time::Instant::now()));
@@ -379,17 +398,59 @@ impl UdpTunnel {
         })
     }
 
-    /// Identity: the server's answer to the handshake in flight makes a new session current.
-    fn complete(&self, header: &Header, datagram: &[u8]) {
+    /// Identity: a server under load answered the handshake in flight with a cookie: it is
+    /// kept, and the handshake sent again at once with it (once per handshake, so forged
+    /// cookie replies cannot make the client send more).
+    fn take_cookie(&self, header: &Header, datagram: &[u8]) {
         let c = &self.counters;
-        let pending = lock(&self.pending).take_if(|(i, _)| i.session == header.session);
-        let Some((initiation, _)) = pending else {
-            Counters::bump(&c.drop_session);
+        let Some(identity) = &self.identity else {
             return;
         };
-        let Ok(keys) = identity::complete(initiation, datagram) else {
+        let cookie = {
+            let pending = lock(&self.pending);
+            let Some((initiation, _)) = pending
+                .as_ref()
+                .filter(|(i, _)| i.session == header.session)
+            else {
+                Counters::bump(&c.drop_session);
+                return;
+            };
+            identity::open_cookie(&identity.server, initiation, datagram)
+        };
+        let Some(cookie) = cookie else {
             Counters::bump(&c.drop_auth);
             return;
+        };
+        Counters::bump(&c.cookies);
+        let fresh = lock(&self.cookie).is_none_or(|(old, _)| old != cookie);
+        *lock(&self.cookie) = Some((cookie, std::time::Instant::now()));
+        if fresh
+            && let Ok(Some(datagram)) = self.initiation()
+            && self.socket.try_send(&datagram).is_err()
+        {
+            *lock(&self.pending) = None;
+        }
+    }
+
+    /// Identity: the server's answer to the handshake in flight makes a new session current.
+    /// A forged answer is counted and leaves the handshake waiting for the genuine one.
+    fn complete(&self, header: &Header, datagram: &[u8]) {
+        let c = &self.counters;
+        let keys = {
+            let mut pending = lock(&self.pending);
+            let Some((initiation, _)) = pending
+                .as_mut()
+                .filter(|(i, _)| i.session == header.session)
+            else {
+                Counters::bump(&c.drop_session);
+                return;
+            };
+            let Ok(keys) = identity::complete(initiation, datagram) else {
+                Counters::bump(&c.drop_auth);
+                return;
+            };
+            *pending = None;
+            keys
         };
         let sending = Sending {
             session: header.session,
@@ -415,18 +476,23 @@ impl UdpTunnel {
             info!("relay session with {} (handshake)", self.server);
         }
         *lock(&self.heard) = std::time::Instant::now();
-        // A keep-alive confirms the session to the server at once; then what waited for it.
+        // A keep-alive confirms the session to the server at once (if it is lost, the next
+        // datagram does); then what waited for the session.
+        if let Ok(Some(hello)) = self.seal(Kind::Hello, &[]) {
+            let _ = self.socket.try_send(&hello);
+        }
         let staged = std::mem::take(&mut *lock(&self.staged));
-        let hello = self.seal(Kind::Hello, &[]);
-        let datagrams = std::iter::once(hello)
-            .chain(staged.iter().map(|p| self.seal(Kind::Data, p)))
-            .filter_map(|d| d.ok().flatten());
-        for (i, datagram) in datagrams.enumerate() {
-            match self.socket.try_send(&datagram) {
-                Ok(_) if i > 0 => Counters::bump(&c.sent),
-                Ok(_) => {}
-                Err(_) => Counters::bump(&c.drop_before_handshake),
-            }
+        for packet in &staged {
+            let sent = match self.seal(Kind::Data, packet) {
+                Ok(Some(datagram)) => self.socket.try_send(&datagram).is_ok(),
+                _ => false,
+            };
+            let counter = if sent {
+                &c.sent
+            } else {
+                &c.drop_before_handshake
+            };
+            Counters::bump(counter);
         }
     }
 
@@ -443,7 +509,11 @@ impl UdpTunnel {
                 self.complete(&header, &datagram);
                 return None;
             }
-            Kind::Response | Kind::Initiation => return bump(&c.drop_version),
+            Kind::Cookie if self.identity.is_some() => {
+                self.take_cookie(&header, &datagram);
+                return None;
+            }
+            Kind::Response | Kind::Cookie | Kind::Initiation => return bump(&c.drop_version),
             Kind::Hello | Kind::Data => {}
         }
         let packet = {
