@@ -42,7 +42,7 @@ pub fn run() -> Result<()> {
     }
     // A short run of every fuzz target: each must build and survive its corpus and a few
     // seconds of new inputs (`cargo xtask fuzz --seconds N` for a long run).
-    crate::fuzz::run(10, None)?;
+    crate::fuzz::run(&crate::fuzz::Budget::seconds(10), None)?;
     if crate::tools::is_root() {
         crate::e2e::run(None)?;
         // A minute of churn; `cargo xtask soak --minutes 30` for a long run.

@@ -81,20 +81,50 @@ fn seed(corpus: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Runs `only` (or every target) for `seconds` each.
-pub(crate) fn run(seconds: u64, only: Option<&str>) -> Result<()> {
+/// How long each target runs, and how it is built.
+pub(crate) struct Budget {
+    /// Seconds per target, unless `runs` is given.
+    pub seconds: u64,
+    /// Executions per target.
+    pub runs: Option<u64>,
+    /// With AddressSanitizer.
+    pub sanitizer: bool,
+}
+
+impl Budget {
+    /// A smoke run of `seconds` per target, sanitized.
+    pub(crate) fn seconds(seconds: u64) -> Budget {
+        Budget {
+            seconds,
+            runs: None,
+            sanitizer: true,
+        }
+    }
+}
+
+/// Runs `only` (targets separated by commas; or every target) for the budget each.
+pub(crate) fn run(budget: &Budget, only: Option<&str>) -> Result<()> {
     ensure_tools()?;
-    let targets: Vec<&str> = TARGETS
-        .into_iter()
-        .filter(|t| only.is_none_or(|o| o == *t))
-        .collect();
-    if targets.is_empty() {
+    let wanted: Option<Vec<&str>> = only.map(|o| o.split(',').map(str::trim).collect());
+    if let Some(unknown) = wanted.iter().flatten().find(|w| !TARGETS.contains(w)) {
         bail!(
-            "no fuzz target {}; the targets are {}",
-            only.unwrap_or_default(),
+            "no fuzz target {unknown}; the targets are {}",
             TARGETS.join(", ")
         );
     }
+    let targets: Vec<&str> = TARGETS
+        .into_iter()
+        .filter(|t| wanted.as_ref().is_none_or(|w| w.contains(t)))
+        .collect();
+    let limit = match budget.runs {
+        Some(runs) => format!("-runs={runs}"),
+        None => format!("-max_total_time={}", budget.seconds),
+    };
+    let how = match budget.runs {
+        Some(runs) => format!("{runs} executions"),
+        None => format!("{} s", budget.seconds),
+    };
+    let sanitizer = if budget.sanitizer { "address" } else { "none" };
     let fuzz = root().join("fuzz");
     let corpus = root().join("target/fuzz-corpus");
     seed(&corpus)?;
@@ -102,14 +132,15 @@ pub(crate) fn run(seconds: u64, only: Option<&str>) -> Result<()> {
     for target in targets {
         let dir = corpus.join(target);
         std::fs::create_dir_all(&dir)?;
-        println!("fuzz: {target} for {seconds} s");
+        println!("fuzz: {target} for {how} (sanitizer: {sanitizer})");
+        let started = std::time::Instant::now();
         let output = Command::new("cargo")
             .current_dir(&fuzz)
-            .args(["+nightly", "fuzz", "run", "-O", target])
+            .args(["+nightly", "fuzz", "run", "-O", "-s", sanitizer, target])
             .arg(&dir)
             .args([
                 "--",
-                &format!("-max_total_time={seconds}"),
+                &limit,
                 "-rss_limit_mb=4096",
                 "-timeout=20",
                 "-print_final_stats=1",
@@ -131,9 +162,10 @@ pub(crate) fn run(seconds: u64, only: Option<&str>) -> Result<()> {
             .map(str::trim)
             .unwrap_or("?")
             .to_owned();
-        println!("fuzz: {target}: {runs} executions, no crash");
+        let minutes = started.elapsed().as_secs_f64() / 60.0;
+        println!("fuzz: {target}: {runs} executions in {minutes:.1} min, no crash");
         summary.push((target, runs));
     }
-    println!("fuzz: every target ran for {seconds} s without a crash: {summary:?}");
+    println!("fuzz: every target ran for {how} without a crash: {summary:?}");
     Ok(())
 }

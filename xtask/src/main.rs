@@ -76,12 +76,21 @@ enum Task {
         #[arg(long, default_value_t = 1.0)]
         minutes: f64,
     },
-    /// Run every fuzz target in fuzz/ (cargo-fuzz, nightly) for some seconds each.
+    /// Run every fuzz target in fuzz/ (cargo-fuzz, nightly) for some seconds each, or for a
+    /// number of executions each.
     Fuzz {
         /// Seconds per target.
-        #[arg(long, default_value_t = 60)]
+        #[arg(long, default_value_t = 60, conflicts_with = "runs")]
         seconds: u64,
-        /// Only this target (classify, vnet, l2_ingress, relay, stack).
+        /// Executions per target instead (a long run: 10000000).
+        #[arg(long)]
+        runs: Option<u64>,
+        /// Build without AddressSanitizer: several times the executions a second. Prism is
+        /// safe Rust; the sanitized build is the default and what `ci` runs.
+        #[arg(long)]
+        no_sanitizer: bool,
+        /// Only these targets, separated by commas (classify, vnet, l2_ingress, relay,
+        /// relay_identities, stack).
         target: Option<String>,
     },
     /// Internal: the bare TUN-to-TUN forwarder the bench measures.
@@ -115,7 +124,19 @@ fn main() -> ExitCode {
         Task::Demo => demo::run(),
         Task::Bench { peers } => bench::run(peers),
         Task::BenchChart => bench::redraw_chart(),
-        Task::Fuzz { seconds, target } => fuzz::run(seconds, target.as_deref()),
+        Task::Fuzz {
+            seconds,
+            runs,
+            no_sanitizer,
+            target,
+        } => fuzz::run(
+            &fuzz::Budget {
+                seconds,
+                runs,
+                sanitizer: !no_sanitizer,
+            },
+            target.as_deref(),
+        ),
         Task::Soak { minutes } => soak::run(minutes),
         Task::ServeTargets { ns, addresses } => bench::serve_targets(&ns, addresses),
         Task::TunForward {
