@@ -7,7 +7,9 @@
 //! cargo test --release -p prism-tests --test memory -- --ignored --nocapture
 //! ```
 //!
-//! and write the figure down in docs/bench/memory.md.
+//! and write the figure down in docs/bench/memory.md. With `PRISM_MEMORY_PROFILE=1` it also
+//! profiles the heap with dhat (slower) and prints what is live per connection, by the
+//! allocation site, once all are open; `dhat-heap.json` has the whole profile.
 
 #![allow(clippy::unwrap_used, clippy::indexing_slicing, reason = "tests")]
 
@@ -25,6 +27,10 @@ use prism_engine::{
 use prism_tests::{tcp_ack, tcp_v4};
 use smoltcp::wire::{Ipv4Packet, TcpControl, TcpPacket};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// dhat's allocator: without a profiler running it only forwards to the system's.
+#[global_allocator]
+static ALLOCATOR: dhat::Alloc = dhat::Alloc;
 
 /// An upstream that takes every byte and never sends one: a connection at rest.
 struct Idle;
@@ -101,6 +107,9 @@ async fn memory_per_connection_at_rest() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000);
     const BATCH: u32 = 1000;
+    let profiler = std::env::var_os("PRISM_MEMORY_PROFILE")
+        .is_some()
+        .then(|| dhat::Profiler::builder().build());
     let (source, link) = Source::queues(Framing::Plain, 8192);
     let mut config = StackConfig::default();
     // The handshakes complete in bursts of a batch; the queue holds them all.
@@ -176,6 +185,16 @@ async fn memory_per_connection_at_rest() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let after = rss();
+    if profiler.is_some() {
+        let heap = dhat::HeapStats::get();
+        println!(
+            "heap: {} bytes in {} blocks live, {:.0} bytes and {:.1} blocks per connection",
+            heap.curr_bytes,
+            heap.curr_blocks,
+            heap.curr_bytes as f64 / f64::from(count),
+            heap.curr_blocks as f64 / f64::from(count),
+        );
+    }
     let per = (after.saturating_sub(before)) as f64 / f64::from(count);
     println!(
         "{count} connections at rest: RSS {:.1} MB before, {:.1} MB after, {:.0} bytes each ({:.1} s to open)",
@@ -186,4 +205,5 @@ async fn memory_per_connection_at_rest() {
     );
     let stats = engine.shutdown(Duration::from_millis(100)).await;
     assert_eq!(stats.stack.connections_opened, u64::from(count));
+    drop(profiler);
 }

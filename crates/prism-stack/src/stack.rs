@@ -724,12 +724,13 @@ impl Stack {
             addr: Some(tuple.destination.ip().into()),
             port: tuple.destination.port(),
         };
-        // Both buffers start small and grow when they limit the connection (`grow_rx`,
-        // `grow_tx`); the window scale is chosen for the full receive buffer.
-        let initial = self.config.tcp_initial_buffer;
+        // The receive buffer starts small (its size is the window the SYN|ACK offers), the
+        // send buffer empty: an idle connection holds none. Both grow when they limit the
+        // connection (`grow_rx`, `grow_tx`); the window scale is chosen for the full receive
+        // buffer.
         let mut socket = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0; self.initial_rx_buffer()]),
-            tcp::SocketBuffer::new(vec![0; initial.min(self.config.tcp_tx_buffer)]),
+            tcp::SocketBuffer::new(Vec::new()),
         );
         socket.set_rx_capacity_bound(self.config.tcp_rx_buffer);
         // Prism relays what the application already batched; Nagle would only add delay.
@@ -1041,7 +1042,8 @@ impl Stack {
             Answer::Accepted if state.abort && socket.is_open() => socket.abort(),
             Answer::Accepted if !state.reset => {
                 // Application to client.
-                if grow_tx(socket, state.outbound_len, self.config.tcp_tx_buffer) {
+                let sizes = (self.config.tcp_initial_buffer, self.config.tcp_tx_buffer);
+                if grow_tx(socket, state.outbound_len, sizes) {
                     Counters::add(&self.counters.tx_buffers_grown, 1);
                 }
                 while socket.can_send() {
@@ -1255,15 +1257,27 @@ fn grow_rx(socket: &mut tcp::Socket<'static>, full: usize) -> bool {
             .is_ok()
 }
 
-/// Gives the socket its full send buffer once the application has more for the client than
-/// the initial one has room for. True when it grew.
-fn grow_tx(socket: &mut tcp::Socket<'static>, pending: usize, full: usize) -> bool {
+/// Gives the socket a send buffer when the application has more for the client than it has
+/// room for: the initial size the first time if that holds it, else the full one. True when it
+/// grew to the full size.
+fn grow_tx(
+    socket: &mut tcp::Socket<'static>,
+    pending: usize,
+    (initial, full): (usize, usize),
+) -> bool {
     let capacity = socket.send_capacity();
-    capacity < full
-        && pending > capacity - socket.send_queue()
-        && socket
-            .replace_tx_buffer(tcp::SocketBuffer::new(vec![0; full]))
-            .is_ok()
+    if capacity >= full || pending <= capacity - socket.send_queue() {
+        return false;
+    }
+    let size = if capacity == 0 && pending <= initial {
+        initial.min(full)
+    } else {
+        full
+    };
+    socket
+        .replace_tx_buffer(tcp::SocketBuffer::new(vec![0; size]))
+        .is_ok()
+        && size == full
 }
 
 /// Whether `conn` has waited on its client for [`GIVE_UP_SECS`] without hearing from it: for it

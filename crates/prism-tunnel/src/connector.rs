@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use prism_stack::{Request, Requests};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -19,7 +19,7 @@ use tracing::debug;
 use crate::ConnectError;
 use crate::alerts::Alerts;
 use crate::counters::Counters;
-use crate::relay::relay;
+use crate::relay::{Relay, relay};
 
 /// Where an upstream connection goes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -115,15 +115,53 @@ pub async fn serve(mut requests: Requests, connector: Arc<dyn Connector>, counte
     tasks.shutdown().await;
 }
 
-async fn handle(
+/// A connection's task: its connect (boxed, so that it is freed once connected instead of
+/// sizing a task that lives as long as the connection), then its relay.
+enum Handle {
+    Connecting(Pin<Box<dyn Future<Output = Option<Relay>> + Send>>),
+    Relaying(Relay),
+    Done,
+}
+
+fn handle(
     request: Request,
     connector: Arc<dyn Connector>,
     (alerts, counters): (Arc<Alerts>, Arc<Counters>),
-) {
+) -> Handle {
+    Handle::Connecting(Box::pin(connect(request, connector, alerts, counters)))
+}
+
+impl Future for Handle {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            match &mut *self {
+                Handle::Connecting(connecting) => match ready!(connecting.as_mut().poll(cx)) {
+                    Some(relay) => *self = Handle::Relaying(relay),
+                    None => *self = Handle::Done,
+                },
+                Handle::Relaying(relay) => {
+                    // An error is logged by the relay, which knows the connection.
+                    let _ = ready!(Pin::new(relay).poll(cx));
+                    *self = Handle::Done;
+                }
+                Handle::Done => return Poll::Ready(()),
+            }
+        }
+    }
+}
+
+/// Connects a request's upstream: the relay to run, or `None` once the request is rejected
+/// (or cancelled).
+async fn connect(
+    request: Request,
+    connector: Arc<dyn Connector>,
+    alerts: Arc<Alerts>,
+    counters: Arc<Counters>,
+) -> Option<Relay> {
     let target = Target::Ip(request.destination());
     counters.connects.fetch_add(1, Ordering::Relaxed);
-    // The connect future is boxed: it is freed once connected instead of sizing the task that
-    // lives as long as the connection.
     let connected = tokio::select! {
         connected = connector.connect(&target) => connected,
         () = request.cancelled() => {
@@ -131,22 +169,20 @@ async fn handle(
             // dropping the connect closes its socket now rather than at its timeout.
             debug!(%target, "request cancelled while connecting");
             counters.cancelled.fetch_add(1, Ordering::Relaxed);
-            return;
+            return None;
         }
     };
     match connected {
         Ok(upstream) => {
             counters.count(Ok(()));
-            let stream = request.accept();
-            if let Err(error) = relay(stream, upstream).await {
-                debug!(%target, %error, "relay ended with an error");
-            }
+            Some(relay(request.accept(), upstream))
         }
         Err(error) => {
             debug!(%target, %error, "upstream connect failed");
             counters.count(Err(&error));
             alerts.connect_failed(&error);
             request.reject(error.rejection());
+            None
         }
     }
 }

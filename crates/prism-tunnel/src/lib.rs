@@ -27,5 +27,5 @@ pub use prism_device::Outside;
 pub use prism_stack::{
     Handshake, HandshakePolicy, PortPolicy, Rejection, Request, Requests, Stream,
 };
-pub use relay::relay;
+pub use relay::{Relay, relay};
 pub use socks5::{Socks5, Socks5Url, Socks5UrlError};

@@ -6,7 +6,7 @@
 //! handed to the stream without a copy. The read buffer exists only while the upstream has
 //! something to read, so an idle connection holds no buffer at all.
 
-use std::future::poll_fn;
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
@@ -25,27 +25,58 @@ const MIN_ROOM: usize = 2 * 1024;
 
 /// Copies bytes both ways until both directions have ended. End-of-file on one side becomes a
 /// FIN (shutdown) on the other, and the other direction goes on. A reset or error on either
-/// side resets both: the client gets a TCP RST, the upstream is closed abruptly. Returns the
-/// bytes moved (client to upstream, upstream to client).
-pub async fn relay(mut stream: Stream, mut upstream: Box<dyn Upstream>) -> io::Result<(u64, u64)> {
-    let mut up = ToUpstream::default();
-    let mut down = ToClient::default();
-    let moved = poll_fn(|cx| {
-        let up_done = up.poll(cx, &mut stream, &mut *upstream)?.is_ready();
-        let down_done = down.poll(cx, &mut stream, &mut *upstream)?.is_ready();
-        if up_done && down_done {
-            Poll::Ready(Ok((up.moved, down.moved)))
-        } else {
-            Poll::Pending
-        }
-    })
-    .await;
-    match moved {
-        Ok(moved) => Ok(moved),
-        Err(error) => {
-            upstream.reset();
-            stream.abort();
-            Err(error)
+/// side resets both: the client gets a TCP RST, the upstream is closed abruptly. The future
+/// returns the bytes moved (client to upstream, upstream to client).
+pub fn relay(stream: Stream, upstream: Box<dyn Upstream>) -> Relay {
+    Relay {
+        ends: Some((stream, upstream)),
+        up: ToUpstream::default(),
+        down: ToClient::default(),
+    }
+}
+
+/// The future of [`relay`]: a plain struct rather than an `async fn`'s state machine, because
+/// it lives as long as its connection (about 200 bytes, where the compiler's layout of the same
+/// code kept copies of its arguments and took 352).
+pub struct Relay {
+    /// The client's stream and the upstream; taken to reset both on an error.
+    ends: Option<(Stream, Box<dyn Upstream>)>,
+    up: ToUpstream,
+    down: ToClient,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("stream", &self.ends.as_ref().map(|(stream, _)| stream))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Future for Relay {
+    type Output = io::Result<(u64, u64)>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let Relay { ends, up, down } = self.get_mut();
+        let Some((stream, upstream)) = ends else {
+            return Poll::Ready(Err(io::Error::other("the relay has ended")));
+        };
+        let mut both = || -> io::Result<bool> {
+            let up_done = up.poll(cx, stream, &mut **upstream)?.is_ready();
+            let down_done = down.poll(cx, stream, &mut **upstream)?.is_ready();
+            Ok(up_done && down_done)
+        };
+        match both() {
+            Ok(true) => Poll::Ready(Ok((up.moved, down.moved))),
+            Ok(false) => Poll::Pending,
+            Err(error) => {
+                if let Some((stream, upstream)) = ends.take() {
+                    tracing::debug!(target = %stream.destination(), %error, "relay ended with an error");
+                    upstream.reset();
+                    stream.abort();
+                }
+                Poll::Ready(Err(error))
+            }
         }
     }
 }
