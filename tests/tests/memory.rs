@@ -7,9 +7,10 @@
 //! cargo test --release -p prism-tests --test memory -- --ignored --nocapture
 //! ```
 //!
-//! and write the figure down in docs/bench/memory.md. With `PRISM_MEMORY_PROFILE=1` it also
-//! profiles the heap with dhat (slower) and prints what is live per connection, by the
-//! allocation site, once all are open; `dhat-heap.json` has the whole profile.
+//! and write the figure down in docs/bench/memory.md. With `--features dhat-heap` it also
+//! profiles the heap with dhat (slower, and dhat's bookkeeping is in the RSS) and prints what
+//! is live per connection once all are open; `dhat-heap.json` has the whole profile, by
+//! allocation site.
 
 #![allow(clippy::unwrap_used, clippy::indexing_slicing, reason = "tests")]
 
@@ -28,7 +29,7 @@ use prism_tests::{tcp_ack, tcp_v4};
 use smoltcp::wire::{Ipv4Packet, TcpControl, TcpPacket};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// dhat's allocator: without a profiler running it only forwards to the system's.
+#[cfg(feature = "dhat-heap")]
 #[global_allocator]
 static ALLOCATOR: dhat::Alloc = dhat::Alloc;
 
@@ -107,9 +108,8 @@ async fn memory_per_connection_at_rest() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(100_000);
     const BATCH: u32 = 1000;
-    let profiler = std::env::var_os("PRISM_MEMORY_PROFILE")
-        .is_some()
-        .then(|| dhat::Profiler::builder().build());
+    #[cfg(feature = "dhat-heap")]
+    let profiler = dhat::Profiler::builder().build();
     let (source, link) = Source::queues(Framing::Plain, 8192);
     let mut config = StackConfig::default();
     // The handshakes complete in bursts of a batch; the queue holds them all.
@@ -185,7 +185,8 @@ async fn memory_per_connection_at_rest() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let after = rss();
-    if profiler.is_some() {
+    #[cfg(feature = "dhat-heap")]
+    {
         let heap = dhat::HeapStats::get();
         println!(
             "heap: {} bytes in {} blocks live, {:.0} bytes and {:.1} blocks per connection",
@@ -205,5 +206,6 @@ async fn memory_per_connection_at_rest() {
     );
     let stats = engine.shutdown(Duration::from_millis(100)).await;
     assert_eq!(stats.stack.connections_opened, u64::from(count));
+    #[cfg(feature = "dhat-heap")]
     drop(profiler);
 }

@@ -411,6 +411,9 @@ pub fn run(filter: Option<&str>) -> Result<()> {
     if selected(filter, "fault") {
         crate::fault_e2e::run(&topo, &prism, &logs, &mut report);
     }
+    if selected(filter, "wan") {
+        crate::wan_e2e::run(&logs, &mut report);
+    }
     if selected(filter, "flood") {
         crate::flood_e2e::run(&topo, &prism, &logs, &mut report);
     }

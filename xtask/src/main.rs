@@ -38,6 +38,8 @@ mod servers;
 mod soak;
 mod tools;
 mod topology;
+mod wan;
+mod wan_e2e;
 
 use std::process::ExitCode;
 

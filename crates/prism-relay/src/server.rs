@@ -43,12 +43,17 @@ pub const SESSION_LIFETIME: Duration = Duration::from_secs(180);
 /// a cookie for their source get a cookie reply instead of a handshake.
 const HANDSHAKE_RATE: f64 = 1000.0;
 const HANDSHAKE_BURST: f64 = 100.0;
-/// Handshakes one proven source address gets per second, and its burst.
+/// Under load: handshakes one proven source gets per second (an IPv6 source counts by its
+/// /64, which one host may well hold whole), and its burst.
 const SOURCE_RATE: f64 = 10.0;
 const SOURCE_BURST: f64 = 10.0;
-/// Source addresses whose handshake rate is tracked at once; beyond, proven initiations from
-/// new sources wait until some are forgotten.
+/// Under load: handshakes all proven sources together get per second, and their burst.
+const PROVEN_RATE: f64 = 2.0 * HANDSHAKE_RATE;
+const PROVEN_BURST: f64 = HANDSHAKE_BURST;
+/// Sources whose handshake rate is tracked at once; beyond, proven initiations from new
+/// sources wait until some are forgotten (a sweep at most every 100 ms).
 const SOURCES: usize = 4096;
+const SWEEP_EVERY: Duration = Duration::from_millis(100);
 /// Initiations remembered by their mac1, so that a byte-for-byte replay costs a lookup.
 const SEEN_INITIATIONS: usize = 8192;
 /// After a rotation the previous session still takes datagrams this long (sealed before the
@@ -92,8 +97,11 @@ struct Identities {
     /// The handshake work of the whole server, and its rate ([`HANDSHAKE_RATE`]).
     budget: Budget,
     rate: f64,
-    /// The handshake work of each proven source address.
+    /// Under load, the handshake work of proven sources, together and each (by address, or
+    /// by /64 for IPv6), and when the sources were last swept.
+    proven: Budget,
     sources: HashMap<IpAddr, Budget>,
+    swept: Instant,
     cookies: CookieJar,
     /// The mac1 of recent initiations, oldest first.
     seen: std::collections::VecDeque<[u8; identity::MAC]>,
@@ -115,9 +123,17 @@ impl Identities {
         false
     }
 
-    /// Whether a proven source may have a handshake now.
+    /// Under load: whether a proven source may have a handshake now.
     fn source_allows(&mut self, source: IpAddr, now: Instant) -> bool {
-        if self.sources.len() >= SOURCES {
+        if !self.proven.take(now, PROVEN_RATE, PROVEN_BURST) {
+            return false;
+        }
+        let source = match source {
+            IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+            v4 => v4,
+        };
+        if self.sources.len() >= SOURCES && now.duration_since(self.swept) >= SWEEP_EVERY {
+            self.swept = now;
             self.sources.retain(|_, b| {
                 b.refill(now, SOURCE_RATE, SOURCE_BURST);
                 b.tokens < SOURCE_BURST
@@ -323,7 +339,12 @@ impl Server {
                 mac1: identity::mac1_key(&private.public_key()),
                 cookies: CookieJar::new(&private.public_key()),
                 rate: HANDSHAKE_RATE,
+                proven: Budget {
+                    tokens: PROVEN_BURST,
+                    at: Instant::now(),
+                },
                 sources: HashMap::new(),
+                swept: Instant::now(),
                 seen: std::collections::VecDeque::new(),
                 seen_set: std::collections::HashSet::new(),
                 private,
@@ -569,8 +590,10 @@ impl Server {
                 None => nothing(&c.seal_failed),
             };
         }
-        let allowed = if proven {
-            // Also spent from the server's budget, which keeps it under load while it lasts.
+        let under_load = ids.budget.tokens < HANDSHAKE_BURST / 2.0;
+        let allowed = if under_load {
+            // Proven (the others got a cookie). Also spent from the server's budget, which
+            // keeps it under load while this lasts.
             let _ = ids.budget.take(now, ids.rate, HANDSHAKE_BURST);
             ids.source_allows(from.ip(), now)
         } else {

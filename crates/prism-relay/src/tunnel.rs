@@ -125,6 +125,8 @@ pub struct UdpTunnel {
     cookie: Mutex<Option<([u8; identity::MAC], std::time::Instant)>>,
     /// The newest initiation's timestamp: the next is later even if the clock went back.
     timestamp: AtomicU64,
+    /// When a cookie last made the client send its handshake again.
+    cookie_retry: Mutex<Option<std::time::Instant>>,
     /// Packets sent before the first handshake completed, sent when it does.
     staged: Mutex<Vec<Bytes>>,
     hello: Vec<u8>,
@@ -226,6 +228,7 @@ impl UdpTunnel {
             pending: Mutex::new(None),
             cookie: Mutex::new(None),
             timestamp: AtomicU64::new(0),
+            cookie_retry: Mutex::new(None),
             staged: Mutex::new(Vec::new()),
             hello: frame::encode_addresses(&addresses),
             addresses,
@@ -399,8 +402,8 @@ impl UdpTunnel {
     }
 
     /// Identity: a server under load answered the handshake in flight with a cookie: it is
-    /// kept, and the handshake sent again at once with it (once per handshake, so forged
-    /// cookie replies cannot make the client send more).
+    /// kept, and the handshake sent again at once with it (at most once per
+    /// [`HANDSHAKE_RETRY`], so forged cookie replies cannot make the client send more).
     fn take_cookie(&self, header: &Header, datagram: &[u8]) {
         let c = &self.counters;
         let Some(identity) = &self.identity else {
@@ -422,9 +425,16 @@ impl UdpTunnel {
             return;
         };
         Counters::bump(&c.cookies);
-        let fresh = lock(&self.cookie).is_none_or(|(old, _)| old != cookie);
         *lock(&self.cookie) = Some((cookie, std::time::Instant::now()));
-        if fresh
+        let retry = {
+            let mut last = lock(&self.cookie_retry);
+            let due = last.is_none_or(|at| at.elapsed() >= HANDSHAKE_RETRY);
+            if due {
+                *last = Some(std::time::Instant::now());
+            }
+            due
+        };
+        if retry
             && let Ok(Some(datagram)) = self.initiation()
             && self.socket.try_send(&datagram).is_err()
         {

@@ -33,8 +33,10 @@ pub struct Config {
     pub tcp_rx_buffer: usize,
     /// Send buffer of each connection's socket (application to client), once grown.
     pub tcp_tx_buffer: usize,
-    /// What both socket buffers start at. Each grows to its full size the first time the
-    /// small one limits the connection: the client sent at least half of it in one go, or the
+    /// What the receive buffer starts at (the window the SYN-ACK offers), and the send buffer
+    /// once the application first has bytes for the client (it starts empty; straight to the
+    /// full size if they do not fit). Each grows to its full size the first time the small one
+    /// limits the connection: the client sent at least half of it in one go, or the
     /// application has more to send than it holds. Idle and chatty connections stay small.
     pub tcp_initial_buffer: usize,
     /// Bytes queued between the socket and the application, each way, per connection.

@@ -73,7 +73,7 @@ prism_device::counters! {
     bytes_to_clients,
     /// Receive buffers grown from their initial size to the full one.
     rx_buffers_grown,
-    /// Send buffers grown from their initial size to the full one.
+    /// Send buffers grown to the full size (from empty or from the initial size).
     tx_buffers_grown,
 }
 

@@ -38,8 +38,10 @@ pub fn relay(stream: Stream, upstream: Box<dyn Upstream>) -> Relay {
 /// The future of [`relay`]: a plain struct rather than an `async fn`'s state machine, because
 /// it lives as long as its connection (about 200 bytes, where the compiler's layout of the same
 /// code kept copies of its arguments and took 352).
+#[must_use = "futures do nothing unless polled"]
 pub struct Relay {
-    /// The client's stream and the upstream; taken to reset both on an error.
+    /// The client's stream and the upstream; taken when the relay ends (to reset both on an
+    /// error), so a finished relay holds neither.
     ends: Option<(Stream, Box<dyn Upstream>)>,
     up: ToUpstream,
     down: ToClient,
@@ -67,7 +69,10 @@ impl Future for Relay {
             Ok(up_done && down_done)
         };
         match both() {
-            Ok(true) => Poll::Ready(Ok((up.moved, down.moved))),
+            Ok(true) => {
+                *ends = None;
+                Poll::Ready(Ok((up.moved, down.moved)))
+            }
             Ok(false) => Poll::Pending,
             Err(error) => {
                 if let Some((stream, upstream)) = ends.take() {
