@@ -39,6 +39,7 @@ mod soak;
 mod tools;
 mod topology;
 mod wan;
+mod wan_bench;
 mod wan_e2e;
 
 use std::process::ExitCode;
@@ -69,6 +70,10 @@ enum Task {
         /// into a cache on first use).
         #[arg(long)]
         peers: bool,
+        /// Measure VPNs across a userspace WAN link instead (delay, loss, a rate cap); see
+        /// xtask/src/wan_bench.rs for its knobs.
+        #[arg(long, conflicts_with = "peers")]
+        wan: bool,
     },
     /// Draw docs/bench/results.svg again from docs/bench/results.json.
     BenchChart,
@@ -124,7 +129,8 @@ fn main() -> ExitCode {
         Task::Ci => ci::run(),
         Task::E2e { filter } => e2e::run(filter.as_deref()),
         Task::Demo => demo::run(),
-        Task::Bench { peers } => bench::run(peers),
+        Task::Bench { wan: true, .. } => wan_bench::run(),
+        Task::Bench { peers, .. } => bench::run(peers),
         Task::BenchChart => bench::redraw_chart(),
         Task::Fuzz {
             seconds,

@@ -97,6 +97,7 @@ impl Counts {
 /// A running link; dropping it stops the threads and the TUNs go with them.
 pub struct Wan {
     stop: Arc<AtomicBool>,
+    shape: Arc<std::sync::RwLock<Shape>>,
     threads: Vec<JoinHandle<()>>,
     /// A to B, B to A.
     pub counts: [Arc<Counts>; 2],
@@ -121,6 +122,7 @@ impl Wan {
         })?;
         let (dev_a, dev_b) = (Arc::new(dev_a), Arc::new(dev_b));
         let stop = Arc::new(AtomicBool::new(false));
+        let shared = Arc::new(std::sync::RwLock::new(shape));
         let counts = [Arc::new(Counts::default()), Arc::new(Counts::default())];
         let mut threads = Vec::new();
         for (i, (from, to)) in [
@@ -130,22 +132,31 @@ impl Wan {
         .into_iter()
         .enumerate()
         {
-            let shape = Shape {
-                seed: shape.seed.wrapping_add(i as u64),
-                ..shape
-            };
-            let (stop, counts) = (Arc::clone(&stop), Arc::clone(&counts[i]));
+            let (stop, counts, shape) = (
+                Arc::clone(&stop),
+                Arc::clone(&counts[i]),
+                Arc::clone(&shared),
+            );
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("wan-{i}"))
-                    .spawn(move || carry(&from, &to, shape, &stop, &counts))?,
+                    .spawn(move || carry(&from, &to, &shape, i as u64, &stop, &counts))?,
             );
         }
         Ok(Wan {
             stop,
+            shape: shared,
             threads,
             counts,
         })
+    }
+
+    /// Shapes the packets from now on by `shape` (the loss and reordering draws start again
+    /// from its seed).
+    pub fn set_shape(&self, shape: Shape) {
+        if let Ok(mut current) = self.shape.write() {
+            *current = shape;
+        }
     }
 }
 
@@ -192,9 +203,20 @@ struct Waiting {
     packet: Vec<u8>,
 }
 
-fn carry(from: &SyncDevice, to: &SyncDevice, shape: Shape, stop: &AtomicBool, c: &Counts) {
+fn carry(
+    from: &SyncDevice,
+    to: &SyncDevice,
+    shared: &std::sync::RwLock<Shape>,
+    direction: u64,
+    stop: &AtomicBool,
+    c: &Counts,
+) {
     const OFFSET: usize = VIRTIO_NET_HDR_LEN;
-    let mut rng = SmallRng::seed_from_u64(shape.seed);
+    let current = |shared: &std::sync::RwLock<Shape>| shared.read().map(|s| *s).ok();
+    let Some(mut shape) = current(shared) else {
+        return;
+    };
+    let mut rng = SmallRng::seed_from_u64(shape.seed.wrapping_add(direction));
     let mut waiting: BinaryHeap<Reverse<Waiting>> = BinaryHeap::new();
     // When the rate-capped line is free again.
     let mut line_free = Instant::now();
@@ -213,6 +235,17 @@ fn carry(from: &SyncDevice, to: &SyncDevice, shape: Shape, stop: &AtomicBool, c:
             .min(Duration::from_millis(100));
         let mut fds = [PollFd::new(from.as_fd(), PollFlags::POLLIN)];
         let _ = ppoll(&mut fds, Some(TimeSpec::from_duration(wait)), None);
+        if let Some(now_shape) = current(shared)
+            && (
+                now_shape.seed,
+                now_shape.loss,
+                now_shape.delay,
+                now_shape.rate,
+            ) != (shape.seed, shape.loss, shape.delay, shape.rate)
+        {
+            shape = now_shape;
+            rng = SmallRng::seed_from_u64(shape.seed.wrapping_add(direction));
+        }
         // Everything that arrived, split into packets.
         while let Ok(n) = from.recv_multiple(&mut original, &mut bufs, &mut sizes, OFFSET) {
             let now = Instant::now();

@@ -41,7 +41,10 @@ pub(crate) fn run(logs: &std::path::Path, report: &mut crate::e2e::Report) {
     );
     for (what, rate) in [
         ("uncapped", None),
-        ("capped at 1 Gbit/s", Some((1_000_000_000, Duration::from_millis(50)))),
+        (
+            "capped at 1 Gbit/s",
+            Some((1_000_000_000, Duration::from_millis(50))),
+        ),
     ] {
         let shape = Shape {
             rate,

@@ -1,0 +1,595 @@
+//! `cargo xtask bench --wan`: VPNs across a lossy, delayed WAN, to measure what terminating TCP
+//! is for (no TCP-over-TCP "meltdown").
+//!
+//! ```text
+//!  client ns                                                   far ns
+//!  kernel TCP/UDP clients ── the system's tunnel ── pwana ══ WAN link ══ pwanb ── servers
+//!  (targets 10.200.0.0/16)                       10.97.0.1          10.97.0.2    targets on lo
+//! ```
+//!
+//! The WAN link is `wan.rs` (one-way delay, random loss, an optional rate cap with a 50 ms
+//! drop-tail queue). Systems, each set up here: no VPN (the kernel routes the targets across
+//! the link), and Prism (TCP through dante on the far side, everything else through
+//! `prism relay-server` there). For every cell (20 ms each way; loss 0, 0.5% and 2%; uncapped
+//! and capped at 100 Mbit/s) it measures, in the client namespace:
+//! - one TCP flow up and down and 4 flows each way (iperf3, median of the runs);
+//! - round trips under load: ping and a 1-byte TCP request/response while 4 flows download
+//!   (p50, p99);
+//! - a page load: 200 fetches of 100 KB, 8 at a time (total seconds);
+//! - UDP: the highest rate losing under 1% beyond the link's own loss (iperf3, by
+//!   bisection); ping at idle.
+//!
+//! `PRISM_WAN_SECONDS` (20) and `PRISM_WAN_RUNS` (3) set the iperf3 runs; `PRISM_WAN_LOSS`
+//! ("0,0.5,2", percent) and `PRISM_WAN_CAPS` ("none,100", Mbit/s) the cells; `PRISM_WAN_ONLY`
+//! the systems ("none,prism"). It writes `docs/bench/wan.{json,md}` unless a subset was asked.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail, ensure};
+use nix::sys::signal::Signal;
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::e2e::in_netns;
+use crate::netns::{Netns, Process};
+use crate::servers;
+use crate::wan::{ADDR_B, DEV_A, Shape, Wan};
+
+const TARGET: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 200, 0, 1));
+const TARGET_NET: &str = "10.200.0.0/16";
+const IPERF_PORT: u16 = 5201;
+const DANTE_PORT: u16 = 1082;
+const RELAY_PORT: u16 = 5555;
+const DELAY: Duration = Duration::from_millis(20);
+/// What a page load fetches: this many objects of this size, this many at a time.
+const PAGE_OBJECTS: usize = 200;
+const PAGE_OBJECT: u64 = 100_000;
+const PAGE_PARALLEL: usize = 8;
+
+/// One system in one cell.
+#[derive(Debug, Default, Clone, Serialize)]
+pub(crate) struct Cell {
+    system: String,
+    loss_percent: f64,
+    cap_mbit: Option<u64>,
+    up_mbit: Option<f64>,
+    down_mbit: Option<f64>,
+    up4_mbit: Option<f64>,
+    down4_mbit: Option<f64>,
+    ping_load_p50_ms: Option<f64>,
+    ping_load_p99_ms: Option<f64>,
+    rr_load_p50_ms: Option<f64>,
+    rr_load_p99_ms: Option<f64>,
+    page_load_s: Option<f64>,
+    udp_max_mbit: Option<f64>,
+    ping_idle_ms: Option<f64>,
+    /// Share of packets the link itself sent over 1 ms late, and its latest (ms).
+    link_late_share: f64,
+    link_latest_ms: f64,
+    failures: Vec<String>,
+}
+
+impl Cell {
+    /// Runs one measurement; a failure is recorded, not fatal.
+    fn attempt<T>(&mut self, what: &str, measure: impl FnOnce() -> Result<T>) -> Option<T> {
+        match measure() {
+            Ok(value) => Some(value),
+            Err(error) => {
+                println!("    {what} failed: {error:#}");
+                self.failures.push(format!("{what}: {error:#}"));
+                None
+            }
+        }
+    }
+}
+
+fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn list(name: &str, default: &str) -> Vec<String> {
+    std::env::var(name)
+        .unwrap_or_else(|_| default.to_owned())
+        .split(',')
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// The systems under test.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum System {
+    None,
+    Prism,
+}
+
+impl System {
+    const ALL: [System; 2] = [System::None, System::Prism];
+
+    fn key(self) -> &'static str {
+        match self {
+            System::None => "none",
+            System::Prism => "prism",
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            System::None => "no VPN (kernel routing)",
+            System::Prism => "Prism (TCP via SOCKS5, the rest via its relay)",
+        }
+    }
+}
+
+/// The namespaces, the link, and the far side's servers.
+struct Bench {
+    client: Netns,
+    far: Netns,
+    wan: Wan,
+    logs: std::path::PathBuf,
+    prism: std::path::PathBuf,
+    _servers: Vec<Process>,
+}
+
+pub(crate) fn run() -> Result<()> {
+    ensure!(crate::tools::is_root(), "bench --wan needs root");
+    crate::netns::sweep();
+    crate::tools::ensure(&[
+        ("iperf3", "iperf3"),
+        ("danted", "dante-server"),
+        ("ping", "iputils-ping"),
+    ])?;
+    let prism = crate::e2e::build_prism()?;
+    let logs = std::env::temp_dir().join(format!("prism-wan-{}", std::process::id()));
+    std::fs::create_dir_all(&logs)?;
+    println!("bench --wan: logs in {}", logs.display());
+    let bench = Bench::build(&logs, &prism)?;
+
+    let seconds: u64 = env("PRISM_WAN_SECONDS", 20);
+    let runs: usize = env("PRISM_WAN_RUNS", 3);
+    let losses: Vec<f64> = list("PRISM_WAN_LOSS", "0,0.5,2")
+        .iter()
+        .map(|l| l.parse().context("PRISM_WAN_LOSS: percentages"))
+        .collect::<Result<_>>()?;
+    let caps: Vec<Option<u64>> = list("PRISM_WAN_CAPS", "none,100")
+        .iter()
+        .map(|c| match c.as_str() {
+            "none" => Ok(None),
+            mbit => mbit
+                .parse()
+                .map(Some)
+                .context("PRISM_WAN_CAPS: none or Mbit/s"),
+        })
+        .collect::<Result<_>>()?;
+    let only = list("PRISM_WAN_ONLY", "");
+    let subset = !only.is_empty()
+        || std::env::var_os("PRISM_WAN_LOSS").is_some()
+        || std::env::var_os("PRISM_WAN_CAPS").is_some();
+    let mut cells = Vec::new();
+    for system in System::ALL {
+        if !only.is_empty() && !only.iter().any(|o| o == system.key()) {
+            continue;
+        }
+        println!("bench --wan: {}", system.name());
+        let mut running = bench.start(system)?;
+        for &cap in &caps {
+            for &loss in &losses {
+                let shape = Shape {
+                    loss: loss / 100.0,
+                    rate: cap.map(|mbit| (mbit * 1_000_000, Duration::from_millis(50))),
+                    ..Shape::delay(DELAY)
+                };
+                bench.wan.set_shape(shape);
+                println!(
+                    "  loss {loss}%, {}",
+                    cap.map_or("uncapped".to_owned(), |c| format!("{c} Mbit/s"))
+                );
+                let mut cell = Cell {
+                    system: system.name().to_owned(),
+                    loss_percent: loss,
+                    cap_mbit: cap,
+                    ..Cell::default()
+                };
+                let before = late(&bench.wan);
+                bench.measure(&mut cell, seconds, runs);
+                let after = late(&bench.wan);
+                let packets = (after.0 - before.0).max(1) as f64;
+                cell.link_late_share = (after.1 - before.1) as f64 / packets;
+                cell.link_latest_ms = after.2 as f64 / 1000.0;
+                println!("    {cell:?}");
+                cells.push(cell);
+            }
+        }
+        for process in &mut running {
+            let _ = process.stop(Signal::SIGINT, Duration::from_secs(10));
+        }
+        drop(running);
+        bench.stop(system)?;
+    }
+    let md = table(&cells, seconds, runs);
+    println!("{md}");
+    if subset {
+        println!("bench --wan: a subset was asked; docs/bench/wan.* left as they are");
+    } else {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/bench");
+        std::fs::write(dir.join("wan.json"), serde_json::to_string_pretty(&cells)?)?;
+        std::fs::write(dir.join("wan.md"), md)?;
+        println!("bench --wan: wrote docs/bench/wan.json and wan.md");
+    }
+    Ok(())
+}
+
+/// The link's (packets, packets over 1 ms late, latest µs) so far, both directions.
+fn late(wan: &Wan) -> (u64, u64, u64) {
+    use std::sync::atomic::Ordering::Relaxed;
+    wan.counts.iter().fold((0, 0, 0), |(p, l, m), c| {
+        (
+            p + c.forwarded.load(Relaxed),
+            l + c.late.load(Relaxed),
+            m.max(c.latest_us.swap(0, Relaxed)),
+        )
+    })
+}
+
+impl Bench {
+    fn build(logs: &Path, prism: &Path) -> Result<Bench> {
+        let client = Netns::create("wanc")?;
+        let far = Netns::create("wanf")?;
+        for ns in [&client, &far] {
+            ns.ip("link set lo up")?;
+            // Windows for a long fat link (Linux's default 6 MB caps a flow near 600 Mbit/s
+            // over a 40 ms round trip), and every system gets the same.
+            for (key, value) in [
+                ("net.ipv4.tcp_rmem", "4096 131072 33554432"),
+                ("net.ipv4.tcp_wmem", "4096 16384 33554432"),
+                ("net.ipv4.tcp_congestion_control", "bbr"),
+            ] {
+                let _ = ns.exec(&["sysctl", "-q", "-w", &format!("{key}={value}")]);
+            }
+        }
+        far.ip(&format!("addr add {TARGET}/32 dev lo"))?;
+        let wan = Wan::start(&client, &far, Shape::delay(DELAY))?;
+        // The far side reaches the client's tunnel addresses (10.99.0.0/24 comes back through
+        // the relay server's TUN, which routes it itself).
+        let mut servers = Vec::new();
+        let mut targets = std::process::Command::new(std::env::current_exe()?);
+        targets.args(["serve-targets", far.name(), &TARGET.to_string()]);
+        servers.push(Process::spawn(
+            "test servers",
+            targets,
+            Some(&logs.join("servers.log")),
+        )?);
+        crate::topology::wait_listening(&far, servers::SOURCE, 1, "the test servers")?;
+        let mut iperf = far.command("iperf3");
+        iperf.args([
+            "-s",
+            "-B",
+            &TARGET.to_string(),
+            "-p",
+            &IPERF_PORT.to_string(),
+        ]);
+        servers.push(Process::spawn(
+            "iperf3 server",
+            iperf,
+            Some(&logs.join("iperf3.log")),
+        )?);
+        crate::topology::wait_listening(&far, IPERF_PORT, 1, "iperf3")?;
+        servers.push(crate::topology::dante(
+            &far,
+            &[&ADDR_B.to_string()],
+            DANTE_PORT,
+            logs,
+        )?);
+        crate::topology::wait_listening(&far, DANTE_PORT, 1, "dante")?;
+        Ok(Bench {
+            client,
+            far,
+            wan,
+            logs: logs.to_owned(),
+            prism: prism.to_owned(),
+            _servers: servers,
+        })
+    }
+
+    /// Sets `system` up; the processes to stop afterwards.
+    fn start(&self, system: System) -> Result<Vec<Process>> {
+        match system {
+            System::None => {
+                self.client
+                    .ip(&format!("route add {TARGET_NET} dev {DEV_A}"))?;
+                Ok(Vec::new())
+            }
+            System::Prism => {
+                let key = self.logs.join("relay.key");
+                std::fs::write(&key, "a pre-shared key for the WAN bench relay\n")?;
+                let mut server = self.far.command(&self.prism);
+                server.args([
+                    "relay-server",
+                    "--listen",
+                    &format!("{ADDR_B}:{RELAY_PORT}"),
+                    "--tun",
+                    "pwrelay",
+                    "--address",
+                    "10.99.0.254/24",
+                    "--key-file",
+                ]);
+                server.arg(&key);
+                let relay = Process::spawn(
+                    "prism relay-server",
+                    server,
+                    Some(&self.logs.join("relay-server.log")),
+                )?;
+                crate::netns::wait_for("the relay server's TUN", Duration::from_secs(10), || {
+                    self.far.ip("link show pwrelay").is_ok()
+                })?;
+                let mut client = self.client.command(&self.prism);
+                client.args([
+                    "run",
+                    "--tun",
+                    "prism0",
+                    "--address",
+                    "10.99.0.1/24",
+                    "--route",
+                    TARGET_NET,
+                    "--upstream",
+                    &format!("socks5://{ADDR_B}:{DANTE_PORT}"),
+                    "--relay",
+                    &format!("udp://{ADDR_B}:{RELAY_PORT}"),
+                    "--relay-key-file",
+                ]);
+                client.arg(&key);
+                let process =
+                    Process::spawn("prism run", client, Some(&self.logs.join("prism.log")))?;
+                crate::netns::wait_for("prism's route", Duration::from_secs(10), || {
+                    self.client
+                        .ip("route show 10.200.0.0/16")
+                        .is_ok_and(|r| r.contains("prism0"))
+                })?;
+                Ok(vec![process, relay])
+            }
+        }
+    }
+
+    fn stop(&self, system: System) -> Result<()> {
+        if system == System::None {
+            self.client
+                .ip(&format!("route del {TARGET_NET} dev {DEV_A}"))?;
+        }
+        Ok(())
+    }
+
+    fn measure(&self, cell: &mut Cell, seconds: u64, runs: usize) {
+        let median = |cell: &mut Cell, what: &str, args: &[&str]| -> Option<f64> {
+            let mut got: Vec<f64> = (0..runs)
+                .filter_map(|_| cell.attempt(what, || self.iperf(seconds, args)))
+                .collect();
+            got.sort_by(f64::total_cmp);
+            got.get(got.len() / 2).copied()
+        };
+        cell.up_mbit = median(cell, "1 flow up", &[]);
+        cell.down_mbit = median(cell, "1 flow down", &["-R"]);
+        cell.up4_mbit = median(cell, "4 flows up", &["-P", "4"]);
+        cell.down4_mbit = median(cell, "4 flows down", &["-P", "4", "-R"]);
+        if let Some(((ping50, ping99), (rr50, rr99))) =
+            cell.attempt("round trips under load", || self.under_load())
+        {
+            cell.ping_load_p50_ms = Some(ping50);
+            cell.ping_load_p99_ms = Some(ping99);
+            cell.rr_load_p50_ms = Some(rr50);
+            cell.rr_load_p99_ms = Some(rr99);
+        }
+        cell.page_load_s = cell.attempt("page load", || self.page_load());
+        let loss = cell.loss_percent;
+        cell.udp_max_mbit = cell.attempt("UDP", || self.udp_max(loss));
+        cell.ping_idle_ms = cell
+            .attempt("idle ping", || self.ping(20, "0.1"))
+            .map(|rtts| percentile(&rtts, 50));
+    }
+
+    /// Mbit/s an iperf3 TCP test received.
+    fn iperf(&self, seconds: u64, extra: &[&str]) -> Result<f64> {
+        let target = TARGET.to_string();
+        let port = IPERF_PORT.to_string();
+        let secs = seconds.to_string();
+        let deadline = (seconds + 30).to_string();
+        let mut args = vec![
+            "timeout", &deadline, "iperf3", "-c", &target, "-p", &port, "-t", &secs, "-J",
+        ];
+        args.extend_from_slice(extra);
+        let out = self.client.exec(&args)?;
+        json_number(&out, "sum_received", "bits_per_second").map(|bps| bps / 1e6)
+    }
+
+    /// Per-echo round trips (ms) of `count` pings at `interval` seconds.
+    fn ping(&self, count: usize, interval: &str) -> Result<Vec<f64>> {
+        let out = self
+            .client
+            .command("ping")
+            .args(["-c", &count.to_string(), "-i", interval, "-W", "2"])
+            .arg(TARGET.to_string())
+            .output()?;
+        let out = String::from_utf8_lossy(&out.stdout);
+        let mut rtts: Vec<f64> = out
+            .lines()
+            .filter_map(|l| l.split("time=").nth(1))
+            .filter_map(|t| t.trim_end_matches(" ms").trim().parse().ok())
+            .collect();
+        ensure!(!rtts.is_empty(), "no echo came back:\n{out}");
+        rtts.sort_by(f64::total_cmp);
+        Ok(rtts)
+    }
+
+    /// Ping and a 1-byte TCP request/response, each for 5 s, while 4 flows download.
+    fn under_load(&self) -> Result<((f64, f64), (f64, f64))> {
+        let mut load = self.client.command("iperf3");
+        load.args(["-c", &TARGET.to_string(), "-p", &IPERF_PORT.to_string()]);
+        load.args(["-t", "14", "-P", "4", "-R"]);
+        let mut load = Process::spawn("iperf3 load", load, Some(&self.logs.join("load.log")))?;
+        std::thread::sleep(Duration::from_secs(2));
+        let pings = self.ping(100, "0.05");
+        let rr = in_netns(self.client.name(), async || {
+            let addr = SocketAddr::new(TARGET, servers::ECHO);
+            let mut stream = TcpStream::connect(addr).await?;
+            stream.set_nodelay(true)?;
+            let mut times = Vec::new();
+            let mut byte = [0u8; 1];
+            let until = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < until {
+                let started = Instant::now();
+                stream.write_all(b"x").await?;
+                stream.read_exact(&mut byte).await?;
+                times.push(started.elapsed().as_secs_f64() * 1e3);
+            }
+            times.sort_by(f64::total_cmp);
+            Ok(times)
+        });
+        let _ = load.stop(Signal::SIGINT, Duration::from_secs(5));
+        let (pings, rr) = (pings?, rr?);
+        ensure!(!rr.is_empty(), "no request/response completed");
+        Ok((
+            (percentile(&pings, 50), percentile(&pings, 99)),
+            (percentile(&rr, 50), percentile(&rr, 99)),
+        ))
+    }
+
+    /// Seconds to fetch every object of a page, a few at a time, each on a new connection.
+    fn page_load(&self) -> Result<f64> {
+        in_netns(self.client.name(), async || {
+            let started = Instant::now();
+            let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let workers = (0..PAGE_PARALLEL).map(|_| {
+                let next = std::sync::Arc::clone(&next);
+                async move {
+                    while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < PAGE_OBJECTS {
+                        fetch(PAGE_OBJECT).await?;
+                    }
+                    anyhow::Ok(())
+                }
+            });
+            for result in futures_util::future::join_all(workers).await {
+                result?;
+            }
+            Ok(started.elapsed().as_secs_f64())
+        })
+    }
+
+    /// The highest UDP rate (Mbit/s) iperf3 gets across losing under 1% beyond what the link
+    /// itself drops (`link_loss`, percent), by bisection.
+    fn udp_max(&self, link_loss: f64) -> Result<f64> {
+        let (mut low, mut high) = (1.0f64, 2000.0f64);
+        let mut best = None;
+        for _ in 0..7 {
+            let rate = (low * high).sqrt();
+            let (received, lost) = self.udp_at(rate)?;
+            if lost < 1.0 + link_loss {
+                best = Some(received);
+                low = rate;
+            } else {
+                high = rate;
+            }
+        }
+        best.context("under 1% loss at no rate tried (from 1 Mbit/s)")
+    }
+
+    /// iperf3 UDP at `mbit` for 3 s: (Mbit/s received, percent lost).
+    fn udp_at(&self, mbit: f64) -> Result<(f64, f64)> {
+        let out = self
+            .client
+            .command("timeout")
+            .args(["30", "iperf3", "-c", &TARGET.to_string()])
+            .args(["-p", &IPERF_PORT.to_string(), "-u", "-l", "1200", "-t", "3", "-J"])
+            .args(["-b", &format!("{}M", mbit.round().max(1.0))])
+            .output()?;
+        // iperf3 -J reports its errors in the JSON, and warnings on stderr.
+        let out = String::from_utf8_lossy(&out.stdout);
+        let received = json_number(&out, "\"sum\"", "bits_per_second")? / 1e6;
+        let lost = json_number(&out, "\"sum\"", "lost_percent")?;
+        Ok((received * (1.0 - lost / 100.0), lost))
+    }
+}
+
+/// Fetches `len` bytes from the test servers' source service on a new connection.
+async fn fetch(len: u64) -> Result<()> {
+    let mut stream = TcpStream::connect(SocketAddr::new(TARGET, servers::SOURCE)).await?;
+    let mut header = [0u8; 16];
+    header[..8].copy_from_slice(&len.to_be_bytes());
+    stream.write_all(&header).await?;
+    let mut got = 0u64;
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+    }
+    ensure!(got == len, "fetched {got} of {len} bytes");
+    Ok(())
+}
+
+/// The number after `"key":` in the part of iperf3's JSON after `section`.
+fn json_number(out: &str, section: &str, key: &str) -> Result<f64> {
+    let Some(rest) = out.rsplit(section).next().filter(|_| out.contains(section)) else {
+        let error = out
+            .split("\"error\":")
+            .nth(1)
+            .and_then(|e| e.lines().next())
+            .unwrap_or("no error given");
+        bail!("iperf3 printed no {section}: {}", error.trim());
+    };
+    rest.split(&format!("\"{key}\":"))
+        .nth(1)
+        .and_then(|r| r.split([',', '\n', '}']).next())
+        .and_then(|r| r.trim().parse().ok())
+        .with_context(|| format!("iperf3 printed no {key}"))
+}
+
+fn percentile(sorted: &[f64], q: usize) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let i = (sorted.len() * q / 100).min(sorted.len() - 1);
+    sorted.get(i).copied().unwrap_or(0.0)
+}
+
+fn table(cells: &[Cell], seconds: u64, runs: usize) -> String {
+    let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
+    let mut md = format!(
+        "# VPNs across a WAN\n\n`cargo xtask bench --wan`: 20 ms each way, iperf3 {seconds} s, \
+         median of {runs}. Mbit/s; round trips in ms (p50/p99) under a 4-flow download; page \
+         load: {PAGE_OBJECTS} fetches of {} KB, {PAGE_PARALLEL} at a time, in s; UDP: highest \
+         rate with under 1% loss. \"link late\": share of packets the WAN link itself sent over \
+         1 ms late.\n\n| system | loss % | cap | up | down | 4 up | 4 down | ping load | RR \
+         load | page s | UDP max | idle ping | link late |\n|---|---|---|---|---|---|---|---|---|\
+         ---|---|---|---|\n",
+        PAGE_OBJECT / 1000
+    );
+    for c in cells {
+        md.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {}/{} | {}/{} | {} | {} | {} | {:.1}% |\n",
+            c.system,
+            c.loss_percent,
+            c.cap_mbit
+                .map_or("none".to_owned(), |m| format!("{m} Mbit/s")),
+            f(c.up_mbit),
+            f(c.down_mbit),
+            f(c.up4_mbit),
+            f(c.down4_mbit),
+            f(c.ping_load_p50_ms),
+            f(c.ping_load_p99_ms),
+            f(c.rr_load_p50_ms),
+            f(c.rr_load_p99_ms),
+            f(c.page_load_s),
+            f(c.udp_max_mbit),
+            f(c.ping_idle_ms),
+            c.link_late_share * 100.0,
+        ));
+    }
+    md
+}
