@@ -108,14 +108,16 @@ enum System {
     None,
     OpenVpnTcp,
     OpenVpnUdp,
+    WireGuardGo,
     Prism,
 }
 
 impl System {
-    const ALL: [System; 4] = [
+    const ALL: [System; 5] = [
         System::None,
         System::OpenVpnTcp,
         System::OpenVpnUdp,
+        System::WireGuardGo,
         System::Prism,
     ];
 
@@ -124,6 +126,7 @@ impl System {
             System::None => "none",
             System::OpenVpnTcp => "openvpn-tcp",
             System::OpenVpnUdp => "openvpn-udp",
+            System::WireGuardGo => "wireguard-go",
             System::Prism => "prism",
         }
     }
@@ -133,6 +136,7 @@ impl System {
             System::None => "no VPN (kernel routing)",
             System::OpenVpnTcp => "OpenVPN over TCP",
             System::OpenVpnUdp => "OpenVPN over UDP",
+            System::WireGuardGo => "wireguard-go",
             System::Prism => "Prism (TCP via SOCKS5, the rest via its relay)",
         }
     }
@@ -161,6 +165,8 @@ pub(crate) fn run() -> Result<()> {
         ("ping", "iputils-ping"),
         ("openvpn", "openvpn"),
         ("openssl", "openssl"),
+        ("wireguard-go", "wireguard-go"),
+        ("wg", "wireguard-tools"),
     ])?;
     let prism = crate::e2e::build_prism()?;
     let logs = std::env::temp_dir().join(format!("prism-wan-{}", std::process::id()));
@@ -325,6 +331,7 @@ impl Bench {
                 Ok(Vec::new())
             }
             System::OpenVpnTcp | System::OpenVpnUdp => self.openvpn(system == System::OpenVpnTcp),
+            System::WireGuardGo => self.wireguard_go(),
             System::Prism => {
                 let key = self.logs.join("relay.key");
                 std::fs::write(&key, "a pre-shared key for the WAN bench relay\n")?;
@@ -473,6 +480,78 @@ impl Bench {
         })
         .with_context(|| client.log())?;
         Ok(vec![client, server])
+    }
+
+    /// wireguard-go (Debian's) configured with wireguard-tools' `wg`: 10.9.0.1 on the far
+    /// side, 10.9.0.2 here, the targets routed into it.
+    fn wireguard_go(&self) -> Result<Vec<Process>> {
+        let key = || -> Result<(String, String)> {
+            let private = crate::netns::run("wg", &["genkey"])?.trim().to_owned();
+            let mut pubkey = std::process::Command::new("wg")
+                .arg("pubkey")
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()?;
+            if let Some(mut stdin) = pubkey.stdin.take() {
+                std::io::Write::write_all(&mut stdin, private.as_bytes())?;
+            }
+            let public = String::from_utf8_lossy(&pubkey.wait_with_output()?.stdout)
+                .trim()
+                .to_owned();
+            Ok((private, public))
+        };
+        let (far_private, far_public) = key()?;
+        let (client_private, client_public) = key()?;
+        let mut processes = Vec::new();
+        for (ns, dev, private, address) in [
+            (&self.far, "pwgf", &far_private, "10.9.0.1/24"),
+            (&self.client, "pwgc", &client_private, "10.9.0.2/24"),
+        ] {
+            let mut daemon = ns.command("wireguard-go");
+            daemon.args(["-f", dev]);
+            processes.push(Process::spawn(
+                "wireguard-go",
+                daemon,
+                Some(&self.logs.join(format!("{dev}.log"))),
+            )?);
+            crate::netns::wait_for("wireguard-go's TUN", Duration::from_secs(10), || {
+                ns.ip(&format!("link show {dev}")).is_ok()
+            })?;
+            let file = self.logs.join(format!("{dev}.key"));
+            std::fs::write(&file, private)?;
+            ns.exec(&["wg", "set", dev, "private-key", &file.display().to_string()])?;
+            ns.ip(&format!("addr add {address} dev {dev}"))?;
+            ns.ip(&format!(
+                "link set {dev} mtu 1420 txqueuelen {TUN_QUEUE} up"
+            ))?;
+        }
+        self.far.exec(&[
+            "wg",
+            "set",
+            "pwgf",
+            "listen-port",
+            "51820",
+            "peer",
+            &client_public,
+            "allowed-ips",
+            "10.9.0.2/32",
+        ])?;
+        self.client.exec(&[
+            "wg",
+            "set",
+            "pwgc",
+            "peer",
+            &far_public,
+            "endpoint",
+            &format!("{ADDR_B}:51820"),
+            "allowed-ips",
+            "10.9.0.1/32,10.200.0.0/16",
+            "persistent-keepalive",
+            "25",
+        ])?;
+        self.client
+            .ip(&format!("route add {TARGET_NET} dev pwgc"))?;
+        Ok(processes)
     }
 
     fn stop(&self, system: System) -> Result<()> {
