@@ -21,7 +21,9 @@
 //!
 //! `PRISM_WAN_SECONDS` (20) and `PRISM_WAN_RUNS` (3) set the iperf3 runs; `PRISM_WAN_LOSS`
 //! ("0,0.5,2", percent) and `PRISM_WAN_CAPS` ("none,100", Mbit/s) the cells; `PRISM_WAN_ONLY`
-//! the systems ("none,prism"). It writes `docs/bench/wan.{json,md}` unless a subset was asked.
+//! the systems ("none,openvpn-tcp,openvpn-udp,wireguard-go,prism"). It writes
+//! `docs/bench/wan.{json,md}` unless a subset was asked (`PRISM_WAN_WRITE=1` writes a subset's
+//! too; the table says what was run).
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -237,8 +239,11 @@ pub(crate) fn run() -> Result<()> {
     }
     let md = table(&cells, seconds, runs);
     println!("{md}");
-    if subset {
-        println!("bench --wan: a subset was asked; docs/bench/wan.* left as they are");
+    if subset && std::env::var_os("PRISM_WAN_WRITE").is_none() {
+        println!(
+            "bench --wan: a subset was asked; docs/bench/wan.* left as they are \
+             (PRISM_WAN_WRITE=1 writes them anyway)"
+        );
     } else {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/bench");
         std::fs::write(dir.join("wan.json"), serde_json::to_string_pretty(&cells)?)?;
