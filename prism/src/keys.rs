@@ -19,8 +19,11 @@ pub(crate) fn pubkey() -> Result<()> {
     std::io::stdin()
         .read_to_string(&mut text)
         .context("cannot read a private key from standard input")?;
-    let key: PrivateKey = text.parse().context(
-        "standard input does not hold a private key (32 bytes in base64, as `prism genkey` writes)",
-    )?;
+    let key: PrivateKey = text.parse().map_err(|_| {
+        anyhow::anyhow!(
+            "standard input does not hold a private key: expected 32 bytes in base64 (44 \
+             characters), as `prism genkey` writes"
+        )
+    })?;
     writeln!(std::io::stdout(), "{}", key.public_key()).context("cannot write the key")
 }

@@ -88,6 +88,25 @@ impl Target {
     }
 }
 
+/// Starts `prism relay-server` in `ns` with `args` (after `relay-server`), logging to
+/// `logs/log`, and waits for its TUN `prelay0`.
+pub(crate) fn start_relay_server(
+    ns: &Netns,
+    prism: &Path,
+    args: &[&std::ffi::OsStr],
+    logs: &Path,
+    log: &str,
+) -> Result<Process> {
+    let mut command = ns.command(prism);
+    command.arg("relay-server").args(args);
+    let server = Process::spawn("prism relay-server", command, Some(&logs.join(log)))?;
+    wait_for("the relay server's TUN", Duration::from_secs(10), || {
+        ns.ip("link show prelay0").is_ok()
+    })
+    .with_context(|| server.log())?;
+    Ok(server)
+}
+
 pub(crate) fn run(
     topo: &Topology,
     prism: &Path,
@@ -108,28 +127,27 @@ pub(crate) fn run(
     )?;
 
     let server_stats = logs.join("stats-relay-server.json");
-    let mut server_cmd = topo.server.command(prism);
-    server_cmd.args([
-        "relay-server",
-        "--listen",
-        &format!("{}:{RELAY_PORT}", topology::SERVER_V4),
-        "--tun",
-        "prelay0",
-        "--address",
-        "10.99.0.254/24",
-        "--address",
-        "fd99::fe/64",
-        "--key-file",
-    ]);
-    server_cmd.arg(&key).arg("--stats-file").arg(&server_stats);
-    let mut server = Process::spawn(
-        "prism relay-server",
-        server_cmd,
-        Some(&logs.join("relay-server.log")),
+    let listen = format!("{}:{RELAY_PORT}", topology::SERVER_V4);
+    let mut server = start_relay_server(
+        &topo.server,
+        prism,
+        &[
+            "--listen".as_ref(),
+            listen.as_ref(),
+            "--tun".as_ref(),
+            "prelay0".as_ref(),
+            "--address".as_ref(),
+            "10.99.0.254/24".as_ref(),
+            "--address".as_ref(),
+            "fd99::fe/64".as_ref(),
+            "--key-file".as_ref(),
+            key.as_os_str(),
+            "--stats-file".as_ref(),
+            server_stats.as_os_str(),
+        ],
+        logs,
+        "relay-server.log",
     )?;
-    wait_for("the relay server's TUN", Duration::from_secs(10), || {
-        topo.server.ip("link show prelay0").is_ok()
-    })?;
 
     let mut dns_cmd = target.ns.command("dnsmasq");
     dns_cmd.args([
@@ -257,7 +275,7 @@ pub(crate) fn run(
         "the forgeries are in the server's counters",
         forgeries_counted(&server_stats),
     );
-    identities(topo, prism, logs, &args, &key, report)?;
+    identities(topo, prism, logs, &args, report)?;
     drop(sink);
     drop(target);
     Ok(())
@@ -272,7 +290,6 @@ fn identities(
     prism: &Path,
     logs: &Path,
     shared_args: &[String],
-    shared_key: &Path,
     report: &mut crate::e2e::Report,
 ) -> Result<()> {
     let keypair = |name: &str| -> Result<(PathBuf, String)> {
@@ -293,30 +310,28 @@ fn identities(
     let (client_key, client_public) = keypair("client")?;
     let (stranger_key, _) = keypair("stranger")?;
 
-    let mut server_cmd = topo.server.command(prism);
-    server_cmd.args([
-        "relay-server",
-        "--listen",
-        &format!("{}:{RELAY_PORT}", topology::SERVER_V4),
-        "--tun",
-        "prelay0",
-        "--address",
-        "10.99.0.254/24",
-        "--address",
-        "fd99::fe/64",
-        "--peer",
-        &format!("{client_public},10.99.0.1/32,fd99::1/128"),
-        "--private-key-file",
-    ]);
-    server_cmd.arg(&server_key);
-    let mut server = Process::spawn(
-        "prism relay-server (identities)",
-        server_cmd,
-        Some(&logs.join("relay-server-identities.log")),
+    let listen = format!("{}:{RELAY_PORT}", topology::SERVER_V4);
+    let peer = format!("{client_public},10.99.0.1/32,fd99::1/128");
+    let mut server = start_relay_server(
+        &topo.server,
+        prism,
+        &[
+            "--listen".as_ref(),
+            listen.as_ref(),
+            "--tun".as_ref(),
+            "prelay0".as_ref(),
+            "--address".as_ref(),
+            "10.99.0.254/24".as_ref(),
+            "--address".as_ref(),
+            "fd99::fe/64".as_ref(),
+            "--peer".as_ref(),
+            peer.as_ref(),
+            "--private-key-file".as_ref(),
+            server_key.as_os_str(),
+        ],
+        logs,
+        "relay-server-identities.log",
     )?;
-    wait_for("the relay server's TUN", Duration::from_secs(10), || {
-        topo.server.ip("link show prelay0").is_ok()
-    })?;
     let with_key = |private: &Path| -> Vec<String> {
         let mut args = Vec::new();
         let mut rest = shared_args.iter();
@@ -333,7 +348,6 @@ fn identities(
             "--relay-server-key".to_owned(),
             server_public.clone(),
         ]);
-        debug_assert!(!args.iter().any(|a| Path::new(a) == shared_key));
         args
     };
     let mut client = topo.start_prism(
@@ -373,7 +387,27 @@ fn stranger(
     args: &[String],
     server: &Process,
 ) -> Result<String> {
-    let mut client = topo.start_prism(prism, args, &logs.join("prism-relay-stranger.log"))?;
+    refused(
+        topo,
+        prism,
+        args,
+        &logs.join("prism-relay-stranger.log"),
+        server,
+        "does not allow",
+    )
+}
+
+/// A client the relay server refuses: no ping gets through, the client warns once that the
+/// relay is silent, and the server warns once, saying `server_says`.
+fn refused(
+    topo: &Topology,
+    prism: &Path,
+    args: &[String],
+    log: &Path,
+    server: &Process,
+    server_says: &str,
+) -> Result<String> {
+    let mut client = topo.start_prism(prism, args, log)?;
     let pinged = ping(topo, TARGET_V4, false);
     let said = wait_for(
         "the client to say the relay is silent",
@@ -385,7 +419,7 @@ fn stranger(
     ensure!(stopped.success(), "prism exited with {stopped}");
     ensure!(
         pinged.is_err(),
-        "a ping got through with a key the server does not allow"
+        "a ping got through the relay server that refuses this client"
     );
     let warned = |log: &str, says: &str| crate::routed_e2e::warnings(log, says).len();
     ensure!(
@@ -394,8 +428,8 @@ fn stranger(
         client.log()
     );
     ensure!(
-        warned(&server.log(), "does not allow") == 1,
-        "the server should warn once, naming the key:\n{}",
+        warned(&server.log(), server_says) == 1,
+        "the server should warn once ({server_says}):\n{}",
         server.log()
     );
     Ok(String::new())
@@ -423,28 +457,16 @@ fn wrong_key(
             }
         })
         .collect();
-    let mut client = topo.start_prism(prism, &args, &logs.join("prism-relay-wrong-key.log"))?;
-    let said = wait_for(
-        "the client to say the relay is silent",
-        Duration::from_secs(20),
-        || client.log().contains("is silent"),
-    );
-    let stopped = client.stop(Signal::SIGINT, Duration::from_secs(10))?;
-    said.with_context(|| client.log())?;
-    ensure!(stopped.success(), "prism exited with {stopped}");
-    let warned = |log: &str, says: &str| crate::routed_e2e::warnings(log, says).len();
-    ensure!(
-        warned(&client.log(), "is silent") == 1,
-        "the client should warn once:\n{}",
-        client.log()
-    );
-    ensure!(
-        warned(&server.log(), "fail authentication") == 1,
-        "the server should warn once about the source (its forgeries before and this key \
-         count as one: the warning is per source, at most every 30 s):\n{}",
-        server.log()
-    );
-    Ok(String::new())
+    // The server's warning is per source, at most every 30 s: the forgeries before and this
+    // key count as one.
+    refused(
+        topo,
+        prism,
+        &args,
+        &logs.join("prism-relay-wrong-key.log"),
+        server,
+        "fail authentication",
+    )
 }
 
 fn ping(topo: &Topology, to: &str, v6: bool) -> Result<String> {

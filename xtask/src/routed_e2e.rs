@@ -410,31 +410,25 @@ pub(crate) fn run(prism: &Path, logs: &Path, report: &mut Report) {
 fn with_relay(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
     let key = logs.join("routed-relay.key");
     std::fs::write(&key, "routed relay key, more than sixteen bytes\n")?;
-    let mut server = topo.far.command(prism);
-    server
-        .args([
-            "relay-server",
-            "--listen",
-            &format!("{PROXY}:5555"),
-            "--tun",
-            "prelay0",
-        ])
-        .args([
-            "--address",
-            "10.99.0.254/24",
-            "--metrics",
-            "127.0.0.1:9478",
-            "--key-file",
-        ])
-        .arg(&key);
-    let mut server = Process::spawn(
-        "prism relay-server",
-        server,
-        Some(&logs.join("routed-relay-server.log")),
+    let listen = format!("{PROXY}:5555");
+    let mut server = crate::relay_e2e::start_relay_server(
+        &topo.far,
+        prism,
+        &[
+            "--listen".as_ref(),
+            listen.as_ref(),
+            "--tun".as_ref(),
+            "prelay0".as_ref(),
+            "--address".as_ref(),
+            "10.99.0.254/24".as_ref(),
+            "--metrics".as_ref(),
+            "127.0.0.1:9478".as_ref(),
+            "--key-file".as_ref(),
+            key.as_os_str(),
+        ],
+        logs,
+        "routed-relay-server.log",
     )?;
-    wait_for("the relay server's TUN", Duration::from_secs(10), || {
-        topo.far.ip("link show prelay0").is_ok()
-    })?;
     let before = topo.routing()?;
     let stats = logs.join("stats-routed-relay.json");
     let relay = format!("udp://{PROXY}:5555");

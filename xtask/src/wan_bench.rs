@@ -340,26 +340,23 @@ impl Bench {
             System::Prism => {
                 let key = self.logs.join("relay.key");
                 std::fs::write(&key, "a pre-shared key for the WAN bench relay\n")?;
-                let mut server = self.far.command(&self.prism);
-                server.args([
-                    "relay-server",
-                    "--listen",
-                    &format!("{ADDR_B}:{RELAY_PORT}"),
-                    "--tun",
-                    "pwrelay",
-                    "--address",
-                    "10.99.0.254/24",
-                    "--key-file",
-                ]);
-                server.arg(&key);
-                let relay = Process::spawn(
-                    "prism relay-server",
-                    server,
-                    Some(&self.logs.join("relay-server.log")),
+                let listen = format!("{ADDR_B}:{RELAY_PORT}");
+                let relay = crate::relay_e2e::start_relay_server(
+                    &self.far,
+                    &self.prism,
+                    &[
+                        "--listen".as_ref(),
+                        listen.as_ref(),
+                        "--tun".as_ref(),
+                        "prelay0".as_ref(),
+                        "--address".as_ref(),
+                        "10.99.0.254/24".as_ref(),
+                        "--key-file".as_ref(),
+                        key.as_os_str(),
+                    ],
+                    &self.logs,
+                    "relay-server.log",
                 )?;
-                crate::netns::wait_for("the relay server's TUN", Duration::from_secs(10), || {
-                    self.far.ip("link show pwrelay").is_ok()
-                })?;
                 let mut client = self.client.command(&self.prism);
                 client.args([
                     "run",
@@ -763,7 +760,7 @@ async fn fetch(len: u64) -> Result<()> {
 }
 
 /// The number after `"key":` in the part of iperf3's JSON after `section`.
-fn json_number(out: &str, section: &str, key: &str) -> Result<f64> {
+pub(crate) fn json_number(out: &str, section: &str, key: &str) -> Result<f64> {
     let Some(rest) = out.rsplit(section).next().filter(|_| out.contains(section)) else {
         let error = out
             .split("\"error\":")

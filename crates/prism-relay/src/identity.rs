@@ -233,6 +233,22 @@ fn mac2_valid(cookie: &[u8; MAC], datagram: &[u8]) -> bool {
     mac(cookie, covered).verify_slice(mac2).is_ok()
 }
 
+/// A handshake datagram: `header`, then the next Noise message carrying `payload`.
+fn handshake_datagram(
+    state: &mut snow::HandshakeState,
+    header: &[u8; HEADER],
+    payload: &[u8],
+) -> Result<Vec<u8>, HandshakeError> {
+    let mut datagram = vec![0u8; HEADER + payload.len() + NOISE_OVERHEAD];
+    let (head, body) = datagram.split_at_mut(HEADER);
+    head.copy_from_slice(header);
+    let n = state
+        .write_message(payload, body)
+        .map_err(|_| HandshakeError::Build)?;
+    datagram.truncate(HEADER + n);
+    Ok(datagram)
+}
+
 fn prologue(header: &[u8; HEADER]) -> Vec<u8> {
     [PROLOGUE, header].concat()
 }
@@ -276,15 +292,7 @@ pub(crate) fn initiate(
         .and_then(snow::Builder::build_initiator)
         .map_err(|_| HandshakeError::Build)?;
     let clear = [&timestamp.to_be_bytes()[..], payload].concat();
-    let mut datagram = vec![0u8; HEADER + clear.len() + NOISE_OVERHEAD];
-    let n = state
-        .write_message(&clear, datagram.get_mut(HEADER..).unwrap_or_default())
-        .map_err(|_| HandshakeError::Build)?;
-    datagram.truncate(HEADER + n);
-    datagram
-        .get_mut(..HEADER)
-        .unwrap_or_default()
-        .copy_from_slice(&header);
+    let mut datagram = handshake_datagram(&mut state, &header, &clear)?;
     let mac1: [u8; MAC] = mac(&mac1_key(server), &datagram).finalize_fixed().into();
     datagram.extend_from_slice(&mac1);
     let mac2: [u8; MAC] = match cookie {
@@ -388,15 +396,7 @@ pub(crate) fn respond(
         ..*header
     }
     .encode();
-    let mut response = vec![0u8; HEADER + NOISE_OVERHEAD];
-    let n = state
-        .write_message(&[], response.get_mut(HEADER..).unwrap_or_default())
-        .map_err(|_| HandshakeError::Build)?;
-    response.truncate(HEADER + n);
-    response
-        .get_mut(..HEADER)
-        .unwrap_or_default()
-        .copy_from_slice(&response_header);
+    let response = handshake_datagram(&mut state, &response_header, &[])?;
     let keys = split(&mut state)?;
     Ok(Accepted {
         client,

@@ -15,31 +15,17 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use prism_device::{Link, Outside};
-use smoltcp::wire::Ipv4Packet;
 use tokio::sync::mpsc;
 
 use crate::frame::{self, Header, Keys, Kind};
 use crate::identity::{self, Peer, PrivateKey, PublicKey};
 use crate::server::Inbound;
+use crate::udp_tests::{packet, tun_receives};
 use crate::{ClientAuth, Counters, PacketTunnel, Rotation, Server, ServerAuth, UdpTunnel};
 
 const A: [u8; 4] = [10, 99, 0, 1];
 const B: [u8; 4] = [10, 99, 0, 2];
 const FAR: [u8; 4] = [192, 0, 2, 1];
-
-/// A UDP-in-IPv4 packet from `src` to `dst`.
-fn packet(src: [u8; 4], dst: [u8; 4], tag: u8) -> Bytes {
-    let mut p = vec![0u8; 32];
-    p[0] = 0x45;
-    p[3] = 32;
-    p[8] = 64;
-    p[9] = 17;
-    p[12..16].copy_from_slice(&src);
-    p[16..20].copy_from_slice(&dst);
-    p[31] = tag;
-    Ipv4Packet::new_unchecked(&mut p[..]).fill_checksum();
-    Bytes::from(p)
-}
 
 struct Keyring {
     server: PrivateKey,
@@ -75,6 +61,13 @@ impl Keyring {
             rotation,
         }
     }
+}
+
+/// Runs `server` on an in-memory TUN: its address, the TUN's far end, and its task.
+fn running(server: Server) -> (SocketAddr, Link, tokio::task::JoinHandle<()>) {
+    let addr = server.local_addr().unwrap();
+    let (server_end, tun) = Link::pair(64);
+    (addr, tun, tokio::spawn(server.run(server_end)))
 }
 
 async fn server(keys: &Keyring) -> (Server, Arc<Counters>) {
@@ -418,14 +411,6 @@ async fn client(server: SocketAddr, auth: ClientAuth, address: [u8; 4]) -> Clien
     }
 }
 
-async fn tun_receives(tun: &mut Link) -> Option<Bytes> {
-    let mut batch = Vec::new();
-    match tokio::time::timeout(Duration::from_millis(500), tun.recv_batch(&mut batch)).await {
-        Ok(Ok(_)) => batch.into_iter().next(),
-        _ => None,
-    }
-}
-
 async fn received(client: &mut Client) -> Option<Bytes> {
     tokio::time::timeout(Duration::from_millis(500), client.received.recv())
         .await
@@ -437,9 +422,7 @@ async fn received(client: &mut Client) -> Option<Bytes> {
 async fn clients_with_their_own_keys_cross_and_each_gets_only_its_replies() {
     let keys = Keyring::new();
     let (server, server_counters) = server(&keys).await;
-    let addr = server.local_addr().unwrap();
-    let (server_end, mut tun) = Link::pair(64);
-    tokio::spawn(server.run(server_end));
+    let (addr, mut tun, _) = running(server);
     let mut a = client(addr, keys.client(&keys.a, Rotation::default()), A).await;
     let mut b = client(addr, keys.client(&keys.b, Rotation::default()), B).await;
     // Sent at once, before the handshake completed: held, then delivered.
@@ -470,9 +453,7 @@ async fn clients_with_their_own_keys_cross_and_each_gets_only_its_replies() {
 async fn a_client_the_server_does_not_know_gets_nothing_through() {
     let keys = Keyring::new();
     let (server, server_counters) = server(&keys).await;
-    let addr = server.local_addr().unwrap();
-    let (server_end, mut tun) = Link::pair(64);
-    tokio::spawn(server.run(server_end));
+    let (addr, mut tun, _) = running(server);
     let stranger = PrivateKey::generate().unwrap();
     let mut s = client(addr, keys.client(&stranger, Rotation::default()), A).await;
     s.tunnel.send(packet(A, FAR, 1)).await.unwrap();
@@ -491,9 +472,7 @@ async fn a_client_the_server_does_not_know_gets_nothing_through() {
 async fn clients_rotate_by_volume_and_by_time_without_losing_a_packet() {
     let keys = Keyring::new();
     let (server, server_counters) = server(&keys).await;
-    let addr = server.local_addr().unwrap();
-    let (server_end, mut tun) = Link::pair(64);
-    tokio::spawn(server.run(server_end));
+    let (addr, mut tun, _) = running(server);
     let by_volume = Rotation {
         after: Duration::from_secs(120),
         packets: 8,
@@ -530,9 +509,7 @@ async fn clients_rotate_by_volume_and_by_time_without_losing_a_packet() {
 async fn a_client_handshakes_again_when_the_server_restarted() {
     let keys = Keyring::new();
     let (first, _) = server(&keys).await;
-    let addr = first.local_addr().unwrap();
-    let (server_end, mut tun) = Link::pair(64);
-    let serving = tokio::spawn(first.run(server_end));
+    let (addr, mut tun, serving) = running(first);
     let a = client(addr, keys.client(&keys.a, Rotation::default()), A).await;
     let out = packet(A, FAR, 1);
     a.tunnel.send(out.clone()).await.unwrap();
@@ -544,8 +521,7 @@ async fn a_client_handshakes_again_when_the_server_restarted() {
     let second = Server::bind(addr, keys.auth(), Arc::clone(&counters))
         .await
         .unwrap();
-    let (server_end, mut tun) = Link::pair(64);
-    tokio::spawn(second.run(server_end));
+    let (_, mut tun, _) = running(second);
     let restarted = std::time::Instant::now();
     let mut i = 2;
     loop {
@@ -574,9 +550,7 @@ async fn a_client_shows_its_cookie_to_a_server_under_load() {
     let keys = Keyring::new();
     let (server, server_counters) = server(&keys).await;
     let server = server.under_load_for_tests();
-    let addr = server.local_addr().unwrap();
-    let (server_end, mut tun) = Link::pair(64);
-    tokio::spawn(server.run(server_end));
+    let (addr, mut tun, _) = running(server);
     let a = client(addr, keys.client(&keys.a, Rotation::default()), A).await;
     let out = packet(A, FAR, 1);
     a.tunnel.send(out.clone()).await.unwrap();

@@ -29,7 +29,7 @@ use tokio::net::UdpSocket;
 use tokio::time::Instant;
 use tracing::info;
 
-use crate::frame::{self, FrameError, Header, Key, Keys, Kind};
+use crate::frame::{self, FrameError, Header, Keys, Kind};
 use crate::identity::{self, CookieJar, HandshakeError, Peer, PrivateKey};
 use crate::tunnel::endpoints;
 use crate::{Counters, ReplayWindow};
@@ -220,21 +220,24 @@ impl Session {
     }
 
     /// Seals a datagram to the client; `None` (counted) if the cipher refused.
+    /// Seals a datagram to the client, under the session's own keys (identities) or
+    /// `shared` (the pre-shared key's).
     fn seal(
         &mut self,
-        key: &Key,
+        shared: Option<&Keys>,
         kind: Kind,
         id: [u8; 16],
         payload: &[u8],
         c: &Counters,
     ) -> Option<Vec<u8>> {
+        let keys = self.keys.as_ref().or(shared)?;
         let header = Header {
             kind,
             session: id,
             counter: self.counter,
         };
+        let sealed = frame::seal(&keys.to_client, &header, payload);
         self.counter += 1;
-        let sealed = frame::seal(key, &header, payload);
         if sealed.is_err() {
             Counters::bump(&c.seal_failed);
         }
@@ -457,7 +460,7 @@ impl Server {
             Kind::Hello | Kind::Data => {}
         }
         let key = match &self.auth {
-            Auth::PreShared(keys) => keys.to_server.clone(),
+            Auth::PreShared(keys) => &keys.to_server,
             Auth::Identities(_) => {
                 let now = Instant::now();
                 let session = self.sessions.get(&header.session);
@@ -469,12 +472,12 @@ impl Server {
                             .is_none_or(|until| now < until && header.kind == Kind::Data)
                 });
                 match live.and_then(|s| s.keys.as_ref()) {
-                    Some(keys) => keys.to_server.clone(),
+                    Some(keys) => &keys.to_server,
                     None => return nothing(&c.drop_session),
                 }
             }
         };
-        let payload = match frame::open(&key, datagram) {
+        let payload = match frame::open(key, datagram) {
             Ok((_, payload)) => payload,
             Err(FrameError::Truncated) => return nothing(&c.drop_truncated),
             Err(FrameError::Version | FrameError::Kind) => return nothing(&c.drop_version),
@@ -512,11 +515,8 @@ impl Server {
             let Some(session) = self.sessions.get_mut(&header.session) else {
                 return Inbound::Nothing;
             };
-            let Some(key) = session.keys.as_ref().map(|k| k.to_client.clone()) else {
-                return Inbound::Nothing;
-            };
             Counters::bump(&c.hellos);
-            return match session.seal(&key, Kind::Hello, header.session, &[], &c) {
+            return match session.seal(None, Kind::Hello, header.session, &[], &c) {
                 Some(ack) => Inbound::Ack(ack, from),
                 None => Inbound::Nothing,
             };
@@ -749,7 +749,7 @@ impl Server {
         session.endpoint = from;
         session.seen = Instant::now();
         // The acknowledgement tells the client the server is there and shares its key.
-        let ack = session.seal(&keys.to_client, Kind::Hello, header.session, &[], &c)?;
+        let ack = session.seal(Some(keys), Kind::Hello, header.session, &[], &c)?;
         for old in std::mem::replace(&mut session.addresses, addresses.clone()) {
             self.owners.remove(&old);
         }
@@ -779,12 +779,11 @@ impl Server {
             Counters::bump(&c.drop_no_session);
             return;
         };
-        let key = match (&self.auth, &session.keys) {
-            (Auth::PreShared(keys), _) => keys.to_client.clone(),
-            (Auth::Identities(_), Some(keys)) => keys.to_client.clone(),
-            (Auth::Identities(_), None) => return,
+        let shared = match &self.auth {
+            Auth::PreShared(keys) => Some(keys),
+            Auth::Identities(_) => None,
         };
-        let Some(datagram) = session.seal(&key, Kind::Data, id, packet, &c) else {
+        let Some(datagram) = session.seal(shared, Kind::Data, id, packet, &c) else {
             return;
         };
         let endpoint = session.endpoint;

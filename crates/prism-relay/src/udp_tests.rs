@@ -24,7 +24,7 @@ use tokio::net::UdpSocket;
 const PSK: &[u8] = b"0123456789abcdef0123456789abcdef";
 
 /// A UDP-in-IPv4 packet from `src` to `dst` (headers only matter here).
-fn packet(src: [u8; 4], dst: [u8; 4], tag: u8) -> Bytes {
+pub(crate) fn packet(src: [u8; 4], dst: [u8; 4], tag: u8) -> Bytes {
     let mut p = vec![0u8; 32];
     p[0] = 0x45;
     p[3] = 32;
@@ -76,9 +76,10 @@ async fn setup() -> Setup {
     }
 }
 
-async fn tun_receives(tun: &mut Link) -> Option<Bytes> {
+/// The next packet the server writes to its TUN, if one comes within half a second.
+pub(crate) async fn tun_receives(tun: &mut Link) -> Option<Bytes> {
     let mut batch = Vec::new();
-    match tokio::time::timeout(Duration::from_millis(300), tun.recv_batch(&mut batch)).await {
+    match tokio::time::timeout(Duration::from_millis(500), tun.recv_batch(&mut batch)).await {
         Ok(Ok(_)) => batch.into_iter().next(),
         _ => None,
     }
