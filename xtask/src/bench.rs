@@ -271,6 +271,7 @@ pub(crate) fn run(peers: bool) -> Result<()> {
 
     if only.is_empty() {
         write_results(&results)?;
+        crate::wan_bench::relay_local()?;
     } else {
         println!("\n{}", markdown(&results));
     }

@@ -74,6 +74,10 @@ enum Task {
         /// xtask/src/wan_bench.rs for its knobs.
         #[arg(long, conflicts_with = "peers")]
         wan: bool,
+        /// Measure only the relay: UDP through Prism's relay and through wireguard-go on a
+        /// veth pair (`cargo xtask bench` ends with it).
+        #[arg(long, conflicts_with_all = ["peers", "wan"])]
+        relay: bool,
     },
     /// Draw docs/bench/results.svg again from docs/bench/results.json.
     BenchChart,
@@ -130,6 +134,7 @@ fn main() -> ExitCode {
         Task::E2e { filter } => e2e::run(filter.as_deref()),
         Task::Demo => demo::run(),
         Task::Bench { wan: true, .. } => wan_bench::run(),
+        Task::Bench { relay: true, .. } => wan_bench::relay_local(),
         Task::Bench { peers, .. } => bench::run(peers),
         Task::BenchChart => bench::redraw_chart(),
         Task::Fuzz {

@@ -18,7 +18,7 @@ use crate::netns::{Netns, NsTask};
 pub const SINK: u16 = 5001;
 /// Reads a 16-byte header (length, seed; big-endian u64s), sends that many pattern bytes, FIN.
 pub const SOURCE: u16 = 5002;
-/// Echoes until EOF, then FIN.
+/// Echoes until EOF, then FIN; on UDP, echoes each datagram.
 pub const ECHO: u16 = 5003;
 /// Sends `SERVER_FIRST`, FIN, then reads to EOF and reports [`Seen::AfterFin`].
 pub const CLOSES_FIRST: u16 = 5004;
@@ -73,7 +73,13 @@ impl Servers {
         let (seen_tx, seen_rx) = mpsc::unbounded_channel();
         let task = NsTask::start(name, "the test servers", move || async move {
             let mut listeners = Vec::new();
+            let mut udp = Vec::new();
             for ip in addresses {
+                let addr = SocketAddr::new(ip, ECHO);
+                let socket = std::net::UdpSocket::bind(addr)
+                    .with_context(|| format!("cannot bind UDP {addr}"))?;
+                socket.set_nonblocking(true)?;
+                udp.push(tokio::net::UdpSocket::from_std(socket)?);
                 for port in [SINK, SOURCE, ECHO, CLOSES_FIRST, RESETS, OBSERVES] {
                     let addr = SocketAddr::new(ip, port);
                     let listener =
@@ -84,6 +90,9 @@ impl Servers {
             Ok(async move {
                 for (port, listener) in listeners {
                     tokio::spawn(accept_loop(port, listener, seen_tx.clone()));
+                }
+                for socket in udp {
+                    tokio::spawn(echo_datagrams(socket));
                 }
                 std::future::pending::<()>().await
             })
@@ -111,6 +120,14 @@ fn listen(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(4096)
+}
+
+/// Sends every datagram back to where it came from.
+async fn echo_datagrams(socket: tokio::net::UdpSocket) {
+    let mut buf = vec![0u8; 65536];
+    while let Ok((n, from)) = socket.recv_from(&mut buf).await {
+        let _ = socket.send_to(buf.get(..n).unwrap_or_default(), from).await;
+    }
 }
 
 async fn accept_loop(port: u16, listener: TcpListener, seen: mpsc::UnboundedSender<Seen>) {

@@ -38,7 +38,7 @@ use tokio::net::TcpStream;
 use crate::e2e::in_netns;
 use crate::netns::{Netns, Process};
 use crate::servers;
-use crate::wan::{ADDR_B, DEV_A, Shape, Wan};
+use crate::wan::{ADDR_A, ADDR_B, DEV_A, DEV_B, Shape, Wan};
 
 const TARGET: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 200, 0, 1));
 const TARGET_NET: &str = "10.200.0.0/16";
@@ -77,15 +77,128 @@ pub(crate) struct Cell {
 impl Cell {
     /// Runs one measurement; a failure is recorded, not fatal.
     fn attempt<T>(&mut self, what: &str, measure: impl FnOnce() -> Result<T>) -> Option<T> {
-        match measure() {
-            Ok(value) => Some(value),
-            Err(error) => {
-                println!("    {what} failed: {error:#}");
-                self.failures.push(format!("{what}: {error:#}"));
-                None
-            }
+        attempt(&mut self.failures, what, measure)
+    }
+}
+
+/// Runs one measurement; a failure is printed and added to `failures`, not fatal.
+fn attempt<T>(
+    failures: &mut Vec<String>,
+    what: &str,
+    measure: impl FnOnce() -> Result<T>,
+) -> Option<T> {
+    match measure() {
+        Ok(value) => Some(value),
+        Err(error) => {
+            println!("    {what} failed: {error:#}");
+            failures.push(format!("{what}: {error:#}"));
+            None
         }
     }
+}
+
+/// One system in the local relay bench.
+#[derive(Debug, Default, Clone, Serialize)]
+pub(crate) struct RelayFigures {
+    system: String,
+    udp_max_mbit: Option<f64>,
+    rr_p50_us: Option<f64>,
+    rr_p99_us: Option<f64>,
+    rr_per_second: Option<f64>,
+    ping_idle_ms: Option<f64>,
+    failures: Vec<String>,
+}
+
+/// The local relay bench (`cargo xtask bench --relay`, and the end of `cargo xtask bench`):
+/// UDP through Prism's relay and through wireguard-go, each between the same two namespaces
+/// joined by a veth pair (no WAN link, no shaping), with no VPN beside them. For each: the
+/// highest UDP rate losing under 1% (iperf3, 1,200-byte datagrams, by bisection up to
+/// 20 Gbit/s), 1-byte UDP request/response for 5 s (round trip p50 and p99, transactions a
+/// second), and ping at idle. Writes `docs/bench/relay.{json,md}`. `PRISM_BENCH_BINARY`
+/// measures that `prism` binary instead of building this tree's.
+pub(crate) fn relay_local() -> Result<()> {
+    ensure!(crate::tools::is_root(), "bench --relay needs root");
+    crate::netns::sweep();
+    crate::tools::ensure(&[
+        ("iperf3", "iperf3"),
+        ("danted", "dante-server"),
+        ("ping", "iputils-ping"),
+        ("wireguard-go", "wireguard-go"),
+        ("wg", "wireguard-tools"),
+    ])?;
+    // Another build to compare with, when given.
+    let prism = match std::env::var_os("PRISM_BENCH_BINARY") {
+        Some(binary) => binary.into(),
+        None => crate::e2e::build_prism()?,
+    };
+    let logs = std::env::temp_dir().join(format!("prism-relay-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&logs)?;
+    println!("bench --relay: logs in {}", logs.display());
+    let bench = Bench::build(&logs, &prism, false)?;
+    let mut results = Vec::new();
+    for system in [System::None, System::WireGuardGo, System::Prism] {
+        println!("bench --relay: {}", system.name());
+        let mut running = bench.start(system)?;
+        let mut f = RelayFigures {
+            system: system.name().to_owned(),
+            ..RelayFigures::default()
+        };
+        f.udp_max_mbit = attempt(&mut f.failures, "UDP", || bench.udp_max(0.0, 20_000.0));
+        if let Some((p50, p99, rate)) =
+            attempt(&mut f.failures, "UDP request/response", || bench.udp_rr())
+        {
+            f.rr_p50_us = Some(p50);
+            f.rr_p99_us = Some(p99);
+            f.rr_per_second = Some(rate);
+        }
+        f.ping_idle_ms = attempt(&mut f.failures, "idle ping", || bench.ping(20, "0.1"))
+            .map(|rtts| percentile(&rtts, 50));
+        println!("    {f:?}");
+        results.push(f);
+        for process in &mut running {
+            let _ = process.stop(Signal::SIGINT, Duration::from_secs(10));
+        }
+        drop(running);
+        bench.stop(system)?;
+    }
+    let md = relay_table(&results);
+    println!("{md}");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/bench");
+    std::fs::write(
+        dir.join("relay.json"),
+        serde_json::to_string_pretty(&results)?,
+    )?;
+    std::fs::write(dir.join("relay.md"), md)?;
+    println!("bench --relay: wrote docs/bench/relay.json and relay.md");
+    Ok(())
+}
+
+fn relay_table(results: &[RelayFigures]) -> String {
+    let cell =
+        |v: Option<f64>, digits: usize| v.map_or("-".to_owned(), |v| format!("{v:.digits$}"));
+    let mut md = String::from(
+        "# The relay, locally\n\n`cargo xtask bench --relay` (also run by `cargo xtask bench`): \
+         two namespaces joined by a veth pair, UDP from the client namespace to a target on the \
+         far side: through no VPN, through wireguard-go, and through Prism's relay (`prism run` \
+         with a pre-shared key, `prism relay-server` on the far side).\n\n\
+         | system | UDP, highest rate under 1% loss (Mbit/s) | UDP request/response p50 / p99 \
+         (µs) | transactions/s | ping at idle (ms) |\n|---|---|---|---|---|\n",
+    );
+    for f in results {
+        md.push_str(&format!(
+            "| {} | {} | {} / {} | {} | {} |\n",
+            f.system,
+            cell(f.udp_max_mbit, 0),
+            cell(f.rr_p50_us, 0),
+            cell(f.rr_p99_us, 0),
+            cell(f.rr_per_second, 0),
+            cell(f.ping_idle_ms, 3),
+        ));
+        for failure in &f.failures {
+            md.push_str(&format!("\n{}: {failure}\n", f.system));
+        }
+    }
+    md
 }
 
 fn env<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -152,7 +265,9 @@ const OPENVPN_PORT: &str = "1194";
 struct Bench {
     client: Netns,
     far: Netns,
-    wan: Wan,
+    /// The WAN link; `None`: a veth pair with the same devices and addresses (the local
+    /// relay bench).
+    wan: Option<Wan>,
     logs: std::path::PathBuf,
     prism: std::path::PathBuf,
     _servers: Vec<Process>,
@@ -174,7 +289,8 @@ pub(crate) fn run() -> Result<()> {
     let logs = std::env::temp_dir().join(format!("prism-wan-{}", std::process::id()));
     std::fs::create_dir_all(&logs)?;
     println!("bench --wan: logs in {}", logs.display());
-    let bench = Bench::build(&logs, &prism)?;
+    let bench = Bench::build(&logs, &prism, true)?;
+    let wan = bench.wan.as_ref().context("the WAN link")?;
 
     let seconds: u64 = env("PRISM_WAN_SECONDS", 20);
     let runs: usize = env("PRISM_WAN_RUNS", 3);
@@ -210,7 +326,7 @@ pub(crate) fn run() -> Result<()> {
                     rate: cap.map(|mbit| (mbit * 1_000_000, Duration::from_millis(50))),
                     ..Shape::delay(DELAY)
                 };
-                bench.wan.set_shape(shape);
+                wan.set_shape(shape);
                 println!(
                     "  loss {loss}%, {}",
                     cap.map_or("uncapped".to_owned(), |c| format!("{c} Mbit/s"))
@@ -221,9 +337,9 @@ pub(crate) fn run() -> Result<()> {
                     cap_mbit: cap,
                     ..Cell::default()
                 };
-                let before = late(&bench.wan);
+                let before = late(wan);
                 bench.measure(&mut cell, seconds, runs);
-                let after = late(&bench.wan);
+                let after = late(wan);
                 let packets = (after.0 - before.0).max(1) as f64;
                 cell.link_late_share = (after.1 - before.1) as f64 / packets;
                 cell.link_latest_ms = after.2 as f64 / 1000.0;
@@ -266,7 +382,7 @@ fn late(wan: &Wan) -> (u64, u64, u64) {
 }
 
 impl Bench {
-    fn build(logs: &Path, prism: &Path) -> Result<Bench> {
+    fn build(logs: &Path, prism: &Path, wan: bool) -> Result<Bench> {
         let client = Netns::create("wanc")?;
         let far = Netns::create("wanf")?;
         for ns in [&client, &far] {
@@ -282,7 +398,32 @@ impl Bench {
             }
         }
         far.ip(&format!("addr add {TARGET}/32 dev lo"))?;
-        let wan = Wan::start(&client, &far, Shape::delay(DELAY))?;
+        let wan = if wan {
+            Some(Wan::start(&client, &far, Shape::delay(DELAY))?)
+        } else {
+            crate::netns::run(
+                "ip",
+                &[
+                    "link",
+                    "add",
+                    DEV_A,
+                    "netns",
+                    client.name(),
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    DEV_B,
+                    "netns",
+                    far.name(),
+                ],
+            )?;
+            client.ip(&format!("addr add {ADDR_A}/30 dev {DEV_A}"))?;
+            far.ip(&format!("addr add {ADDR_B}/30 dev {DEV_B}"))?;
+            client.ip(&format!("link set {DEV_A} up"))?;
+            far.ip(&format!("link set {DEV_B} up"))?;
+            None
+        };
         // The far side reaches the client's tunnel addresses (10.99.0.0/24 comes back through
         // the relay server's TUN, which routes it itself).
         let mut servers = Vec::new();
@@ -586,7 +727,7 @@ impl Bench {
         }
         cell.page_load_s = cell.attempt("page load", || self.page_load());
         let loss = cell.loss_percent;
-        cell.udp_max_mbit = cell.attempt("UDP", || self.udp_max(loss));
+        cell.udp_max_mbit = cell.attempt("UDP", || self.udp_max(loss, 2000.0));
         cell.ping_idle_ms = cell
             .attempt("idle ping", || self.ping(20, "0.1"))
             .map(|rtts| percentile(&rtts, 50));
@@ -694,10 +835,10 @@ impl Bench {
         })
     }
 
-    /// The highest UDP rate (Mbit/s) iperf3 gets across losing under 1% beyond what the link
-    /// itself drops (`link_loss`, percent), by bisection.
-    fn udp_max(&self, link_loss: f64) -> Result<f64> {
-        let (mut low, mut high) = (1.0f64, 2000.0f64);
+    /// The highest UDP rate (Mbit/s, at most `highest`) iperf3 gets across losing under 1%
+    /// beyond what the link itself drops (`link_loss`, percent), by bisection.
+    fn udp_max(&self, link_loss: f64, highest: f64) -> Result<f64> {
+        let (mut low, mut high) = (1.0f64, highest);
         let mut best = None;
         for _ in 0..7 {
             let rate = (low * high).sqrt();
@@ -726,6 +867,10 @@ impl Bench {
                 "-u",
                 "-l",
                 "1200",
+                // Socket buffers on both ends for bursts at Gbit/s rates (iperf3's own
+                // sender is bursty): what is lost is then the tunnel's.
+                "-w",
+                "4M",
                 "-t",
                 "3",
                 "-J",
@@ -737,6 +882,35 @@ impl Bench {
         let received = json_number(&out, "\"sum\"", "bits_per_second")? / 1e6;
         let lost = json_number(&out, "\"sum\"", "lost_percent")?;
         Ok((received * (1.0 - lost / 100.0), lost))
+    }
+
+    /// 1-byte UDP datagrams to the echo service, one at a time for 5 s: round trip p50 and
+    /// p99 (µs), and transactions a second. A datagram unanswered within a second is lost.
+    fn udp_rr(&self) -> Result<(f64, f64, f64)> {
+        in_netns(self.client.name(), async || {
+            let socket = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
+            socket
+                .connect(SocketAddr::new(TARGET, servers::ECHO))
+                .await?;
+            let (mut times, mut lost) = (Vec::new(), 0u32);
+            let mut byte = [0u8; 16];
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(5) {
+                let sent = Instant::now();
+                socket.send(b"x").await?;
+                match tokio::time::timeout(Duration::from_secs(1), socket.recv(&mut byte)).await {
+                    Ok(received) => {
+                        received?;
+                        times.push(sent.elapsed().as_secs_f64() * 1e6);
+                    }
+                    Err(_) => lost += 1,
+                }
+            }
+            ensure!(times.len() > 10, "{} answered, {lost} lost", times.len());
+            let rate = times.len() as f64 / started.elapsed().as_secs_f64();
+            times.sort_by(f64::total_cmp);
+            Ok((percentile(&times, 50), percentile(&times, 99), rate))
+        })
     }
 }
 

@@ -55,6 +55,9 @@ prism_device::counters! {
     /// Datagrams not sent because the cipher refused to seal them (it does only for payloads
     /// beyond 256 GiB: never expected).
     seal_failed,
+    /// Datagrams the kernel would not send (no route to the peer, or an error it reported
+    /// for the send): lost.
+    drop_send,
     /// DNS queries handed to the DNS-over-TCP forwarder instead of the relay.
     dns_queries,
     /// DNS queries dropped because the forwarder had too many in flight.

@@ -158,18 +158,36 @@ impl Keys {
 pub(crate) struct SealFailed;
 
 /// Seals `payload` into a datagram.
+#[cfg(any(test, fuzzing))]
 pub(crate) fn seal(key: &Key, header: &Header, payload: &[u8]) -> Result<Vec<u8>, SealFailed> {
-    let aad = header.encode();
     let mut datagram = Vec::with_capacity(OVERHEAD + payload.len());
-    datagram.extend_from_slice(&aad);
-    datagram.extend_from_slice(payload);
-    let body = datagram.get_mut(HEADER..).unwrap_or_default();
-    let tag = key
-        .0
-        .encrypt_in_place_detached(&header.nonce(), &aad, body)
-        .map_err(|_| SealFailed)?;
-    datagram.extend_from_slice(&tag);
+    seal_into(key, header, payload, &mut datagram)?;
     Ok(datagram)
+}
+
+/// Seals `payload` into a datagram appended to `out` (a batch's buffer); on failure `out` is
+/// as it was.
+pub(crate) fn seal_into(
+    key: &Key,
+    header: &Header,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) -> Result<(), SealFailed> {
+    let aad = header.encode();
+    let start = out.len();
+    out.extend_from_slice(&aad);
+    out.extend_from_slice(payload);
+    let body = out.get_mut(start + HEADER..).unwrap_or_default();
+    match key.0.encrypt_in_place_detached(&header.nonce(), &aad, body) {
+        Ok(tag) => {
+            out.extend_from_slice(&tag);
+            Ok(())
+        }
+        Err(_) => {
+            out.truncate(start);
+            Err(SealFailed)
+        }
+    }
 }
 
 /// Opens a datagram in place; the payload comes back as a slice of the same buffer.

@@ -33,6 +33,7 @@ mod server;
 mod split;
 mod splitter;
 mod tunnel;
+mod udp;
 #[cfg(test)]
 mod udp_tests;
 

@@ -20,18 +20,19 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use ipnet::IpNet;
-use prism_device::Link;
-use tokio::net::UdpSocket;
+use prism_device::{BATCH, Link};
 use tokio::time::Instant;
 use tracing::info;
 
 use crate::frame::{self, FrameError, Header, Keys, Kind};
 use crate::identity::{self, CookieJar, HandshakeError, Peer, PrivateKey};
 use crate::tunnel::endpoints;
+use crate::udp::{Outgoing, Udp};
 use crate::{Counters, ReplayWindow};
 
 /// A session silent this long is forgotten (its client says hello every 5 s).
@@ -61,7 +62,6 @@ const SEEN_INITIATIONS: usize = 8192;
 pub(crate) const ROTATION_GRACE: Duration = Duration::from_secs(2);
 /// Kinds of trouble warned about at once; beyond, only the counters tell.
 const WARNINGS: usize = 256;
-const MAX_DATAGRAM: usize = 65535;
 
 /// How the server tells its clients apart.
 #[derive(Debug, Clone)]
@@ -219,9 +219,8 @@ impl Session {
         }
     }
 
-    /// Seals a datagram to the client; `None` (counted) if the cipher refused.
     /// Seals a datagram to the client, under the session's own keys (identities) or
-    /// `shared` (the pre-shared key's).
+    /// `shared` (the pre-shared key's); `None` (counted) if the cipher refused.
     fn seal(
         &mut self,
         shared: Option<&Keys>,
@@ -230,25 +229,43 @@ impl Session {
         payload: &[u8],
         c: &Counters,
     ) -> Option<Vec<u8>> {
-        let keys = self.keys.as_ref().or(shared)?;
+        let mut datagram = Vec::with_capacity(frame::OVERHEAD + payload.len());
+        self.seal_into(shared, kind, id, payload, c, &mut datagram)
+            .then_some(datagram)
+    }
+
+    /// The same onto the end of `out` (a batch's buffer); false (counted) if the cipher
+    /// refused.
+    fn seal_into(
+        &mut self,
+        shared: Option<&Keys>,
+        kind: Kind,
+        id: [u8; 16],
+        payload: &[u8],
+        c: &Counters,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        let Some(keys) = self.keys.as_ref().or(shared) else {
+            return false;
+        };
         let header = Header {
             kind,
             session: id,
             counter: self.counter,
         };
-        let sealed = frame::seal(&keys.to_client, &header, payload);
+        let sealed = frame::seal_into(&keys.to_client, &header, payload, out);
         self.counter += 1;
         if sealed.is_err() {
             Counters::bump(&c.seal_failed);
         }
-        sealed.ok()
+        sealed.is_ok()
     }
 }
 
 /// The relay server.
 #[derive(Debug)]
 pub struct Server {
-    socket: UdpSocket,
+    udp: Udp,
     auth: Auth,
     sessions: HashMap<[u8; 16], Session>,
     /// Pre-shared key: which session owns each address.
@@ -367,7 +384,11 @@ impl Server {
             })),
         };
         Ok(Self {
-            socket: UdpSocket::bind(listen).await?,
+            udp: {
+                let socket = std::net::UdpSocket::bind(listen)?;
+                socket.set_nonblocking(true)?;
+                Udp::new(socket)?
+            },
             auth,
             sessions: HashMap::new(),
             owners: HashMap::new(),
@@ -408,38 +429,62 @@ impl Server {
 
     /// The address it listens on.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
-        self.socket.local_addr()
+        self.udp.local_addr()
     }
 
     /// Serves until the TUN's link closes. `tun` is the far end of the TUN adapter's link.
+    /// Both ways go in batches: what one receive call brings from the clients, and what the
+    /// TUN has queued (sealed into one buffer, sent in as few calls as the kernel allows).
     pub async fn run(mut self, tun: Link) {
         let (mut from_tun, to_tun) = tun.split();
-        let mut buf = BytesMut::with_capacity(MAX_DATAGRAM);
+        let mut incoming = self.udp.incoming();
+        let mut outgoing = Outgoing::default();
+        let mut received = Vec::new();
+        let mut to_clients = Vec::with_capacity(BATCH);
+        let mut to_tun_packets = Vec::new();
         let mut sweep = tokio::time::interval(SESSION_IDLE / 2);
         loop {
             tokio::select! {
-                received = self.socket.recv_buf_from(&mut buf) => {
-                    let Ok((n, from)) = received else { continue };
-                    let datagram = buf.split_to(n);
-                    if buf.capacity() < MAX_DATAGRAM {
-                        buf = BytesMut::with_capacity(MAX_DATAGRAM * 4);
+                result = self.udp.recv(&mut incoming, |d, from| received.push((d, from))) => {
+                    if let Err(error) = result {
+                        tracing::debug!(%error, "relay server receive failed");
                     }
-                    match self.inbound(datagram, from) {
-                        Inbound::Packet(packet) => {
-                            if to_tun.send(packet).await.is_err() {
-                                return;
+                    for (datagram, from) in received.drain(..) {
+                        match self.inbound(datagram, from) {
+                            Inbound::Packet(packet) => to_tun_packets.push(packet),
+                            Inbound::Ack(datagram, to) => {
+                                // A lost acknowledgement is repeated with the next hello.
+                                let _ = outgoing.push(to, |out| {
+                                    out.extend_from_slice(&datagram);
+                                    Ok::<(), ()>(())
+                                });
                             }
+                            Inbound::Nothing => {}
                         }
-                        Inbound::Ack(datagram, to) => {
-                            // A lost acknowledgement is repeated with the next hello.
-                            let _ = self.socket.send_to(&datagram, to).await;
+                    }
+                    for packet in to_tun_packets.drain(..) {
+                        if to_tun.send(packet).await.is_err() {
+                            return;
                         }
-                        Inbound::Nothing => {}
+                    }
+                    if !outgoing.is_empty() {
+                        let _ = self.udp.send(&mut outgoing).await;
                     }
                 }
-                packet = from_tun.recv() => {
-                    let Some(packet) = packet else { return };
-                    self.outbound(&packet).await;
+                n = from_tun.recv_many(&mut to_clients, BATCH) => {
+                    if n == 0 {
+                        return;
+                    }
+                    for packet in to_clients.drain(..) {
+                        self.outbound(&packet, &mut outgoing);
+                    }
+                    let done = self.udp.send(&mut outgoing).await;
+                    let c = &self.counters;
+                    c.sent.fetch_add(done.sent as u64, Ordering::Relaxed);
+                    c.drop_send.fetch_add(done.refused as u64, Ordering::Relaxed);
+                    if let Some(error) = done.error {
+                        tracing::debug!(%error, "relay server send failed; datagrams dropped");
+                    }
                 }
                 _ = sweep.tick() => self.forget_idle(),
             }
@@ -761,8 +806,8 @@ impl Server {
         Some(ack)
     }
 
-    /// Sends a packet from the TUN to the client that owns its destination.
-    async fn outbound(&mut self, packet: &[u8]) {
+    /// Seals a packet from the TUN for the client that owns its destination, into `out`.
+    fn outbound(&mut self, packet: &[u8], out: &mut Outgoing) {
         let c = Arc::clone(&self.counters);
         let destination = endpoints(packet).map(|(_, dst)| dst);
         let owner = destination.and_then(|dst| match &self.auth {
@@ -783,13 +828,13 @@ impl Server {
             Auth::PreShared(keys) => Some(keys),
             Auth::Identities(_) => None,
         };
-        let Some(datagram) = session.seal(shared, Kind::Data, id, packet, &c) else {
-            return;
-        };
         let endpoint = session.endpoint;
-        if self.socket.send_to(&datagram, endpoint).await.is_ok() {
-            Counters::bump(&c.sent);
-        }
+        let _ = out.push(endpoint, |buf| {
+            match session.seal_into(shared, Kind::Data, id, packet, &c, buf) {
+                true => Ok(()),
+                false => Err(()),
+            }
+        });
     }
 
     /// A server under load for good: every initiation must show a cookie.

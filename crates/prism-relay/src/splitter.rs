@@ -9,8 +9,9 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use prism_device::{Diverted, Framing, vnet};
+use prism_device::{BATCH, Diverted, Framing, vnet};
 use tokio::sync::mpsc;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::debug;
 
 use crate::split::too_big;
@@ -44,83 +45,94 @@ pub async fn run_relay<T: PacketTunnel>(
         let relay = relay.clone();
         let counters = Arc::clone(&counters);
         async move {
-            let mut plain = Vec::new();
-            while let Some(frame) = others.recv().await {
-                let skip = if offload { vnet::HEADER_LEN } else { 0 };
-                let Some(packet) = frame.get(skip..) else {
-                    Counters::bump(&counters.drop_malformed);
-                    continue;
-                };
-                match route(packet) {
-                    Route::Relay => {}
-                    Route::Local => {
-                        Counters::bump(&counters.drop_link_local);
-                        continue;
-                    }
-                    // The stack keeps TCP; anything else here is junk.
-                    Route::Stack | Route::Malformed => {
+            let (mut frames, mut plain, mut batch) = (Vec::new(), Vec::new(), Vec::new());
+            while others.recv_many(&mut frames, BATCH).await > 0 {
+                for frame in frames.drain(..) {
+                    let skip = if offload { vnet::HEADER_LEN } else { 0 };
+                    let Some(packet) = frame.get(skip..) else {
                         Counters::bump(&counters.drop_malformed);
                         continue;
-                    }
-                }
-                if let Some(dns) = dns.as_ref().filter(|_| dns_query(packet)) {
-                    match dns.try_send(frame.slice(skip..)) {
-                        Ok(()) => Counters::bump(&counters.dns_queries),
-                        Err(_) => Counters::bump(&counters.drop_dns_busy),
-                    }
-                    continue;
-                }
-                let Some(relay) = &relay else {
-                    if let Some(error) = prohibited(packet) {
-                        Counters::bump(&counters.prohibited);
-                        if to_device.send(framed(Bytes::from(error))).await.is_err() {
-                            return;
+                    };
+                    match route(packet) {
+                        Route::Relay => {}
+                        Route::Local => {
+                            Counters::bump(&counters.drop_link_local);
+                            continue;
+                        }
+                        // The stack keeps TCP; anything else here is junk.
+                        Route::Stack | Route::Malformed => {
+                            Counters::bump(&counters.drop_malformed);
+                            continue;
                         }
                     }
-                    continue;
-                };
-                if offload {
-                    // Partial checksums finished, super-packets (UDP_SEGMENT) segmented: the
-                    // far end gets ordinary packets.
-                    if vnet::to_plain(&frame, &mut plain).is_err() {
-                        Counters::bump(&counters.drop_malformed);
+                    if let Some(dns) = dns.as_ref().filter(|_| dns_query(packet)) {
+                        match dns.try_send(frame.slice(skip..)) {
+                            Ok(()) => Counters::bump(&counters.dns_queries),
+                            Err(_) => Counters::bump(&counters.drop_dns_busy),
+                        }
                         continue;
                     }
-                } else {
-                    plain.push(frame);
-                }
-                for packet in plain.drain(..) {
-                    if let Some(mtu) = too_big(&packet, relay_mtu) {
-                        Counters::bump(&counters.too_big);
-                        if let Some(error) = prism_trap::too_big(&packet, mtu) {
+                    if relay.is_none() {
+                        if let Some(error) = prohibited(packet) {
+                            Counters::bump(&counters.prohibited);
                             if to_device.send(framed(Bytes::from(error))).await.is_err() {
                                 return;
                             }
                         }
-                    } else if let Err(error) = relay.send(packet).await {
-                        debug!(%error, "relay send failed; packet dropped");
+                        continue;
                     }
+                    if offload {
+                        // Partial checksums finished, super-packets (UDP_SEGMENT) segmented: the
+                        // far end gets ordinary packets.
+                        if vnet::to_plain(&frame, &mut plain).is_err() {
+                            Counters::bump(&counters.drop_malformed);
+                            continue;
+                        }
+                    } else {
+                        plain.push(frame);
+                    }
+                    for packet in plain.drain(..) {
+                        if let Some(mtu) = too_big(&packet, relay_mtu) {
+                            Counters::bump(&counters.too_big);
+                            if let Some(error) = prism_trap::too_big(&packet, mtu) {
+                                if to_device.send(framed(Bytes::from(error))).await.is_err() {
+                                    return;
+                                }
+                            }
+                        } else {
+                            batch.push(packet);
+                        }
+                    }
+                }
+                if let Some(relay) = relay.as_ref().filter(|_| !batch.is_empty()) {
+                    if let Err(error) = relay.send_many(&mut batch).await {
+                        debug!(%error, "relay send failed; packets dropped");
+                    }
+                    batch.clear();
                 }
             }
         }
     };
-    let returning = async move {
+    // Its own task: the two directions run on two threads when the runtime has them. Ended
+    // with this one, however this one ends (dropped, too).
+    let mut returning = AbortOnDropHandle::new(tokio::spawn(async move {
         let Some(relay) = relay else {
             return std::future::pending().await;
         };
+        let mut packets = Vec::new();
         loop {
-            match relay.recv().await {
-                Ok(packet) => {
-                    if to_device.send(framed(packet)).await.is_err() {
-                        return;
-                    }
+            if let Err(error) = relay.recv_many(&mut packets).await {
+                debug!(%error, "relay receive failed");
+            }
+            for packet in packets.drain(..) {
+                if to_device.send(framed(packet)).await.is_err() {
+                    return;
                 }
-                Err(error) => debug!(%error, "relay receive failed"),
             }
         }
-    };
+    }));
     tokio::select! {
         () = outbound => {}
-        () = returning => {}
+        _ = &mut returning => {}
     }
 }

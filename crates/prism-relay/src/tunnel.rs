@@ -2,6 +2,7 @@
 //! [`UdpTunnel`], the authenticated, encrypted UDP transport Prism ships. A product plugs its
 //! own transport in by implementing the trait.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -14,20 +15,16 @@ use chacha20poly1305::aead::OsRng;
 use chacha20poly1305::aead::rand_core::RngCore;
 use prism_device::Outside;
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::net::UdpSocket;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::frame::{self, FrameError, Header, Keys, Kind};
 use crate::identity::{self, Initiation, PrivateKey, PublicKey};
+use crate::udp::{Incoming, Outgoing, Udp};
 use crate::{Counters, ReplayWindow};
 
 /// How often a client repeats its hello (it also keeps NAT mappings open).
 pub(crate) const HELLO_INTERVAL: Duration = Duration::from_secs(5);
-/// Largest datagram read.
-const MAX_DATAGRAM: usize = 65535;
-/// Receive arena; a fresh one is allocated when less than a datagram's room is left.
-const ARENA: usize = 256 * 1024;
 
 /// A transport for whole IP packets.
 pub trait PacketTunnel: Send + Sync + 'static {
@@ -35,6 +32,23 @@ pub trait PacketTunnel: Send + Sync + 'static {
     fn send(&self, packet: Bytes) -> impl Future<Output = io::Result<()>> + Send;
     /// Receives the next packet that passed every check.
     fn recv(&self) -> impl Future<Output = io::Result<Bytes>> + Send;
+    /// Sends every packet of `packets`, emptying it. The relay calls this with each batch it
+    /// has; a transport that can send several at once (as [`UdpTunnel`] does) overrides it.
+    fn send_many(&self, packets: &mut Vec<Bytes>) -> impl Future<Output = io::Result<()>> + Send {
+        async move {
+            for packet in packets.drain(..) {
+                self.send(packet).await?;
+            }
+            Ok(())
+        }
+    }
+    /// Waits for at least one packet and appends what arrived to `packets`.
+    fn recv_many(&self, packets: &mut Vec<Bytes>) -> impl Future<Output = io::Result<()>> + Send {
+        async move {
+            packets.push(self.recv().await?);
+            Ok(())
+        }
+    }
 }
 
 /// How a client proves who it is to the relay server.
@@ -112,7 +126,7 @@ struct Identity {
 /// The client end of the UDP relay.
 #[derive(Debug)]
 pub struct UdpTunnel {
-    socket: UdpSocket,
+    udp: Udp,
     identity: Option<Identity>,
     /// The session datagrams are sealed in; `None` until the first handshake completes.
     sending: Mutex<Option<Arc<Sending>>>,
@@ -131,7 +145,10 @@ pub struct UdpTunnel {
     staged: Mutex<Vec<Bytes>>,
     hello: Vec<u8>,
     addresses: Vec<IpAddr>,
-    arena: tokio::sync::Mutex<BytesMut>,
+    /// The batch being sealed and sent (the relay's outbound task).
+    outgoing: tokio::sync::Mutex<Outgoing>,
+    /// Where datagrams are read, and packets read but not yet asked for.
+    receiving: tokio::sync::Mutex<(Incoming, VecDeque<Bytes>)>,
     counters: Arc<Counters>,
     server: SocketAddr,
     /// When the server last sent anything authentic (a packet or a hello's acknowledgement),
@@ -185,8 +202,10 @@ impl UdpTunnel {
             )));
         }
         outside.prepare(&socket)?;
-        let socket = UdpSocket::from_std(socket.into())?;
-        socket.connect(server).await?;
+        // Connected: the kernel passes on only the server's datagrams.
+        socket.connect(&server.into())?;
+        let udp = Udp::new(socket.into())?;
+        let incoming = udp.incoming();
         let (identity, sending, opening) = match auth.into() {
             ClientAuth::PreShared(keys) => {
                 let session = random_session();
@@ -221,7 +240,7 @@ impl UdpTunnel {
             }
         };
         let tunnel = Arc::new(UdpTunnel {
-            socket,
+            udp,
             identity,
             sending: Mutex::new(sending),
             opening: Mutex::new(opening),
@@ -232,7 +251,8 @@ impl UdpTunnel {
             staged: Mutex::new(Vec::new()),
             hello: frame::encode_addresses(&addresses),
             addresses,
-            arena: tokio::sync::Mutex::new(BytesMut::new()),
+            outgoing: tokio::sync::Mutex::new(Outgoing::default()),
+            receiving: tokio::sync::Mutex::new((incoming, VecDeque::new())),
             counters,
             server,
             heard: Mutex::new(std::time::Instant::now()),
@@ -301,7 +321,7 @@ impl UdpTunnel {
             return Ok(());
         }
         match self.initiation()? {
-            Some(datagram) => self.socket.send(&datagram).await.map(|_| ()),
+            Some(datagram) => self.udp.send_to(&datagram, self.server).await.map(|_| ()),
             None => Ok(()),
         }
     }
@@ -313,7 +333,7 @@ impl UdpTunnel {
             return;
         }
         if let Ok(Some(datagram)) = self.initiation()
-            && self.socket.try_send(&datagram).is_err()
+            && self.udp.try_send_to(&datagram, self.server).is_err()
         {
             *lock(&self.pending) = None;
         }
@@ -326,7 +346,7 @@ impl UdpTunnel {
             &self.hello[..]
         };
         match self.seal(Kind::Hello, payload)? {
-            Some(datagram) => self.socket.send(&datagram).await.map(|_| ()),
+            Some(datagram) => self.udp.send_to(&datagram, self.server).await.map(|_| ()),
             None => Ok(()),
         }
     }
@@ -337,6 +357,20 @@ impl UdpTunnel {
         let Some(sending) = lock(&self.sending).clone() else {
             return Ok(None);
         };
+        let mut datagram = Vec::with_capacity(frame::OVERHEAD + payload.len());
+        self.seal_into(&sending, kind, payload, &mut datagram)?;
+        Ok(Some(datagram))
+    }
+
+    /// Seals a datagram of `sending` onto the end of `out`. A failure is counted and is an
+    /// error.
+    fn seal_into(
+        &self,
+        sending: &Sending,
+        kind: Kind,
+        payload: &[u8],
+        out: &mut Vec<u8>,
+    ) -> io::Result<()> {
         let counter = sending.counter.fetch_add(1, Ordering::Relaxed);
         if let Some(identity) = &self.identity
             && counter + 1 == identity.rotation.packets
@@ -348,12 +382,10 @@ impl UdpTunnel {
             session: sending.session,
             counter,
         };
-        frame::seal(&sending.keys.to_server, &header, payload)
-            .map(Some)
-            .map_err(|error| {
-                Counters::bump(&self.counters.seal_failed);
-                io::Error::other(error)
-            })
+        frame::seal_into(&sending.keys.to_server, &header, payload, out).map_err(|error| {
+            Counters::bump(&self.counters.seal_failed);
+            io::Error::other(error)
+        })
     }
 
     /// Repeats the hello every 5 s, so NAT mappings stay open and the client knows the server
@@ -436,7 +468,7 @@ impl UdpTunnel {
         };
         if retry
             && let Ok(Some(datagram)) = self.initiation()
-            && self.socket.try_send(&datagram).is_err()
+            && self.udp.try_send_to(&datagram, self.server).is_err()
         {
             *lock(&self.pending) = None;
         }
@@ -489,12 +521,12 @@ impl UdpTunnel {
         // A keep-alive confirms the session to the server at once (if it is lost, the next
         // datagram does); then what waited for the session.
         if let Ok(Some(hello)) = self.seal(Kind::Hello, &[]) {
-            let _ = self.socket.try_send(&hello);
+            let _ = self.udp.try_send_to(&hello, self.server);
         }
         let staged = std::mem::take(&mut *lock(&self.staged));
         for packet in &staged {
             let sent = match self.seal(Kind::Data, packet) {
-                Ok(Some(datagram)) => self.socket.try_send(&datagram).is_ok(),
+                Ok(Some(datagram)) => self.udp.try_send_to(&datagram, self.server).is_ok(),
                 _ => false,
             };
             let counter = if sent {
@@ -608,22 +640,72 @@ impl PacketTunnel for UdpTunnel {
         let Some(datagram) = sealed else {
             return Ok(());
         };
-        self.socket.send(&datagram).await?;
-        Counters::bump(&self.counters.sent);
-        Ok(())
+        match self.udp.send_to(&datagram, self.server).await {
+            Ok(_) => {
+                Counters::bump(&self.counters.sent);
+                Ok(())
+            }
+            Err(error) => {
+                Counters::bump(&self.counters.drop_send);
+                Err(error)
+            }
+        }
     }
 
     async fn recv(&self) -> io::Result<Bytes> {
-        let mut arena = self.arena.lock().await;
+        let mut receiving = self.receiving.lock().await;
+        let (incoming, held) = &mut *receiving;
         loop {
-            if arena.capacity() - arena.len() < MAX_DATAGRAM {
-                *arena = BytesMut::with_capacity(ARENA);
-            }
-            let n = self.socket.recv_buf(&mut *arena).await?;
-            let datagram = arena.split_to(n);
-            if let Some(packet) = self.accept(datagram) {
+            if let Some(packet) = held.pop_front() {
                 return Ok(packet);
             }
+            self.udp
+                .recv(incoming, |datagram, _| held.extend(self.accept(datagram)))
+                .await?;
         }
+    }
+
+    /// Seals the whole batch into one buffer and sends it in as few system calls as the
+    /// kernel allows (see `udp`).
+    async fn send_many(&self, packets: &mut Vec<Bytes>) -> io::Result<()> {
+        let Some(sending) = lock(&self.sending).clone() else {
+            // No session yet: one by one, held or counted.
+            for packet in packets.drain(..) {
+                self.send(packet).await?;
+            }
+            return Ok(());
+        };
+        let mut outgoing = self.outgoing.lock().await;
+        for packet in packets.drain(..) {
+            // A failure is counted; the rest of the batch still goes.
+            let _ = outgoing.push(self.server, |out| {
+                self.seal_into(&sending, Kind::Data, &packet, out)
+            });
+        }
+        let done = self.udp.send(&mut outgoing).await;
+        self.counters
+            .sent
+            .fetch_add(done.sent as u64, Ordering::Relaxed);
+        self.counters
+            .drop_send
+            .fetch_add(done.refused as u64, Ordering::Relaxed);
+        match done.error {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
+    }
+
+    async fn recv_many(&self, packets: &mut Vec<Bytes>) -> io::Result<()> {
+        let mut receiving = self.receiving.lock().await;
+        let (incoming, held) = &mut *receiving;
+        packets.extend(held.drain(..));
+        while packets.is_empty() {
+            self.udp
+                .recv(incoming, |datagram, _| {
+                    packets.extend(self.accept(datagram))
+                })
+                .await?;
+        }
+        Ok(())
     }
 }
