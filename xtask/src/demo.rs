@@ -3,8 +3,9 @@
 //! Builds the e2e topology, serves a 64 MiB file and a small page with Python's `http.server`
 //! in the server namespace, starts dante as the SOCKS5 proxy and `prism run` with a SOCKS5
 //! upstream in the client namespace, then fetches through Prism with curl (IPv4, IPv6, and
-//! many small pages at once), checks what arrived, and prints what moved and how fast. Last,
-//! the fast and consistent handshakes side by side through a proxy 150 ms away.
+//! many small pages at once), checks what arrived, and prints what moved and how fast. Then
+//! the fast and consistent handshakes side by side through a proxy 150 ms away. Last, OpenVPN
+//! over TCP and Prism side by side across a lossy WAN (`wan_bench::demo_scene`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
@@ -145,7 +146,9 @@ fn demo(prism_path: &Path, dir: &Path) -> Result<()> {
             "STILL THERE"
         }
     );
-    handshakes(prism_path, &topo, dir)
+    handshakes(prism_path, &topo, dir)?;
+    drop(topo);
+    crate::wan_bench::demo_scene(prism_path)
 }
 
 /// The two handshakes side by side, through a SOCKS5 proxy 150 ms away: how long connect()

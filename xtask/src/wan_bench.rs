@@ -48,6 +48,8 @@ const RELAY_PORT: u16 = 5555;
 const DELAY: Duration = Duration::from_millis(20);
 /// What a page load fetches: this many objects of this size, this many at a time.
 const PAGE_OBJECTS: usize = 200;
+/// The demo's shorter page load.
+const DEMO_OBJECTS: usize = 40;
 const PAGE_OBJECT: u64 = 100_000;
 const PAGE_PARALLEL: usize = 8;
 
@@ -170,6 +172,92 @@ pub(crate) fn relay_local() -> Result<()> {
     )?;
     std::fs::write(dir.join("relay.md"), md)?;
     println!("bench --relay: wrote docs/bench/relay.json and relay.md");
+    Ok(())
+}
+
+/// The demo's last scene: OpenVPN over TCP and Prism side by side across the WAN link at 2%
+/// loss (20 ms each way, 100 Mbit/s): one download, ping while 4 flows download, and a short
+/// page load. About a minute.
+pub(crate) fn demo_scene(prism: &Path) -> Result<()> {
+    crate::tools::ensure(&[
+        ("iperf3", "iperf3"),
+        ("ping", "iputils-ping"),
+        ("openvpn", "openvpn"),
+        ("openssl", "openssl"),
+    ])?;
+    let logs = std::env::temp_dir().join(format!("prism-demo-wan-{}", std::process::id()));
+    std::fs::create_dir_all(&logs)?;
+    let started = Instant::now();
+    let bench = Bench::build(&logs, prism, true)?;
+    let wan = bench.wan.as_ref().context("the WAN link")?;
+    wan.set_shape(Shape {
+        loss: 0.02,
+        rate: Some((100_000_000, Duration::from_millis(50))),
+        ..Shape::delay(DELAY)
+    });
+    println!();
+    println!(
+        "  Across a lossy WAN (the userspace link of `cargo xtask bench --wan`: 20 ms each way, \
+         2% loss, 100 Mbit/s):"
+    );
+    println!("  TCP over OpenVPN's TCP tunnel (TCP over TCP) against Prism (TCP terminated, only");
+    println!("  payload crosses, here through SOCKS5).");
+    let mut columns = Vec::new();
+    for system in [System::OpenVpnTcp, System::Prism] {
+        let mut running = bench.start(system)?;
+        let mut failures = Vec::new();
+        let down = attempt(&mut failures, "download", || bench.iperf_once(5, &["-R"]));
+        let ping = attempt(&mut failures, "ping under load", || bench.ping_under_load());
+        let page = attempt(&mut failures, "page load", || bench.page_load(DEMO_OBJECTS));
+        for process in &mut running {
+            let _ = process.stop(Signal::SIGINT, Duration::from_secs(10));
+        }
+        drop(running);
+        bench.stop(system)?;
+        ensure!(
+            failures.is_empty(),
+            "{}: {}",
+            system.name(),
+            failures.join("; ")
+        );
+        columns.push((down, ping, page));
+    }
+    let show = |v: Option<f64>, unit: &str| v.map_or("-".to_owned(), |v| format!("{v:.1} {unit}"));
+    let pings = |v: Option<(f64, f64)>| {
+        v.map_or("-".to_owned(), |(p50, p99)| {
+            format!("{p50:.0} / {p99:.0} ms")
+        })
+    };
+    let [(vpn_down, vpn_ping, vpn_page), (down, ping, page)] = columns[..] else {
+        bail!("two systems measured");
+    };
+    println!("  {:<46} {:<18} Prism", "", "OpenVPN over TCP");
+    for (name, vpn, prism) in [
+        (
+            "one TCP download, 5 s",
+            show(vpn_down, "Mbit/s"),
+            show(down, "Mbit/s"),
+        ),
+        (
+            "ping while 4 flows download, p50 / p99",
+            pings(vpn_ping),
+            pings(ping),
+        ),
+        (
+            "page load: 40 objects of 100 KB, 8 at a time",
+            show(vpn_page, "s"),
+            show(page, "s"),
+        ),
+    ] {
+        println!("  {name:<46} {vpn:<18} {prism}");
+    }
+    println!(
+        "  (Ping crosses the link's 50 ms queue at the cap, full while the downloads keep up \
+         with the link.) {:.0} s.",
+        started.elapsed().as_secs_f64()
+    );
+    drop(bench);
+    let _ = std::fs::remove_dir_all(&logs);
     Ok(())
 }
 
@@ -725,7 +813,7 @@ impl Bench {
             cell.rr_load_p50_ms = Some(rr50);
             cell.rr_load_p99_ms = Some(rr99);
         }
-        cell.page_load_s = cell.attempt("page load", || self.page_load());
+        cell.page_load_s = cell.attempt("page load", || self.page_load(PAGE_OBJECTS));
         let loss = cell.loss_percent;
         cell.udp_max_mbit = cell.attempt("UDP", || self.udp_max(loss, 2000.0));
         cell.ping_idle_ms = cell
@@ -781,6 +869,19 @@ impl Bench {
         Ok(rtts)
     }
 
+    /// Ping (p50, p99) for 5 s while 4 flows download.
+    fn ping_under_load(&self) -> Result<(f64, f64)> {
+        let mut load = self.client.command("iperf3");
+        load.args(["-c", &TARGET.to_string(), "-p", &IPERF_PORT.to_string()]);
+        load.args(["-t", "9", "-P", "4", "-R"]);
+        let mut load = Process::spawn("iperf3 load", load, Some(&self.logs.join("load.log")))?;
+        std::thread::sleep(Duration::from_secs(2));
+        let pings = self.ping(50, "0.1");
+        let _ = load.stop(Signal::SIGINT, Duration::from_secs(5));
+        let pings = pings?;
+        Ok((percentile(&pings, 50), percentile(&pings, 99)))
+    }
+
     /// Ping and a 1-byte TCP request/response, each for 5 s, while 4 flows download.
     fn under_load(&self) -> Result<((f64, f64), (f64, f64))> {
         let mut load = self.client.command("iperf3");
@@ -814,15 +915,16 @@ impl Bench {
         ))
     }
 
-    /// Seconds to fetch every object of a page, a few at a time, each on a new connection.
-    fn page_load(&self) -> Result<f64> {
-        in_netns(self.client.name(), async || {
+    /// Seconds to fetch `objects` objects of a page, a few at a time, each on a new
+    /// connection.
+    fn page_load(&self, objects: usize) -> Result<f64> {
+        in_netns(self.client.name(), async move || {
             let started = Instant::now();
             let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
             let workers = (0..PAGE_PARALLEL).map(|_| {
                 let next = std::sync::Arc::clone(&next);
                 async move {
-                    while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < PAGE_OBJECTS {
+                    while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < objects {
                         fetch(PAGE_OBJECT).await?;
                     }
                     anyhow::Ok(())

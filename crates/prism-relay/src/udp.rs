@@ -354,7 +354,13 @@ mod tests {
         let (to_a, to_b) = (a.local_addr().unwrap(), b.local_addr().unwrap());
         let mut sizes: Vec<(SocketAddr, usize)> = Vec::new();
         sizes.extend((0..70).map(|_| (to_a, 1200)));
-        sizes.extend([(to_a, 700), (to_a, 1200), (to_b, 1200), (to_b, 1200), (to_a, 64)]);
+        sizes.extend([
+            (to_a, 700),
+            (to_a, 1200),
+            (to_b, 1200),
+            (to_b, 1200),
+            (to_a, 64),
+        ]);
         sizes.extend((0..5).map(|i| (to_b, 100 + i)));
         let mut out = Outgoing::default();
         for (i, (to, len)) in sizes.iter().enumerate() {
