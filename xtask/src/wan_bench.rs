@@ -115,7 +115,7 @@ pub(crate) struct RelayFigures {
 /// UDP through Prism's relay and through wireguard-go, each between the same two namespaces
 /// joined by a veth pair (no WAN link, no shaping), with no VPN beside them. For each: the
 /// highest UDP rate losing under 1% (iperf3, 1,200-byte datagrams, by bisection up to
-/// 20 Gbit/s), 1-byte UDP request/response for 5 s (round trip p50 and p99, transactions a
+/// 20 Gbit/s), 4-byte UDP request/response for 5 s (round trip p50 and p99, transactions a
 /// second), and ping at idle. Writes `docs/bench/relay.{json,md}`. `PRISM_BENCH_BINARY`
 /// measures that `prism` binary instead of building this tree's.
 pub(crate) fn relay_local() -> Result<()> {
@@ -970,7 +970,7 @@ impl Bench {
                 "-l",
                 "1200",
                 // Socket buffers on both ends for bursts at Gbit/s rates (iperf3's own
-                // sender is bursty): what is lost is then the tunnel's.
+                // sender is bursty), as far as net.core.rmem_max allows (4 MiB here).
                 "-w",
                 "4M",
                 "-t",
@@ -986,8 +986,9 @@ impl Bench {
         Ok((received * (1.0 - lost / 100.0), lost))
     }
 
-    /// 1-byte UDP datagrams to the echo service, one at a time for 5 s: round trip p50 and
-    /// p99 (µs), and transactions a second. A datagram unanswered within a second is lost.
+    /// 4-byte UDP datagrams (a sequence number) to the echo service, one at a time for 5 s:
+    /// round trip p50 and p99 (µs), and transactions a second. A datagram unanswered within a
+    /// second is lost.
     fn udp_rr(&self) -> Result<(f64, f64, f64)> {
         in_netns(self.client.name(), async || {
             let socket = tokio::net::UdpSocket::bind("0.0.0.0:0").await?;
@@ -995,12 +996,23 @@ impl Bench {
                 .connect(SocketAddr::new(TARGET, servers::ECHO))
                 .await?;
             let (mut times, mut lost) = (Vec::new(), 0u32);
-            let mut byte = [0u8; 16];
+            let mut echo = [0u8; 16];
             let started = Instant::now();
+            let mut sequence = 0u32;
             while started.elapsed() < Duration::from_secs(5) {
+                sequence += 1;
                 let sent = Instant::now();
-                socket.send(b"x").await?;
-                match tokio::time::timeout(Duration::from_secs(1), socket.recv(&mut byte)).await {
+                socket.send(&sequence.to_be_bytes()).await?;
+                // A late echo of an earlier request is not this one's answer.
+                let answered = tokio::time::timeout(Duration::from_secs(1), async {
+                    loop {
+                        let n = socket.recv(&mut echo).await?;
+                        if echo.get(..n) == Some(&sequence.to_be_bytes()[..]) {
+                            return anyhow::Ok(());
+                        }
+                    }
+                });
+                match answered.await {
                     Ok(received) => {
                         received?;
                         times.push(sent.elapsed().as_secs_f64() * 1e6);

@@ -387,7 +387,7 @@ impl Server {
             udp: {
                 let socket = std::net::UdpSocket::bind(listen)?;
                 socket.set_nonblocking(true)?;
-                Udp::new(socket)?
+                Udp::new(socket, None)?
             },
             auth,
             sessions: HashMap::new(),

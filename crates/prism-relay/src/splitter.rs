@@ -12,7 +12,7 @@ use bytes::Bytes;
 use prism_device::{BATCH, Diverted, Framing, vnet};
 use tokio::sync::mpsc;
 use tokio_util::task::AbortOnDropHandle;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::split::too_big;
 use crate::{Counters, PacketTunnel, Route, dns_query, prohibited, route};
@@ -133,6 +133,10 @@ pub async fn run_relay<T: PacketTunnel>(
     }));
     tokio::select! {
         () = outbound => {}
-        _ = &mut returning => {}
+        ended = &mut returning => {
+            if let Err(error) = ended {
+                warn!("the relay's receiving task failed ({error}); relayed packets stop");
+            }
+        }
     }
 }

@@ -34,12 +34,16 @@ pub trait PacketTunnel: Send + Sync + 'static {
     fn recv(&self) -> impl Future<Output = io::Result<Bytes>> + Send;
     /// Sends every packet of `packets`, emptying it. The relay calls this with each batch it
     /// has; a transport that can send several at once (as [`UdpTunnel`] does) overrides it.
+    /// A packet that fails does not stop the rest; the last error is returned.
     fn send_many(&self, packets: &mut Vec<Bytes>) -> impl Future<Output = io::Result<()>> + Send {
         async move {
+            let mut result = Ok(());
             for packet in packets.drain(..) {
-                self.send(packet).await?;
+                if let Err(error) = self.send(packet).await {
+                    result = Err(error);
+                }
             }
-            Ok(())
+            result
         }
     }
     /// Waits for at least one packet and appends what arrived to `packets`.
@@ -204,7 +208,7 @@ impl UdpTunnel {
         outside.prepare(&socket)?;
         // Connected: the kernel passes on only the server's datagrams.
         socket.connect(&server.into())?;
-        let udp = Udp::new(socket.into())?;
+        let udp = Udp::new(socket.into(), Some(server))?;
         let incoming = udp.incoming();
         let (identity, sending, opening) = match auth.into() {
             ClientAuth::PreShared(keys) => {
@@ -670,10 +674,13 @@ impl PacketTunnel for UdpTunnel {
     async fn send_many(&self, packets: &mut Vec<Bytes>) -> io::Result<()> {
         let Some(sending) = lock(&self.sending).clone() else {
             // No session yet: one by one, held or counted.
+            let mut result = Ok(());
             for packet in packets.drain(..) {
-                self.send(packet).await?;
+                if let Err(error) = self.send(packet).await {
+                    result = Err(error);
+                }
             }
-            return Ok(());
+            return result;
         };
         let mut outgoing = self.outgoing.lock().await;
         for packet in packets.drain(..) {

@@ -16,10 +16,12 @@
 //! may, as wireguard-go does): a burst at link rate must not overflow them while the task is
 //! away.
 
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io;
+#[cfg(target_os = "linux")]
+use std::io::{IoSlice, IoSliceMut};
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::BytesMut;
 #[cfg(target_os = "linux")]
@@ -49,12 +51,19 @@ const ARENA: usize = 256 * 1024;
 #[derive(Debug)]
 pub(crate) struct Udp {
     socket: UdpSocket,
-    /// Whether to send runs with GSO; cleared when the kernel refuses it for good.
+    /// The address the socket is connected to, if it is: sends to it name no address (BSD
+    /// kernels refuse one on a connected socket, and Linux then skips its route lookup).
+    peer: Option<SocketAddr>,
+    /// Whether to send runs with GSO: the kernel has `UDP_SEGMENT`, and no device refused
+    /// it.
     gso: AtomicBool,
+    /// Runs only of datagrams shorter than this: a longer one was refused as a run (a
+    /// segment beyond the path's MTU); those go one at a time, and may fragment.
+    gso_below: AtomicUsize,
 }
 
 /// Datagrams sealed for one batched send.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub(crate) struct Outgoing {
     bytes: Vec<u8>,
     datagrams: Vec<(SocketAddr, Range<usize>)>,
@@ -92,10 +101,26 @@ impl Outgoing {
 }
 
 /// Where a batch of datagrams is read, and the copies handed on.
-#[derive(Debug)]
 pub(crate) struct Incoming {
     reads: Vec<u8>,
     arena: BytesMut,
+}
+
+impl std::fmt::Debug for Outgoing {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outgoing")
+            .field("datagrams", &self.datagrams.len())
+            .field("bytes", &self.bytes.len())
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming")
+            .field("reads", &self.reads.len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// What a batched send did: datagrams the kernel took, and those it refused (with the last
@@ -112,16 +137,25 @@ pub(crate) struct Sent {
 type Read = (usize, usize, Option<SocketAddr>);
 
 impl Udp {
-    /// Takes over `socket` (non-blocking, bound, perhaps connected).
-    pub(crate) fn new(socket: std::net::UdpSocket) -> io::Result<Udp> {
+    /// Takes over `socket` (non-blocking, bound, and connected to `peer` if that is given).
+    pub(crate) fn new(socket: std::net::UdpSocket, peer: Option<SocketAddr>) -> io::Result<Udp> {
         raise_buffers(&socket);
-        // Both offloads are optional: without them a read or a send is one datagram.
+        // Both offloads are optional: without them a read or a send is one datagram. A kernel
+        // without GSO (before 4.18) would ignore the segment size and send a whole run as one
+        // datagram: GSO is used only where the option exists.
         #[cfg(target_os = "linux")]
-        let _ =
-            nix::sys::socket::setsockopt(&socket, nix::sys::socket::sockopt::UdpGroSegment, &true);
+        let gso = {
+            use nix::sys::socket::{getsockopt, setsockopt, sockopt};
+            let _ = setsockopt(&socket, sockopt::UdpGroSegment, &true);
+            getsockopt(&socket, sockopt::UdpGsoSegment).is_ok()
+        };
+        #[cfg(not(target_os = "linux"))]
+        let gso = false;
         Ok(Udp {
             socket: UdpSocket::from_std(socket)?,
-            gso: AtomicBool::new(cfg!(target_os = "linux")),
+            peer,
+            gso: AtomicBool::new(gso),
+            gso_below: AtomicUsize::new(usize::MAX),
         })
     }
 
@@ -145,7 +179,9 @@ impl Udp {
             let size = first.len();
             // A run: datagrams to the same address, each as long as the first (the last may be
             // shorter), within what one send may carry.
-            let most = if self.gso.load(Ordering::Relaxed) {
+            let most = if self.gso.load(Ordering::Relaxed)
+                && size < self.gso_below.load(Ordering::Relaxed)
+            {
                 MAX_SEGMENTS.min(MAX_RUN / size.max(1)).max(1)
             } else {
                 1
@@ -171,9 +207,12 @@ impl Udp {
                 Ok(()) => result.sent += count,
                 Err(error) if count > 1 => {
                     // Refused as a run: one at a time, which the kernel may fragment. A device
-                    // that cannot segment at all says so with EIO.
-                    if error.raw_os_error() == Some(nix::errno::Errno::EIO as i32) {
+                    // that cannot segment at all says so with EIO; otherwise the segments
+                    // were too long for the path, and runs stay below this size.
+                    if gso_unsupported(&error) {
                         self.gso.store(false, Ordering::Relaxed);
+                    } else {
+                        self.gso_below.fetch_min(size, Ordering::Relaxed);
                     }
                     for (to, range) in run {
                         let datagram = out.bytes.get(range.clone()).unwrap_or_default();
@@ -206,6 +245,7 @@ impl Udp {
         segment: Option<usize>,
     ) -> io::Result<()> {
         let address = SockaddrStorage::from(to);
+        let address = (self.peer != Some(to)).then_some(&address);
         let iov = [IoSlice::new(contents)];
         let size = segment.and_then(|s| u16::try_from(s).ok());
         let gso = size.as_ref().map(ControlMessage::UdpGsoSegments);
@@ -213,7 +253,7 @@ impl Udp {
         let fd = self.socket.as_raw_fd();
         self.socket
             .async_io(Interest::WRITABLE, || {
-                sendmsg(fd, &iov, cmsgs, MsgFlags::empty(), Some(&address))
+                sendmsg(fd, &iov, cmsgs, MsgFlags::empty(), address)
                     .map(|_| ())
                     .map_err(io::Error::from)
             })
@@ -228,7 +268,7 @@ impl Udp {
         to: SocketAddr,
         _segment: Option<usize>,
     ) -> io::Result<()> {
-        self.socket.send_to(contents, to).await.map(|_| ())
+        self.send_to(contents, to).await.map(|_| ())
     }
 
     /// Waits for datagrams, then hands each received at once to `each` (a copy of it, with its
@@ -246,6 +286,11 @@ impl Udp {
         for ((len, stride, from), read) in got.into_iter().zip(reads.chunks(MAX_UDP)) {
             let Some(from) = from else { continue };
             let data = read.get(..len).unwrap_or_default();
+            if data.is_empty() {
+                // An empty datagram: the receiver counts it (too short).
+                each(BytesMut::new(), from);
+                continue;
+            }
             for datagram in data.chunks(stride.max(1)) {
                 if arena.capacity() - arena.len() < datagram.len() {
                     *arena = BytesMut::with_capacity(ARENA.max(datagram.len()));
@@ -259,13 +304,30 @@ impl Udp {
 
     /// Sends one datagram now, if the socket's buffer has room.
     pub(crate) fn try_send_to(&self, datagram: &[u8], to: SocketAddr) -> io::Result<usize> {
-        self.socket.try_send_to(datagram, to)
+        match self.peer == Some(to) {
+            true => self.socket.try_send(datagram),
+            false => self.socket.try_send_to(datagram, to),
+        }
     }
 
     /// Sends one datagram, waiting for room.
     pub(crate) async fn send_to(&self, datagram: &[u8], to: SocketAddr) -> io::Result<usize> {
-        self.socket.send_to(datagram, to).await
+        match self.peer == Some(to) {
+            true => self.socket.send(datagram).await,
+            false => self.socket.send_to(datagram, to).await,
+        }
     }
+}
+
+/// Whether a refused GSO send means the device cannot segment at all (`EIO`).
+#[cfg(target_os = "linux")]
+fn gso_unsupported(error: &io::Error) -> bool {
+    error.raw_os_error() == Some(nix::errno::Errno::EIO as i32)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn gso_unsupported(_error: &io::Error) -> bool {
+    true
 }
 
 /// One `recvmmsg` into `reads` ([`READS`] reads of [`MAX_UDP`] bytes), not waiting.
@@ -339,7 +401,7 @@ mod tests {
     fn bound() -> Udp {
         let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         socket.set_nonblocking(true).unwrap();
-        Udp::new(socket).unwrap()
+        Udp::new(socket, None).unwrap()
     }
 
     fn datagram(i: usize, len: usize) -> Vec<u8> {
