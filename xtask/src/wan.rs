@@ -203,6 +203,9 @@ struct Waiting {
     packet: Vec<u8>,
 }
 
+/// Reads of the device between two writes of what is due.
+const READS_BEFORE_WRITING: usize = 4;
+
 fn carry(
     from: &SyncDevice,
     to: &SyncDevice,
@@ -246,8 +249,13 @@ fn carry(
             shape = now_shape;
             rng = SmallRng::seed_from_u64(shape.seed.wrapping_add(direction));
         }
-        // Everything that arrived, split into packets.
-        while let Ok(n) = from.recv_multiple(&mut original, &mut bufs, &mut sizes, OFFSET) {
+        // What arrived, split into packets: a few reads, then what is due goes out, so a
+        // sender that keeps the device busy cannot hold the due packets back.
+        let mut reads = 0;
+        while reads < READS_BEFORE_WRITING
+            && let Ok(n) = from.recv_multiple(&mut original, &mut bufs, &mut sizes, OFFSET)
+        {
+            reads += 1;
             let now = Instant::now();
             for (buf, &size) in bufs.iter().zip(&sizes).take(n) {
                 if rng.gen_bool(shape.loss) {

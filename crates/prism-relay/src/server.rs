@@ -106,9 +106,29 @@ struct Identities {
     /// The mac1 of recent initiations, oldest first.
     seen: std::collections::VecDeque<[u8; identity::MAC]>,
     seen_set: std::collections::HashSet<[u8; identity::MAC]>,
+    /// `peer_for`'s answers so far (the peers never change), so that a packet costs one
+    /// lookup however many peers there are.
+    routes: HashMap<IpAddr, Option<usize>>,
 }
 
+/// Addresses whose peer is remembered; beyond, the memory starts again (random addresses
+/// cannot grow it).
+const ROUTES: usize = 65_536;
+
 impl Identities {
+    /// The peer whose prefixes hold `address` most specifically ([`peer_for`], remembered).
+    fn route(&mut self, address: IpAddr) -> Option<usize> {
+        if let Some(&peer) = self.routes.get(&address) {
+            return peer;
+        }
+        let peer = peer_for(&self.peers, address);
+        if self.routes.len() >= ROUTES {
+            self.routes.clear();
+        }
+        self.routes.insert(address, peer);
+        peer
+    }
+
     /// Whether an initiation with this mac1 came lately; remembers it.
     fn seen_before(&mut self, mac1: [u8; identity::MAC]) -> bool {
         if !self.seen_set.insert(mac1) {
@@ -367,6 +387,7 @@ impl Server {
                 swept: Instant::now(),
                 seen: std::collections::VecDeque::new(),
                 seen_set: std::collections::HashSet::new(),
+                routes: HashMap::new(),
                 private,
                 peers: peers
                     .into_iter()
@@ -569,13 +590,13 @@ impl Server {
         let Some(src) = endpoints(&payload).map(|(src, _)| src) else {
             return nothing(&c.drop_spoofed);
         };
-        let owned = match &self.auth {
+        let owned = match &mut self.auth {
             Auth::PreShared(_) => self
                 .sessions
                 .get(&header.session)
                 .is_some_and(|s| s.addresses.contains(&src)),
             // Cryptokey routing: the source must be one whose replies would go to this client.
-            Auth::Identities(ids) => peer_for(&ids.peers, src) == Some(peer),
+            Auth::Identities(ids) => ids.route(src) == Some(peer),
         };
         if !owned {
             return nothing(&c.drop_spoofed);
@@ -810,11 +831,9 @@ impl Server {
     fn outbound(&mut self, packet: &[u8], out: &mut Outgoing) {
         let c = Arc::clone(&self.counters);
         let destination = endpoints(packet).map(|(_, dst)| dst);
-        let owner = destination.and_then(|dst| match &self.auth {
+        let owner = destination.and_then(|dst| match &mut self.auth {
             Auth::PreShared(_) => self.owners.get(&dst).copied(),
-            Auth::Identities(ids) => {
-                peer_for(&ids.peers, dst).and_then(|i| ids.peers.get(i)?.current)
-            }
+            Auth::Identities(ids) => ids.route(dst).and_then(|i| ids.peers.get(i)?.current),
         });
         let now = Instant::now();
         let session = owner
