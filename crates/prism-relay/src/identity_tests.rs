@@ -376,6 +376,62 @@ async fn after_a_rotation_the_old_keys_open_nothing_new() {
     ));
 }
 
+/// Found by the `relay_identities` fuzz target: each confirmed handshake left the session
+/// before it in its grace, however many there were, so a client handshaking again and again
+/// within 2 s piled sessions up. A peer keeps at most three: the previous (in its grace), the
+/// current and the next; and the previous still takes its overtaken packets.
+#[tokio::test]
+async fn rapid_rotations_keep_three_sessions_at_most() {
+    let keys = Keyring::new();
+    let (mut server, counters) = server(&keys).await;
+    let server_key = keys.server.public_key();
+    let mut sessions = Vec::new();
+    for i in 0..6u8 {
+        let session = [i + 1; 16];
+        let k = handshake(
+            &mut server,
+            &keys.a,
+            &server_key,
+            session,
+            10 + u64::from(i),
+        )
+        .unwrap();
+        // Confirmed by its first packet.
+        assert!(delivered(
+            &mut server,
+            &data(&k, session, 0, &packet(A, FAR, i))
+        ));
+        sessions.push((session, k));
+        assert!(
+            server.session_count() <= 3,
+            "{} sessions",
+            server.session_count()
+        );
+    }
+    assert_eq!(counters.snapshot().rekeys, 5);
+    let [
+        ..,
+        (older, older_keys),
+        (previous, previous_keys),
+        (current, current_keys),
+    ] = &sessions[..]
+    else {
+        unreachable!()
+    };
+    assert!(delivered(
+        &mut server,
+        &data(current_keys, *current, 1, &packet(A, FAR, 7))
+    ));
+    assert!(delivered(
+        &mut server,
+        &data(previous_keys, *previous, 1, &packet(A, FAR, 8))
+    ));
+    assert!(!delivered(
+        &mut server,
+        &data(older_keys, *older, 1, &packet(A, FAR, 9))
+    ));
+}
+
 /// A client over loopback with a receive loop: what it receives comes out of the channel.
 struct Client {
     tunnel: Arc<UdpTunnel>,

@@ -181,6 +181,9 @@ struct PeerState {
     current: Option<[u8; 16]>,
     /// A session handshaken but not yet confirmed by a datagram from the client.
     next: Option<[u8; 16]>,
+    /// The session `current` replaced, in its grace ([`ROTATION_GRACE`]): a peer has at most
+    /// these three, as in WireGuard, however often it handshakes.
+    previous: Option<[u8; 16]>,
 }
 
 /// A token bucket for the handshakes' work.
@@ -396,6 +399,7 @@ impl Server {
                         timestamp: 0,
                         current: None,
                         next: None,
+                        previous: None,
                     })
                     .collect(),
                 budget: Budget {
@@ -618,9 +622,14 @@ impl Server {
             return;
         }
         state.next = None;
-        if let Some(old) = state.current.replace(id)
-            && let Some(session) = self.sessions.get_mut(&old)
-        {
+        let Some(old) = state.current.replace(id) else {
+            return;
+        };
+        // The one before it ends now, even within its grace.
+        if let Some(older) = state.previous.replace(old) {
+            self.sessions.remove(&older);
+        }
+        if let Some(session) = self.sessions.get_mut(&old) {
             session.retiring = Some(Instant::now() + ROTATION_GRACE);
             Counters::bump(&self.counters.rekeys);
         }
@@ -901,6 +910,7 @@ impl Server {
             for state in &mut ids.peers {
                 state.current = state.current.filter(|id| self.sessions.contains_key(id));
                 state.next = state.next.filter(|id| self.sessions.contains_key(id));
+                state.previous = state.previous.filter(|id| self.sessions.contains_key(id));
             }
         }
     }
