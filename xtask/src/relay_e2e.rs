@@ -12,7 +12,7 @@ use nix::sys::signal::Signal;
 use sha2::{Digest, Sha256};
 use tokio::net::UdpSocket;
 
-use crate::netns::{Netns, NsTask, Process, run as sh, wait_for};
+use crate::netns::{Netns, NsTask, Process, run as sh, veth, wait_for};
 use crate::servers::pattern;
 use crate::topology::{self, Topology};
 
@@ -36,23 +36,7 @@ impl Target {
         let ns = Netns::create("target")?;
         let pid = std::process::id();
         let (sv, tv) = (format!("pts{pid}"), format!("ptt{pid}"));
-        sh(
-            "ip",
-            &[
-                "link",
-                "add",
-                &sv,
-                "netns",
-                topo.server.name(),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &tv,
-                "netns",
-                ns.name(),
-            ],
-        )?;
+        veth(&topo.server, &sv, &ns, &tv)?;
         topo.server
             .ip(&format!("addr add 172.32.0.1/24 dev {sv}"))?;
         topo.server
@@ -88,17 +72,20 @@ impl Target {
     }
 }
 
-/// Starts `prism relay-server` in `ns` with `args` (after `relay-server`), logging to
-/// `logs/log`, and waits for its TUN `prelay0`.
+/// Starts `prism relay-server` in `ns` listening on `listen`, with its TUN `prelay0` at
+/// 10.99.0.254/24 and `args` after those, logging to `logs/log`, and waits for the TUN.
 pub(crate) fn start_relay_server(
     ns: &Netns,
     prism: &Path,
+    listen: &str,
     args: &[&std::ffi::OsStr],
     logs: &Path,
     log: &str,
 ) -> Result<Process> {
     let mut command = ns.command(prism);
-    command.arg("relay-server").args(args);
+    command.args(["relay-server", "--listen", listen]);
+    command.args(["--tun", "prelay0", "--address", "10.99.0.254/24"]);
+    command.args(args);
     let server = Process::spawn("prism relay-server", command, Some(&logs.join(log)))?;
     wait_for("the relay server's TUN", Duration::from_secs(10), || {
         ns.ip("link show prelay0").is_ok()
@@ -131,13 +118,8 @@ pub(crate) fn run(
     let mut server = start_relay_server(
         &topo.server,
         prism,
+        &listen,
         &[
-            "--listen".as_ref(),
-            listen.as_ref(),
-            "--tun".as_ref(),
-            "prelay0".as_ref(),
-            "--address".as_ref(),
-            "10.99.0.254/24".as_ref(),
             "--address".as_ref(),
             "fd99::fe/64".as_ref(),
             "--key-file".as_ref(),
@@ -315,13 +297,8 @@ fn identities(
     let mut server = start_relay_server(
         &topo.server,
         prism,
+        &listen,
         &[
-            "--listen".as_ref(),
-            listen.as_ref(),
-            "--tun".as_ref(),
-            "prelay0".as_ref(),
-            "--address".as_ref(),
-            "10.99.0.254/24".as_ref(),
             "--address".as_ref(),
             "fd99::fe/64".as_ref(),
             "--peer".as_ref(),

@@ -24,7 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::e2e::{Report, counter, in_netns};
-use crate::netns::{Netns, Process, run as sh, wait_for};
+use crate::netns::{Netns, Process, veth, wait_for};
 use crate::servers::{ECHO, Servers, pattern};
 
 /// The README's proxy "behind your router".
@@ -112,27 +112,6 @@ struct Routed {
     client: Netns,
     _router: Netns,
     far: Netns,
-}
-
-fn veth(a: &Netns, a_name: &str, b: &Netns, b_name: &str) -> Result<()> {
-    sh(
-        "ip",
-        &[
-            "link",
-            "add",
-            a_name,
-            "netns",
-            a.name(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            b_name,
-            "netns",
-            b.name(),
-        ],
-    )?;
-    Ok(())
 }
 
 impl Routed {
@@ -414,13 +393,8 @@ fn with_relay(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
     let mut server = crate::relay_e2e::start_relay_server(
         &topo.far,
         prism,
+        &listen,
         &[
-            "--listen".as_ref(),
-            listen.as_ref(),
-            "--tun".as_ref(),
-            "prelay0".as_ref(),
-            "--address".as_ref(),
-            "10.99.0.254/24".as_ref(),
             "--metrics".as_ref(),
             "127.0.0.1:9478".as_ref(),
             "--key-file".as_ref(),

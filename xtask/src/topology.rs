@@ -122,23 +122,7 @@ impl Topology {
         let server = Netns::create("server")?;
         let pid = std::process::id();
         let (cv, sv) = (format!("pvc{pid}"), format!("pvs{pid}"));
-        crate::netns::run(
-            "ip",
-            &[
-                "link",
-                "add",
-                &cv,
-                "netns",
-                client.name(),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                &sv,
-                "netns",
-                server.name(),
-            ],
-        )?;
+        crate::netns::veth(&client, &cv, &server, &sv)?;
         client.ip(&format!("addr add 172.31.0.1/24 dev {cv}"))?;
         client.ip(&format!("-6 addr add fd31::1/64 dev {cv} nodad"))?;
         client.ip(&format!("link set {cv} up"))?;

@@ -489,23 +489,7 @@ impl Bench {
         let wan = if wan {
             Some(Wan::start(&client, &far, Shape::delay(DELAY))?)
         } else {
-            crate::netns::run(
-                "ip",
-                &[
-                    "link",
-                    "add",
-                    DEV_A,
-                    "netns",
-                    client.name(),
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    DEV_B,
-                    "netns",
-                    far.name(),
-                ],
-            )?;
+            crate::netns::veth(&client, DEV_A, &far, DEV_B)?;
             client.ip(&format!("addr add {ADDR_A}/30 dev {DEV_A}"))?;
             far.ip(&format!("addr add {ADDR_B}/30 dev {DEV_B}"))?;
             client.ip(&format!("link set {DEV_A} up"))?;
@@ -573,16 +557,8 @@ impl Bench {
                 let relay = crate::relay_e2e::start_relay_server(
                     &self.far,
                     &self.prism,
-                    &[
-                        "--listen".as_ref(),
-                        listen.as_ref(),
-                        "--tun".as_ref(),
-                        "prelay0".as_ref(),
-                        "--address".as_ref(),
-                        "10.99.0.254/24".as_ref(),
-                        "--key-file".as_ref(),
-                        key.as_os_str(),
-                    ],
+                    &listen,
+                    &["--key-file".as_ref(), key.as_os_str()],
                     &self.logs,
                     "relay-server.log",
                 )?;

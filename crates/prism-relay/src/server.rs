@@ -20,7 +20,6 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -504,10 +503,7 @@ impl Server {
                         self.outbound(&packet, &mut outgoing);
                     }
                     let done = self.udp.send(&mut outgoing).await;
-                    let c = &self.counters;
-                    c.sent.fetch_add(done.sent as u64, Ordering::Relaxed);
-                    c.drop_send.fetch_add(done.refused as u64, Ordering::Relaxed);
-                    if let Some(error) = done.error {
+                    if let Some(error) = done.counted(&self.counters) {
                         tracing::debug!(%error, "relay server send failed; datagrams dropped");
                     }
                 }

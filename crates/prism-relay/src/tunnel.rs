@@ -36,15 +36,7 @@ pub trait PacketTunnel: Send + Sync + 'static {
     /// has; a transport that can send several at once (as [`UdpTunnel`] does) overrides it.
     /// A packet that fails does not stop the rest; the last error is returned.
     fn send_many(&self, packets: &mut Vec<Bytes>) -> impl Future<Output = io::Result<()>> + Send {
-        async move {
-            let mut result = Ok(());
-            for packet in packets.drain(..) {
-                if let Err(error) = self.send(packet).await {
-                    result = Err(error);
-                }
-            }
-            result
-        }
+        send_each(self, packets)
     }
     /// Waits for at least one packet and appends what arrived to `packets`.
     fn recv_many(&self, packets: &mut Vec<Bytes>) -> impl Future<Output = io::Result<()>> + Send {
@@ -53,6 +45,21 @@ pub trait PacketTunnel: Send + Sync + 'static {
             Ok(())
         }
     }
+}
+
+/// Sends `packets` one by one with `tunnel.send`, emptying it: a failure does not stop the
+/// rest, and the last error is returned.
+async fn send_each<T: PacketTunnel + ?Sized>(
+    tunnel: &T,
+    packets: &mut Vec<Bytes>,
+) -> io::Result<()> {
+    let mut result = Ok(());
+    for packet in packets.drain(..) {
+        if let Err(error) = tunnel.send(packet).await {
+            result = Err(error);
+        }
+    }
+    result
 }
 
 /// How a client proves who it is to the relay server.
@@ -674,13 +681,7 @@ impl PacketTunnel for UdpTunnel {
     async fn send_many(&self, packets: &mut Vec<Bytes>) -> io::Result<()> {
         let Some(sending) = lock(&self.sending).clone() else {
             // No session yet: one by one, held or counted.
-            let mut result = Ok(());
-            for packet in packets.drain(..) {
-                if let Err(error) = self.send(packet).await {
-                    result = Err(error);
-                }
-            }
-            return result;
+            return send_each(self, packets).await;
         };
         let mut outgoing = self.outgoing.lock().await;
         for packet in packets.drain(..) {
@@ -689,14 +690,7 @@ impl PacketTunnel for UdpTunnel {
                 self.seal_into(&sending, Kind::Data, &packet, out)
             });
         }
-        let done = self.udp.send(&mut outgoing).await;
-        self.counters
-            .sent
-            .fetch_add(done.sent as u64, Ordering::Relaxed);
-        self.counters
-            .drop_send
-            .fetch_add(done.refused as u64, Ordering::Relaxed);
-        match done.error {
+        match self.udp.send(&mut outgoing).await.counted(&self.counters) {
             Some(error) => Err(error),
             None => Ok(()),
         }

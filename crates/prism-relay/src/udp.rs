@@ -33,6 +33,8 @@ use std::os::fd::AsRawFd;
 use tokio::io::Interest;
 use tokio::net::UdpSocket;
 
+use crate::Counters;
+
 /// Send and receive buffer asked of the kernel for a relay socket.
 pub(crate) const SOCKET_BUFFER: usize = 7 << 20;
 /// One read's room: the largest UDP payload, or the datagrams GRO coalesced (Linux stops
@@ -132,6 +134,17 @@ pub(crate) struct Sent {
     pub(crate) error: Option<io::Error>,
 }
 
+impl Sent {
+    /// Adds what was sent to `sent` and what was refused to `drop_send`; the error, if any.
+    pub(crate) fn counted(self, counters: &Counters) -> Option<io::Error> {
+        counters.sent.fetch_add(self.sent as u64, Ordering::Relaxed);
+        counters
+            .drop_send
+            .fetch_add(self.refused as u64, Ordering::Relaxed);
+        self.error
+    }
+}
+
 /// One read of a receive call: its length, the size of each datagram in it (GRO), and the
 /// sender.
 type Read = (usize, usize, Option<SocketAddr>);
@@ -186,10 +199,11 @@ impl Udp {
             } else {
                 1
             };
+            // Datagrams lie one after another in `out.bytes`: a run is one slice of it.
             let mut count = 1;
             let mut end = first.end;
             for (next_to, range) in rest.iter().skip(1).take(most - 1) {
-                if next_to != to || range.len() > size || range.start != end {
+                if next_to != to || range.len() > size {
                     break;
                 }
                 count += 1;
@@ -432,9 +446,16 @@ mod tests {
             })
             .unwrap();
         }
+        // This kernel has GSO: the runs above went out as runs.
+        assert!(sender.gso.load(Ordering::Relaxed), "no UDP GSO here");
         let sent = sender.send(&mut out).await;
         assert_eq!((sent.sent, sent.refused), (sizes.len(), 0));
         assert!(out.is_empty());
+        assert!(
+            sender.gso.load(Ordering::Relaxed)
+                && sender.gso_below.load(Ordering::Relaxed) == usize::MAX,
+            "a run was refused"
+        );
 
         for (receiver, to) in [(&a, to_a), (&b, to_b)] {
             let expected: Vec<Vec<u8>> = sizes
