@@ -157,11 +157,10 @@ async fn exchange_four_mib(
     let counters = counters.snapshot();
     assert_eq!(counters.connections_opened, 1);
     assert_eq!(counters.drop_checksum + counters.drop_truncated, 0);
-    // A bulk transfer outgrows the initial buffers both ways.
-    assert_eq!(
-        (counters.rx_buffers_grown, counters.tx_buffers_grown),
-        (1, 1)
-    );
+    // A bulk transfer outgrows the initial buffers both ways (the send buffer again if it
+    // drained and was released on the way).
+    assert_eq!(counters.rx_buffers_grown, 1);
+    assert!(counters.tx_buffers_grown >= 1, "{counters}");
 }
 
 #[tokio::test]
@@ -194,6 +193,9 @@ async fn a_conversation_of_small_messages_keeps_the_initial_buffers() {
     assert!(echoed == expected, "echo differs");
     let grown = counters.snapshot();
     assert_eq!((grown.rx_buffers_grown, grown.tx_buffers_grown), (0, 0));
+    // Each echo, once acknowledged, gave its send buffer back: the connection idles without one
+    // (the last echo's acknowledgement may still be on its way).
+    assert!(grown.tx_buffers_released >= 19, "{grown}");
 
     // One message larger than the initial buffers grows both, and arrives whole.
     let large = data(100_000, 99);
@@ -206,7 +208,8 @@ async fn a_conversation_of_small_messages_keeps_the_initial_buffers() {
         .await;
     assert_eq!(received.len(), expected.len() + large.len());
     let grown = counters.snapshot();
-    assert_eq!((grown.rx_buffers_grown, grown.tx_buffers_grown), (1, 1));
+    assert_eq!(grown.rx_buffers_grown, 1);
+    assert!(grown.tx_buffers_grown >= 1, "{grown}");
 }
 
 #[tokio::test]

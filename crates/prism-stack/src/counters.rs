@@ -73,8 +73,12 @@ prism_device::counters! {
     bytes_to_clients,
     /// Receive buffers grown from their initial size to the full one.
     rx_buffers_grown,
-    /// Send buffers grown to the full size (from empty or from the initial size).
+    /// Send buffers grown to the full size (from empty or from the initial size); a connection
+    /// whose buffer was released while idle may grow one again.
     tx_buffers_grown,
+    /// Send buffers given back because everything in them was acknowledged and the application
+    /// had nothing more for the client.
+    tx_buffers_released,
 }
 
 impl Counters {

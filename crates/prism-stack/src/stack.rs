@@ -362,8 +362,21 @@ impl Stack {
         let mut batch = Vec::with_capacity(BATCH);
         let mut woken = Vec::new();
         let mut due = Vec::new();
+        // One timer for the whole run, moved only earlier. Moving a tokio timer before the one
+        // the runtime sleeps towards wakes the runtime's driver (a write to its eventfd and one
+        // more `epoll_wait`), and a request/response exchange would move it earlier (a delayed
+        // ACK) and back (the ACK rode on the answer) on every round trip. Left armed early, it
+        // fires once, finds nothing due, and is armed again at the next deadline.
+        let timer = sleep_until(Instant::now());
+        tokio::pin!(timer);
+        let mut armed: Option<Instant> = None;
         loop {
-            let deadline = self.timers.next();
+            if let Some(deadline) = self.timers.next()
+                && armed.is_none_or(|at| deadline < at)
+            {
+                timer.as_mut().reset(deadline);
+                armed = Some(deadline);
+            }
             let closing = self.closing;
             let event = tokio::select! {
                 Some(command) = self.control_rx.recv() => Event::Control(command),
@@ -375,7 +388,8 @@ impl Stack {
                     Err(LinkClosed) => Event::LinkClosed,
                 },
                 _ = self.wake_rx.recv_many(&mut woken, 1024) => Event::Woken,
-                () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                () = &mut timer, if armed.is_some() => {
+                    armed = None;
                     Event::Timer
                 }
             };
@@ -725,9 +739,9 @@ impl Stack {
             port: tuple.destination.port(),
         };
         // The receive buffer starts small (its size is the window the SYN|ACK offers), the
-        // send buffer empty: an idle connection holds none. Both grow when they limit the
-        // connection (`grow_rx`, `grow_tx`); the window scale is chosen for the full receive
-        // buffer.
+        // send buffer empty: an idle connection holds none (`release_tx` gives it back once all
+        // is acknowledged). Both grow when they limit the connection (`grow_rx`, `grow_tx`);
+        // the window scale is chosen for the full receive buffer.
         let mut socket = tcp::Socket::new(
             tcp::SocketBuffer::new(vec![0; self.initial_rx_buffer()]),
             tcp::SocketBuffer::new(Vec::new()),
@@ -1064,6 +1078,9 @@ impl Stack {
                         _ => break,
                     }
                 }
+                if release_tx(socket, state.outbound_len) {
+                    Counters::add(&self.counters.tx_buffers_released, 1);
+                }
                 if state.outbound.is_empty()
                     && (state.outbound_shutdown || state.app_gone)
                     && !conn.fin_sent
@@ -1278,6 +1295,19 @@ fn grow_tx(
         .replace_tx_buffer(tcp::SocketBuffer::new(vec![0; size]))
         .is_ok()
         && size == full
+}
+
+/// Gives back the socket's send buffer once the client has acknowledged everything in it and
+/// the application has nothing more queued: an idle connection holds none (as Linux frees a
+/// socket's send memory as it is acknowledged). It is allocated again when the application next
+/// has bytes for the client. True when it was released.
+fn release_tx(socket: &mut tcp::Socket<'static>, pending: usize) -> bool {
+    pending == 0
+        && socket.send_queue() == 0
+        && socket.send_capacity() > 0
+        && socket
+            .replace_tx_buffer(tcp::SocketBuffer::new(Vec::new()))
+            .is_ok()
 }
 
 /// Whether `conn` has waited on its client for [`GIVE_UP_SECS`] without hearing from it: for it
