@@ -185,7 +185,12 @@ pub(crate) fn run(
     report.record(
         "relay v4",
         "64 MiB of UDP arrive with their SHA-256",
-        udp_bulk(topo, &sink),
+        udp_bulk(topo, &sink, CHUNK, UDP_BULK),
+    );
+    report.record(
+        "relay v4",
+        "on a path narrower than the relay's datagrams, batches go one by one and arrive",
+        narrow_path(topo, &sink, &stats),
     );
     report.record(
         "relay v4",
@@ -765,11 +770,28 @@ impl UdpSink {
     }
 }
 
-const CHUNKS: usize = UDP_BULK.div_ceil(CHUNK);
+/// What the sink gathers: `total` bytes in chunks of `chunk`.
+struct Bulk {
+    chunk: usize,
+    data: Vec<u8>,
+    have: Vec<bool>,
+}
 
+impl Bulk {
+    fn new(chunk: usize, total: usize) -> Self {
+        Self {
+            chunk,
+            data: vec![0; total],
+            have: vec![false; total.div_ceil(chunk)],
+        }
+    }
+}
+
+/// The sink's protocol: `R` + chunk size (u16) + total (u32) starts over (answered `r`); `D` +
+/// sequence number (u32) + a chunk; `?` asks what is missing (`!` + up to 300 sequence
+/// numbers), or for the SHA-256 once complete (`=` + digest).
 async fn sink(socket: UdpSocket) -> Result<()> {
-    let mut data = vec![0u8; UDP_BULK];
-    let mut have = vec![false; CHUNKS];
+    let mut bulk = Bulk::new(CHUNK, UDP_BULK);
     let mut buf = vec![0u8; 2048];
     loop {
         let (n, from) = socket.recv_from(&mut buf).await?;
@@ -777,26 +799,34 @@ async fn sink(socket: UdpSocket) -> Result<()> {
             continue;
         };
         match kind {
+            b'R' if rest.len() == 6 => {
+                let chunk = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+                let total = u32::from_be_bytes([rest[2], rest[3], rest[4], rest[5]]) as usize;
+                if chunk > 0 && total <= UDP_BULK {
+                    bulk = Bulk::new(chunk, total);
+                    socket.send_to(b"r", from).await?;
+                }
+            }
             b'D' if rest.len() > 4 => {
                 let seq = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
                 let chunk = &rest[4..];
-                if seq < CHUNKS {
-                    let at = seq * CHUNK;
-                    let end = (at + chunk.len()).min(UDP_BULK);
-                    data[at..end].copy_from_slice(&chunk[..end - at]);
-                    have[seq] = true;
+                if seq < bulk.have.len() {
+                    let at = seq * bulk.chunk;
+                    let end = (at + chunk.len()).min(bulk.data.len());
+                    bulk.data[at..end].copy_from_slice(&chunk[..end - at]);
+                    bulk.have[seq] = true;
                 }
             }
             b'?' => {
-                let missing: Vec<u32> = (0..CHUNKS)
-                    .filter(|&i| !have[i])
+                let missing: Vec<u32> = (0..bulk.have.len())
+                    .filter(|&i| !bulk.have[i])
                     .take(300)
                     .map(|i| i as u32)
                     .collect();
                 let mut reply = Vec::new();
                 if missing.is_empty() {
                     reply.push(b'=');
-                    reply.extend_from_slice(&Sha256::digest(&data));
+                    reply.extend_from_slice(&Sha256::digest(&bulk.data));
                 } else {
                     reply.push(b'!');
                     for seq in missing {
@@ -810,25 +840,72 @@ async fn sink(socket: UdpSocket) -> Result<()> {
     }
 }
 
-/// Sends the 64 MiB as numbered chunks, then asks what is missing and resends it until the
-/// sink has everything, and compares its SHA-256 with ours.
-fn udp_bulk(topo: &Topology, _sink: &UdpSink) -> Result<String> {
-    crate::e2e::in_netns(topo.client.name(), async || {
-        let data = pattern(77, UDP_BULK);
+/// The client's link to the relay server narrowed to 1,400 bytes, below the relay's datagrams
+/// (the relay's own MTU, 1,430, assumes 1,500): the kernel refuses to segment a batch of them
+/// (UDP GSO), so the relay sends them one at a time for the kernel to fragment. 16 MiB in
+/// 1,350-byte datagrams arrive whole, the refusals are counted in `relay_gso_refused`, and no
+/// datagram is lost to them (`relay_drop_send`).
+fn narrow_path(topo: &Topology, sink: &UdpSink, stats: &Path) -> Result<String> {
+    let link = format!("link set {} mtu", topo.client_veth);
+    topo.client.ip(&format!("{link} 1400"))?;
+    let sent = udp_bulk(topo, sink, 1350, 16 * 1024 * 1024);
+    topo.client.ip(&format!("{link} 1500"))?;
+    let sent = sent?;
+    // The stats file is rewritten every 5 s.
+    let mut counters = String::new();
+    let refused = wait_for(
+        "relay_gso_refused in the stats",
+        Duration::from_secs(12),
+        || {
+            counters = std::fs::read_to_string(stats).unwrap_or_default();
+            crate::e2e::stat(&counters, "relay_gso_refused") > 0
+        },
+    );
+    refused.with_context(|| format!("no batch was refused: {counters}"))?;
+    let lost = crate::e2e::stat(&counters, "relay_drop_send");
+    ensure!(lost == 0, "{lost} datagrams were lost: {counters}");
+    Ok(format!(
+        "{sent}; batches refused: {}",
+        crate::e2e::stat(&counters, "relay_gso_refused")
+    ))
+}
+
+/// Sends `total` bytes in numbered chunks of `chunk`, then asks what is missing and resends it
+/// until the sink has everything, and compares its SHA-256 with ours.
+fn udp_bulk(topo: &Topology, _sink: &UdpSink, chunk: usize, total: usize) -> Result<String> {
+    let chunks = total.div_ceil(chunk);
+    crate::e2e::in_netns(topo.client.name(), async move || {
+        let data = pattern(77, total);
         let expected = Sha256::digest(&data);
         let socket = UdpSocket::bind("0.0.0.0:0").await?;
         socket
             .connect(SocketAddr::new(IpAddr::V4(TARGET_V4.parse()?), UDP_PORT))
             .await?;
+        let mut reply = vec![0u8; 2048];
+        let mut start = vec![b'R'];
+        start.extend_from_slice(&u16::try_from(chunk)?.to_be_bytes());
+        start.extend_from_slice(&u32::try_from(total)?.to_be_bytes());
+        let mut ready = false;
+        for _ in 0..20 {
+            socket.send(&start).await?;
+            if let Ok(n) =
+                tokio::time::timeout(Duration::from_millis(500), socket.recv(&mut reply)).await
+                && reply[..n?] == *b"r"
+            {
+                ready = true;
+                break;
+            }
+        }
+        ensure!(ready, "the sink never answered its start");
         let send = |seq: usize| {
-            let mut d = Vec::with_capacity(CHUNK + 5);
+            let mut d = Vec::with_capacity(chunk + 5);
             d.push(b'D');
             d.extend_from_slice(&(seq as u32).to_be_bytes());
-            d.extend_from_slice(&data[seq * CHUNK..((seq + 1) * CHUNK).min(UDP_BULK)]);
+            d.extend_from_slice(&data[seq * chunk..((seq + 1) * chunk).min(total)]);
             d
         };
         let started = Instant::now();
-        for seq in 0..CHUNKS {
+        for seq in 0..chunks {
             socket.send(&send(seq)).await?;
             if seq % 32 == 31 {
                 // Pace: a burst of 32 datagrams at a time, so queues are not simply overrun.
@@ -836,7 +913,6 @@ fn udp_bulk(topo: &Topology, _sink: &UdpSink) -> Result<String> {
             }
         }
         let mut resent = 0usize;
-        let mut reply = vec![0u8; 2048];
         for _round in 0..2000 {
             socket.send(b"?").await?;
             let n = match tokio::time::timeout(Duration::from_millis(500), socket.recv(&mut reply))
@@ -850,8 +926,8 @@ fn udp_bulk(topo: &Topology, _sink: &UdpSink) -> Result<String> {
                     ensure!(digest == &expected[..], "the sink's SHA-256 differs");
                     let secs = started.elapsed().as_secs_f64();
                     return Ok(format!(
-                        " ({:.0} Mbit/s, {resent} of {CHUNKS} datagrams resent)",
-                        UDP_BULK as f64 * 8.0 / secs / 1e6
+                        " ({:.0} Mbit/s, {resent} of {chunks} datagrams resent)",
+                        total as f64 * 8.0 / secs / 1e6
                     ));
                 }
                 Some((b'!', missing)) => {

@@ -58,6 +58,10 @@ prism_device::counters! {
     /// Datagrams the kernel would not send (no route to the peer, or an error it reported
     /// for the send): lost.
     drop_send,
+    /// Runs of equal datagrams (UDP GSO) the kernel refused to segment, then sent one at a time:
+    /// datagrams longer than the path's MTU, which the kernel fragments. Runs of that size are
+    /// not tried again.
+    gso_refused,
     /// DNS queries handed to the DNS-over-TCP forwarder instead of the relay.
     dns_queries,
     /// DNS queries dropped because the forwarder had too many in flight.

@@ -131,16 +131,22 @@ impl std::fmt::Debug for Incoming {
 pub(crate) struct Sent {
     pub(crate) sent: usize,
     pub(crate) refused: usize,
+    /// Runs the kernel refused to segment, sent one datagram at a time instead.
+    pub(crate) runs_refused: usize,
     pub(crate) error: Option<io::Error>,
 }
 
 impl Sent {
-    /// Adds what was sent to `sent` and what was refused to `drop_send`; the error, if any.
+    /// Adds what was sent to `sent`, what was refused to `drop_send` and the runs sent one by
+    /// one to `gso_refused`; the error, if any.
     pub(crate) fn counted(self, counters: &Counters) -> Option<io::Error> {
         counters.sent.fetch_add(self.sent as u64, Ordering::Relaxed);
         counters
             .drop_send
             .fetch_add(self.refused as u64, Ordering::Relaxed);
+        counters
+            .gso_refused
+            .fetch_add(self.runs_refused as u64, Ordering::Relaxed);
         self.error
     }
 }
@@ -220,6 +226,7 @@ impl Udp {
             {
                 Ok(()) => result.sent += count,
                 Err(error) if count > 1 => {
+                    result.runs_refused += 1;
                     // Refused as a run: one at a time, which the kernel may fragment. A device
                     // that cannot segment at all says so with EIO; otherwise the segments
                     // were too long for the path, and runs stay below this size.
