@@ -18,6 +18,14 @@ pub(crate) struct Cli {
     pub(crate) command: Command,
 }
 
+impl Cli {
+    /// Whether `prism run` busy-polls: it then runs on one thread, since a polling worker of a
+    /// runtime with more would keep waking the others.
+    pub(crate) fn busy_polls(&self) -> bool {
+        matches!(&self.command, Command::Run(args) if args.busy_poll_us > 0)
+    }
+}
+
 #[derive(Debug, Subcommand)]
 #[allow(
     clippy::large_enum_variant,
@@ -165,6 +173,12 @@ pub(crate) struct RunArgs {
     /// and grow to this the first time a burst does not fit.
     #[arg(long, default_value_t = 256, value_name = "KIB", value_parser = clap::value_parser!(u32).range(4..=65536))]
     pub(crate) tcp_buffer_kib: u32,
+    /// Busy polling: for this many microseconds after each burst of traffic, one thread keeps
+    /// polling for I/O instead of sleeping, so a request/response exchange does not wait for
+    /// the kernel to wake Prism (50 covers a local round trip). It takes that thread's core
+    /// while traffic flows; idle, Prism sleeps. 0 (the default): never.
+    #[arg(long, default_value_t = 0, value_name = "MICROS", value_parser = clap::value_parser!(u64).range(0..=prism_engine::MAX_BUSY_POLL_US))]
+    pub(crate) busy_poll_us: u64,
     /// Packets the kernel may queue on the TUN for Prism (Linux's default, 500, overflows when
     /// hundreds of connections open at once).
     #[arg(long, default_value_t = prism_engine::DEFAULT_QUEUE, value_name = "PACKETS")]
@@ -249,6 +263,7 @@ impl RunArgs {
         settings.max_pending = self.max_pending;
         settings.max_half_open = self.max_half_open;
         settings.tcp_buffer_kib = self.tcp_buffer_kib;
+        settings.busy_poll_us = self.busy_poll_us;
         settings.relay = self.relay.clone();
         settings.relay_key = self.relay_key.clone();
         settings.relay_key_file = self.relay_key_file.clone();

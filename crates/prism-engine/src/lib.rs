@@ -37,8 +37,8 @@ pub use engine::{Builder, DROP_GRACE, Device, Engine, Error, Observer};
 #[cfg(target_os = "linux")]
 pub use relay_server::RelayServer;
 pub use settings::{
-    BadValue, GatewayMac, PortHandshake, RelayUrl, Resolver, Settings, SettingsError, UpstreamUrl,
-    read_private_key, relay_keys,
+    BadValue, GatewayMac, MAX_BUSY_POLL_US, PortHandshake, RelayUrl, Resolver, Settings,
+    SettingsError, UpstreamUrl, read_private_key, relay_keys,
 };
 #[cfg(target_os = "linux")]
 pub use source::DEFAULT_QUEUE;

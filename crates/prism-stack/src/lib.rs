@@ -19,6 +19,7 @@ mod config;
 mod conn;
 mod control;
 mod counters;
+mod spin;
 mod stack;
 mod table;
 mod timers;

@@ -370,6 +370,7 @@ impl Stack {
         let timer = sleep_until(Instant::now());
         tokio::pin!(timer);
         let mut armed: Option<Instant> = None;
+        let spinner = self.config.busy_poll.map(crate::spin::Spinner::start);
         loop {
             if let Some(deadline) = self.timers.next()
                 && armed.is_none_or(|at| deadline < at)
@@ -393,6 +394,9 @@ impl Stack {
                     Event::Timer
                 }
             };
+            if let Some(spinner) = &spinner {
+                spinner.round();
+            }
             let now = self.smol_now();
             match event {
                 Event::Packets => self.ingress(&mut batch, now),
