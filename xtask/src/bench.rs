@@ -28,6 +28,8 @@ use crate::servers::{self, Servers};
 use crate::topology::{self, Topology};
 
 const IPERF_PORT: u16 = 5201;
+/// The window of the busy-polling pass (`prism run --busy-poll-us`): a local round trip.
+const BUSY_POLL_US: &str = "50";
 const IPERF_SECONDS: &str = "10";
 /// An iperf3 run still going after this many seconds is killed and counts as failed: a peer
 /// whose stack wedges a connection leaves iperf3 waiting for ever (shadowsocks-rust did).
@@ -182,7 +184,7 @@ pub(crate) fn run(peers: bool) -> Result<()> {
     topology::wait_listening(&topo.server, IPERF_PORT, 2, "iperf3")?;
 
     let mut results = Vec::new();
-    // PRISM_BENCH_ONLY=kernel|forward|prism[-socks|-direct]|peers, or several separated by
+    // PRISM_BENCH_ONLY=kernel|forward|prism[-socks|-direct|-busy]|peers, or several separated by
     // commas, measures those kinds of system only (for experiments; the table is printed, not
     // written). A kind names its variants by prefix: "prism" measures both Prism passes,
     // "prism-direct" one.
@@ -251,6 +253,20 @@ pub(crate) fn run(peers: bool) -> Result<()> {
             Some(pid),
             true,
         )?);
+        stop(&mut p)?;
+    }
+
+    if wanted("prism-busy") {
+        println!("bench: prism, direct upstream, busy polling");
+        let mut args = topo.prism_args("direct");
+        args.extend(
+            ["--fwmark", topology::FWMARK, "--busy-poll-us", BUSY_POLL_US].map(str::to_owned),
+        );
+        args.extend(extra_args());
+        let mut p = topo.start_prism(&prism, &args, &logs.join("prism-busy.log"))?;
+        let pid = p.pid();
+        let name = format!("prism, direct, busy polling {BUSY_POLL_US} µs");
+        results.push(measure(&topo, Figures::named(&name), Some(pid), false)?);
         stop(&mut p)?;
     }
 
