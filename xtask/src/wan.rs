@@ -11,7 +11,8 @@
 //! tun-rs coalesces again where they follow one another: few system calls per packet. Departures: arrival + delay; with a rate cap, serialised one after
 //! the other at the rate first (a packet that would wait longer than the queue's length in
 //! time is dropped at the tail); a reordered packet leaves `reorder_by` later than its turn.
-//! Loss and reordering are drawn from a seeded generator, so a run is repeatable.
+//! Loss and reordering are drawn from a seeded generator, so a run is repeatable. The threads
+//! run at a real-time priority, as netem runs in the kernel before any process.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -195,6 +196,26 @@ fn open(a: &Netns, b: &Netns) -> Result<(SyncDevice, SyncDevice)> {
     Ok((dev_a, dev_b))
 }
 
+/// Gives this thread a real-time priority (`SCHED_FIFO`), as netem runs in the kernel's softirq
+/// and so before any process: a link that waits its turn behind the busy endpoints it
+/// connects falls behind, and its delay and rate are then the machine's load, not the shape
+/// asked for. The thread sleeps in `ppoll` between packets, and the kernel keeps 5% of each
+/// second for other tasks whatever real-time threads do. Without the privilege it says so
+/// and runs at the normal priority.
+fn realtime(direction: u64) {
+    let tid = nix::unistd::gettid().to_string();
+    let set = std::process::Command::new("chrt")
+        .args(["--fifo", "--pid", "10", &tid])
+        .stderr(std::process::Stdio::null())
+        .status();
+    if !set.is_ok_and(|status| status.success()) {
+        eprintln!(
+            "wan: direction {direction} runs without real-time priority (chrt failed): it may \
+             fall behind when the machine is busy"
+        );
+    }
+}
+
 /// A packet waiting for its departure; ordered by departure, then arrival.
 #[derive(PartialEq, Eq, PartialOrd, Ord)]
 struct Waiting {
@@ -215,6 +236,7 @@ fn carry(
     c: &Counts,
 ) {
     const OFFSET: usize = VIRTIO_NET_HDR_LEN;
+    realtime(direction);
     let current = |shared: &std::sync::RwLock<Shape>| shared.read().map(|s| *s).ok();
     let Some(mut shape) = current(shared) else {
         return;
