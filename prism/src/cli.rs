@@ -19,10 +19,13 @@ pub(crate) struct Cli {
 }
 
 impl Cli {
-    /// Whether `prism run` busy-polls: it then runs on one thread, since a polling worker of a
-    /// runtime with more would keep waking the others.
-    pub(crate) fn busy_polls(&self) -> bool {
-        matches!(&self.command, Command::Run(args) if args.busy_poll_us > 0)
+    /// `prism run`'s busy-polling window (0 for every other command): the runtime is built
+    /// for it.
+    pub(crate) fn busy_poll_us(&self) -> u64 {
+        match &self.command {
+            Command::Run(args) => args.busy_poll_us,
+            _ => 0,
+        }
     }
 }
 

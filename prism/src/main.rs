@@ -49,11 +49,10 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if cli.busy_polls() {
-        runtime.worker_threads(1);
-    }
-    let runtime = match runtime.enable_all().build() {
+    let runtime = match prism_engine::runtime_builder(cli.busy_poll_us())
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("prism: error: cannot start the async runtime: {error}");

@@ -1,6 +1,7 @@
 //! Busy polling (`Config::busy_poll`): the stack carries traffic with it on, and once the
 //! traffic stops the polling stops too. A test binary of its own, so that the process's CPU
-//! time is this test's alone; on a runtime of one worker, as busy polling wants.
+//! time is this test's alone; on a runtime of one worker, as busy polling wants. It runs on
+//! the real clock: what it checks is CPU time, which a paused clock cannot show.
 
 #![allow(
     clippy::unwrap_used,
@@ -72,7 +73,10 @@ async fn busy_polling_carries_traffic_and_stops_when_it_does() {
     }
     let expected: Vec<u8> = (0..50u8).flat_map(|r| [r; 100]).collect();
     assert!(echoed == expected, "echo differs");
-    assert_eq!(counters.snapshot().connections_opened, 1);
+    let polled = counters.snapshot();
+    assert_eq!(polled.connections_opened, 1);
+    // The traffic woke the polling task: it polled between rounds instead of sleeping.
+    assert!(polled.busy_poll_windows > 0, "{polled}");
 
     // Idle: the connection stays open, nothing moves, and the polling worker sleeps. A poller
     // that never stopped would take a whole core: about 100 ticks a second.

@@ -186,7 +186,7 @@ pub(crate) fn run(peers: bool) -> Result<()> {
     let mut results = Vec::new();
     // PRISM_BENCH_ONLY=kernel|forward|prism[-socks|-direct|-busy]|peers, or several separated by
     // commas, measures those kinds of system only (for experiments; the table is printed, not
-    // written). A kind names its variants by prefix: "prism" measures both Prism passes,
+    // written). A kind names its variants by prefix: "prism" measures every Prism pass,
     // "prism-direct" one.
     let only = std::env::var("PRISM_BENCH_ONLY").unwrap_or_default();
     let wanted = |kind: &str| only.is_empty() || only.split(',').any(|k| kind.starts_with(k));

@@ -38,6 +38,7 @@ mod servers;
 mod soak;
 mod tools;
 mod topology;
+mod udp_load;
 mod wan;
 mod wan_bench;
 mod wan_e2e;

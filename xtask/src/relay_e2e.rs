@@ -187,6 +187,8 @@ pub(crate) fn run(
         "64 MiB of UDP arrive with their SHA-256",
         udp_bulk(topo, &sink, CHUNK, UDP_BULK),
     );
+    // From here until the restart below, this client sends full-size runs one by one: none
+    // of the cases in between is a bulk transfer.
     report.record(
         "relay v4",
         "on a path narrower than the relay's datagrams, batches go one by one and arrive",
@@ -843,31 +845,53 @@ async fn sink(socket: UdpSocket) -> Result<()> {
 /// The client's link to the relay server narrowed to 1,400 bytes, below the relay's datagrams
 /// (the relay's own MTU, 1,430, assumes 1,500): the kernel refuses to segment a batch of them
 /// (UDP GSO), so the relay sends them one at a time for the kernel to fragment. 16 MiB in
-/// 1,350-byte datagrams arrive whole, the refusals are counted in `relay_gso_refused`, and no
-/// datagram is lost to them (`relay_drop_send`).
+/// 1,350-byte datagrams arrive whole; during the transfer batches were refused
+/// (`relay_gso_refused` grew) and no datagram was lost to it (`relay_drop_send` did not).
 fn narrow_path(topo: &Topology, sink: &UdpSink, stats: &Path) -> Result<String> {
-    let link = format!("link set {} mtu", topo.client_veth);
-    topo.client.ip(&format!("{link} 1400"))?;
-    let sent = udp_bulk(topo, sink, 1350, 16 * 1024 * 1024);
-    topo.client.ip(&format!("{link} 1500"))?;
-    let sent = sent?;
-    // The stats file is rewritten every 5 s.
-    let mut counters = String::new();
-    let refused = wait_for(
-        "relay_gso_refused in the stats",
-        Duration::from_secs(12),
-        || {
-            counters = std::fs::read_to_string(stats).unwrap_or_default();
-            crate::e2e::stat(&counters, "relay_gso_refused") > 0
-        },
-    );
-    refused.with_context(|| format!("no batch was refused: {counters}"))?;
-    let lost = crate::e2e::stat(&counters, "relay_drop_send");
-    ensure!(lost == 0, "{lost} datagrams were lost: {counters}");
-    Ok(format!(
-        "{sent}; batches refused: {}",
-        crate::e2e::stat(&counters, "relay_gso_refused")
-    ))
+    let before = fresh_stats(stats)?;
+    let sent = {
+        let _narrow = Narrow::new(topo, 1400)?;
+        udp_bulk(topo, sink, 1350, 16 * 1024 * 1024)?
+    };
+    let after = fresh_stats(stats)?;
+    let grew = |name: &str| crate::e2e::stat(&after, name) - crate::e2e::stat(&before, name);
+    let (refused, lost) = (grew("relay_gso_refused"), grew("relay_drop_send"));
+    ensure!(refused > 0, "no batch was refused: {after}");
+    ensure!(lost == 0, "{lost} datagrams were lost: {after}");
+    Ok(format!("{sent}; batches refused: {refused}"))
+}
+
+/// The client's link narrowed to `mtu` bytes until dropped.
+struct Narrow<'a> {
+    topo: &'a Topology,
+}
+
+impl<'a> Narrow<'a> {
+    fn new(topo: &'a Topology, mtu: u16) -> Result<Self> {
+        topo.client
+            .ip(&format!("link set {} mtu {mtu}", topo.client_veth))?;
+        Ok(Self { topo })
+    }
+}
+
+impl Drop for Narrow<'_> {
+    fn drop(&mut self) {
+        let _ = self
+            .topo
+            .client
+            .ip(&format!("link set {} mtu 1500", self.topo.client_veth));
+    }
+}
+
+/// The stats file as Prism writes it next (every 5 s, whole: renamed into place), so its
+/// counts are from after this call.
+fn fresh_stats(stats: &Path) -> Result<String> {
+    let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let now = std::time::SystemTime::now();
+    wait_for("a fresh stats file", Duration::from_secs(12), || {
+        modified(stats).is_some_and(|at| at > now)
+    })?;
+    std::fs::read_to_string(stats).context("reading the stats file")
 }
 
 /// Sends `total` bytes in numbered chunks of `chunk`, then asks what is missing and resends it
@@ -888,9 +912,9 @@ fn udp_bulk(topo: &Topology, _sink: &UdpSink, chunk: usize, total: usize) -> Res
         let mut ready = false;
         for _ in 0..20 {
             socket.send(&start).await?;
-            if let Ok(n) =
+            if let Ok(Ok(n)) =
                 tokio::time::timeout(Duration::from_millis(500), socket.recv(&mut reply)).await
-                && reply[..n?] == *b"r"
+                && reply[..n] == *b"r"
             {
                 ready = true;
                 break;

@@ -16,8 +16,8 @@
 //! - round trips under load: ping and a 1-byte TCP request/response while 4 flows download
 //!   (p50, p99);
 //! - a page load: 200 fetches of 100 KB, 8 at a time (total seconds);
-//! - UDP: the highest rate losing under 1% beyond the link's own loss (iperf3, by
-//!   bisection); ping at idle.
+//! - UDP: the highest rate losing under 1% beyond the link's own loss (`udp_load`: GSO batches
+//!   of 1,200-byte datagrams, by bisection); ping at idle.
 //!
 //! `PRISM_WAN_SECONDS` (20) and `PRISM_WAN_RUNS` (3) set the iperf3 runs; `PRISM_WAN_LOSS`
 //! ("0,0.5,2", percent) and `PRISM_WAN_CAPS` ("none,100", Mbit/s) the cells; `PRISM_WAN_ONLY`
@@ -38,11 +38,14 @@ use tokio::net::TcpStream;
 use crate::e2e::in_netns;
 use crate::netns::{Netns, Process};
 use crate::servers;
+use crate::udp_load;
 use crate::wan::{ADDR_A, ADDR_B, DEV_A, DEV_B, Shape, Wan};
 
 const TARGET: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 200, 0, 1));
 const TARGET_NET: &str = "10.200.0.0/16";
 const IPERF_PORT: u16 = 5201;
+/// Where the UDP load generator's sink listens, on `TARGET`.
+const UDP_LOAD_PORT: u16 = 5202;
 const DANTE_PORT: u16 = 1082;
 const RELAY_PORT: u16 = 5555;
 const DELAY: Duration = Duration::from_millis(20);
@@ -114,7 +117,7 @@ pub(crate) struct RelayFigures {
 /// The local relay bench (`cargo xtask bench --relay`, and the end of `cargo xtask bench`):
 /// UDP through Prism's relay and through wireguard-go, each between the same two namespaces
 /// joined by a veth pair (no WAN link, no shaping), with no VPN beside them. For each: the
-/// highest UDP rate losing under 1% (iperf3, 1,200-byte datagrams, by bisection up to
+/// highest UDP rate losing under 1% (`udp_load`, 1,200-byte datagrams, by bisection up to
 /// 20 Gbit/s), 4-byte UDP request/response for 5 s (round trip p50 and p99, transactions a
 /// second), and ping at idle. Writes `docs/bench/relay.{json,md}`. `PRISM_BENCH_BINARY`
 /// measures that `prism` binary instead of building this tree's.
@@ -268,7 +271,10 @@ fn relay_table(results: &[RelayFigures]) -> String {
         "# The relay, locally\n\n`cargo xtask bench --relay` (also run by `cargo xtask bench`): \
          two namespaces joined by a veth pair, UDP from the client namespace to a target on the \
          far side: through no VPN, through wireguard-go, and through Prism's relay (`prism run` \
-         with a pre-shared key, `prism relay-server` on the far side).\n\n\
+         with a pre-shared key, `prism relay-server` on the far side). The UDP load is sent as a \
+         fast sender (QUIC) sends it: batches of 1,200-byte datagrams, one `sendmsg` each with \
+         UDP GSO (`xtask/src/udp_load.rs`; iperf3 3.12, one datagram per call, measured itself \
+         at about 700 Mbit/s here).\n\n\
          | system | UDP, highest rate under 1% loss (Mbit/s) | UDP request/response p50 / p99 \
          (µs) | transactions/s | ping at idle (ms) |\n|---|---|---|---|---|\n",
     );
@@ -913,14 +919,15 @@ impl Bench {
         })
     }
 
-    /// The highest UDP rate (Mbit/s, at most `highest`) iperf3 gets across losing under 1%
+    /// The highest UDP rate (Mbit/s, at most `highest`) that gets across losing under 1%
     /// beyond what the link itself drops (`link_loss`, percent), by bisection.
     fn udp_max(&self, link_loss: f64, highest: f64) -> Result<f64> {
+        let sink = udp_load::Sink::start(&self.far, SocketAddr::new(TARGET, UDP_LOAD_PORT))?;
         let (mut low, mut high) = (1.0f64, highest);
         let mut best = None;
         for _ in 0..7 {
             let rate = (low * high).sqrt();
-            let (received, lost) = self.udp_at(rate)?;
+            let (received, lost) = self.udp_at(&sink, rate)?;
             if lost < 1.0 + link_loss {
                 best = Some(received);
                 low = rate;
@@ -931,35 +938,15 @@ impl Bench {
         best.context("under 1% loss at no rate tried (from 1 Mbit/s)")
     }
 
-    /// iperf3 UDP at `mbit` for 3 s: (Mbit/s received, percent lost).
-    fn udp_at(&self, mbit: f64) -> Result<(f64, f64)> {
-        // After a TCP test through a slow tunnel the server may still be finishing it.
+    /// UDP at `mbit` for 3 s (GSO batches of 1,200-byte datagrams, `udp_load`): (Mbit/s
+    /// received, percent lost).
+    fn udp_at(&self, sink: &udp_load::Sink, mbit: f64) -> Result<(f64, f64)> {
+        // After a test through a slow tunnel, its queues may still be draining.
         std::thread::sleep(Duration::from_secs(1));
-        let out = self
-            .client
-            .command("timeout")
-            .args(["30", "iperf3", "-c", &TARGET.to_string()])
-            .args([
-                "-p",
-                &IPERF_PORT.to_string(),
-                "-u",
-                "-l",
-                "1200",
-                // Socket buffers on both ends for bursts at Gbit/s rates (iperf3's own
-                // sender is bursty), as far as net.core.rmem_max allows (4 MiB here).
-                "-w",
-                "4M",
-                "-t",
-                "3",
-                "-J",
-            ])
-            .args(["-b", &format!("{}M", mbit.round().max(1.0))])
-            .output()?;
-        // iperf3 -J reports its errors in the JSON, and warnings on stderr.
-        let out = String::from_utf8_lossy(&out.stdout);
-        let received = json_number(&out, "\"sum\"", "bits_per_second")? / 1e6;
-        let lost = json_number(&out, "\"sum\"", "lost_percent")?;
-        Ok((received * (1.0 - lost / 100.0), lost))
+        let to = SocketAddr::new(TARGET, UDP_LOAD_PORT);
+        let (received, lost) = udp_load::run(&self.client, sink, to, mbit, Duration::from_secs(3))?;
+        println!("      UDP at {mbit:.0} Mbit/s: {received:.0} received, {lost:.2}% lost");
+        Ok((received, lost))
     }
 
     /// 4-byte UDP datagrams (a sequence number) to the echo service, one at a time for 5 s:

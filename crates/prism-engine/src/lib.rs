@@ -38,7 +38,7 @@ pub use engine::{Builder, DROP_GRACE, Device, Engine, Error, Observer};
 pub use relay_server::RelayServer;
 pub use settings::{
     BadValue, GatewayMac, MAX_BUSY_POLL_US, PortHandshake, RelayUrl, Resolver, Settings,
-    SettingsError, UpstreamUrl, read_private_key, relay_keys,
+    SettingsError, UpstreamUrl, read_private_key, relay_keys, runtime_builder,
 };
 #[cfg(target_os = "linux")]
 pub use source::DEFAULT_QUEUE;

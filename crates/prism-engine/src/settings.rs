@@ -230,11 +230,23 @@ fn default_max_pending() -> usize {
 fn default_max_half_open() -> usize {
     4096
 }
-/// The longest busy-polling window: a second. Beyond it, polling is a spinning core.
-pub const MAX_BUSY_POLL_US: u64 = 1_000_000;
-
 fn default_tcp_buffer_kib() -> u32 {
     256
+}
+
+/// The longest busy-polling window (`busy_poll_us`): a second. Beyond it, polling is a
+/// spinning core.
+pub const MAX_BUSY_POLL_US: u64 = 1_000_000;
+
+/// A tokio runtime builder for an engine with these settings: multi-threaded, and with one
+/// worker when busy polling is on, since a polling worker of a runtime with more keeps waking
+/// the others (see `Config::busy_poll`).
+pub fn runtime_builder(busy_poll_us: u64) -> tokio::runtime::Builder {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if busy_poll_us > 0 {
+        builder.worker_threads(1);
+    }
+    builder
 }
 
 /// The engine's settings by name. See the `prism run --help` flag of the same name for each.

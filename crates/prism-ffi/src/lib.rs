@@ -135,12 +135,7 @@ fn start(
         .map_err(|_| "the configuration is not UTF-8".to_owned())?;
     let settings = Settings::from_json(text).map_err(|e| e.to_string())?;
     init_logging();
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if settings.busy_poll_us > 0 {
-        // A polling worker of a runtime with more would keep waking the others.
-        runtime.worker_threads(1);
-    }
-    let runtime = runtime
+    let runtime = prism_engine::runtime_builder(settings.busy_poll_us)
         .enable_all()
         .thread_name("prism")
         .build()

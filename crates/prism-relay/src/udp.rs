@@ -226,14 +226,18 @@ impl Udp {
             {
                 Ok(()) => result.sent += count,
                 Err(error) if count > 1 => {
-                    result.runs_refused += 1;
                     // Refused as a run: one at a time, which the kernel may fragment. A device
-                    // that cannot segment at all says so with EIO; otherwise the segments
-                    // were too long for the path, and runs stay below this size.
-                    if gso_unsupported(&error) {
-                        self.gso.store(false, Ordering::Relaxed);
-                    } else {
-                        self.gso_below.fetch_min(size, Ordering::Relaxed);
+                    // that cannot segment at all says so with EIO (GSO off from then on);
+                    // segments too long for the path with EINVAL (runs stay below this size).
+                    // Any other error (a full buffer, a refusal the peer sent back) concerns
+                    // the datagrams, not GSO: they are tried one by one all the same.
+                    match gso_refusal(&error) {
+                        Some(Refusal::Unsupported) => self.gso.store(false, Ordering::Relaxed),
+                        Some(Refusal::TooLong) => {
+                            result.runs_refused += 1;
+                            self.gso_below.fetch_min(size, Ordering::Relaxed);
+                        }
+                        None => {}
                     }
                     for (to, range) in run {
                         let datagram = out.bytes.get(range.clone()).unwrap_or_default();
@@ -340,15 +344,28 @@ impl Udp {
     }
 }
 
-/// Whether a refused GSO send means the device cannot segment at all (`EIO`).
+/// Why the kernel refused a run of datagrams as one GSO send, if it was GSO it refused.
+#[derive(Debug, PartialEq, Eq)]
+enum Refusal {
+    /// The device cannot segment (`EIO`).
+    Unsupported,
+    /// The segments are longer than the path allows (`EINVAL`, or `EMSGSIZE`).
+    TooLong,
+}
+
 #[cfg(target_os = "linux")]
-fn gso_unsupported(error: &io::Error) -> bool {
-    error.raw_os_error() == Some(nix::errno::Errno::EIO as i32)
+fn gso_refusal(error: &io::Error) -> Option<Refusal> {
+    use nix::errno::Errno;
+    match error.raw_os_error().map(Errno::from_raw) {
+        Some(Errno::EIO) => Some(Refusal::Unsupported),
+        Some(Errno::EINVAL | Errno::EMSGSIZE) => Some(Refusal::TooLong),
+        _ => None,
+    }
 }
 
 #[cfg(not(target_os = "linux"))]
-fn gso_unsupported(_error: &io::Error) -> bool {
-    true
+fn gso_refusal(_error: &io::Error) -> Option<Refusal> {
+    None
 }
 
 /// One `recvmmsg` into `reads` ([`READS`] reads of [`MAX_UDP`] bytes), not waiting.

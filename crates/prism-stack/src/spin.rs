@@ -6,6 +6,9 @@
 //! has been idle for the whole window, the task sleeps until its next round: an idle Prism
 //! does not spin.
 //!
+//! This is the one place Prism polls instead of waiting, and only when asked: the default
+//! waits for events and never spins.
+//!
 //! How it polls: a task that yields is deferred by tokio until its worker has checked for I/O
 //! events without blocking (`epoll_wait` with a zero timeout), so a yielding loop is a polling
 //! loop. On a runtime of several workers each yield also wakes an idle worker to look for work
@@ -19,6 +22,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tracing::warn;
+
+use crate::Counters;
 
 /// What the stack and the polling task share.
 #[derive(Debug, Default)]
@@ -40,7 +45,7 @@ pub(crate) struct Spinner {
 impl Spinner {
     /// Starts the polling task (on the current tokio runtime), polling for `window` after each
     /// round.
-    pub(crate) fn start(window: Duration) -> Spinner {
+    pub(crate) fn start(window: Duration, counters: Arc<Counters>) -> Spinner {
         let workers = tokio::runtime::Handle::current().metrics().num_workers();
         if workers > 1 {
             warn!(
@@ -50,14 +55,16 @@ impl Spinner {
             );
         }
         let shared = Arc::new(Shared::default());
-        let task = tokio::spawn(poll(Arc::clone(&shared), window));
+        let task = tokio::spawn(poll(Arc::clone(&shared), window, counters));
         Spinner { shared, task }
     }
 
     /// One round of the stack: the task polls on (or wakes up and polls) for another window.
     pub(crate) fn round(&self) {
-        self.shared.rounds.fetch_add(1, Ordering::Relaxed);
-        if self.shared.asleep.swap(false, Ordering::AcqRel) {
+        // Sequentially consistent with the task's store to `asleep` and load of `rounds`: one
+        // of the two sees the other, so a round is never missed by both.
+        self.shared.rounds.fetch_add(1, Ordering::SeqCst);
+        if self.shared.asleep.swap(false, Ordering::SeqCst) {
             self.shared.wake.notify_one();
         }
     }
@@ -69,12 +76,20 @@ impl Drop for Spinner {
     }
 }
 
-async fn poll(shared: Arc<Shared>, window: Duration) {
+async fn poll(shared: Arc<Shared>, window: Duration, counters: Arc<Counters>) {
+    let mut seen = shared.rounds.load(Ordering::SeqCst);
     loop {
-        // A round that came between the last look and falling asleep left a permit in `wake`.
-        shared.asleep.store(true, Ordering::Release);
-        shared.wake.notified().await;
-        let mut seen = shared.rounds.load(Ordering::Relaxed);
+        shared.asleep.store(true, Ordering::SeqCst);
+        // A round after the window's last look saw `asleep` still false and sent nothing:
+        // look again before sleeping. (A round after the store sends a notification, kept as
+        // a permit if it comes before the wait.)
+        if shared.rounds.load(Ordering::SeqCst) == seen {
+            shared.wake.notified().await;
+        } else {
+            shared.asleep.store(false, Ordering::SeqCst);
+        }
+        Counters::add(&counters.busy_poll_windows, 1);
+        seen = shared.rounds.load(Ordering::Relaxed);
         let mut last = Instant::now();
         while last.elapsed() < window {
             tokio::task::yield_now().await;

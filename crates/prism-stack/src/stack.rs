@@ -1,8 +1,10 @@
 //! [`Stack`]: the task that owns the smoltcp interface and every connection's socket.
 //!
-//! One closed loop reacts to four [`Event`]s: packets from the link, connections the
-//! application touched, a connection's timer, and the link closing. There is no fixed sleep and
-//! no busy loop: the task waits for whichever comes first.
+//! One closed loop reacts to its [`Event`]s: packets from the link, connections the application
+//! touched, a connection's timer, a [`Control`](crate::Control) command, the end of a
+//! shutdown's grace, and the link closing. There is no fixed sleep: the task waits for
+//! whichever comes first (with busy polling on, `spin.rs` keeps a worker polling for I/O for a
+//! while after each round).
 //!
 //! Per-packet cost does not grow with the number of connections. smoltcp walks every socket of
 //! the `SocketSet` it is given, so each connection has its own one-socket set; a packet is
@@ -370,7 +372,10 @@ impl Stack {
         let timer = sleep_until(Instant::now());
         tokio::pin!(timer);
         let mut armed: Option<Instant> = None;
-        let spinner = self.config.busy_poll.map(crate::spin::Spinner::start);
+        let spinner = self
+            .config
+            .busy_poll
+            .map(|window| crate::spin::Spinner::start(window, Arc::clone(&self.counters)));
         loop {
             if let Some(deadline) = self.timers.next()
                 && armed.is_none_or(|at| deadline < at)
@@ -1279,8 +1284,11 @@ fn grow_rx(socket: &mut tcp::Socket<'static>, full: usize) -> bool {
 }
 
 /// Gives the socket a send buffer when the application has more for the client than it has
-/// room for: the initial size the first time if that holds it, else the full one. True when it
-/// grew to the full size.
+/// room for. Without one (new, or released while idle), the size that holds what is pending
+/// (a power of two from the initial size up to the full one): a connection whose buffer was
+/// released between two upstream reads gets back what one read needs, not a zeroed 256 KiB
+/// each time. A buffer that is too small becomes the full one. True when it grew to the full
+/// size.
 fn grow_tx(
     socket: &mut tcp::Socket<'static>,
     pending: usize,
@@ -1290,8 +1298,8 @@ fn grow_tx(
     if capacity >= full || pending <= capacity - socket.send_queue() {
         return false;
     }
-    let size = if capacity == 0 && pending <= initial {
-        initial.min(full)
+    let size = if capacity == 0 {
+        pending.next_power_of_two().clamp(initial.min(full), full)
     } else {
         full
     };
