@@ -144,6 +144,122 @@ fn draw_panel(
     Ok(())
 }
 
+/// One panel of grouped bars: a bar per series (system) in each group (a WAN cell).
+pub(crate) struct Grouped {
+    pub(crate) title: String,
+    pub(crate) groups: Vec<String>,
+    /// Each series' name and its value in each group (`None`: not measured).
+    pub(crate) series: Vec<(String, Vec<Option<f64>>)>,
+    /// Draw the series' legend (room is kept above the bars for it).
+    pub(crate) legend: bool,
+}
+
+/// Colours of grouped series, in order (Prism's orange is kept for a series named Prism).
+const SERIES: [RGBColor; 5] = [
+    RGBColor(0x99, 0x99, 0x99),
+    RGBColor(0x1f, 0x78, 0xb4),
+    RGBColor(0xa6, 0xce, 0xe3),
+    RGBColor(0x33, 0xa0, 0x2c),
+    RGBColor(0x6a, 0x3d, 0x9a),
+];
+
+fn series_colour(name: &str, i: usize) -> RGBColor {
+    if name.starts_with("Prism") {
+        PRISM
+    } else {
+        SERIES[i % SERIES.len()]
+    }
+}
+
+/// Panels of grouped vertical bars, one under the other, each with its legend, as an SVG
+/// document (the WAN bench's chart).
+pub(crate) fn render_grouped(panels: &[Grouped]) -> Result<String> {
+    let mut svg = String::new();
+    let height = GROUPED_HEIGHT * panels.len().max(1) as u32;
+    {
+        let root = SVGBackend::with_string(&mut svg, (WIDTH, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| anyhow!("chart: {e}"))?;
+        for (panel, area) in panels
+            .iter()
+            .zip(root.split_evenly((panels.len().max(1), 1)).iter())
+        {
+            draw_grouped(area, panel)?;
+        }
+        root.present().map_err(|e| anyhow!("chart: {e}"))?;
+    }
+    Ok(svg)
+}
+
+const GROUPED_HEIGHT: u32 = 330;
+
+/// Tenths of a bar: the x axis counts in them, so that each group's label sits on a whole
+/// key point at the group's middle.
+const TENTHS: i32 = 10;
+
+fn draw_grouped(
+    area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
+    panel: &Grouped,
+) -> Result<()> {
+    // Each group: a bar per series and one bar's gap.
+    let per_group = panel.series.len() as i32 + 1;
+    let width = (panel.groups.len() as i32 * per_group).max(1) * TENTHS;
+    let max = panel
+        .series
+        .iter()
+        .flat_map(|(_, values)| values.iter().flatten())
+        .fold(0.0f64, |m, &v| m.max(v))
+        .max(1e-9)
+        * if panel.legend { 1.8 } else { 1.15 };
+    let mut chart = ChartBuilder::on(area)
+        .caption(&panel.title, ("sans-serif", 18))
+        .margin(8)
+        .x_label_area_size(30)
+        .y_label_area_size(60)
+        .set_label_area_size(LabelAreaPosition::Bottom, 30)
+        .build_cartesian_2d(0..width, 0.0..max)
+        .map_err(|e| anyhow!("chart: {e}"))?;
+    let groups = &panel.groups;
+    // The middle of group g's bars (the gap is the group's last bar).
+    let middle = |g: i32| g * per_group * TENTHS + (per_group - 1) * TENTHS / 2;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .light_line_style(WHITE)
+        .set_tick_mark_size(LabelAreaPosition::Bottom, 0)
+        .x_labels(width as usize + 1)
+        .x_label_formatter(&|x| {
+            (0..groups.len() as i32)
+                .find(|&g| middle(g) == *x)
+                .and_then(|g| groups.get(g as usize).cloned())
+                .unwrap_or_default()
+        })
+        .label_style(("sans-serif", 13))
+        .draw()
+        .map_err(|e| anyhow!("chart: {e}"))?;
+    for (i, (name, values)) in panel.series.iter().enumerate() {
+        let colour = series_colour(name, i);
+        chart
+            .draw_series(values.iter().enumerate().filter_map(|(g, v)| {
+                let x = (g as i32 * per_group + i as i32) * TENTHS;
+                v.map(|v| Rectangle::new([(x + 1, 0.0), (x + TENTHS - 1, v)], colour.filled()))
+            }))
+            .map_err(|e| anyhow!("chart: {e}"))?
+            .label(name.as_str())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 12, y + 5)], colour.filled()));
+    }
+    if panel.legend {
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK.mix(0.3))
+            .label_font(("sans-serif", 12))
+            .draw()
+            .map_err(|e| anyhow!("chart: {e}"))?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,6 +271,34 @@ mod tests {
             rss_2000_mb: rss,
             ..Figures::default()
         }
+    }
+
+    #[test]
+    fn grouped_panels_have_a_bar_per_measured_value_and_a_legend() {
+        let panel = Grouped {
+            title: "one flow down".to_owned(),
+            groups: vec!["0% loss".to_owned(), "2% loss".to_owned()],
+            series: vec![
+                ("no VPN".to_owned(), vec![Some(90.0), Some(80.0)]),
+                ("Prism (TCP via SOCKS5)".to_owned(), vec![Some(91.0), None]),
+            ],
+            legend: true,
+        };
+        let svg = render_grouped(&[panel]).unwrap().replace('\n', "");
+        for label in [
+            "one flow down",
+            "0% loss",
+            "2% loss",
+            "no VPN",
+            "Prism (TCP via SOCKS5)",
+        ] {
+            assert!(svg.contains(label), "{label} missing");
+        }
+        // Prism's one measured bar and its legend swatch, in Prism's colour.
+        assert_eq!(
+            svg.matches("#D95F02").count() + svg.matches("#d95f02").count(),
+            2
+        );
     }
 
     #[test]

@@ -80,7 +80,7 @@ enum Task {
         #[arg(long, conflicts_with_all = ["peers", "wan"])]
         relay: bool,
     },
-    /// Draw docs/bench/results.svg again from docs/bench/results.json.
+    /// Draw docs/bench/results.svg and wan.svg again from their JSON.
     BenchChart,
     /// Leave `prism run` under connection churn of every kind and watch its resources (root).
     Soak {
@@ -137,7 +137,7 @@ fn main() -> ExitCode {
         Task::Bench { wan: true, .. } => wan_bench::run(),
         Task::Bench { relay: true, .. } => wan_bench::relay_local(),
         Task::Bench { peers, .. } => bench::run(peers),
-        Task::BenchChart => bench::redraw_chart(),
+        Task::BenchChart => bench::redraw_chart().and_then(|()| wan_bench::redraw_chart()),
         Task::Fuzz {
             seconds,
             runs,

@@ -31,10 +31,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use nix::sys::signal::Signal;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::chart;
 use crate::e2e::in_netns;
 use crate::netns::{Netns, Process};
 use crate::servers;
@@ -57,7 +58,8 @@ const PAGE_OBJECT: u64 = 100_000;
 const PAGE_PARALLEL: usize = 8;
 
 /// One system in one cell.
-#[derive(Debug, Default, Clone, Serialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+#[serde(default)]
 pub(crate) struct Cell {
     system: String,
     loss_percent: f64,
@@ -458,7 +460,8 @@ pub(crate) fn run() -> Result<()> {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/bench");
         std::fs::write(dir.join("wan.json"), serde_json::to_string_pretty(&cells)?)?;
         std::fs::write(dir.join("wan.md"), md)?;
-        println!("bench --wan: wrote docs/bench/wan.json and wan.md");
+        std::fs::write(dir.join("wan.svg"), chart(&cells)?)?;
+        println!("bench --wan: wrote docs/bench/wan.json, wan.md and wan.svg");
     }
     Ok(())
 }
@@ -1033,6 +1036,97 @@ fn percentile(sorted: &[f64], q: usize) -> f64 {
     }
     let i = (sorted.len() * q / 100).min(sorted.len() - 1);
     sorted.get(i).copied().unwrap_or(0.0)
+}
+
+/// The chart of `docs/bench/wan.svg`: a bar per system in each cell. One download and one
+/// upload get a panel per rate cap (the capped cells, where TCP over TCP shows, would be
+/// flat beside the uncapped ones); ping under load and the page load one panel each.
+pub(crate) fn chart(cells: &[Cell]) -> Result<String> {
+    let mut systems: Vec<&str> = Vec::new();
+    let mut caps: Vec<Option<u64>> = Vec::new();
+    for c in cells {
+        if !systems.contains(&c.system.as_str()) {
+            systems.push(&c.system);
+        }
+        if !caps.contains(&c.cap_mbit) {
+            caps.push(c.cap_mbit);
+        }
+    }
+    let cap_name = |cap: Option<u64>| cap.map_or("uncapped".to_owned(), |m| format!("{m} Mbit/s"));
+    // A panel over the cells `keep` picks, in the order they were measured.
+    let panel = |title: String, keep: &dyn Fn(&Cell) -> bool, value: fn(&Cell) -> Option<f64>| {
+        let mut groups: Vec<(f64, Option<u64>)> = Vec::new();
+        for c in cells.iter().filter(|c| keep(c)) {
+            if !groups.contains(&(c.loss_percent, c.cap_mbit)) {
+                groups.push((c.loss_percent, c.cap_mbit));
+            }
+        }
+        let find = |system: &str, (loss, cap): (f64, Option<u64>)| {
+            cells
+                .iter()
+                .find(|c| c.system == system && c.loss_percent == loss && c.cap_mbit == cap)
+                .and_then(value)
+        };
+        chart::Grouped {
+            title,
+            groups: groups
+                .iter()
+                .map(|&(loss, cap)| format!("{loss}% loss, {}", cap_name(cap)))
+                .collect(),
+            series: systems
+                .iter()
+                .map(|&s| (s.to_owned(), groups.iter().map(|&g| find(s, g)).collect()))
+                .collect(),
+            legend: false,
+        }
+    };
+    let mut panels = Vec::new();
+    for (what, value) in [
+        (
+            "download",
+            (|c: &Cell| c.down_mbit) as fn(&Cell) -> Option<f64>,
+        ),
+        ("upload", |c: &Cell| c.up_mbit),
+    ] {
+        for &cap in &caps {
+            panels.push(panel(
+                format!(
+                    "one TCP flow, {what}, Mbit/s, {} (higher is better)",
+                    cap_name(cap)
+                ),
+                &|c: &Cell| c.cap_mbit == cap,
+                value,
+            ));
+        }
+    }
+    panels.push(panel(
+        "ping while 4 flows download, p50, ms (lower is better; the path is 40 ms)".to_owned(),
+        &|_| true,
+        |c| c.ping_load_p50_ms,
+    ));
+    panels.push(panel(
+        format!(
+            "page load: {PAGE_OBJECTS} fetches of {} KB, {PAGE_PARALLEL} at a time, s (lower \
+             is better)",
+            PAGE_OBJECT / 1000
+        ),
+        &|_| true,
+        |c| c.page_load_s,
+    ));
+    if let Some(first) = panels.first_mut() {
+        first.legend = true;
+    }
+    chart::render_grouped(&panels)
+}
+
+/// Draws `docs/bench/wan.svg` again from `docs/bench/wan.json`.
+pub(crate) fn redraw_chart() -> Result<()> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/bench");
+    let json = std::fs::read_to_string(dir.join("wan.json"))?;
+    let cells: Vec<Cell> = serde_json::from_str(&json).context("docs/bench/wan.json")?;
+    std::fs::write(dir.join("wan.svg"), chart(&cells)?)?;
+    println!("bench: wrote docs/bench/wan.svg");
+    Ok(())
 }
 
 fn table(cells: &[Cell], seconds: u64, runs: usize) -> String {
