@@ -79,6 +79,9 @@ prism_device::counters! {
     /// Send buffers given back because everything in them was acknowledged and the application
     /// had nothing more for the client.
     tx_buffers_released,
+    /// Receive buffers of their initial size given back while empty (an idle connection holds
+    /// none; the next segment brings one back).
+    rx_buffers_released,
     /// Busy polling: times the polling task woke for traffic and polled for its window.
     busy_poll_windows,
 }

@@ -565,6 +565,17 @@ impl Stack {
             self.device.push_rx(packet);
             let sockets = match conn {
                 Some(conn) => {
+                    // An idle connection's receive buffer was given back; a segment with data
+                    // must find one again (its window never shrank meanwhile). A pure ACK, as
+                    // a download's client sends, needs none: at the next sequence number it
+                    // is accepted into an empty window.
+                    let socket = conn.sockets.get_mut::<tcp::Socket>(conn.handle);
+                    let released = socket.rx_buffer_released();
+                    if released > 0 && segment.data {
+                        let restored =
+                            socket.replace_rx_buffer(tcp::SocketBuffer::new(vec![0; released]));
+                        debug_assert!(restored.is_ok(), "the released size fits");
+                    }
                     conn.heard = heard;
                     if !conn.dirty {
                         conn.dirty = true;
@@ -1136,6 +1147,14 @@ impl Stack {
                         }
                     }
                     state.inbound_blocked = socket.can_recv();
+                    // An idle connection holds no receive buffer either, while it has its
+                    // initial size (a grown one is a transfer's, given back and refilled at
+                    // every segment it would only churn): it comes back with the next segment.
+                    if socket.recv_capacity() <= self.config.tcp_initial_buffer
+                        && socket.release_rx_buffer().is_some()
+                    {
+                        Counters::add(&self.counters.rx_buffers_released, 1);
+                    }
                     if !state.inbound_fin && !socket.can_recv() && fin_received(socket.state()) {
                         state.inbound_fin = true;
                         wakers.0 = true;
@@ -1276,7 +1295,9 @@ fn connection_state(conn: &Conn) -> ConnectionState {
 /// grew.
 fn grow_rx(socket: &mut tcp::Socket<'static>, full: usize) -> bool {
     let capacity = socket.recv_capacity();
-    capacity < full
+    // A released buffer (capacity 0) comes back with the next segment, not here.
+    capacity > 0
+        && capacity < full
         && socket.recv_queue() * 2 >= capacity
         && socket
             .replace_rx_buffer(tcp::SocketBuffer::new(vec![0; full]))

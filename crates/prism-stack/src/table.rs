@@ -103,6 +103,7 @@ mod tests {
             ack,
             rst: false,
             fin: false,
+            data: false,
         }
     }
 

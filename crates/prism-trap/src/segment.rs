@@ -27,6 +27,8 @@ pub struct Segment {
     pub rst: bool,
     /// FIN flag.
     pub fin: bool,
+    /// It carries data (not only flags and an acknowledgement).
+    pub data: bool,
 }
 
 impl Segment {
@@ -155,6 +157,7 @@ fn tcp_segment(
         ack: tcp.ack(),
         rst: tcp.rst(),
         fin: tcp.fin(),
+        data: !tcp.payload().is_empty(),
     }))
 }
 

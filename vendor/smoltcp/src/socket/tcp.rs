@@ -506,6 +506,9 @@ pub struct Socket<'a> {
     /// The largest receive buffer the window scale must cover: the receive buffer may grow
     /// to this size after the handshake (see `replace_rx_buffer`).
     rx_capacity_bound: usize,
+    /// The capacity of a receive buffer given back while it was empty (see
+    /// `release_rx_buffer`): the window advertised meanwhile; 0 while a buffer is in place.
+    rx_released: usize,
     /// The remote window size, relative to local_seq_no
     /// I.e. we're allowed to send octets until local_seq_no+remote_win_len
     remote_win_len: usize,
@@ -613,6 +616,7 @@ impl<'a> Socket<'a> {
             remote_win_len: 0,
             remote_win_shift: rx_cap_log2.saturating_sub(16) as u8,
             rx_capacity_bound: rx_capacity,
+            rx_released: 0,
             remote_win_scale: None,
             remote_has_sack: false,
             remote_mss: DEFAULT_MSS,
@@ -670,11 +674,65 @@ impl<'a> Socket<'a> {
     {
         let mut buffer = buffer.into();
         let capacity = self.rx_buffer.capacity();
-        if buffer.capacity() < capacity || buffer.capacity() > (1 << 30) {
+        // A released buffer's window is still advertised: the new one must back it.
+        if buffer.capacity() < cmp::max(capacity, self.rx_released) || buffer.capacity() > (1 << 30)
+        {
             return Err(buffer);
         }
         self.rx_buffer.copy_into(&mut buffer, capacity);
+        self.rx_released = 0;
         Ok(mem::replace(&mut self.rx_buffer, buffer))
+    }
+
+    /// Give back the receive buffer while it holds nothing (no data for the application, no
+    /// out-of-order data) and the connection is past its handshake, so that an idle
+    /// connection holds none. The window already advertised stays advertised: the segments
+    /// sent meanwhile offer the released buffer's capacity. A buffer at least that large must
+    /// be installed with [replace_rx_buffer](#method.replace_rx_buffer) before a segment with
+    /// data is processed. Until then the socket receives as with a zero window: a segment's
+    /// data is dropped (the peer sends it again), never taken past the buffer, and a segment
+    /// without data is accepted only at the next expected sequence number (an ACK or FIN in
+    /// order is; a reordered older one gets a challenge ACK). The released capacity survives
+    /// a reset, so a socket reused after one offers it in its SYN as well; it too needs a
+    /// buffer before data.
+    ///
+    /// Returns the buffer given back, or `None` when it could not be (not empty, during the
+    /// handshake, or already released).
+    pub fn release_rx_buffer(&mut self) -> Option<SocketBuffer<'a>> {
+        let handshake = matches!(
+            self.state,
+            State::Closed | State::Listen | State::SynSent | State::SynReceived
+        );
+        if handshake
+            || self.rx_released > 0
+            || self.rx_buffer.capacity() == 0
+            || !self.rx_buffer.is_empty()
+            || !self.assembler.is_empty()
+        {
+            return None;
+        }
+        self.rx_released = self.rx_buffer.capacity();
+        Some(mem::replace(
+            &mut self.rx_buffer,
+            SocketBuffer::new(&mut [][..]),
+        ))
+    }
+
+    /// The capacity of the receive buffer given back by
+    /// [release_rx_buffer](#method.release_rx_buffer), which the next one must have at least;
+    /// 0 while a buffer is in place.
+    pub fn rx_buffer_released(&self) -> usize {
+        self.rx_released
+    }
+
+    /// The receive window to advertise: the buffer's free space, or while the buffer is
+    /// released, the whole of the one released.
+    fn rx_window(&self) -> usize {
+        if self.rx_released > 0 {
+            self.rx_released
+        } else {
+            self.rx_buffer.window()
+        }
     }
 
     /// Replace the transmit buffer, keeping the data it holds (sent and not yet acknowledged,
@@ -833,7 +891,7 @@ impl<'a> Socket<'a> {
     /// Used in internal calculations as well as packet generation.
     #[inline]
     fn scaled_window(&self) -> u16 {
-        u16::try_from(self.rx_buffer.window() >> self.remote_win_shift).unwrap_or(u16::MAX)
+        u16::try_from(self.rx_window() >> self.remote_win_shift).unwrap_or(u16::MAX)
     }
 
     /// Return the last window field value, including scaling according to RFC 1323.
@@ -973,7 +1031,10 @@ impl<'a> Socket<'a> {
     }
 
     fn reset(&mut self) {
-        let rx_capacity = cmp::max(self.rx_buffer.capacity(), self.rx_capacity_bound);
+        let rx_capacity = cmp::max(
+            cmp::max(self.rx_buffer.capacity(), self.rx_released),
+            self.rx_capacity_bound,
+        );
         let rx_cap_log2 = mem::size_of::<usize>() * 8 - rx_capacity.leading_zeros() as usize;
 
         self.state = State::Closed;
@@ -2017,8 +2078,7 @@ impl<'a> Socket<'a> {
                     // As `dispatch` records a SYN|ACK it sent (its window unscaled).
                     self.remote_last_seq = self.local_seq_no + 1;
                     self.remote_last_ack = Some(self.remote_seq_no);
-                    self.remote_last_win =
-                        u16::try_from(self.rx_buffer.window()).unwrap_or(u16::MAX);
+                    self.remote_last_win = u16::try_from(self.rx_window()).unwrap_or(u16::MAX);
                 }
                 self.set_state(State::SynReceived);
                 self.timer.set_for_idle(cx.now(), self.keep_alive);
@@ -2692,7 +2752,7 @@ impl<'a> Socket<'a> {
                 repr.control = TcpControl::Syn;
                 repr.seq_number = self.local_seq_no;
                 // window len must NOT be scaled in SYNs.
-                repr.window_len = u16::try_from(self.rx_buffer.window()).unwrap_or(u16::MAX);
+                repr.window_len = u16::try_from(self.rx_window()).unwrap_or(u16::MAX);
                 if self.state == State::SynSent {
                     repr.ack_number = None;
                     repr.window_scale = Some(self.remote_win_shift);
@@ -9145,6 +9205,92 @@ mod test {
         let mut data = [0; 6];
         assert_eq!(s.recv_slice(&mut data[..]), Ok(6));
         assert_eq!(data, &b"abcdef"[..]);
+    }
+
+    #[test]
+    fn test_release_rx_buffer_keeps_the_window_and_takes_no_data_until_replaced() {
+        let mut s = socket_established();
+        // Not while it holds data.
+        send!(
+            s,
+            TcpRepr {
+                seq_number: REMOTE_SEQ + 1,
+                ack_number: Some(LOCAL_SEQ + 1),
+                payload: &b"abc"[..],
+                ..SEND_TEMPL
+            }
+        );
+        assert!(s.release_rx_buffer().is_none());
+        let mut data = [0; 3];
+        assert_eq!(s.recv_slice(&mut data[..]), Ok(3));
+        let old = s.release_rx_buffer().unwrap();
+        assert_eq!(old.capacity(), 64);
+        assert_eq!((s.recv_capacity(), s.rx_buffer_released()), (0, 64));
+        assert!(s.release_rx_buffer().is_none());
+        // What is sent meanwhile still offers the whole window.
+        s.send_slice(b"xyz").unwrap();
+        recv!(s, time 1000, Ok(TcpRepr {
+            seq_number: LOCAL_SEQ + 1,
+            ack_number: Some(REMOTE_SEQ + 1 + 3),
+            window_len: 64,
+            payload: &b"xyz"[..],
+            ..RECV_TEMPL
+        }));
+        // Data that meets no buffer is not taken (nor does anything panic): the ACK does not
+        // cover it, and the window is still the whole released one.
+        send!(
+            s,
+            TcpRepr {
+                seq_number: REMOTE_SEQ + 1 + 3,
+                ack_number: Some(LOCAL_SEQ + 1 + 3),
+                payload: &b"def"[..],
+                ..SEND_TEMPL
+            },
+            Some(TcpRepr {
+                seq_number: LOCAL_SEQ + 1 + 3,
+                ack_number: Some(REMOTE_SEQ + 1 + 3),
+                window_len: 64,
+                ..RECV_TEMPL
+            })
+        );
+        assert_eq!(s.recv_queue(), 0);
+        // A buffer smaller than the one released would not back the window.
+        assert!(s.replace_rx_buffer(SocketBuffer::new(vec![0; 32])).is_err());
+        assert!(s.replace_rx_buffer(SocketBuffer::new(vec![0; 64])).is_ok());
+        assert_eq!(s.rx_buffer_released(), 0);
+        send!(
+            s,
+            TcpRepr {
+                seq_number: REMOTE_SEQ + 1 + 3,
+                ack_number: Some(LOCAL_SEQ + 1 + 3),
+                payload: &b"def"[..],
+                ..SEND_TEMPL
+            }
+        );
+        assert_eq!(s.recv_slice(&mut data[..]), Ok(3));
+        assert_eq!(&data, b"def");
+    }
+
+    #[test]
+    fn test_release_rx_buffer_refuses_during_the_handshake_and_with_out_of_order_data() {
+        let mut s = socket_syn_received();
+        assert!(s.release_rx_buffer().is_none());
+        let mut s = socket_established();
+        send!(
+            s,
+            TcpRepr {
+                seq_number: REMOTE_SEQ + 1 + 3,
+                ack_number: Some(LOCAL_SEQ + 1),
+                payload: &b"def"[..],
+                ..SEND_TEMPL
+            },
+            Some(TcpRepr {
+                seq_number: LOCAL_SEQ + 1,
+                ack_number: Some(REMOTE_SEQ + 1),
+                ..RECV_TEMPL
+            })
+        );
+        assert!(s.release_rx_buffer().is_none());
     }
 
     #[test]
