@@ -143,7 +143,14 @@ pub(crate) fn relay_local() -> Result<()> {
     println!("bench --relay: logs in {}", logs.display());
     let bench = Bench::build(&logs, &prism, false)?;
     let mut results = Vec::new();
+    // PRISM_BENCH_ONLY=none|wireguard-go|prism, or several separated by commas, measures those
+    // only (for experiments; the table is printed, not written).
+    let only = std::env::var("PRISM_BENCH_ONLY").unwrap_or_default();
+    let wanted = |system: System| only.is_empty() || only.split(',').any(|k| k == system.key());
     for system in [System::None, System::WireGuardGo, System::Prism] {
+        if !wanted(system) {
+            continue;
+        }
         println!("bench --relay: {}", system.name());
         let mut running = bench.start(system)?;
         let mut f = RelayFigures {
@@ -170,6 +177,9 @@ pub(crate) fn relay_local() -> Result<()> {
     }
     let md = relay_table(&results);
     println!("{md}");
+    if !only.is_empty() {
+        return Ok(());
+    }
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/bench");
     std::fs::write(
         dir.join("relay.json"),
@@ -947,9 +957,79 @@ impl Bench {
         // After a test through a slow tunnel, its queues may still be draining.
         std::thread::sleep(Duration::from_secs(1));
         let to = SocketAddr::new(TARGET, UDP_LOAD_PORT);
+        let before = self.drops();
         let (received, lost) = udp_load::run(&self.client, sink, to, mbit, Duration::from_secs(3))?;
-        println!("      UDP at {mbit:.0} Mbit/s: {received:.0} received, {lost:.2}% lost");
+        let after = self.drops();
+        let grew: Vec<String> = after
+            .iter()
+            .filter_map(|(name, n)| {
+                let was = before
+                    .iter()
+                    .find(|(b, _)| b == name)
+                    .map_or(0, |(_, b)| *b);
+                (*n > was).then(|| format!("{name} {}", n - was))
+            })
+            .collect();
+        println!(
+            "      UDP at {mbit:.0} Mbit/s: {received:.0} received, {lost:.2}% lost{}",
+            if grew.is_empty() {
+                String::new()
+            } else {
+                format!(" (drops: {})", grew.join(", "))
+            }
+        );
         Ok((received, lost))
+    }
+
+    /// Where datagrams are dropped, on both sides: the kernel's UDP receive and send buffer
+    /// overflows, and each interface's receive and transmit drops (a TUN's full queue).
+    fn drops(&self) -> Vec<(String, u64)> {
+        let mut found = Vec::new();
+        for (side, ns) in [("client", &self.client), ("far", &self.far)] {
+            if let Ok(out) = ns.exec(&["nstat", "-az", "UdpRcvbufErrors", "UdpSndbufErrors"]) {
+                for line in out.lines() {
+                    let mut fields = line.split_whitespace();
+                    if let (Some(name), Some(Ok(n))) =
+                        (fields.next(), fields.next().map(str::parse))
+                    {
+                        found.push((format!("{side} {name}"), n));
+                    }
+                }
+            }
+            // Each UDP socket's own drops, by local port (the last column).
+            for table in ["/proc/net/udp", "/proc/net/udp6"] {
+                let Ok(out) = ns.exec(&["cat", table]) else {
+                    continue;
+                };
+                for line in out.lines().skip(1) {
+                    let fields: Vec<&str> = line.split_whitespace().collect();
+                    let port = fields
+                        .get(1)
+                        .and_then(|a| a.rsplit(':').next())
+                        .and_then(|p| u16::from_str_radix(p, 16).ok());
+                    if let (Some(port), Some(Ok(n))) = (port, fields.last().map(|d| d.parse())) {
+                        found.push((format!("{side} UDP port {port} socket"), n));
+                    }
+                }
+            }
+            if let Ok(out) = ns.exec(&["ip", "-s", "-o", "link"]) {
+                for line in out.lines() {
+                    let name = line.split(':').nth(1).unwrap_or("?").trim().to_owned();
+                    // `ip -o -s link`: "RX: bytes packets errors dropped ..." then "TX: ...".
+                    let numbers = |tag: &str| -> Option<u64> {
+                        let rest = line.split(tag).nth(1)?;
+                        let row = rest.split('\\').nth(1)?;
+                        row.split_whitespace().nth(3)?.parse().ok()
+                    };
+                    for (tag, what) in [("RX:", "rx dropped"), ("TX:", "tx dropped")] {
+                        if let Some(n) = numbers(tag) {
+                            found.push((format!("{side} {name} {what}"), n));
+                        }
+                    }
+                }
+            }
+        }
+        found
     }
 
     /// 4-byte UDP datagrams (a sequence number) to the echo service, one at a time for 5 s:

@@ -9,7 +9,7 @@ use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use tokio::task::JoinHandle;
 use tracing::debug;
 
@@ -22,6 +22,42 @@ const READ_ARENA: usize = 256 * 1024;
 pub(crate) trait PacketIo: Send + Sync + 'static {
     fn recv(&self, buf: &mut [u8]) -> impl Future<Output = io::Result<usize>> + Send;
     fn send(&self, packet: &[u8]) -> impl Future<Output = io::Result<usize>> + Send;
+
+    /// Writes a batch of packets, emptying it, and counts those the kernel refused in
+    /// `refused`; an error is one that ends the device. The default writes one packet per
+    /// call.
+    fn send_batch(
+        &self,
+        batch: &mut Vec<Bytes>,
+        refused: &AtomicU64,
+    ) -> impl Future<Output = io::Result<()>> + Send {
+        send_each(self, batch, refused)
+    }
+}
+
+/// Writes a batch one packet per call, emptying it.
+pub(crate) async fn send_each<D: PacketIo + ?Sized>(
+    device: &D,
+    batch: &mut Vec<Bytes>,
+    refused: &AtomicU64,
+) -> io::Result<()> {
+    for packet in batch.drain(..) {
+        if let Err(error) = device.send(&packet).await {
+            count_refused(error, packet.len(), refused)?;
+        }
+    }
+    Ok(())
+}
+
+/// Counts a write error that concerns only the packet written (one the kernel finds malformed
+/// or too large: that packet is lost, the device lives on); any other is returned.
+pub(crate) fn count_refused(error: io::Error, len: usize, refused: &AtomicU64) -> io::Result<()> {
+    if !refused_packet(&error) {
+        return Err(error);
+    }
+    refused.fetch_add(1, Ordering::Relaxed);
+    debug!(%error, len, "device refused a packet; dropped");
+    Ok(())
 }
 
 /// A write error that concerns only the packet written, not the device: one the kernel finds
@@ -74,17 +110,7 @@ pub(crate) fn spawn<D: PacketIo>(
         let write = async move {
             let mut batch = Vec::with_capacity(BATCH);
             while inbound.recv_many(&mut batch, BATCH).await > 0 {
-                for packet in batch.drain(..) {
-                    if let Err(error) = writer.send(&packet).await {
-                        if !refused_packet(&error) {
-                            return Err(error);
-                        }
-                        // One packet the kernel will not take (a frame it finds malformed, or
-                        // too large): that packet is lost, the device lives on.
-                        refused.fetch_add(1, Ordering::Relaxed);
-                        debug!(%error, len = packet.len(), "device refused a packet; dropped");
-                    }
-                }
+                writer.send_batch(&mut batch, &refused).await?;
             }
             Ok::<(), io::Error>(())
         };
@@ -104,7 +130,6 @@ pub(crate) fn spawn<D: PacketIo>(
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
-    use bytes::Bytes;
     use std::sync::Mutex;
 
     /// A device that always has a packet to read and yields before each write, like a busy

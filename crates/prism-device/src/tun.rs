@@ -7,10 +7,12 @@
 use std::io;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 
+use bytes::{Bytes, BytesMut};
 use tokio::task::JoinHandle;
-use tun_rs::{AsyncDevice, DeviceBuilder};
+use tracing::debug;
+use tun_rs::{AsyncDevice, DeviceBuilder, GROTable};
 
 use crate::pump::{self, PacketIo};
 use crate::{FRAME_OVERHEAD, Framing, Link, vnet};
@@ -187,6 +189,19 @@ impl Tun {
     /// [`Tun::framing`]) is returned. The task ends with the device error that stopped it, or
     /// `Ok` once that end is dropped.
     pub fn spawn(self, capacity: usize) -> (Link, JoinHandle<io::Result<()>>) {
+        self.spawn_with(capacity, false)
+    }
+
+    /// As [`Tun::spawn`], and when the kernel granted offload the pump coalesces what it writes,
+    /// as wireguard-go does: runs of plain frames of one TCP or UDP flow go to the kernel as one
+    /// super-packet (UDP ones where the kernel takes UDP segmentation, Linux 6.2 and later), so
+    /// a link that carries many ordinary packets (the relay server's) costs one write per run,
+    /// not one per packet. Frames that already carry offload go as they are.
+    pub fn spawn_coalescing(self, capacity: usize) -> (Link, JoinHandle<io::Result<()>>) {
+        self.spawn_with(capacity, true)
+    }
+
+    fn spawn_with(self, capacity: usize, coalesce: bool) -> (Link, JoinHandle<io::Result<()>>) {
         let framing = self.framing();
         let largest = match framing {
             Framing::Virtio => vnet::HEADER_LEN + usize::from(u16::MAX),
@@ -196,22 +211,104 @@ impl Tun {
         };
         let (ours, theirs) = Link::framed_pair(capacity, framing);
         let refused = Arc::clone(&self.refused);
-        (
-            theirs,
-            pump::spawn(Device(self.device), ours, largest, refused),
-        )
+        let coalescer = (coalesce && framing == Framing::Virtio)
+            .then(|| tokio::sync::Mutex::new(Coalescer::default()));
+        let device = Device {
+            device: self.device,
+            coalescer,
+        };
+        (theirs, pump::spawn(device, ours, largest, refused))
     }
 }
 
 /// tun-rs's device as the pump sees it.
-struct Device(Arc<AsyncDevice>);
+struct Device {
+    device: Arc<AsyncDevice>,
+    /// Present when writes are coalesced; one writer takes it for each batch.
+    coalescer: Option<tokio::sync::Mutex<Coalescer>>,
+}
+
+/// What a coalescing writer keeps from batch to batch.
+#[derive(Default)]
+struct Coalescer {
+    table: GROTable,
+    /// The current run of plain frames, each copied into a buffer with room to grow into a
+    /// super-packet: tun-rs appends a flow's later packets to its first one.
+    run: Vec<BytesMut>,
+    /// Buffers of runs written, for the next ones.
+    spare: Vec<BytesMut>,
+}
+
+/// A run buffer's capacity: a 64 KB super-packet behind its header, and the room tun-rs asks
+/// for (twice the header) before it grows a buffer.
+const RUN_BUFFER: usize = 2 * vnet::HEADER_LEN + u16::MAX as usize;
+
+impl Coalescer {
+    /// Copies a plain frame into the run.
+    fn push(&mut self, frame: &[u8]) {
+        let mut buf = self
+            .spare
+            .pop()
+            .unwrap_or_else(|| BytesMut::with_capacity(RUN_BUFFER));
+        buf.clear();
+        buf.extend_from_slice(frame);
+        self.run.push(buf);
+    }
+}
+
+impl Device {
+    /// Writes the run of plain frames, coalesced; emptying it.
+    async fn flush(&self, c: &mut Coalescer, refused: &AtomicU64) -> io::Result<()> {
+        if c.run.is_empty() {
+            return Ok(());
+        }
+        let result = self
+            .device
+            .send_multiple(&mut c.table, &mut c.run, vnet::HEADER_LEN)
+            .await;
+        let count = c.run.len();
+        c.spare.append(&mut c.run);
+        match result {
+            Ok(_) => Ok(()),
+            // tun-rs refused the run before writing (it checks each frame's length, which the
+            // run's frames pass): every frame of it is lost.
+            Err(error) if error.raw_os_error().is_none() => {
+                refused.fetch_add(count as u64, Ordering::Relaxed);
+                debug!(%error, count, "coalesced write refused; frames dropped");
+                Ok(())
+            }
+            // tun-rs writes every packet of the run and reports the last error.
+            Err(error) => pump::count_refused(error, 0, refused),
+        }
+    }
+}
 
 impl PacketIo for Device {
     async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        self.0.recv(buf).await
+        self.device.recv(buf).await
     }
 
     async fn send(&self, packet: &[u8]) -> io::Result<usize> {
-        self.0.send(packet).await
+        self.device.send(packet).await
+    }
+
+    async fn send_batch(&self, batch: &mut Vec<Bytes>, refused: &AtomicU64) -> io::Result<()> {
+        let Some(coalescer) = &self.coalescer else {
+            return pump::send_each(self, batch, refused).await;
+        };
+        let mut c = coalescer.lock().await;
+        for frame in batch.drain(..) {
+            let plain = frame.len() > vnet::HEADER_LEN
+                && vnet::Header::parse(&frame) == Some(vnet::Header::PLAIN);
+            if plain {
+                c.push(&frame);
+                continue;
+            }
+            self.flush(&mut c, refused).await?;
+            if let Err(error) = self.send(&frame).await {
+                pump::count_refused(error, frame.len(), refused)?;
+            }
+        }
+        self.flush(&mut c, refused).await
     }
 }

@@ -41,16 +41,17 @@ impl RelayServer {
             addresses: addresses.to_vec(),
             layer: Layer::Ip,
             queue_len,
-            // The server relays whole packets between clients and its TUN; plain is what both
-            // speak.
-            offload: false,
+            // With offload the kernel hands over super-packets (split before sealing) and takes
+            // runs of one flow's packets coalesced into one write: a fraction of the system
+            // calls per packet, as wireguard-go does.
+            offload: true,
         })?;
         let counters = Arc::new(Counters::default());
         let server = Server::bind(listen, auth, Arc::clone(&counters))
             .await
             .map_err(|source| Error::Listen { listen, source })?
             .with_prefixes(addresses.to_vec());
-        let (link, pump) = device.spawn(LINK_QUEUE);
+        let (link, pump) = device.spawn_coalescing(LINK_QUEUE);
         Ok(RelayServer {
             counters,
             server: tokio::spawn(server.run(link)),
