@@ -105,7 +105,7 @@ impl FdDevice {
             FdKind::Utun => usize::from(self.mtu).max(1280) + utun::HEADER_LEN,
         };
         let refused = Arc::clone(&self.refused);
-        (theirs, pump::spawn(self, ours, largest, refused))
+        (theirs, pump::spawn(self, ours, largest, refused, false))
     }
 }
 

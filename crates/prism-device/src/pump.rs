@@ -13,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use tokio::task::JoinHandle;
 use tracing::debug;
 
-use crate::{BATCH, Link};
+use crate::{BATCH, Link, vnet};
 
 /// Bytes read ahead in one shared buffer before a fresh one is allocated.
 const READ_ARENA: usize = 256 * 1024;
@@ -74,20 +74,25 @@ fn refused_packet(error: &io::Error) -> bool {
 /// largest buffer one read may return. The task ends with the device error that stopped it,
 /// or `Ok` once everything sent on the link before it closed is written: when the stack stops,
 /// its last packets (FINs, RSTs) still reach the device. Packets the kernel refuses are
-/// counted in `refused`.
+/// counted in `refused`. With `split`, the device reads virtio-net frames and the link carries
+/// plain packets: each frame read is made plain ([`vnet::to_plain`]; one that cannot be is
+/// counted in `refused` too, never expected from a kernel).
 pub(crate) fn spawn<D: PacketIo>(
     device: D,
     link: Link,
     largest: usize,
     refused: Arc<AtomicU64>,
+    split: bool,
 ) -> JoinHandle<io::Result<()>> {
     let (mut inbound, outbound) = link.split();
     let device = Arc::new(device);
     let reader = Arc::clone(&device);
     let writer = device;
+    let unreadable = Arc::clone(&refused);
     tokio::spawn(async move {
         let read = async move {
             let mut arena = BytesMut::zeroed(READ_ARENA);
+            let mut plain = Vec::new();
             loop {
                 if arena.len() < largest {
                     arena = BytesMut::zeroed(READ_ARENA.max(4 * largest));
@@ -102,8 +107,16 @@ pub(crate) fn spawn<D: PacketIo>(
                     ));
                 }
                 let packet = arena.split_to(n).freeze();
-                if outbound.send(packet).await.is_err() {
-                    return Ok::<(), io::Error>(());
+                if !split {
+                    plain.push(packet);
+                } else if let Err(error) = vnet::to_plain(&packet, &mut plain) {
+                    unreadable.fetch_add(1, Ordering::Relaxed);
+                    debug!(%error, len = n, "unreadable frame from the device; dropped");
+                }
+                for packet in plain.drain(..) {
+                    if outbound.send(packet).await.is_err() {
+                        return Ok::<(), io::Error>(());
+                    }
                 }
             }
         };
@@ -157,7 +170,7 @@ mod tests {
     async fn what_the_stack_sent_last_is_written_after_it_is_gone() {
         let device = Arc::new(Busy::default());
         let (stack, ours) = Link::pair(1024);
-        let task = spawn(Arc::clone(&device), ours, 64, Arc::default());
+        let task = spawn(Arc::clone(&device), ours, 64, Arc::default(), false);
         for i in 0..500u16 {
             stack
                 .send(Bytes::from(i.to_be_bytes().to_vec()))

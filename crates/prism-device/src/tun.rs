@@ -170,7 +170,9 @@ impl Tun {
     }
 
     /// Packets the kernel refused to take (a frame it finds malformed, or too large), counted
-    /// as they are dropped; readable while [`Tun::spawn`]'s task runs.
+    /// as they are dropped; readable while [`Tun::spawn`]'s task runs. Behind
+    /// [`Tun::spawn_coalescing`], also frames read that could not be made plain (never
+    /// expected from a kernel).
     pub fn refused_writes(&self) -> Arc<AtomicU64> {
         Arc::clone(&self.refused)
     }
@@ -192,11 +194,12 @@ impl Tun {
         self.spawn_with(capacity, false)
     }
 
-    /// As [`Tun::spawn`], and when the kernel granted offload the pump coalesces what it writes,
-    /// as wireguard-go does: runs of plain frames of one TCP or UDP flow go to the kernel as one
-    /// super-packet (UDP ones where the kernel takes UDP segmentation, Linux 6.2 and later), so
-    /// a link that carries many ordinary packets (the relay server's) costs one write per run,
-    /// not one per packet. Frames that already carry offload go as they are.
+    /// As [`Tun::spawn`], for a user of plain packets that moves many of them (the relay
+    /// server): the link carries plain packets, and when the kernel granted offload the pump
+    /// makes what it reads plain (super-packets split, checksums finished) and coalesces what it
+    /// writes, as wireguard-go does: runs of one TCP or UDP flow's packets go to the kernel as
+    /// one super-packet (UDP ones where the kernel takes UDP segmentation, Linux 6.2 and later),
+    /// one write per run instead of one per packet.
     pub fn spawn_coalescing(self, capacity: usize) -> (Link, JoinHandle<io::Result<()>>) {
         self.spawn_with(capacity, true)
     }
@@ -209,22 +212,26 @@ impl Tun {
                 usize::from(self.device.mtu().unwrap_or(1500)).max(1280) + FRAME_OVERHEAD
             }
         };
-        let (ours, theirs) = Link::framed_pair(capacity, framing);
+        let coalesce = coalesce && framing == Framing::Virtio;
+        let carried = if coalesce { Framing::Plain } else { framing };
+        let (ours, theirs) = Link::framed_pair(capacity, carried);
         let refused = Arc::clone(&self.refused);
-        let coalescer = (coalesce && framing == Framing::Virtio)
-            .then(|| tokio::sync::Mutex::new(Coalescer::default()));
         let device = Device {
             device: self.device,
-            coalescer,
+            coalescer: coalesce.then(|| tokio::sync::Mutex::new(Coalescer::default())),
         };
-        (theirs, pump::spawn(device, ours, largest, refused))
+        (
+            theirs,
+            pump::spawn(device, ours, largest, refused, coalesce),
+        )
     }
 }
 
 /// tun-rs's device as the pump sees it.
 struct Device {
     device: Arc<AsyncDevice>,
-    /// Present when writes are coalesced; one writer takes it for each batch.
+    /// Present when the link carries plain packets that are coalesced; one writer takes it
+    /// for each batch.
     coalescer: Option<tokio::sync::Mutex<Coalescer>>,
 }
 
@@ -232,54 +239,28 @@ struct Device {
 #[derive(Default)]
 struct Coalescer {
     table: GROTable,
-    /// The current run of plain frames, each copied into a buffer with room to grow into a
-    /// super-packet: tun-rs appends a flow's later packets to its first one.
+    /// The batch, each packet copied behind room for its virtio-net header into a buffer
+    /// that can grow into a super-packet: tun-rs appends a flow's later packets to its first.
     run: Vec<BytesMut>,
-    /// Buffers of runs written, for the next ones.
+    /// Buffers of batches written, for the next ones.
     spare: Vec<BytesMut>,
 }
 
 /// A run buffer's capacity: a 64 KB super-packet behind its header, and the room tun-rs asks
-/// for (twice the header) before it grows a buffer.
+/// for (twice the header) before it appends to a buffer.
 const RUN_BUFFER: usize = 2 * vnet::HEADER_LEN + u16::MAX as usize;
 
 impl Coalescer {
-    /// Copies a plain frame into the run.
-    fn push(&mut self, frame: &[u8]) {
+    /// Copies a plain packet into the run, behind room for its header.
+    fn push(&mut self, packet: &[u8]) {
         let mut buf = self
             .spare
             .pop()
             .unwrap_or_else(|| BytesMut::with_capacity(RUN_BUFFER));
         buf.clear();
-        buf.extend_from_slice(frame);
+        buf.resize(vnet::HEADER_LEN, 0);
+        buf.extend_from_slice(packet);
         self.run.push(buf);
-    }
-}
-
-impl Device {
-    /// Writes the run of plain frames, coalesced; emptying it.
-    async fn flush(&self, c: &mut Coalescer, refused: &AtomicU64) -> io::Result<()> {
-        if c.run.is_empty() {
-            return Ok(());
-        }
-        let result = self
-            .device
-            .send_multiple(&mut c.table, &mut c.run, vnet::HEADER_LEN)
-            .await;
-        let count = c.run.len();
-        c.spare.append(&mut c.run);
-        match result {
-            Ok(_) => Ok(()),
-            // tun-rs refused the run before writing (it checks each frame's length, which the
-            // run's frames pass): every frame of it is lost.
-            Err(error) if error.raw_os_error().is_none() => {
-                refused.fetch_add(count as u64, Ordering::Relaxed);
-                debug!(%error, count, "coalesced write refused; frames dropped");
-                Ok(())
-            }
-            // tun-rs writes every packet of the run and reports the last error.
-            Err(error) => pump::count_refused(error, 0, refused),
-        }
     }
 }
 
@@ -297,18 +278,36 @@ impl PacketIo for Device {
             return pump::send_each(self, batch, refused).await;
         };
         let mut c = coalescer.lock().await;
-        for frame in batch.drain(..) {
-            let plain = frame.len() > vnet::HEADER_LEN
-                && vnet::Header::parse(&frame) == Some(vnet::Header::PLAIN);
-            if plain {
-                c.push(&frame);
+        let c = &mut *c;
+        for packet in batch.drain(..) {
+            // tun-rs refuses a whole batch with an empty packet in it; the kernel refuses the
+            // packet alone.
+            if packet.is_empty() {
+                refused.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            self.flush(&mut c, refused).await?;
-            if let Err(error) = self.send(&frame).await {
-                pump::count_refused(error, frame.len(), refused)?;
-            }
+            c.push(&packet);
         }
-        self.flush(&mut c, refused).await
+        if c.run.is_empty() {
+            return Ok(());
+        }
+        let result = self
+            .device
+            .send_multiple(&mut c.table, &mut c.run, vnet::HEADER_LEN)
+            .await;
+        let count = c.run.len();
+        c.spare.append(&mut c.run);
+        match result {
+            Ok(_) => Ok(()),
+            // tun-rs refused the batch before writing (it checks each packet's length, which
+            // these pass): every packet of it is lost.
+            Err(error) if error.raw_os_error().is_none() => {
+                refused.fetch_add(count as u64, Ordering::Relaxed);
+                debug!(%error, count, "coalesced write refused; packets dropped");
+                Ok(())
+            }
+            // tun-rs writes every packet of the batch and reports the last error.
+            Err(error) => pump::count_refused(error, 0, refused),
+        }
     }
 }
