@@ -51,13 +51,19 @@ pub(crate) async fn serve(args: RelayServerArgs) -> Result<()> {
     let metrics = match args.metrics {
         Some(listen) => {
             let counters = server.counters();
+            let tun_refused = server.tun_refused_writes();
             let sampler: crate::metrics::Sampler = Arc::new(move || {
-                let samples = counters
+                let mut samples: Vec<_> = counters
                     .snapshot()
                     .fields()
                     .into_iter()
                     .map(|(name, value)| (format!("relay_{name}"), value, false))
                     .collect();
+                samples.push((
+                    "tun_refused_writes".to_owned(),
+                    tun_refused.load(std::sync::atomic::Ordering::Relaxed),
+                    false,
+                ));
                 Box::pin(async move { samples })
             });
             Some(crate::metrics::serve(listen, sampler).await?)
@@ -74,13 +80,16 @@ pub(crate) async fn serve(args: RelayServerArgs) -> Result<()> {
     if let Some(metrics) = metrics {
         metrics.abort();
     }
+    let tun_refused = server.tun_refused_writes();
     let counters = server.shutdown().await;
+    let tun_refused = tun_refused.load(std::sync::atomic::Ordering::Relaxed);
     if let Some(path) = &args.stats_file {
-        let fields: serde_json::Map<String, serde_json::Value> = counters
+        let mut fields: serde_json::Map<String, serde_json::Value> = counters
             .fields()
             .into_iter()
             .map(|(name, value)| (name.to_owned(), value.into()))
             .collect();
+        fields.insert("tun_refused_writes".to_owned(), tun_refused.into());
         crate::stats::write(path, &serde_json::Value::Object(fields).to_string());
     }
     match failed {

@@ -306,8 +306,9 @@ impl PacketIo for Device {
                 debug!(%error, count, "coalesced write refused; packets dropped");
                 Ok(())
             }
-            // tun-rs writes every packet of the batch and reports the last error.
-            Err(error) => pump::count_refused(error, 0, refused),
+            // tun-rs writes every packet of the batch and reports only the last error: counted
+            // once, though more may have failed.
+            Err(error) => pump::count_refused(error, count, refused),
         }
     }
 }

@@ -26,6 +26,8 @@ pub(crate) const GSO_NONE: u8 = 0;
 pub(crate) const GSO_TCPV4: u8 = 1;
 /// `gso_type`: an IPv6 TCP super-packet.
 pub(crate) const GSO_TCPV6: u8 = 4;
+/// `gso_type`: a UDP super-packet (IPv4 or IPv6; `UDP_SEGMENT`, USO).
+pub(crate) const GSO_UDP_L4: u8 = 5;
 /// `gso_type` bit: the TCP super-packet carries ECN CWR.
 pub(crate) const GSO_ECN: u8 = 0x80;
 
@@ -145,46 +147,85 @@ pub fn to_plain(frame: &Bytes, out: &mut Vec<Bytes>) -> Result<(), FrameError> {
     Ok(())
 }
 
+/// Offset of the checksum field in a UDP header.
+const UDP_CHECKSUM_OFFSET: u16 = 6;
+
 /// Finishes a partial checksum: the field holds the pseudo-header sum; the sum of everything
-/// from `start` replaces it.
+/// from `start` replaces it. A UDP checksum that comes out zero is sent as all ones (zero
+/// means "none" over IPv4 and is invalid over IPv6).
 fn finish_checksum(packet: &mut [u8], start: u16, offset: u16) -> Result<(), FrameError> {
-    let start = usize::from(start);
-    let at = start + usize::from(offset);
+    let at = usize::from(start) + usize::from(offset);
     if at + 2 > packet.len() {
         return Err(FrameError::Malformed);
     }
-    let sum = checksum::data(packet.get(start..).unwrap_or_default());
+    let sum = !checksum::data(packet.get(usize::from(start)..).unwrap_or_default());
+    let sum = if sum == 0 && offset == UDP_CHECKSUM_OFFSET {
+        0xffff
+    } else {
+        sum
+    };
     if let Some(field) = packet.get_mut(at..at + 2) {
-        field.copy_from_slice(&(!sum).to_be_bytes());
+        field.copy_from_slice(&sum.to_be_bytes());
     }
     Ok(())
 }
 
+/// The length of a super-packet's IP and transport headers, read from the packet: the
+/// header's own `hdr_len` is only a hint (for a forwarded packet Linux may put the whole
+/// first segment's length there, which would copy payload into every segment's headers), so
+/// it is `csum_start` (the IP headers) plus the UDP header or the TCP header's own length, as
+/// wireguard-go and tun-rs do.
+fn headers_len(header: Header, packet: &[u8]) -> Result<usize, FrameError> {
+    let start = usize::from(header.csum_start);
+    let transport = match header.gso_type & !GSO_ECN {
+        GSO_UDP_L4 => 8,
+        GSO_TCPV4 | GSO_TCPV6 => {
+            let offset = packet.get(start + 12).ok_or(FrameError::Malformed)?;
+            let len = usize::from(offset >> 4) * 4;
+            if !(20..=60).contains(&len) {
+                return Err(FrameError::Malformed);
+            }
+            len
+        }
+        _ => return Err(FrameError::Unsegmentable),
+    };
+    let len = start + transport;
+    if len > packet.len() {
+        return Err(FrameError::Malformed);
+    }
+    Ok(len)
+}
+
 #[cfg(target_os = "linux")]
 fn segment(header: Header, packet: &[u8], out: &mut Vec<Bytes>) -> Result<(), FrameError> {
+    if header.gso_size == 0 {
+        return Err(FrameError::Malformed);
+    }
+    let headers = headers_len(header, packet)?;
     let is_v6 = packet.first().map(|b| b >> 4) == Some(6);
     let hdr = tun_rs::VirtioNetHdr {
         flags: header.flags,
         gso_type: header.gso_type,
-        hdr_len: header.hdr_len,
+        hdr_len: u16::try_from(headers).map_err(|_| FrameError::Malformed)?,
         gso_size: header.gso_size,
         csum_start: header.csum_start,
         csum_offset: header.csum_offset,
     };
-    let segment_len = usize::from(header.hdr_len) + usize::from(header.gso_size);
-    if header.gso_size == 0 {
-        return Err(FrameError::Malformed);
-    }
-    let count = packet.len().div_ceil(usize::from(header.gso_size)).max(1);
-    let mut bufs = vec![vec![0u8; segment_len]; count];
+    let segment_len = headers + usize::from(header.gso_size);
+    let count = (packet.len() - headers)
+        .div_ceil(usize::from(header.gso_size))
+        .max(1);
+    // One buffer for every segment, each becoming a slice of it.
+    let mut segments = BytesMut::zeroed(segment_len * count);
+    let mut bufs: Vec<&mut [u8]> = segments.chunks_mut(segment_len).collect();
     let mut sizes = vec![0usize; count];
     let mut input = packet.to_vec();
     let n = tun_rs::gso_split(&mut input, hdr, &mut bufs, &mut sizes, 0, is_v6)
         .map_err(|_| FrameError::Unsegmentable)?;
-    for (buf, size) in bufs.into_iter().zip(sizes).take(n) {
-        let mut buf = buf;
-        buf.truncate(size);
-        out.push(Bytes::from(buf));
+    let segments = segments.freeze();
+    for (i, size) in sizes.into_iter().enumerate().take(n) {
+        let at = i * segment_len;
+        out.push(segments.slice(at..at + size.min(segment_len)));
     }
     Ok(())
 }
@@ -385,5 +426,110 @@ pub(crate) mod tests {
             to_plain(&Bytes::from_static(&[0; 4]), &mut out),
             Err(FrameError::Malformed)
         );
+    }
+
+    /// Segments a TCP super-packet framed with `hdr_len` as given: the payload must come out
+    /// whole and the checksums valid.
+    fn split_tcp(hdr_len: u16) {
+        let complete = tcp_v4(3000);
+        let mut partial = complete.clone();
+        let mut header = offload_tcp(&mut partial, Some(1460));
+        header.hdr_len = hdr_len;
+        let mut framed = header.to_bytes().to_vec();
+        framed.extend_from_slice(&partial);
+        let mut out = Vec::new();
+        to_plain(&Bytes::from(framed), &mut out).unwrap();
+        assert_eq!(out.len(), 3);
+        let mut payload = Vec::new();
+        for segment in &out {
+            let ip = Ipv4Packet::new_checked(&segment[..]).unwrap();
+            assert!(ip.verify_checksum());
+            let tcp = TcpPacket::new_checked(ip.payload()).unwrap();
+            assert!(tcp.verify_checksum(&ip.src_addr().into(), &ip.dst_addr().into()));
+            payload.extend_from_slice(tcp.payload());
+        }
+        assert_eq!(payload, complete[40..]);
+    }
+
+    #[test]
+    fn a_super_packets_headers_are_read_from_the_packet_not_the_hint() {
+        // Linux may put the whole first segment's length in `hdr_len` for a forwarded
+        // packet; trusted, it would copy payload into every segment's headers.
+        split_tcp(40 + 1460);
+        split_tcp(0);
+    }
+
+    /// An IPv4 UDP packet 10.0.0.1:53 -> 10.0.0.2:1234 carrying `payload`, its UDP checksum
+    /// field holding the pseudo-header sum (partial, as the kernel hands it over).
+    fn udp_v4_partial(payload: &[u8]) -> Vec<u8> {
+        let total = 20 + 8 + payload.len();
+        let mut p = vec![0u8; total];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+        p[8] = 64;
+        p[9] = 17;
+        p[12..16].copy_from_slice(&[10, 0, 0, 1]);
+        p[16..20].copy_from_slice(&[10, 0, 0, 2]);
+        p[20..22].copy_from_slice(&53u16.to_be_bytes());
+        p[22..24].copy_from_slice(&1234u16.to_be_bytes());
+        p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        p[28..].copy_from_slice(payload);
+        Ipv4Packet::new_unchecked(&mut p[..]).fill_checksum();
+        let pseudo = checksum::pseudo_header_v4(
+            &Ipv4Address::new(10, 0, 0, 1),
+            &Ipv4Address::new(10, 0, 0, 2),
+            IpProtocol::Udp,
+            (8 + payload.len()) as u32,
+        );
+        p[26..28].copy_from_slice(&pseudo.to_be_bytes());
+        p
+    }
+
+    fn udp_header(gso_size: u16) -> Header {
+        Header {
+            flags: F_NEEDS_CSUM,
+            gso_type: if gso_size == 0 { GSO_NONE } else { GSO_UDP_L4 },
+            hdr_len: 0,
+            gso_size,
+            csum_start: 20,
+            csum_offset: UDP_CHECKSUM_OFFSET,
+        }
+    }
+
+    #[test]
+    fn a_udp_super_packet_becomes_its_datagrams() {
+        let payload: Vec<u8> = (0..3000u32).map(|i| (i * 13) as u8).collect();
+        let mut framed = udp_header(1200).to_bytes().to_vec();
+        framed.extend_from_slice(&udp_v4_partial(&payload));
+        let mut out = Vec::new();
+        to_plain(&Bytes::from(framed), &mut out).unwrap();
+        let sizes: Vec<usize> = out.iter().map(|d| d.len() - 28).collect();
+        assert_eq!(sizes, [1200, 1200, 600]);
+        let mut joined = Vec::new();
+        for datagram in &out {
+            let ip = Ipv4Packet::new_checked(&datagram[..]).unwrap();
+            assert!(ip.verify_checksum());
+            let udp = smoltcp::wire::UdpPacket::new_checked(ip.payload()).unwrap();
+            assert!(udp.verify_checksum(&ip.src_addr().into(), &ip.dst_addr().into()));
+            joined.extend_from_slice(udp.payload());
+        }
+        assert_eq!(joined, payload);
+    }
+
+    #[test]
+    fn a_udp_checksum_that_sums_to_zero_is_sent_as_all_ones() {
+        // Two payload bytes chosen so that the full checksum comes out zero.
+        let mut payload = [0u8; 8];
+        let packet = udp_v4_partial(&payload);
+        let sum = checksum::data(&packet[20..]);
+        payload[6..8].copy_from_slice(&(0xffff - sum).to_be_bytes());
+        let mut framed = udp_header(0).to_bytes().to_vec();
+        framed.extend_from_slice(&udp_v4_partial(&payload));
+        let mut out = Vec::new();
+        to_plain(&Bytes::from(framed), &mut out).unwrap();
+        assert_eq!(out[0][26..28], [0xff, 0xff]);
+        let ip = Ipv4Packet::new_checked(&out[0][..]).unwrap();
+        let udp = smoltcp::wire::UdpPacket::new_checked(ip.payload()).unwrap();
+        assert!(udp.verify_checksum(&ip.src_addr().into(), &ip.dst_addr().into()));
     }
 }

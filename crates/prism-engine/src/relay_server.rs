@@ -5,6 +5,7 @@
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use prism_device::tun::{Layer, Tun, TunConfig};
 use prism_relay::{Counters, Server, ServerAuth, Snapshot};
@@ -19,6 +20,7 @@ const LINK_QUEUE: usize = 4096;
 #[derive(Debug)]
 pub struct RelayServer {
     counters: Arc<Counters>,
+    tun_refused: Arc<AtomicU64>,
     server: JoinHandle<()>,
     pump: Option<JoinHandle<io::Result<()>>>,
 }
@@ -51,9 +53,11 @@ impl RelayServer {
             .await
             .map_err(|source| Error::Listen { listen, source })?
             .with_prefixes(addresses.to_vec());
+        let tun_refused = device.refused_writes();
         let (link, pump) = device.spawn_coalescing(LINK_QUEUE);
         Ok(RelayServer {
             counters,
+            tun_refused,
             server: tokio::spawn(server.run(link)),
             pump: Some(pump),
         })
@@ -67,6 +71,13 @@ impl RelayServer {
     /// The live counters, readable from another task (a metrics endpoint).
     pub fn counters(&self) -> Arc<Counters> {
         Arc::clone(&self.counters)
+    }
+
+    /// Packets the TUN refused to take (or handed over in a frame that could not be made
+    /// plain), live and readable from another task; not among [`RelayServer::stats`], which
+    /// are the relay's own counters.
+    pub fn tun_refused_writes(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.tun_refused)
     }
 
     /// Resolves only if the TUN fails or closes.
