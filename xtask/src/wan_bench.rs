@@ -963,10 +963,7 @@ impl Bench {
         let grew: Vec<String> = after
             .iter()
             .filter_map(|(name, n)| {
-                let was = before
-                    .iter()
-                    .find(|(b, _)| b == name)
-                    .map_or(0, |(_, b)| *b);
+                let was = before.get(name).copied().unwrap_or(0);
                 (*n > was).then(|| format!("{name} {}", n - was))
             })
             .collect();
@@ -983,8 +980,8 @@ impl Bench {
 
     /// Where datagrams are dropped, on both sides: the kernel's UDP receive and send buffer
     /// overflows, and each interface's receive and transmit drops (a TUN's full queue).
-    fn drops(&self) -> Vec<(String, u64)> {
-        let mut found = Vec::new();
+    fn drops(&self) -> std::collections::BTreeMap<String, u64> {
+        let mut found = std::collections::BTreeMap::new();
         for (side, ns) in [("client", &self.client), ("far", &self.far)] {
             if let Ok(out) = ns.exec(&["nstat", "-az", "UdpRcvbufErrors", "UdpSndbufErrors"]) {
                 for line in out.lines() {
@@ -992,12 +989,12 @@ impl Bench {
                     if let (Some(name), Some(Ok(n))) =
                         (fields.next(), fields.next().map(str::parse))
                     {
-                        found.push((format!("{side} {name}"), n));
+                        found.insert(format!("{side} {name}"), n);
                     }
                 }
             }
             // Each UDP socket's own drops, by local port (the last column).
-            for table in ["/proc/net/udp", "/proc/net/udp6"] {
+            for (family, table) in [("UDP", "/proc/net/udp"), ("UDP6", "/proc/net/udp6")] {
                 let Ok(out) = ns.exec(&["cat", table]) else {
                     continue;
                 };
@@ -1007,8 +1004,13 @@ impl Bench {
                         .get(1)
                         .and_then(|a| a.rsplit(':').next())
                         .and_then(|p| u16::from_str_radix(p, 16).ok());
-                    if let (Some(port), Some(Ok(n))) = (port, fields.last().map(|d| d.parse())) {
-                        found.push((format!("{side} UDP port {port} socket"), n));
+                    if let (Some(port), Some(Ok(n))) =
+                        (port, fields.last().map(|d| d.parse::<u64>()))
+                    {
+                        // Sockets sharing a port (one per address) add up.
+                        *found
+                            .entry(format!("{side} {family} port {port} socket"))
+                            .or_insert(0) += n;
                     }
                 }
             }
@@ -1023,7 +1025,7 @@ impl Bench {
                     };
                     for (tag, what) in [("RX:", "rx dropped"), ("TX:", "tx dropped")] {
                         if let Some(n) = numbers(tag) {
-                            found.push((format!("{side} {name} {what}"), n));
+                            found.insert(format!("{side} {name} {what}"), n);
                         }
                     }
                 }

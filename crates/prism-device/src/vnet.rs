@@ -324,17 +324,24 @@ pub(crate) mod tests {
     use super::*;
     use smoltcp::wire::TcpPacket;
 
-    /// An IPv4 TCP packet 10.0.0.1:80 -> 10.0.0.2:1234 with `payload` bytes and both checksums
-    /// complete.
-    pub(crate) fn tcp_v4(payload: usize) -> Vec<u8> {
-        let total = 20 + 20 + payload;
+    /// An IPv4 packet 10.0.0.1 -> 10.0.0.2 of `protocol` with `len` zero bytes after its header
+    /// (the IP checksum left for the caller to fill).
+    fn ipv4(protocol: u8, len: usize) -> Vec<u8> {
+        let total = 20 + len;
         let mut p = vec![0u8; total];
         p[0] = 0x45;
         p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
         p[8] = 64;
-        p[9] = 6;
+        p[9] = protocol;
         p[12..16].copy_from_slice(&[10, 0, 0, 1]);
         p[16..20].copy_from_slice(&[10, 0, 0, 2]);
+        p
+    }
+
+    /// An IPv4 TCP packet 10.0.0.1:80 -> 10.0.0.2:1234 with `payload` bytes and both checksums
+    /// complete.
+    pub(crate) fn tcp_v4(payload: usize) -> Vec<u8> {
+        let mut p = ipv4(6, 20 + payload);
         p[20..22].copy_from_slice(&80u16.to_be_bytes());
         p[22..24].copy_from_slice(&1234u16.to_be_bytes());
         p[32] = 5 << 4;
@@ -462,14 +469,7 @@ pub(crate) mod tests {
     /// An IPv4 UDP packet 10.0.0.1:53 -> 10.0.0.2:1234 carrying `payload`, its UDP checksum
     /// field holding the pseudo-header sum (partial, as the kernel hands it over).
     fn udp_v4_partial(payload: &[u8]) -> Vec<u8> {
-        let total = 20 + 8 + payload.len();
-        let mut p = vec![0u8; total];
-        p[0] = 0x45;
-        p[2..4].copy_from_slice(&(total as u16).to_be_bytes());
-        p[8] = 64;
-        p[9] = 17;
-        p[12..16].copy_from_slice(&[10, 0, 0, 1]);
-        p[16..20].copy_from_slice(&[10, 0, 0, 2]);
+        let mut p = ipv4(17, 8 + payload.len());
         p[20..22].copy_from_slice(&53u16.to_be_bytes());
         p[22..24].copy_from_slice(&1234u16.to_be_bytes());
         p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());

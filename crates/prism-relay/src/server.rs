@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use ipnet::IpNet;
-use prism_device::{BATCH, Framing, Link, vnet};
+use prism_device::{BATCH, Framing, Link};
 use tokio::time::Instant;
 use tracing::info;
 
@@ -459,15 +459,20 @@ impl Server {
     /// Serves until the TUN's link closes. `tun` is the far end of the TUN adapter's link.
     /// Both ways go in batches: what one receive call brings from the clients, and what the
     /// TUN has queued (sealed into one buffer, sent in as few calls as the kernel allows).
+    ///
+    /// The link carries plain packets (`Tun::spawn_coalescing` gives one over an offloading
+    /// TUN, its pump splitting and coalescing); a link of virtio-net frames is refused.
     pub async fn run(mut self, tun: Link) {
-        let framing = tun.framing();
+        if tun.framing() != Framing::Plain {
+            tracing::error!("the relay server needs a link of plain packets; not serving");
+            return;
+        }
         let (mut from_tun, to_tun) = tun.split();
         let mut incoming = self.udp.incoming();
         let mut outgoing = Outgoing::default();
         let mut received = Vec::new();
         let mut to_clients = Vec::with_capacity(BATCH);
         let mut to_tun_packets = Vec::new();
-        let mut plain = Vec::new();
         let mut sweep = tokio::time::interval(SESSION_IDLE / 2);
         loop {
             tokio::select! {
@@ -477,7 +482,7 @@ impl Server {
                     }
                     for (datagram, from) in received.drain(..) {
                         match self.inbound(datagram, from) {
-                            Inbound::Packet(packet) => to_tun_packets.push(framing.frame(packet)),
+                            Inbound::Packet(packet) => to_tun_packets.push(packet),
                             Inbound::Ack(datagram, to) => {
                                 // A lost acknowledgement is repeated with the next hello.
                                 let _ = outgoing.push(to, |out| {
@@ -501,20 +506,8 @@ impl Server {
                     if n == 0 {
                         return;
                     }
-                    for frame in to_clients.drain(..) {
-                        match framing {
-                            Framing::Plain => plain.push(frame),
-                            // Partial checksums finished, super-packets segmented: clients
-                            // get ordinary packets.
-                            _ => {
-                                if vnet::to_plain(&frame, &mut plain).is_err() {
-                                    Counters::bump(&self.counters.drop_malformed);
-                                }
-                            }
-                        }
-                        for packet in plain.drain(..) {
-                            self.outbound(&packet, &mut outgoing);
-                        }
+                    for packet in to_clients.drain(..) {
+                        self.outbound(&packet, &mut outgoing);
                     }
                     let done = self.udp.send(&mut outgoing).await;
                     if let Some(error) = done.counted(&self.counters) {
