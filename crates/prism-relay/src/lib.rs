@@ -32,6 +32,8 @@ mod replay;
 mod server;
 mod split;
 mod splitter;
+#[cfg(any(test, fuzzing))]
+mod standin;
 mod tunnel;
 mod udp;
 #[cfg(test)]
