@@ -24,6 +24,8 @@ const DNS_ANSWER: &str = "10.1.2.3";
 const UDP_PORT: u16 = 7000;
 const UDP_BULK: usize = 64 * 1024 * 1024;
 const CHUNK: usize = 1200;
+/// The seed of the pattern the sink sends down.
+const DOWNLOAD_SEED: u64 = 78;
 const FORGED: usize = 20;
 
 /// The target namespace behind the relay server, with NAT towards it.
@@ -186,6 +188,11 @@ pub(crate) fn run(
         "relay v4",
         "64 MiB of UDP arrive with their SHA-256, written to the server's TUN coalesced",
         coalesced_bulk(topo, &sink),
+    );
+    report.record(
+        "relay v4",
+        "64 MiB of UDP come down with their SHA-256, written to the client's TUN coalesced",
+        coalesced_download(topo),
     );
     // From here until the restart below, this client sends full-size runs one by one: none
     // of the cases in between is a bulk transfer.
@@ -797,16 +804,43 @@ impl Bulk {
 
 /// The sink's protocol: `R` + chunk size (u16) + total (u32) starts over (answered `r`); `D` +
 /// sequence number (u32) + a chunk; `?` asks what is missing (`!` + up to 300 sequence
-/// numbers), or for the SHA-256 once complete (`=` + digest).
+/// numbers), or for the SHA-256 once complete (`=` + digest). The other way: `P`, a chunk size
+/// and a total ask for [`DOWNLOAD_SEED`]'s pattern, sent as `D` datagrams; `M` and sequence
+/// numbers ask for those again.
 async fn sink(socket: UdpSocket) -> Result<()> {
     let mut bulk = Bulk::new(CHUNK, UDP_BULK);
     let mut buf = vec![0u8; 2048];
+    let mut download = (CHUNK, Vec::new());
     loop {
         let (n, from) = socket.recv_from(&mut buf).await?;
         let Some((&kind, rest)) = buf[..n].split_first() else {
             continue;
         };
         match kind {
+            b'P' if rest.len() == 6 => {
+                let chunk = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
+                let total = u32::from_be_bytes([rest[2], rest[3], rest[4], rest[5]]) as usize;
+                if chunk == 0 || total > UDP_BULK {
+                    continue;
+                }
+                download = (chunk, pattern(DOWNLOAD_SEED, total));
+                let (chunk, data) = (download.0, &download.1);
+                for seq in 0..total.div_ceil(chunk) {
+                    socket.send_to(&numbered(data, chunk, seq), from).await?;
+                    if seq % 32 == 31 {
+                        tokio::time::sleep(Duration::from_micros(300)).await;
+                    }
+                }
+            }
+            b'M' => {
+                let (chunk, data) = (download.0, &download.1);
+                for seq in rest.chunks_exact(4) {
+                    let seq = u32::from_be_bytes([seq[0], seq[1], seq[2], seq[3]]) as usize;
+                    if seq < data.len().div_ceil(chunk) {
+                        socket.send_to(&numbered(data, chunk, seq), from).await?;
+                    }
+                }
+            }
             b'R' if rest.len() == 6 => {
                 let chunk = usize::from(u16::from_be_bytes([rest[0], rest[1]]));
                 let total = u32::from_be_bytes([rest[2], rest[3], rest[4], rest[5]]) as usize;
@@ -897,6 +931,114 @@ fn coalesced_bulk(topo: &Topology, sink: &UdpSink) -> Result<String> {
     ))
 }
 
+/// Chunk `seq` of `data` as a `D` datagram: the sequence number, then the bytes.
+fn numbered(data: &[u8], chunk: usize, seq: usize) -> Vec<u8> {
+    let mut d = Vec::with_capacity(chunk + 5);
+    d.push(b'D');
+    d.extend_from_slice(&(seq as u32).to_be_bytes());
+    d.extend_from_slice(&data[seq * chunk..((seq + 1) * chunk).min(data.len())]);
+    d
+}
+
+/// 64 MiB of UDP from the target down to the client through the relay, counting the client
+/// TUN's packets (what Prism writes to it): runs of the download's datagrams go in as one
+/// super-packet, so there are far fewer writes than datagrams (at most half; one write per
+/// datagram, as before, makes as many).
+fn coalesced_download(topo: &Topology) -> Result<String> {
+    let writes = || -> Result<u64> {
+        let path = format!("/sys/class/net/{}/statistics/rx_packets", topology::TUN);
+        let count = topo.client.exec(&["cat", &path])?;
+        count.trim().parse().context("the TUN's packet count")
+    };
+    let before = writes()?;
+    let received = udp_download(topo, CHUNK, UDP_BULK)?;
+    let written = writes()? - before;
+    let datagrams = UDP_BULK.div_ceil(CHUNK) as u64;
+    if !kernel_at_least(6, 2) {
+        return Ok(format!(
+            "{received}; UDP not coalesced on this kernel (before 6.2)"
+        ));
+    }
+    ensure!(
+        written * 2 <= datagrams,
+        "{written} TUN writes for {datagrams} datagrams: not coalesced"
+    );
+    Ok(format!(
+        "{received}; {written} TUN writes for {datagrams} datagrams"
+    ))
+}
+
+/// Asks the sink for `total` bytes in chunks of `chunk`, gathers them, asks again for what is
+/// missing until everything is there, and compares the SHA-256 with the pattern's.
+fn udp_download(topo: &Topology, chunk: usize, total: usize) -> Result<String> {
+    crate::e2e::in_netns(topo.client.name(), async move || {
+        let expected = Sha256::digest(pattern(DOWNLOAD_SEED, total));
+        let socket = UdpSocket::bind("0.0.0.0:0").await?;
+        socket
+            .connect(SocketAddr::new(IpAddr::V4(TARGET_V4.parse()?), UDP_PORT))
+            .await?;
+        let mut request = vec![b'P'];
+        request.extend_from_slice(&u16::try_from(chunk)?.to_be_bytes());
+        request.extend_from_slice(&u32::try_from(total)?.to_be_bytes());
+        let mut bulk = Bulk::new(chunk, total);
+        let mut buf = vec![0u8; 2048];
+        let (mut received, mut asked) = (0usize, 0usize);
+        let started = Instant::now();
+        for _round in 0..2000 {
+            if received == 0 {
+                socket.send(&request).await?;
+            }
+            // Gather until the sender has been quiet for a while.
+            while let Ok(n) =
+                tokio::time::timeout(Duration::from_millis(300), socket.recv(&mut buf)).await
+            {
+                let n = n?;
+                let Some((b'D', rest)) = buf[..n].split_first() else {
+                    continue;
+                };
+                let Some((seq, data)) = rest.split_first_chunk::<4>() else {
+                    continue;
+                };
+                let seq = u32::from_be_bytes(*seq) as usize;
+                if seq < bulk.have.len() && !bulk.have[seq] {
+                    let at = seq * chunk;
+                    let end = (at + data.len()).min(total);
+                    bulk.data[at..end].copy_from_slice(&data[..end - at]);
+                    bulk.have[seq] = true;
+                    received += 1;
+                }
+            }
+            let missing: Vec<u32> = (0..bulk.have.len())
+                .filter(|&i| !bulk.have[i])
+                .take(300)
+                .map(|i| i as u32)
+                .collect();
+            if missing.is_empty() {
+                ensure!(
+                    Sha256::digest(&bulk.data) == expected,
+                    "the download's SHA-256 differs"
+                );
+                // The quiet period at the end is not the transfer's.
+                let secs = (started.elapsed().as_secs_f64() - 0.3).max(0.001);
+                return Ok(format!(
+                    " ({:.0} Mbit/s, {asked} of {} datagrams asked again)",
+                    total as f64 * 8.0 / secs / 1e6,
+                    bulk.have.len()
+                ));
+            }
+            if received > 0 {
+                asked += missing.len();
+                let mut again = vec![b'M'];
+                for seq in missing {
+                    again.extend_from_slice(&seq.to_be_bytes());
+                }
+                socket.send(&again).await?;
+            }
+        }
+        bail!("the download never completed ({received} datagrams received)")
+    })
+}
+
 /// Whether the running kernel's version is at least `major.minor`.
 fn kernel_at_least(major: u32, minor: u32) -> bool {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -967,13 +1109,7 @@ fn udp_bulk(topo: &Topology, _sink: &UdpSink, chunk: usize, total: usize) -> Res
             }
         }
         ensure!(ready, "the sink never answered its start");
-        let send = |seq: usize| {
-            let mut d = Vec::with_capacity(chunk + 5);
-            d.push(b'D');
-            d.extend_from_slice(&(seq as u32).to_be_bytes());
-            d.extend_from_slice(&data[seq * chunk..((seq + 1) * chunk).min(total)]);
-            d
-        };
+        let send = |seq: usize| numbered(&data, chunk, seq);
         let started = Instant::now();
         for seq in 0..chunks {
             socket.send(&send(seq)).await?;

@@ -189,7 +189,10 @@ impl Tun {
 
     /// Starts pumping packets between the device and a new link, whose other end (carrying
     /// [`Tun::framing`]) is returned. The task ends with the device error that stopped it, or
-    /// `Ok` once that end is dropped.
+    /// `Ok` once that end is dropped. When the kernel granted offload, runs of complete UDP
+    /// packets on the link (what the relay brings back) are coalesced on their way to the
+    /// kernel as [`Tun::spawn_coalescing`] does; the stack's own frames are written as they
+    /// come, in order with the rest.
     pub fn spawn(self, capacity: usize) -> (Link, JoinHandle<io::Result<()>>) {
         self.spawn_with(capacity, false)
     }
@@ -204,7 +207,7 @@ impl Tun {
         self.spawn_with(capacity, true)
     }
 
-    fn spawn_with(self, capacity: usize, coalesce: bool) -> (Link, JoinHandle<io::Result<()>>) {
+    fn spawn_with(self, capacity: usize, plain: bool) -> (Link, JoinHandle<io::Result<()>>) {
         let framing = self.framing();
         let largest = match framing {
             Framing::Virtio => vnet::HEADER_LEN + usize::from(u16::MAX),
@@ -212,27 +215,29 @@ impl Tun {
                 usize::from(self.device.mtu().unwrap_or(1500)).max(1280) + FRAME_OVERHEAD
             }
         };
-        let coalesce = coalesce && framing == Framing::Virtio;
-        let carried = if coalesce { Framing::Plain } else { framing };
+        let offload = framing == Framing::Virtio;
+        let split = plain && offload;
+        let carried = if split { Framing::Plain } else { framing };
         let (ours, theirs) = Link::framed_pair(capacity, carried);
         let refused = Arc::clone(&self.refused);
         let device = Device {
             device: self.device,
-            coalescer: coalesce.then(|| tokio::sync::Mutex::new(Coalescer::default())),
+            coalescer: offload.then(|| tokio::sync::Mutex::new(Coalescer::default())),
+            framed: !split,
         };
-        (
-            theirs,
-            pump::spawn(device, ours, largest, refused, coalesce),
-        )
+        (theirs, pump::spawn(device, ours, largest, refused, split))
     }
 }
 
 /// tun-rs's device as the pump sees it.
 struct Device {
     device: Arc<AsyncDevice>,
-    /// Present when the link carries plain packets that are coalesced; one writer takes it
-    /// for each batch.
+    /// Present when the kernel granted offload, so writes can be coalesced; one writer takes
+    /// it for each batch.
     coalescer: Option<tokio::sync::Mutex<Coalescer>>,
+    /// The link carries virtio-net frames: only those of complete UDP packets are coalesced,
+    /// the rest written as they are. Otherwise it carries plain packets, all coalesced.
+    framed: bool,
 }
 
 /// What a coalescing writer keeps from batch to batch.
@@ -264,30 +269,9 @@ impl Coalescer {
     }
 }
 
-impl PacketIo for Device {
-    async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
-        self.device.recv(buf).await
-    }
-
-    async fn send(&self, packet: &[u8]) -> io::Result<usize> {
-        self.device.send(packet).await
-    }
-
-    async fn send_batch(&self, batch: &mut Vec<Bytes>, refused: &AtomicU64) -> io::Result<()> {
-        let Some(coalescer) = &self.coalescer else {
-            return pump::send_each(self, batch, refused).await;
-        };
-        let mut c = coalescer.lock().await;
-        let c = &mut *c;
-        for packet in batch.drain(..) {
-            // tun-rs refuses a whole batch with an empty packet in it; the kernel refuses the
-            // packet alone.
-            if packet.is_empty() {
-                refused.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            c.push(&packet);
-        }
+impl Device {
+    /// Writes the run gathered so far, coalesced, and empties it.
+    async fn flush(&self, c: &mut Coalescer, refused: &AtomicU64) -> io::Result<()> {
         if c.run.is_empty() {
             return Ok(());
         }
@@ -310,5 +294,46 @@ impl PacketIo for Device {
             // once, though more may have failed.
             Err(error) => pump::count_refused(error, count, refused),
         }
+    }
+}
+
+impl PacketIo for Device {
+    async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.device.recv(buf).await
+    }
+
+    async fn send(&self, packet: &[u8]) -> io::Result<usize> {
+        self.device.send(packet).await
+    }
+
+    async fn send_batch(&self, batch: &mut Vec<Bytes>, refused: &AtomicU64) -> io::Result<()> {
+        let Some(coalescer) = &self.coalescer else {
+            return pump::send_each(self, batch, refused).await;
+        };
+        let mut c = coalescer.lock().await;
+        let c = &mut *c;
+        for packet in batch.drain(..) {
+            if !self.framed {
+                // tun-rs refuses a whole batch with an empty packet in it; the kernel refuses
+                // the packet alone.
+                if packet.is_empty() {
+                    refused.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    c.push(&packet);
+                }
+                continue;
+            }
+            match vnet::plain_udp(&packet) {
+                Some(udp) => c.push(udp),
+                None => {
+                    // In order: what was gathered before this frame goes first.
+                    self.flush(c, refused).await?;
+                    if let Err(error) = self.device.send(&packet).await {
+                        pump::count_refused(error, packet.len(), refused)?;
+                    }
+                }
+            }
+        }
+        self.flush(c, refused).await
     }
 }

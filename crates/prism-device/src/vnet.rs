@@ -96,6 +96,25 @@ impl Header {
     }
 }
 
+/// The packet of a frame that carries a complete UDP packet (plain header, checksum done):
+/// what the relay hands a TUN link, and what may be coalesced on the way to the kernel. The
+/// stack's own frames (TCP, mostly with partial checksums or segmentation) give `None`.
+pub(crate) fn plain_udp(frame: &[u8]) -> Option<&[u8]> {
+    if Header::parse(frame)? != Header::PLAIN {
+        return None;
+    }
+    let packet = frame.get(HEADER_LEN..)?;
+    let protocol = match packet.first()? >> 4 {
+        4 => packet.get(9)?,
+        6 => packet.get(6)?,
+        _ => return None,
+    };
+    (*protocol == UDP).then_some(packet)
+}
+
+/// IP protocol number of UDP.
+const UDP: u8 = 17;
+
 /// Splits a frame into its header and its packet, sharing the bytes. `None` when the frame is
 /// shorter than a header.
 pub fn unframe(frame: &Bytes) -> Option<(Header, Bytes)> {
@@ -531,5 +550,21 @@ pub(crate) mod tests {
         let ip = Ipv4Packet::new_checked(&out[0][..]).unwrap();
         let udp = smoltcp::wire::UdpPacket::new_checked(ip.payload()).unwrap();
         assert!(udp.verify_checksum(&ip.src_addr().into(), &ip.dst_addr().into()));
+    }
+
+    #[test]
+    fn only_plain_udp_frames_are_offered_for_coalescing() {
+        let udp = udp_v4_partial(b"data");
+        assert_eq!(plain_udp(&frame(&udp)), Some(&udp[..]));
+        let mut v6 = vec![0x60, 0, 0, 0, 0, 8, 17, 64];
+        v6.extend_from_slice(&[0; 40]);
+        assert_eq!(plain_udp(&frame(&v6)), Some(&v6[..]));
+        // The stack's TCP, and a UDP super-packet or partial checksum, are written as they are.
+        assert_eq!(plain_udp(&frame(&tcp_v4(10))), None);
+        let mut partial = udp_header(0).to_bytes().to_vec();
+        partial.extend_from_slice(&udp);
+        assert_eq!(plain_udp(&partial), None);
+        assert_eq!(plain_udp(&frame(&[])), None);
+        assert_eq!(plain_udp(&[0; 4]), None);
     }
 }
