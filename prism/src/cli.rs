@@ -153,6 +153,12 @@ pub(crate) struct RunArgs {
     /// Mark upstream sockets (SO_MARK), for a policy-routing rule that bypasses the TUN.
     #[arg(long, value_name = "N", value_parser = parse_u32)]
     pub(crate) fwmark: Option<u32>,
+    /// With a socks5:// upstream: send the greeting, the credentials and the CONNECT request
+    /// in one write, and for a fast handshake the client's first bytes right after them, so a
+    /// new connection waits one round trip to the proxy instead of three. The proxy must keep
+    /// the bytes that follow the request (dante does).
+    #[arg(long)]
+    pub(crate) socks5_pipeline: bool,
     /// How SYNs are answered: `fast` (SYN-ACK at once) or `consistent` (SYN-ACK only once the
     /// upstream connected; RST or ICMP unreachable when it failed).
     #[arg(long, default_value_t = Handshake::Fast, value_name = "MODE")]
@@ -261,6 +267,7 @@ impl RunArgs {
         settings.bind_interface = self.bind_interface.clone();
         settings.fwmark = self.fwmark;
         settings.handshake = self.handshake;
+        settings.socks5_pipeline = self.socks5_pipeline;
         settings.handshake_port = self.handshake_ports.clone();
         settings.connect_timeout = self.connect_timeout;
         settings.max_pending = self.max_pending;

@@ -50,10 +50,16 @@ enum Upstream {
     TapDirect,
     /// TAP mode with 9000-byte jumbo frames, `direct`.
     TapJumbo,
+    /// dante with the SOCKS5 exchange pipelined (`--socks5-pipeline`), fast handshake.
+    DantePipelined,
+    /// dante behind the 150 ms link, pipelined, fast handshake.
+    SlowFastPipelined,
+    /// dante behind the 150 ms link, pipelined, consistent handshake.
+    SlowConsistentPipelined,
 }
 
 impl Upstream {
-    const ALL: [Upstream; 10] = [
+    const ALL: [Upstream; 13] = [
         Upstream::Dante,
         Upstream::Socks5Auth,
         Upstream::DirectMark,
@@ -64,6 +70,9 @@ impl Upstream {
         Upstream::TapDante,
         Upstream::TapDirect,
         Upstream::TapJumbo,
+        Upstream::DantePipelined,
+        Upstream::SlowFastPipelined,
+        Upstream::SlowConsistentPipelined,
     ];
 
     fn name(self) -> &'static str {
@@ -78,6 +87,9 @@ impl Upstream {
             Upstream::TapDante => "tap-socks5-dante",
             Upstream::TapDirect => "tap-direct",
             Upstream::TapJumbo => "tap-jumbo-9000",
+            Upstream::DantePipelined => "socks5-dante-pipelined",
+            Upstream::SlowFastPipelined => "fast-150ms-socks5-pipelined",
+            Upstream::SlowConsistentPipelined => "consistent-150ms-socks5-pipelined",
         }
     }
 
@@ -86,6 +98,14 @@ impl Upstream {
             Upstream::Dante | Upstream::TapDante => (
                 format!("socks5://{}:{}", topology::SERVER_V4, topology::DANTE_PORT),
                 vec![],
+            ),
+            Upstream::DantePipelined => (
+                format!("socks5://{}:{}", topology::SERVER_V4, topology::DANTE_PORT),
+                vec!["--socks5-pipeline".to_owned()],
+            ),
+            Upstream::SlowFastPipelined | Upstream::SlowConsistentPipelined => (
+                format!("socks5://{}:{}", topology::SERVER_V4, topology::DELAY_PORT),
+                vec!["--socks5-pipeline".to_owned()],
             ),
             Upstream::Socks5Auth => (
                 format!(
@@ -128,7 +148,9 @@ impl Upstream {
             ),
         };
         let mode = match self {
-            Upstream::SlowConsistent | Upstream::DirectConsistent => "consistent",
+            Upstream::SlowConsistent
+            | Upstream::DirectConsistent
+            | Upstream::SlowConsistentPipelined => "consistent",
             _ => "fast",
         };
         let extra = [extra, vec!["--handshake".to_owned(), mode.to_owned()]].concat();
@@ -164,12 +186,17 @@ impl Upstream {
                 Case::ResetByClient,
                 Case::ClosedPort,
             ],
-            Upstream::SlowFast => &[Case::FastConnectIsImmediate],
+            Upstream::SlowFast | Upstream::SlowFastPipelined => {
+                &[Case::FastConnectIsImmediate, Case::FirstAnswer]
+            }
             Upstream::SlowConsistent => &[
                 Case::ConsistentConnectWaits,
                 Case::ConsistentClosedPort,
                 Case::ConsistentUnreachable,
             ],
+            Upstream::SlowConsistentPipelined => {
+                &[Case::ConsistentConnectWaits, Case::ConsistentClosedPort]
+            }
             Upstream::DirectConsistent => &[
                 Case::ConsistentClosedPort,
                 Case::ConsistentUnreachable,
@@ -243,6 +270,7 @@ enum Case {
     Arping,
     GarbageFrames,
     PingProhibited,
+    FirstAnswer,
 }
 
 impl Case {
@@ -277,6 +305,7 @@ impl Case {
             Case::Arping => "arping gets the gateway's answer",
             Case::GarbageFrames => "garbage frames change nothing but drop counters",
             Case::PingProhibited => "without a relay, ping is told administratively prohibited",
+            Case::FirstAnswer => "the first answer takes one delayed reply pipelined, three not",
         }
     }
 }
@@ -701,6 +730,7 @@ async fn run_case(case: Case, ctx: &Ctx) -> Result<String> {
         Case::PortReuse => port_reuse(ctx).await,
         Case::FastConnectIsImmediate => connect_times(ctx, false).await,
         Case::ConsistentConnectWaits => connect_times(ctx, true).await,
+        Case::FirstAnswer => first_answer(ctx).await,
         Case::ConsistentClosedPort => consistent_closed_port(ctx).await,
         Case::ConsistentUnreachable => consistent_unreachable(ctx).await,
         Case::GatewayResolved | Case::Arping | Case::GarbageFrames | Case::PingProhibited => {
@@ -957,6 +987,39 @@ async fn connect_times(ctx: &Ctx, consistent: bool) -> Result<String> {
         );
     }
     Ok(format!(" (median {:.1} ms)", median.as_secs_f64() * 1e3))
+}
+
+/// Through the 150 ms link, from connect to the first byte echoed: dante's replies to the
+/// greeting and to the CONNECT, then the echo, each arrive 150 ms late, one after the other
+/// (at least 450 ms) unless the exchange is pipelined, when they come back together (under
+/// 300 ms).
+async fn first_answer(ctx: &Ctx) -> Result<String> {
+    let pipelined = matches!(ctx.upstream, Upstream::SlowFastPipelined);
+    let mut times = Vec::new();
+    for i in 0..5u64 {
+        let started = Instant::now();
+        let mut stream = TcpStream::connect(ctx.addr(servers::ECHO)).await?;
+        let message = pattern(i, 1000);
+        stream.write_all(&message).await?;
+        let mut first = [0u8; 1];
+        stream.read_exact(&mut first).await?;
+        times.push(started.elapsed());
+        ensure!(first[0] == message[0], "connection {i}: the echo differs");
+    }
+    times.sort();
+    let (min, max) = (times[0], times[4]);
+    if pipelined {
+        ensure!(
+            max < 2 * topology::DELAY,
+            "an answer took {max:?}: more than one delayed reply"
+        );
+    } else {
+        ensure!(
+            min >= 3 * topology::DELAY,
+            "an answer came after {min:?}, before three delayed replies could have"
+        );
+    }
+    Ok(format!(" (median {:.0} ms)", times[2].as_secs_f64() * 1e3))
 }
 
 async fn consistent_closed_port(ctx: &Ctx) -> Result<String> {

@@ -116,6 +116,7 @@ pub struct Builder {
     config: Config,
     handshake: Option<Arc<dyn HandshakePolicy>>,
     upstream: Upstream,
+    socks5_pipeline: bool,
     outside: Outside,
     connect_timeout: Duration,
     relay: Relay,
@@ -144,6 +145,7 @@ impl Builder {
             config: Config::default(),
             handshake: None,
             upstream: Upstream::Direct,
+            socks5_pipeline: false,
             outside: Outside::default(),
             connect_timeout: Duration::from_secs(10),
             relay: Relay::None,
@@ -191,6 +193,14 @@ impl Builder {
     /// Connections go through a SOCKS5 proxy.
     pub fn socks5(mut self, url: Socks5Url) -> Builder {
         self.upstream = Upstream::Socks5(url);
+        self
+    }
+
+    /// Pipelines the SOCKS5 exchange ([`Socks5::pipelined`]): one round trip to the proxy
+    /// instead of two, none for a fast handshake. The proxy must keep the bytes that follow
+    /// the request (dante does). Off by default.
+    pub fn socks5_pipeline(mut self, on: bool) -> Builder {
+        self.socks5_pipeline = on;
         self
     }
 
@@ -355,7 +365,9 @@ impl Builder {
             .outside(outside.clone());
         let connector: Arc<dyn Connector> = match self.upstream {
             Upstream::Direct => Arc::new(direct),
-            Upstream::Socks5(url) => Arc::new(Socks5::new(url, direct)),
+            Upstream::Socks5(url) => {
+                Arc::new(Socks5::new(url, direct).pipelined(self.socks5_pipeline))
+            }
             Upstream::Custom(connector) => connector,
         };
 

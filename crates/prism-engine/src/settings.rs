@@ -261,6 +261,9 @@ pub struct Settings {
     /// Where connections go.
     #[serde_as(as = "DisplayFromStr")]
     pub upstream: UpstreamUrl,
+    /// With a SOCKS5 upstream: pipeline its exchange (see `Socks5::pipelined`).
+    #[serde(default)]
+    pub socks5_pipeline: bool,
     /// The device's IP MTU.
     #[serde(default = "default_mtu")]
     pub mtu: u16,
@@ -345,6 +348,7 @@ impl Settings {
         Settings {
             address: Vec::new(),
             upstream,
+            socks5_pipeline: false,
             mtu: default_mtu(),
             bind_interface: None,
             fwmark: None,
@@ -391,6 +395,9 @@ impl Settings {
         }
         if !(4..=65536).contains(&self.tcp_buffer_kib) {
             return invalid("tcp_buffer_kib must be 4 to 65536".to_owned());
+        }
+        if self.socks5_pipeline && !matches!(self.upstream, UpstreamUrl::Socks5(_)) {
+            return invalid("socks5_pipeline needs a socks5:// upstream".to_owned());
         }
         if self.busy_poll_us > MAX_BUSY_POLL_US {
             return invalid(format!("busy_poll_us must be 0 to {MAX_BUSY_POLL_US}"));
@@ -499,7 +506,9 @@ impl Settings {
         }
         builder = match &self.upstream {
             UpstreamUrl::Direct => builder.direct(),
-            UpstreamUrl::Socks5(url) => builder.socks5(url.clone()),
+            UpstreamUrl::Socks5(url) => builder
+                .socks5(url.clone())
+                .socks5_pipeline(self.socks5_pipeline),
         };
         if let Some(resolver) = self.dns {
             builder = builder.dns(resolver.0);
@@ -672,6 +681,10 @@ mod tests {
             (
                 r#"{"address": [], "upstream": "direct"}"#,
                 "at least one address",
+            ),
+            (
+                r#"{"address": ["10.0.0.1/24"], "upstream": "direct", "socks5_pipeline": true}"#,
+                "needs a socks5:// upstream",
             ),
             (
                 r#"{"address": ["10.0.0.1/24"], "upstream": "direct", "tap": true}"#,

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::task::{Context, Poll, ready};
 
-use prism_stack::{Request, Requests};
+use prism_stack::{Handshake, Request, Requests};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
@@ -90,6 +90,14 @@ pub type Connecting<'a> =
 pub trait Connector: Send + Sync + 'static {
     /// Connects to `target`.
     fn connect<'a>(&'a self, target: &'a Target) -> Connecting<'a>;
+
+    /// Connects to `target` for a client that already has its SYN-ACK (the fast handshake):
+    /// the connector may hand the upstream over before the far end confirmed it, and report a
+    /// refusal as the first read's error instead (the client is then reset, as it would be
+    /// anyway). The default is [`Connector::connect`].
+    fn connect_early<'a>(&'a self, target: &'a Target) -> Connecting<'a> {
+        self.connect(target)
+    }
 }
 
 /// Connects every request with `connector` and relays its bytes, until the stack stops. A
@@ -162,8 +170,14 @@ async fn connect(
 ) -> Option<Relay> {
     let target = Target::Ip(request.destination());
     counters.connects.fetch_add(1, Ordering::Relaxed);
+    // Only a client that already has its SYN-ACK may get an upstream not yet confirmed.
+    let connecting = if request.handshake() == Handshake::Fast {
+        connector.connect_early(&target)
+    } else {
+        connector.connect(&target)
+    };
     let connected = tokio::select! {
-        connected = connector.connect(&target) => connected,
+        connected = connecting => connected,
         () = request.cancelled() => {
             // The stack gave up on the client (it reset, its handshake timed out, the stack stops):
             // dropping the connect closes its socket now rather than at its timeout.

@@ -16,6 +16,7 @@ mod connector;
 mod counters;
 mod direct;
 mod error;
+mod pipelined;
 mod relay;
 mod socks5;
 
