@@ -9,8 +9,8 @@
 //!
 //! The WAN link is `wan.rs` (one-way delay, random loss, an optional rate cap with a 50 ms
 //! drop-tail queue). Systems, each set up here: no VPN (the kernel routes the targets across
-//! the link), and Prism (TCP through dante on the far side, everything else through
-//! `prism relay-server` there). For every cell (20 ms each way; loss 0, 0.5% and 2%; uncapped
+//! the link), and Prism (TCP through dante on the far side with the SOCKS5 exchange pipelined,
+//! `--socks5-pipeline`, everything else through `prism relay-server` there). For every cell (20 ms each way; loss 0, 0.5% and 2%; uncapped
 //! and capped at 100 Mbit/s) it measures, in the client namespace:
 //! - one TCP flow up and down and 4 flows each way (iperf3, median of the runs);
 //! - round trips under load: ping and a 1-byte TCP request/response while 4 flows download
@@ -592,6 +592,7 @@ impl Bench {
                     TARGET_NET,
                     "--upstream",
                     &format!("socks5://{ADDR_B}:{DANTE_PORT}"),
+                    "--socks5-pipeline",
                     "--relay",
                     &format!("udp://{ADDR_B}:{RELAY_PORT}"),
                     "--relay-key-file",
