@@ -167,7 +167,8 @@ pub(crate) struct RunArgs {
     /// (repeatable), for example `--handshake-port 22=consistent`.
     #[arg(long = "handshake-port", value_name = "PORT=MODE", value_parser = parse::<PortHandshake>)]
     pub(crate) handshake_ports: Vec<PortHandshake>,
-    /// Seconds an upstream connect (including the SOCKS5 exchange) may take.
+    /// Seconds an upstream connect (including the SOCKS5 exchange; pipelined with the fast
+    /// handshake, its replies) may take.
     #[arg(long, default_value_t = 10, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..=300))]
     pub(crate) connect_timeout: u64,
     /// Most consistent handshakes waiting for their upstream; SYNs beyond it are answered

@@ -4,6 +4,11 @@
 //! until SIGINT or SIGTERM, then removes what it added and exits 0. Any setup error prints one
 //! line and exits 1. See `cli.rs` for the flags.
 
+// The relay's fuzz builds swap X25519 for a stand-in that publishes the private key: a
+// binary must never be built that way.
+#[cfg(fuzzing)]
+compile_error!("the prism binary cannot be built with --cfg fuzzing");
+
 mod cli;
 mod config;
 mod keys;

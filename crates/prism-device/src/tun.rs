@@ -220,9 +220,12 @@ impl Tun {
         let carried = if split { Framing::Plain } else { framing };
         let (ours, theirs) = Link::framed_pair(capacity, carried);
         let refused = Arc::clone(&self.refused);
+        // Beside the stack's frames only UDP is coalesced: without UDP segmentation on the
+        // TUN (before Linux 6.2) there is nothing to gain, only copies.
+        let coalesce = split || (offload && self.device.udp_gso());
         let device = Device {
             device: self.device,
-            coalescer: offload.then(|| tokio::sync::Mutex::new(Coalescer::default())),
+            coalescer: coalesce.then(|| tokio::sync::Mutex::new(Coalescer::default())),
             framed: !split,
         };
         (theirs, pump::spawn(device, ours, largest, refused, split))
@@ -232,8 +235,8 @@ impl Tun {
 /// tun-rs's device as the pump sees it.
 struct Device {
     device: Arc<AsyncDevice>,
-    /// Present when the kernel granted offload, so writes can be coalesced; one writer takes
-    /// it for each batch.
+    /// Present when writes are coalesced (the kernel granted offload, and UDP segmentation
+    /// for a link of frames); one writer takes it for each batch.
     coalescer: Option<tokio::sync::Mutex<Coalescer>>,
     /// The link carries virtio-net frames: only those of complete UDP packets are coalesced,
     /// the rest written as they are. Otherwise it carries plain packets, all coalesced.
@@ -247,8 +250,39 @@ struct Coalescer {
     /// The batch, each packet copied behind room for its virtio-net header into a buffer
     /// that can grow into a super-packet: tun-rs appends a flow's later packets to its first.
     run: Vec<BytesMut>,
-    /// Buffers of batches written, for the next ones.
+    /// Buffers of batches written, for the next ones (at most [`SPARE`]).
     spare: Vec<BytesMut>,
+    /// How the batch of frames being written is split.
+    plan: Vec<Write>,
+}
+
+/// Run buffers kept for the next batches: 1 MiB.
+const SPARE: usize = 16;
+
+/// How a batch of frames is written, in its order: runs of complete UDP packets coalesced,
+/// any other frame alone.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Write {
+    Coalesced(std::ops::Range<usize>),
+    Alone(usize),
+}
+
+/// Splits `batch` into its writes.
+fn plan(batch: &[Bytes], out: &mut Vec<Write>) {
+    out.clear();
+    for (i, frame) in batch.iter().enumerate() {
+        if vnet::plain_udp(frame).is_none() {
+            out.push(Write::Alone(i));
+        } else if let Some(Write::Coalesced(run)) = out.last_mut() {
+            if run.end == i {
+                run.end += 1;
+            } else {
+                out.push(Write::Coalesced(i..i + 1));
+            }
+        } else {
+            out.push(Write::Coalesced(i..i + 1));
+        }
+    }
 }
 
 /// A run buffer's capacity: a 64 KB super-packet behind its header, and the room tun-rs asks
@@ -280,7 +314,9 @@ impl Device {
             .send_multiple(&mut c.table, &mut c.run, vnet::HEADER_LEN)
             .await;
         let count = c.run.len();
-        c.spare.append(&mut c.run);
+        let keep = SPARE.saturating_sub(c.spare.len());
+        c.spare.extend(c.run.drain(..).take(keep));
+        c.run.clear();
         match result {
             Ok(_) => Ok(()),
             // tun-rs refused the batch before writing (it checks each packet's length, which
@@ -312,8 +348,8 @@ impl PacketIo for Device {
         };
         let mut c = coalescer.lock().await;
         let c = &mut *c;
-        for packet in batch.drain(..) {
-            if !self.framed {
+        if !self.framed {
+            for packet in batch.drain(..) {
                 // tun-rs refuses a whole batch with an empty packet in it; the kernel refuses
                 // the packet alone.
                 if packet.is_empty() {
@@ -321,19 +357,64 @@ impl PacketIo for Device {
                 } else {
                     c.push(&packet);
                 }
-                continue;
             }
-            match vnet::plain_udp(&packet) {
-                Some(udp) => c.push(udp),
-                None => {
-                    // In order: what was gathered before this frame goes first.
+            return self.flush(c, refused).await;
+        }
+        let mut writes = std::mem::take(&mut c.plan);
+        plan(batch, &mut writes);
+        for write in &writes {
+            match write {
+                Write::Coalesced(run) => {
+                    for frame in batch.get(run.clone()).unwrap_or_default() {
+                        c.push(vnet::plain_udp(frame).unwrap_or_default());
+                    }
                     self.flush(c, refused).await?;
-                    if let Err(error) = self.device.send(&packet).await {
-                        pump::count_refused(error, packet.len(), refused)?;
+                }
+                Write::Alone(i) => {
+                    let Some(frame) = batch.get(*i) else { continue };
+                    if let Err(error) = self.device.send(frame).await {
+                        pump::count_refused(error, frame.len(), refused)?;
                     }
                 }
             }
         }
-        self.flush(c, refused).await
+        c.plan = writes;
+        batch.clear();
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    #[test]
+    fn runs_of_udp_are_coalesced_and_everything_else_keeps_its_place() {
+        let udp = vnet::frame(&{
+            let mut p = vec![0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0];
+            p.extend_from_slice(&[10, 0, 0, 1, 10, 0, 0, 2]);
+            p.extend_from_slice(&[0, 53, 4, 210, 0, 8, 0, 0]);
+            p
+        });
+        let mut tcp = udp.to_vec();
+        tcp[vnet::HEADER_LEN + 9] = 6;
+        let tcp = Bytes::from(tcp);
+        let batch = [&udp, &udp, &tcp, &udp, &tcp, &tcp, &udp].map(Bytes::clone);
+        let mut writes = Vec::new();
+        plan(&batch, &mut writes);
+        assert_eq!(
+            writes,
+            [
+                Write::Coalesced(0..2),
+                Write::Alone(2),
+                Write::Coalesced(3..4),
+                Write::Alone(4),
+                Write::Alone(5),
+                Write::Coalesced(6..7),
+            ]
+        );
+        plan(&[], &mut writes);
+        assert!(writes.is_empty());
     }
 }

@@ -105,15 +105,12 @@ pub(crate) fn plain_udp(frame: &[u8]) -> Option<&[u8]> {
     }
     let packet = frame.get(HEADER_LEN..)?;
     let protocol = match packet.first()? >> 4 {
-        4 => packet.get(9)?,
-        6 => packet.get(6)?,
+        4 => Ipv4Packet::new_checked(packet).ok()?.next_header(),
+        6 => Ipv6Packet::new_checked(packet).ok()?.next_header(),
         _ => return None,
     };
-    (*protocol == UDP).then_some(packet)
+    (protocol == IpProtocol::Udp).then_some(packet)
 }
-
-/// IP protocol number of UDP.
-const UDP: u8 = 17;
 
 /// Splits a frame into its header and its packet, sharing the bytes. `None` when the frame is
 /// shorter than a header.

@@ -17,6 +17,11 @@
     reason = "a C ABI: extern functions over pointers and a descriptor the caller hands over"
 )]
 
+// The relay's fuzz builds swap X25519 for a stand-in that publishes the private key: the
+// library must never be built that way.
+#[cfg(fuzzing)]
+compile_error!("prism-ffi cannot be built with --cfg fuzzing");
+
 use std::cell::RefCell;
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
 use std::io;

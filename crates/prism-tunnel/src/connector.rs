@@ -106,14 +106,16 @@ pub trait Connector: Send + Sync + 'static {
 /// ended (their upstream sockets closed) before `serve` returns. Each connect and its outcome
 /// is counted in `counters`.
 pub async fn serve(mut requests: Requests, connector: Arc<dyn Connector>, counters: Arc<Counters>) {
-    let alerts = Arc::new(Alerts::default());
+    let reports = Arc::new(Reports {
+        alerts: Alerts::default(),
+        counters,
+    });
     let mut tasks = JoinSet::new();
     loop {
         tokio::select! {
             request = requests.next() => match request {
                 Some(request) => {
-                    let context = (Arc::clone(&alerts), Arc::clone(&counters));
-                    tasks.spawn(handle(request, Arc::clone(&connector), context));
+                    tasks.spawn(handle(request, Arc::clone(&connector), Arc::clone(&reports)));
                 }
                 None => break,
             },
@@ -123,38 +125,58 @@ pub async fn serve(mut requests: Requests, connector: Arc<dyn Connector>, counte
     tasks.shutdown().await;
 }
 
+/// Where connects are counted and failures warned about, shared by every connection.
+struct Reports {
+    alerts: Alerts,
+    counters: Arc<Counters>,
+}
+
 /// A connection's task: its connect (boxed, so that it is freed once connected instead of
 /// sizing a task that lives as long as the connection), then its relay.
-enum Handle {
+struct Handle {
+    state: State,
+    reports: Arc<Reports>,
+}
+
+enum State {
     Connecting(Pin<Box<dyn Future<Output = Option<Relay>> + Send>>),
     Relaying(Relay),
     Done,
 }
 
-fn handle(
-    request: Request,
-    connector: Arc<dyn Connector>,
-    (alerts, counters): (Arc<Alerts>, Arc<Counters>),
-) -> Handle {
-    Handle::Connecting(Box::pin(connect(request, connector, alerts, counters)))
+fn handle(request: Request, connector: Arc<dyn Connector>, reports: Arc<Reports>) -> Handle {
+    let connecting = Box::pin(connect(request, connector, Arc::clone(&reports)));
+    Handle {
+        state: State::Connecting(connecting),
+        reports,
+    }
 }
 
 impl Future for Handle {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let Handle { state, reports } = &mut *self;
         loop {
-            match &mut *self {
-                Handle::Connecting(connecting) => match ready!(connecting.as_mut().poll(cx)) {
-                    Some(relay) => *self = Handle::Relaying(relay),
-                    None => *self = Handle::Done,
+            match state {
+                State::Connecting(connecting) => match ready!(connecting.as_mut().poll(cx)) {
+                    Some(relay) => *state = State::Relaying(relay),
+                    None => *state = State::Done,
                 },
-                Handle::Relaying(relay) => {
-                    // An error is logged by the relay, which knows the connection.
-                    let _ = ready!(Pin::new(relay).poll(cx));
-                    *self = Handle::Done;
+                State::Relaying(relay) => {
+                    // An error is logged by the relay, which knows the connection; a connect
+                    // handed over early and refused later is counted and warned about here.
+                    if let Err(error) = ready!(Pin::new(relay).poll(cx))
+                        && let Some(late) = error
+                            .get_ref()
+                            .and_then(|e| e.downcast_ref::<ConnectError>())
+                    {
+                        reports.counters.count_late(late);
+                        reports.alerts.connect_failed(late);
+                    }
+                    *state = State::Done;
                 }
-                Handle::Done => return Poll::Ready(()),
+                State::Done => return Poll::Ready(()),
             }
         }
     }
@@ -165,9 +187,9 @@ impl Future for Handle {
 async fn connect(
     request: Request,
     connector: Arc<dyn Connector>,
-    alerts: Arc<Alerts>,
-    counters: Arc<Counters>,
+    reports: Arc<Reports>,
 ) -> Option<Relay> {
+    let Reports { alerts, counters } = &*reports;
     let target = Target::Ip(request.destination());
     counters.connects.fetch_add(1, Ordering::Relaxed);
     // Only a client that already has its SYN-ACK may get an upstream not yet confirmed.

@@ -30,6 +30,14 @@ prism_device::counters! {
 }
 
 impl Counters {
+    /// Counts the failure of a connect handed over before it was confirmed
+    /// ([`Connector::connect_early`](crate::Connector::connect_early)), which the relay found.
+    pub(crate) fn count_late(&self, error: &ConnectError) {
+        // Counted as made when the connector handed it over early; it was not.
+        self.connected.fetch_sub(1, Ordering::Relaxed);
+        self.count(Err(error));
+    }
+
     /// Counts a connect's outcome.
     pub(crate) fn count(&self, outcome: Result<(), &ConnectError>) {
         let counter = match outcome {

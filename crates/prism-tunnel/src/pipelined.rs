@@ -16,6 +16,7 @@ use std::task::{Context, Poll, ready};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::{Duration, Sleep};
 
 use crate::{ConnectError, Target, Upstream};
 
@@ -88,7 +89,7 @@ pub(crate) fn replies(b: &[u8], auth: bool) -> Result<Replies, ReplyError> {
         return need(2);
     };
     if version != 5 {
-        return Err(ReplyError::Proxy("not a SOCKS5 reply"));
+        return Err(proxy("not a SOCKS5 reply"));
     }
     let mut at = 2;
     match (method, auth) {
@@ -98,18 +99,18 @@ pub(crate) fn replies(b: &[u8], auth: bool) -> Result<Replies, ReplyError> {
                 return need(4);
             };
             if v != 1 || status != 0 {
-                return Err(ReplyError::Proxy("authentication failed"));
+                return Err(proxy("authentication failed"));
             }
             at = 4;
         }
-        (0xff, _) => return Err(ReplyError::Proxy("no acceptable authentication method")),
-        _ => return Err(ReplyError::Proxy("chose a method that was not offered")),
+        (0xff, _) => return Err(proxy("no acceptable authentication method")),
+        _ => return Err(proxy("chose a method that was not offered")),
     }
     let Some(&[version, code, _, kind]) = b.get(at..at + 4) else {
         return need(at + 4);
     };
     if version != 5 {
-        return Err(ReplyError::Proxy("not a SOCKS5 reply"));
+        return Err(proxy("not a SOCKS5 reply"));
     }
     match code {
         0 => {}
@@ -118,7 +119,7 @@ pub(crate) fn replies(b: &[u8], auth: bool) -> Result<Replies, ReplyError> {
         4 => return Err(ReplyError::Connect(ConnectError::HostUnreachable)),
         5 => return Err(ReplyError::Connect(ConnectError::Refused)),
         6 => return Err(ReplyError::Connect(ConnectError::TtlExpired)),
-        _ => return Err(ReplyError::Proxy("the CONNECT failed")),
+        _ => return Err(proxy("the CONNECT failed")),
     }
     let address = match kind {
         1 => 4,
@@ -127,7 +128,7 @@ pub(crate) fn replies(b: &[u8], auth: bool) -> Result<Replies, ReplyError> {
             Some(&len) => 1 + usize::from(len),
             None => return need(at + 5),
         },
-        _ => return Err(ReplyError::Proxy("an unknown address type in the reply")),
+        _ => return Err(proxy("an unknown address type in the reply")),
     };
     let total = at + 4 + address + 2;
     if b.len() < total {
@@ -142,7 +143,24 @@ pub(crate) enum ReplyError {
     /// The proxy refused the CONNECT with a code the client hears as such.
     Connect(ConnectError),
     /// The proxy failed otherwise.
-    Proxy(&'static str),
+    Proxy(String),
+}
+
+impl ReplyError {
+    /// As a connect error, naming `proxy` when it is the proxy's fault.
+    pub(crate) fn into_connect_error(self, proxy: &str) -> ConnectError {
+        match self {
+            ReplyError::Connect(error) => error,
+            ReplyError::Proxy(reason) => ConnectError::Proxy {
+                proxy: proxy.to_owned(),
+                reason,
+            },
+        }
+    }
+}
+
+fn proxy(reason: &str) -> ReplyError {
+    ReplyError::Proxy(reason.to_owned())
 }
 
 /// Reads the replies to [`hello`] whole, no further: what follows is the target's.
@@ -156,65 +174,86 @@ pub(crate) async fn read_replies(stream: &mut TcpStream, auth: bool) -> Result<(
         };
         let want = chunk.get_mut(..total - got.len()).unwrap_or_default();
         match stream.read(want).await {
-            Ok(0) => return Err(ReplyError::Proxy("closed the connection before its reply")),
+            Ok(0) => return Err(proxy("closed the connection before its reply")),
             Ok(n) => got.extend_from_slice(want.get(..n).unwrap_or_default()),
-            Err(_) => return Err(ReplyError::Proxy("failed while replying")),
+            Err(_) => return Err(proxy("failed while replying")),
         }
     }
 }
 
 /// A connection to the proxy whose [`hello`] is sent and whose replies are still to come:
 /// writes go straight through (the client's first bytes follow the request), and the first
-/// read takes the replies off first. A refusal in them fails that read, which resets the
-/// client.
+/// read takes the replies off first. A refusal in them, or no replies within the connect
+/// timeout, fails that read with the [`ConnectError`] inside the `io::Error`, which resets the
+/// client and is counted as the connect's outcome (`serve`).
 #[derive(Debug)]
 pub(crate) struct Pipelined {
     stream: TcpStream,
+    /// What waits for the replies; gone once they were complete.
+    pending: Option<Box<Pending>>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    got: Vec<u8>,
     auth: bool,
-    /// The replies so far; `None` once they were complete.
-    replies: Option<Vec<u8>>,
+    deadline: Pin<Box<Sleep>>,
+    /// The proxy's address, for errors.
+    proxy: String,
 }
 
 impl Pipelined {
-    pub(crate) fn new(stream: TcpStream, auth: bool) -> Self {
+    /// `stream` after [`hello`] was written; the replies are due within `timeout`.
+    pub(crate) fn new(stream: TcpStream, auth: bool, timeout: Duration, proxy: String) -> Self {
         Self {
             stream,
-            auth,
-            replies: Some(Vec::with_capacity(32)),
+            pending: Some(Box::new(Pending {
+                got: Vec::with_capacity(32),
+                auth,
+                deadline: Box::pin(tokio::time::sleep(timeout)),
+                proxy,
+            })),
         }
     }
 
     /// Reads the replies until they are complete.
     fn poll_replies(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while let Some(got) = &mut self.replies {
-            let total = match replies(got, self.auth) {
+        while let Some(p) = &mut self.pending {
+            let failed = |error: ConnectError| {
+                let kind = match error {
+                    ConnectError::Refused => io::ErrorKind::ConnectionRefused,
+                    ConnectError::TimedOut => io::ErrorKind::TimedOut,
+                    _ => io::ErrorKind::Other,
+                };
+                Poll::Ready(Err(io::Error::new(kind, error)))
+            };
+            let total = match replies(&p.got, p.auth) {
                 Ok(Replies::Done) => {
-                    self.replies = None;
+                    self.pending = None;
                     break;
                 }
                 Ok(Replies::Need(total)) => total,
-                Err(ReplyError::Connect(error)) => {
-                    let kind = match error {
-                        ConnectError::Refused => io::ErrorKind::ConnectionRefused,
-                        _ => io::ErrorKind::Other,
-                    };
-                    return Poll::Ready(Err(io::Error::new(kind, error)));
-                }
-                Err(ReplyError::Proxy(reason)) => {
-                    return Poll::Ready(Err(io::Error::other(format!("SOCKS5 proxy: {reason}"))));
-                }
+                Err(error) => return failed(error.into_connect_error(&p.proxy)),
             };
-            let mut chunk = [0u8; 262];
-            let want = chunk.get_mut(..total - got.len()).unwrap_or_default();
-            let mut buf = ReadBuf::new(want);
-            ready!(Pin::new(&mut self.stream).poll_read(cx, &mut buf))?;
-            if buf.filled().is_empty() {
-                return Poll::Ready(Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "SOCKS5 proxy: closed the connection before its reply",
-                )));
+            if p.deadline.as_mut().poll(cx).is_ready() {
+                return failed(ConnectError::TimedOut);
             }
-            got.extend_from_slice(buf.filled());
+            let mut chunk = [0u8; 262];
+            let want = chunk.get_mut(..total - p.got.len()).unwrap_or_default();
+            let mut buf = ReadBuf::new(want);
+            match ready!(Pin::new(&mut self.stream).poll_read(cx, &mut buf)) {
+                Ok(()) if buf.filled().is_empty() => {
+                    return failed(
+                        proxy("closed the connection before its reply")
+                            .into_connect_error(&p.proxy),
+                    );
+                }
+                Ok(()) => p.got.extend_from_slice(buf.filled()),
+                Err(error) => {
+                    let reason = format!("failed while replying: {error}");
+                    return failed(ReplyError::Proxy(reason).into_connect_error(&p.proxy));
+                }
+            }
         }
         Poll::Ready(Ok(()))
     }
@@ -256,6 +295,10 @@ impl Upstream for Pipelined {
     }
 
     fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // While the replies are due, the read itself waits for them or for the deadline.
+        if self.pending.is_some() {
+            return Poll::Ready(Ok(()));
+        }
         self.stream.poll_read_ready(cx)
     }
 }
@@ -289,9 +332,10 @@ mod tests {
     fn replies_are_read_exactly_and_refusals_keep_their_meaning() {
         let ok = [5, 0, 5, 0, 0, 1, 10, 0, 0, 1, 0, 80];
         for n in 0..ok.len() {
+            let asked = replies(&ok[..n], false);
             assert!(
-                matches!(replies(&ok[..n], false), Ok(Replies::Need(total)) if total > n),
-                "{n} bytes"
+                matches!(asked, Ok(Replies::Need(total)) if total > n && total <= ok.len()),
+                "{n} bytes: {asked:?}"
             );
         }
         assert_eq!(replies(&ok, false).unwrap(), Replies::Done);

@@ -7,7 +7,7 @@ use std::str::FromStr;
 use tokio::net::TcpStream;
 use tokio_socks::tcp::Socks5Stream;
 
-use crate::pipelined::{self, Pipelined, ReplyError};
+use crate::pipelined::{self, Pipelined};
 use crate::{ConnectError, Connecting, Connector, Direct, Target, Upstream};
 
 /// A parsed `socks5://[user:pass@]HOST:PORT`.
@@ -191,17 +191,24 @@ impl Socks5 {
             .as_ref()
             .map(|(u, p)| (u.as_str(), p.as_str()));
         let hello = pipelined::hello(target, auth).map_err(|e| self.proxy_error(e))?;
+        let started = tokio::time::Instant::now();
         let mut proxy = self.reach().await?;
         proxy.set_nodelay(true)?;
         proxy.write_all(&hello).await?;
         if !wait {
-            return Ok(Box::new(Pipelined::new(proxy, auth.is_some())));
+            // The replies are due within what is left of the connect timeout; reaching the
+            // proxy took some of it.
+            let left = self
+                .direct
+                .connect_timeout()
+                .saturating_sub(started.elapsed());
+            let pipelined = Pipelined::new(proxy, auth.is_some(), left, self.url.proxy());
+            return Ok(Box::new(pipelined));
         }
-        match pipelined::read_replies(&mut proxy, auth.is_some()).await {
-            Ok(()) => Ok(Box::new(proxy)),
-            Err(ReplyError::Connect(error)) => Err(error),
-            Err(ReplyError::Proxy(reason)) => Err(self.proxy_error(reason)),
-        }
+        pipelined::read_replies(&mut proxy, auth.is_some())
+            .await
+            .map_err(|e| e.into_connect_error(&self.url.proxy()))?;
+        Ok(Box::new(proxy))
     }
 
     async fn exchange(&self, target: &Target) -> Result<TcpStream, ConnectError> {
@@ -359,15 +366,32 @@ mod tests {
         up.read_exact(&mut echo).await.unwrap();
         assert_eq!(&echo, b"ping");
 
-        // Early: handed over though the proxy answers only after the connect timeout; the
-        // data written at once comes back behind the replies, which are taken off.
+        // Early: handed over before the proxy answers; the data written at once comes back
+        // behind the replies, which are taken off.
         let (tx, _rx) = tokio::sync::oneshot::channel();
-        let socks = echoing(0, Duration::from_millis(600), tx).await;
+        let socks = echoing(0, Duration::from_millis(100), tx).await;
+        let started = std::time::Instant::now();
         let mut up = socks.connect_early(&target()).await.unwrap();
+        assert!(
+            started.elapsed() < Duration::from_millis(100),
+            "waited for the replies"
+        );
         up.write_all(b"early").await.unwrap();
         let mut echo = [0u8; 5];
         up.read_exact(&mut echo).await.unwrap();
         assert_eq!(&echo, b"early");
+
+        // Early, and the replies do not come within the connect timeout: the read fails with
+        // the timeout, the connect error inside.
+        let (tx, _rx) = tokio::sync::oneshot::channel();
+        let socks = echoing(0, Duration::from_secs(5), tx).await;
+        let mut up = socks.connect_early(&target()).await.unwrap();
+        let error = up.read(&mut [0u8; 8]).await.unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut, "{error}");
+        let inner = error
+            .get_ref()
+            .and_then(|e| e.downcast_ref::<ConnectError>());
+        assert!(matches!(inner, Some(ConnectError::TimedOut)), "{error:?}");
 
         // Early and refused: the first read fails with the refusal.
         let (tx, _rx) = tokio::sync::oneshot::channel();
