@@ -10,8 +10,9 @@
 //! The WAN link is `wan.rs` (one-way delay, random loss, an optional rate cap with a 50 ms
 //! drop-tail queue). Systems, each set up here: no VPN (the kernel routes the targets across
 //! the link), and Prism (TCP through dante on the far side with the SOCKS5 exchange pipelined,
-//! `--socks5-pipeline`, everything else through `prism relay-server` there). For every cell (20 ms each way; loss 0, 0.5% and 2%; uncapped
-//! and capped at 100 Mbit/s) it measures, in the client namespace:
+//! `--socks5-pipeline`, everything else through `prism relay-server` there). For every cell
+//! (20 ms each way; loss 0, 0.5% and 2%; uncapped and capped at 100 Mbit/s) it measures, in
+//! the client namespace:
 //! - one TCP flow up and down and 4 flows each way (iperf3, median of the runs);
 //! - round trips under load: ping and a 1-byte TCP request/response while 4 flows download
 //!   (p50, p99);
@@ -109,6 +110,8 @@ fn attempt<T>(
 pub(crate) struct RelayFigures {
     system: String,
     udp_max_mbit: Option<f64>,
+    /// The same from the far side down to the client.
+    udp_down_max_mbit: Option<f64>,
     rr_p50_us: Option<f64>,
     rr_p99_us: Option<f64>,
     rr_per_second: Option<f64>,
@@ -120,8 +123,8 @@ pub(crate) struct RelayFigures {
 /// UDP through Prism's relay and through wireguard-go, each between the same two namespaces
 /// joined by a veth pair (no WAN link, no shaping), with no VPN beside them. For each: the
 /// highest UDP rate losing under 1% (`udp_load`, 1,200-byte datagrams, by bisection up to
-/// 20 Gbit/s), 4-byte UDP request/response for 5 s (round trip p50 and p99, transactions a
-/// second), and ping at idle. Writes `docs/bench/relay.{json,md}`. `PRISM_BENCH_BINARY`
+/// 20 Gbit/s) from the client to the far side and back down, 4-byte UDP request/response for
+/// 5 s (round trip p50 and p99, transactions a second), and ping at idle. Writes `docs/bench/relay.{json,md}`. `PRISM_BENCH_BINARY`
 /// measures that `prism` binary instead of building this tree's.
 pub(crate) fn relay_local() -> Result<()> {
     ensure!(crate::tools::is_root(), "bench --relay needs root");
@@ -157,7 +160,14 @@ pub(crate) fn relay_local() -> Result<()> {
             system: system.name().to_owned(),
             ..RelayFigures::default()
         };
-        f.udp_max_mbit = attempt(&mut f.failures, "UDP", || bench.udp_max(0.0, 20_000.0));
+        f.udp_max_mbit = attempt(&mut f.failures, "UDP", || {
+            bench.udp_max(0.0, 20_000.0, Way::Up)
+        });
+        if let Some(client) = system.client_address() {
+            f.udp_down_max_mbit = attempt(&mut f.failures, "UDP down", || {
+                bench.udp_max(0.0, 20_000.0, Way::Down(client))
+            });
+        }
         if let Some((p50, p99, rate)) =
             attempt(&mut f.failures, "UDP request/response", || bench.udp_rr())
         {
@@ -287,14 +297,16 @@ fn relay_table(results: &[RelayFigures]) -> String {
          fast sender (QUIC) sends it: batches of 1,200-byte datagrams, one `sendmsg` each with \
          UDP GSO (`xtask/src/udp_load.rs`; iperf3 3.12, one datagram per call, measured itself \
          at about 700 Mbit/s here).\n\n\
-         | system | UDP, highest rate under 1% loss (Mbit/s) | UDP request/response p50 / p99 \
-         (µs) | transactions/s | ping at idle (ms) |\n|---|---|---|---|---|\n",
+         | system | UDP up, highest rate under 1% loss (Mbit/s) | UDP down (Mbit/s) | UDP \
+         request/response p50 / p99 (µs) | transactions/s | ping at idle (ms) |\n\
+         |---|---|---|---|---|---|\n",
     );
     for f in results {
         md.push_str(&format!(
-            "| {} | {} | {} / {} | {} | {} |\n",
+            "| {} | {} | {} | {} / {} | {} | {} |\n",
             f.system,
             cell(f.udp_max_mbit, 0),
+            cell(f.udp_down_max_mbit, 0),
             cell(f.rr_p50_us, 0),
             cell(f.rr_p99_us, 0),
             cell(f.rr_per_second, 0),
@@ -323,6 +335,14 @@ fn list(name: &str, default: &str) -> Vec<String> {
         .collect()
 }
 
+/// Which way a UDP test goes: from the client to the far side's target, or from the far
+/// side down to the client's address in the system under test.
+#[derive(Debug, Clone, Copy)]
+enum Way {
+    Up,
+    Down(IpAddr),
+}
+
 /// The systems under test.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum System {
@@ -341,6 +361,17 @@ impl System {
         System::WireGuardGo,
         System::Prism,
     ];
+
+    /// The client's own address in this system, which the far side sends to (`None`: not
+    /// measured that way).
+    fn client_address(self) -> Option<IpAddr> {
+        match self {
+            System::None => Some(ADDR_A.into()),
+            System::WireGuardGo => Some(Ipv4Addr::new(10, 9, 0, 2).into()),
+            System::Prism => Some(Ipv4Addr::new(10, 99, 0, 1).into()),
+            System::OpenVpnTcp | System::OpenVpnUdp => None,
+        }
+    }
 
     fn key(self) -> &'static str {
         match self {
@@ -811,7 +842,7 @@ impl Bench {
         }
         cell.page_load_s = cell.attempt("page load", || self.page_load(PAGE_OBJECTS));
         let loss = cell.loss_percent;
-        cell.udp_max_mbit = cell.attempt("UDP", || self.udp_max(loss, 2000.0));
+        cell.udp_max_mbit = cell.attempt("UDP", || self.udp_max(loss, 2000.0, Way::Up));
         cell.ping_idle_ms = cell
             .attempt("idle ping", || self.ping(20, "0.1"))
             .map(|rtts| percentile(&rtts, 50));
@@ -933,15 +964,21 @@ impl Bench {
         })
     }
 
-    /// The highest UDP rate (Mbit/s, at most `highest`) that gets across losing under 1%
+    /// The highest UDP rate (Mbit/s, at most `highest`) that gets across `way` losing under 1%
     /// beyond what the link itself drops (`link_loss`, percent), by bisection.
-    fn udp_max(&self, link_loss: f64, highest: f64) -> Result<f64> {
-        let sink = udp_load::Sink::start(&self.far, SocketAddr::new(TARGET, UDP_LOAD_PORT))?;
+    fn udp_max(&self, link_loss: f64, highest: f64, way: Way) -> Result<f64> {
+        let sink = match way {
+            Way::Up => udp_load::Sink::start(&self.far, SocketAddr::new(TARGET, UDP_LOAD_PORT))?,
+            Way::Down(_) => udp_load::Sink::start(
+                &self.client,
+                SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), UDP_LOAD_PORT),
+            )?,
+        };
         let (mut low, mut high) = (1.0f64, highest);
         let mut best = None;
         for _ in 0..7 {
             let rate = (low * high).sqrt();
-            let (received, lost) = self.udp_at(&sink, rate)?;
+            let (received, lost) = self.udp_at(&sink, rate, way)?;
             if lost < 1.0 + link_loss {
                 best = Some(received);
                 low = rate;
@@ -954,12 +991,15 @@ impl Bench {
 
     /// UDP at `mbit` for 3 s (GSO batches of 1,200-byte datagrams, `udp_load`): (Mbit/s
     /// received, percent lost).
-    fn udp_at(&self, sink: &udp_load::Sink, mbit: f64) -> Result<(f64, f64)> {
+    fn udp_at(&self, sink: &udp_load::Sink, mbit: f64, way: Way) -> Result<(f64, f64)> {
         // After a test through a slow tunnel, its queues may still be draining.
         std::thread::sleep(Duration::from_secs(1));
-        let to = SocketAddr::new(TARGET, UDP_LOAD_PORT);
+        let (from, to) = match way {
+            Way::Up => (&self.client, SocketAddr::new(TARGET, UDP_LOAD_PORT)),
+            Way::Down(client) => (&self.far, SocketAddr::new(client, UDP_LOAD_PORT)),
+        };
         let before = self.drops();
-        let (received, lost) = udp_load::run(&self.client, sink, to, mbit, Duration::from_secs(3))?;
+        let (received, lost) = udp_load::run(from, sink, to, mbit, Duration::from_secs(3))?;
         let after = self.drops();
         let grew: Vec<String> = after
             .iter()
