@@ -772,9 +772,14 @@ impl Bench {
                 daemon,
                 Some(&self.logs.join(format!("{dev}.log"))),
             )?);
-            crate::netns::wait_for("wireguard-go's TUN", Duration::from_secs(10), || {
-                ns.ip(&format!("link show {dev}")).is_ok()
-            })?;
+            // wg talks to wireguard-go over its socket, which comes a moment after the TUN;
+            // asked before, wg turns to the kernel's WireGuard, which this machine lacks.
+            let socket = format!("/var/run/wireguard/{dev}.sock");
+            crate::netns::wait_for(
+                "wireguard-go's TUN and socket",
+                Duration::from_secs(10),
+                || ns.ip(&format!("link show {dev}")).is_ok() && Path::new(&socket).exists(),
+            )?;
             let file = self.logs.join(format!("{dev}.key"));
             std::fs::write(&file, private)?;
             ns.exec(&["wg", "set", dev, "private-key", &file.display().to_string()])?;
