@@ -111,19 +111,57 @@ pub struct KeyTooShort;
 
 /// One direction's cipher: an XChaCha20-Poly1305 key.
 #[derive(Clone)]
-pub struct Key([u8; 32]);
+pub struct Key {
+    key: [u8; 32],
+    /// The ChaCha20-Poly1305 key of the first session id used with this key: every datagram
+    /// of a session shares the nonce's first 16 bytes, so their HChaCha20 is computed once
+    /// per session (a key made by a handshake serves one session; a pre-shared one serves
+    /// every client's, and the others are derived per datagram).
+    first: std::sync::OnceLock<Box<([u8; 16], LessSafeKey)>>,
+}
 
 impl Key {
-    /// The ChaCha20-Poly1305 key and nonce that XChaCha20-Poly1305 uses under `nonce`; `None`
-    /// only if ring refused a 32-byte key, which it does not.
-    fn for_nonce(&self, nonce: &[u8; 24]) -> Option<(LessSafeKey, Nonce)> {
+    fn new(key: [u8; 32]) -> Key {
+        Key {
+            key,
+            first: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Runs `f` with the ChaCha20-Poly1305 key and nonce that XChaCha20-Poly1305 uses under
+    /// `nonce`; `None` only if ring refused a 32-byte key, which it does not.
+    fn with_cipher<R>(
+        &self,
+        nonce: &[u8; 24],
+        f: impl FnOnce(&LessSafeKey, Nonce) -> R,
+    ) -> Option<R> {
         let (prefix, suffix) = nonce.split_first_chunk::<16>()?;
-        let subkey =
-            chacha20::hchacha::<chacha20::cipher::consts::U10>(&self.0.into(), &(*prefix).into());
-        let key = LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, &subkey).ok()?);
         let mut short = [0u8; 12];
         short.get_mut(4..)?.copy_from_slice(suffix);
-        Some((key, Nonce::assume_unique_for_key(short)))
+        let nonce = Nonce::assume_unique_for_key(short);
+        let derive = || {
+            let subkey = chacha20::hchacha::<chacha20::cipher::consts::U10>(
+                &self.key.into(),
+                &(*prefix).into(),
+            );
+            UnboundKey::new(&CHACHA20_POLY1305, &subkey)
+                .ok()
+                .map(LessSafeKey::new)
+        };
+        if let Some((first, cipher)) = self.first.get().map(|b| &**b) {
+            if first == prefix {
+                return Some(f(cipher, nonce));
+            }
+            return derive().map(|cipher| f(&cipher, nonce));
+        }
+        let cipher = derive()?;
+        let (first, cipher) = &**self.first.get_or_init(|| Box::new((*prefix, cipher)));
+        if first == prefix {
+            Some(f(cipher, nonce))
+        } else {
+            // Another thread set it first, for another session.
+            derive().map(|cipher| f(&cipher, nonce))
+        }
     }
 }
 
@@ -153,7 +191,7 @@ impl Keys {
             let mut k = [0u8; 32];
             // 32 bytes is far below HKDF-SHA256's limit of 8160; expand cannot fail.
             let _ = hkdf.expand(info, &mut k);
-            Key(k)
+            Key::new(k)
         };
         Ok(Keys {
             to_server: key(b"client to server"),
@@ -166,8 +204,8 @@ impl Keys {
     /// The keys of one session, from a handshake's split.
     pub(crate) fn from_split(to_server: [u8; 32], to_client: [u8; 32]) -> Keys {
         Keys {
-            to_server: Key(to_server),
-            to_client: Key(to_client),
+            to_server: Key::new(to_server),
+            to_client: Key::new(to_client),
         }
     }
 }
@@ -199,11 +237,13 @@ pub(crate) fn seal_into(
     out.extend_from_slice(&aad);
     out.extend_from_slice(payload);
     let body = out.get_mut(start + HEADER..).unwrap_or_default();
-    let sealed = key.for_nonce(&header.nonce()).and_then(|(cipher, nonce)| {
-        cipher
-            .seal_in_place_separate_tag(nonce, Aad::from(&aad), body)
-            .ok()
-    });
+    let sealed = key
+        .with_cipher(&header.nonce(), |cipher, nonce| {
+            cipher
+                .seal_in_place_separate_tag(nonce, Aad::from(&aad), body)
+                .ok()
+        })
+        .flatten();
     match sealed {
         Some(tag) => {
             out.extend_from_slice(tag.as_ref());
@@ -227,10 +267,13 @@ pub(crate) fn open(key: &Key, mut datagram: BytesMut) -> Result<(Header, Bytes),
     let tag =
         Tag::try_from(datagram.get(end..).unwrap_or_default()).map_err(|_| FrameError::Auth)?;
     let body = datagram.get_mut(HEADER..end).unwrap_or_default();
-    let (cipher, nonce) = key.for_nonce(&header.nonce()).ok_or(FrameError::Auth)?;
-    cipher
-        .open_in_place_separate_tag(nonce, Aad::from(&aad), tag, body, 0..)
-        .map_err(|_| FrameError::Auth)?;
+    key.with_cipher(&header.nonce(), |cipher, nonce| {
+        cipher
+            .open_in_place_separate_tag(nonce, Aad::from(&aad), tag, body, 0..)
+            .map(|_| ())
+    })
+    .ok_or(FrameError::Auth)?
+    .map_err(|_| FrameError::Auth)?;
     Ok((header, datagram.freeze().slice(HEADER..end)))
 }
 
@@ -334,15 +377,24 @@ mod tests {
 
     /// The datagrams are XChaCha20-Poly1305 as RustCrypto's `XChaCha20Poly1305` makes it (the
     /// cipher before this one, and the reference): a peer of either build reads the other's.
+    /// Under the session the key served first (its subkey kept) and under others (derived
+    /// each time) alike.
     #[test]
     fn the_cipher_is_xchacha20_poly1305_as_rustcrypto_computes_it() {
         use chacha20poly1305::aead::{AeadInPlace, KeyInit};
         use chacha20poly1305::{XChaCha20Poly1305, XNonce};
         let raw = [0x42u8; 32];
-        let (ours, reference) = (Key(raw), XChaCha20Poly1305::new(&raw.into()));
-        for len in [0usize, 1, 63, 64, 65, 1200, 1500] {
+        let (ours, reference) = (Key::new(raw), XChaCha20Poly1305::new(&raw.into()));
+        let lens = [0usize, 1, 63, 64, 65, 1200, 1500];
+        for (session, len) in [[7u8; 16], [8; 16]]
+            .into_iter()
+            .flat_map(|s| lens.map(|l| (s, l)))
+        {
             let payload: Vec<u8> = (0..len).map(|i| i as u8).collect();
-            let h = header(len as u64 + 1);
+            let h = Header {
+                session,
+                ..header(len as u64 + 1)
+            };
             let nonce = XNonce::from(h.nonce());
             let aad = h.encode();
 
