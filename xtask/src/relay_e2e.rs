@@ -187,12 +187,12 @@ pub(crate) fn run(
     report.record(
         "relay v4",
         "64 MiB of UDP arrive with their SHA-256, written to the server's TUN coalesced",
-        coalesced_bulk(topo, &sink),
+        coalesced_bulk(topo, &sink, &logs.join("relay-server.log")),
     );
     report.record(
         "relay v4",
         "64 MiB of UDP come down with their SHA-256, written to the client's TUN coalesced",
-        coalesced_download(topo),
+        coalesced_download(topo, &logs.join("prism-relay.log")),
     );
     // From here until the restart below, this client sends full-size runs one by one: none
     // of the cases in between is a bulk transfer.
@@ -905,7 +905,7 @@ fn narrow_path(topo: &Topology, sink: &UdpSink, stats: &Path) -> Result<String> 
 /// counts as received packets): runs of one flow's datagrams go in as one super-packet, so
 /// there are far fewer writes than datagrams (at most half; a server writing one packet per
 /// call makes as many writes as datagrams, and more with the resent ones).
-fn coalesced_bulk(topo: &Topology, sink: &UdpSink) -> Result<String> {
+fn coalesced_bulk(topo: &Topology, sink: &UdpSink, log: &Path) -> Result<String> {
     let writes = || -> Result<u64> {
         let count = topo
             .server
@@ -916,11 +916,8 @@ fn coalesced_bulk(topo: &Topology, sink: &UdpSink) -> Result<String> {
     let sent = udp_bulk(topo, sink, CHUNK, UDP_BULK)?;
     let written = writes()? - before;
     let datagrams = UDP_BULK.div_ceil(CHUNK) as u64;
-    if !kernel_at_least(6, 2) {
-        // Before Linux 6.2 a TUN takes no UDP super-packets: nothing to coalesce.
-        return Ok(format!(
-            "{sent}; UDP not coalesced on this kernel (before 6.2)"
-        ));
+    if !udp_offload_granted(log, "relay server's TUN open")? {
+        return Ok(format!("{sent}; the TUN takes no UDP super-packets here"));
     }
     ensure!(
         written * 2 <= datagrams,
@@ -944,7 +941,7 @@ fn numbered(data: &[u8], chunk: usize, seq: usize) -> Vec<u8> {
 /// TUN's packets (what Prism writes to it): runs of the download's datagrams go in as one
 /// super-packet, so there are fewer writes than datagrams (one write per datagram, as before,
 /// makes as many; how many a run holds depends on how the datagrams bunch up).
-fn coalesced_download(topo: &Topology) -> Result<String> {
+fn coalesced_download(topo: &Topology, log: &Path) -> Result<String> {
     let writes = || -> Result<u64> {
         let path = format!("/sys/class/net/{}/statistics/rx_packets", topology::TUN);
         let count = topo.client.exec(&["cat", &path])?;
@@ -954,9 +951,9 @@ fn coalesced_download(topo: &Topology) -> Result<String> {
     let received = udp_download(topo, CHUNK, UDP_BULK)?;
     let written = writes()? - before;
     let datagrams = UDP_BULK.div_ceil(CHUNK) as u64;
-    if !kernel_at_least(6, 2) {
+    if !udp_offload_granted(log, "device open")? {
         return Ok(format!(
-            "{received}; UDP not coalesced on this kernel (before 6.2)"
+            "{received}; the TUN takes no UDP super-packets here"
         ));
     }
     ensure!(
@@ -1037,6 +1034,23 @@ fn udp_download(topo: &Topology, chunk: usize, total: usize) -> Result<String> {
         }
         bail!("the download never completed ({received} datagrams received)")
     })
+}
+
+/// Whether Prism's log says, on its `opened` line, that the kernel granted UDP offload on the
+/// TUN (what lets UDP be written coalesced). Linux 6.2 and later must: a refusal there fails.
+fn udp_offload_granted(log: &Path, opened: &str) -> Result<bool> {
+    let text =
+        std::fs::read_to_string(log).with_context(|| format!("reading {}", log.display()))?;
+    let line = text
+        .lines()
+        .find(|l| l.contains(opened))
+        .with_context(|| format!("no {opened:?} line in {}", log.display()))?;
+    let granted = line.contains("udp_offload=true");
+    ensure!(
+        granted || !kernel_at_least(6, 2),
+        "Linux 6.2 or later, yet no UDP offload on the TUN: {line}"
+    );
+    Ok(granted)
 }
 
 /// Whether the running kernel's version is at least `major.minor`.

@@ -187,6 +187,12 @@ impl Tun {
         }
     }
 
+    /// Whether the kernel takes UDP super-packets on this TUN (UDP segmentation, Linux 6.2
+    /// and later, with offload): what lets runs of UDP packets be written coalesced.
+    pub fn udp_offload(&self) -> bool {
+        self.device.tcp_gso() && self.device.udp_gso()
+    }
+
     /// Starts pumping packets between the device and a new link, whose other end (carrying
     /// [`Tun::framing`]) is returned. The task ends with the device error that stopped it, or
     /// `Ok` once that end is dropped. When the kernel granted offload, runs of complete UDP

@@ -304,8 +304,9 @@ impl Builder {
                     index: tun.index(),
                 };
                 let refused_writes = tun.refused_writes();
+                let udp_offload = tun.udp_offload();
                 let (link, pump) = tun.spawn(LINK_QUEUE);
-                info!(device = %device.name, framing = ?link.framing(), "device open");
+                info!(device = %device.name, framing = ?link.framing(), udp_offload, "device open");
                 (link, Some((pump, refused_writes)), Some(device))
             }
             #[cfg(unix)]

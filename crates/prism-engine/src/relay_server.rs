@@ -10,6 +10,7 @@ use std::sync::atomic::AtomicU64;
 use prism_device::tun::{Layer, Tun, TunConfig};
 use prism_relay::{Counters, Server, ServerAuth, Snapshot};
 use tokio::task::JoinHandle;
+use tracing::info;
 
 use crate::Error;
 
@@ -54,6 +55,12 @@ impl RelayServer {
             .map_err(|source| Error::Listen { listen, source })?
             .with_prefixes(addresses.to_vec());
         let tun_refused = device.refused_writes();
+        info!(
+            tun = %tun,
+            offload = device.framing() == prism_device::Framing::Virtio,
+            udp_offload = device.udp_offload(),
+            "relay server's TUN open"
+        );
         let (link, pump) = device.spawn_coalescing(LINK_QUEUE);
         Ok(RelayServer {
             counters,
