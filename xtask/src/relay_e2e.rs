@@ -800,6 +800,27 @@ impl Bulk {
             have: vec![false; total.div_ceil(chunk)],
         }
     }
+
+    /// Keeps chunk `seq`; false if it is out of range or was there already.
+    fn put(&mut self, seq: usize, chunk: &[u8]) -> bool {
+        if seq >= self.have.len() || self.have[seq] {
+            return false;
+        }
+        let at = seq * self.chunk;
+        let end = (at + chunk.len()).min(self.data.len());
+        self.data[at..end].copy_from_slice(&chunk[..end - at]);
+        self.have[seq] = true;
+        true
+    }
+
+    /// Up to 300 of the chunks still missing.
+    fn missing(&self) -> Vec<u32> {
+        (0..self.have.len())
+            .filter(|&i| !self.have[i])
+            .take(300)
+            .map(|i| i as u32)
+            .collect()
+    }
 }
 
 /// The sink's protocol: `R` + chunk size (u16) + total (u32) starts over (answered `r`); `D` +
@@ -851,20 +872,10 @@ async fn sink(socket: UdpSocket) -> Result<()> {
             }
             b'D' if rest.len() > 4 => {
                 let seq = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-                let chunk = &rest[4..];
-                if seq < bulk.have.len() {
-                    let at = seq * bulk.chunk;
-                    let end = (at + chunk.len()).min(bulk.data.len());
-                    bulk.data[at..end].copy_from_slice(&chunk[..end - at]);
-                    bulk.have[seq] = true;
-                }
+                bulk.put(seq, &rest[4..]);
             }
             b'?' => {
-                let missing: Vec<u32> = (0..bulk.have.len())
-                    .filter(|&i| !bulk.have[i])
-                    .take(300)
-                    .map(|i| i as u32)
-                    .collect();
+                let missing = bulk.missing();
                 let mut reply = Vec::new();
                 if missing.is_empty() {
                     reply.push(b'=');
@@ -996,20 +1007,11 @@ fn udp_download(topo: &Topology, chunk: usize, total: usize) -> Result<String> {
                 let Some((seq, data)) = rest.split_first_chunk::<4>() else {
                     continue;
                 };
-                let seq = u32::from_be_bytes(*seq) as usize;
-                if seq < bulk.have.len() && !bulk.have[seq] {
-                    let at = seq * chunk;
-                    let end = (at + data.len()).min(total);
-                    bulk.data[at..end].copy_from_slice(&data[..end - at]);
-                    bulk.have[seq] = true;
+                if bulk.put(u32::from_be_bytes(*seq) as usize, data) {
                     received += 1;
                 }
             }
-            let missing: Vec<u32> = (0..bulk.have.len())
-                .filter(|&i| !bulk.have[i])
-                .take(300)
-                .map(|i| i as u32)
-                .collect();
+            let missing = bulk.missing();
             if missing.is_empty() {
                 ensure!(
                     Sha256::digest(&bulk.data) == expected,

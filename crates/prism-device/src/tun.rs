@@ -371,8 +371,9 @@ impl PacketIo for Device {
         for write in &writes {
             match write {
                 Write::Coalesced(run) => {
+                    // `plan` found each a complete UDP packet behind a plain header.
                     for frame in batch.get(run.clone()).unwrap_or_default() {
-                        c.push(vnet::plain_udp(frame).unwrap_or_default());
+                        c.push(frame.get(vnet::HEADER_LEN..).unwrap_or_default());
                     }
                     self.flush(c, refused).await?;
                 }

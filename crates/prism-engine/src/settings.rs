@@ -397,7 +397,9 @@ impl Settings {
             return invalid("tcp_buffer_kib must be 4 to 65536".to_owned());
         }
         if self.socks5_pipeline && !matches!(self.upstream, UpstreamUrl::Socks5(_)) {
-            return invalid("socks5_pipeline needs a socks5:// upstream".to_owned());
+            return invalid(
+                "socks5_pipeline (--socks5-pipeline) needs a socks5:// upstream".to_owned(),
+            );
         }
         if self.busy_poll_us > MAX_BUSY_POLL_US {
             return invalid(format!("busy_poll_us must be 0 to {MAX_BUSY_POLL_US}"));

@@ -148,18 +148,17 @@ impl Key {
                 .ok()
                 .map(LessSafeKey::new)
         };
-        if let Some((first, cipher)) = self.first.get().map(|b| &**b) {
-            if first == prefix {
-                return Some(f(cipher, nonce));
+        let (first, cipher) = match self.first.get() {
+            Some(kept) => &**kept,
+            None => {
+                let cipher = derive()?;
+                &**self.first.get_or_init(|| Box::new((*prefix, cipher)))
             }
-            return derive().map(|cipher| f(&cipher, nonce));
-        }
-        let cipher = derive()?;
-        let (first, cipher) = &**self.first.get_or_init(|| Box::new((*prefix, cipher)));
+        };
         if first == prefix {
             Some(f(cipher, nonce))
         } else {
-            // Another thread set it first, for another session.
+            // Another session's: the key kept the first one's.
             derive().map(|cipher| f(&cipher, nonce))
         }
     }

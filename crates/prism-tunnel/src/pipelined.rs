@@ -14,7 +14,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Duration, Sleep};
 
@@ -163,24 +163,6 @@ fn proxy(reason: &str) -> ReplyError {
     ReplyError::Proxy(reason.to_owned())
 }
 
-/// Reads the replies to [`hello`] whole, no further: what follows is the target's.
-pub(crate) async fn read_replies(stream: &mut TcpStream, auth: bool) -> Result<(), ReplyError> {
-    let mut got = Vec::with_capacity(32);
-    let mut chunk = [0u8; 262];
-    loop {
-        let total = match replies(&got, auth)? {
-            Replies::Done => return Ok(()),
-            Replies::Need(total) => total,
-        };
-        let want = chunk.get_mut(..total - got.len()).unwrap_or_default();
-        match stream.read(want).await {
-            Ok(0) => return Err(proxy("closed the connection before its reply")),
-            Ok(n) => got.extend_from_slice(want.get(..n).unwrap_or_default()),
-            Err(_) => return Err(proxy("failed while replying")),
-        }
-    }
-}
-
 /// A connection to the proxy whose [`hello`] is sent and whose replies are still to come:
 /// writes go straight through (the client's first bytes follow the request), and the first
 /// read takes the replies off first. A refusal in them, or no replies within the connect
@@ -216,46 +198,40 @@ impl Pipelined {
         }
     }
 
-    /// Reads the replies until they are complete.
-    fn poll_replies(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    /// Reads the replies until they are complete, and no further: what follows is the
+    /// target's.
+    pub(crate) fn poll_replies(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnectError>> {
         while let Some(p) = &mut self.pending {
-            let failed = |error: ConnectError| {
-                let kind = match error {
-                    ConnectError::Refused => io::ErrorKind::ConnectionRefused,
-                    ConnectError::TimedOut => io::ErrorKind::TimedOut,
-                    _ => io::ErrorKind::Other,
-                };
-                Poll::Ready(Err(io::Error::new(kind, error)))
-            };
             let total = match replies(&p.got, p.auth) {
                 Ok(Replies::Done) => {
                     self.pending = None;
                     break;
                 }
                 Ok(Replies::Need(total)) => total,
-                Err(error) => return failed(error.into_connect_error(&p.proxy)),
+                Err(error) => return Poll::Ready(Err(error.into_connect_error(&p.proxy))),
             };
             if p.deadline.as_mut().poll(cx).is_ready() {
-                return failed(ConnectError::TimedOut);
+                return Poll::Ready(Err(ConnectError::TimedOut));
             }
             let mut chunk = [0u8; 262];
             let want = chunk.get_mut(..total - p.got.len()).unwrap_or_default();
             let mut buf = ReadBuf::new(want);
-            match ready!(Pin::new(&mut self.stream).poll_read(cx, &mut buf)) {
-                Ok(()) if buf.filled().is_empty() => {
-                    return failed(
-                        proxy("closed the connection before its reply")
-                            .into_connect_error(&p.proxy),
-                    );
+            let failed = match ready!(Pin::new(&mut self.stream).poll_read(cx, &mut buf)) {
+                Ok(()) if !buf.filled().is_empty() => {
+                    p.got.extend_from_slice(buf.filled());
+                    continue;
                 }
-                Ok(()) => p.got.extend_from_slice(buf.filled()),
-                Err(error) => {
-                    let reason = format!("failed while replying: {error}");
-                    return failed(ReplyError::Proxy(reason).into_connect_error(&p.proxy));
-                }
-            }
+                Ok(()) => proxy("closed the connection before its reply"),
+                Err(error) => ReplyError::Proxy(format!("failed while replying: {error}")),
+            };
+            return Poll::Ready(Err(failed.into_connect_error(&p.proxy)));
         }
         Poll::Ready(Ok(()))
+    }
+
+    /// The connection to the proxy, once the replies are read.
+    pub(crate) fn into_stream(self) -> TcpStream {
+        self.stream
     }
 }
 
@@ -266,7 +242,14 @@ impl AsyncRead for Pipelined {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
-        ready!(this.poll_replies(cx))?;
+        if let Err(error) = ready!(this.poll_replies(cx)) {
+            let kind = match error {
+                ConnectError::Refused => io::ErrorKind::ConnectionRefused,
+                ConnectError::TimedOut => io::ErrorKind::TimedOut,
+                _ => io::ErrorKind::Other,
+            };
+            return Poll::Ready(Err(io::Error::new(kind, error)));
+        }
         Pin::new(&mut this.stream).poll_read(cx, buf)
     }
 }

@@ -195,20 +195,18 @@ impl Socks5 {
         let mut proxy = self.reach().await?;
         proxy.set_nodelay(true)?;
         proxy.write_all(&hello).await?;
+        // The replies are due within what is left of the connect timeout; reaching the proxy
+        // took some of it.
+        let left = self
+            .direct
+            .connect_timeout()
+            .saturating_sub(started.elapsed());
+        let mut pipelined = Pipelined::new(proxy, auth.is_some(), left, self.url.proxy());
         if !wait {
-            // The replies are due within what is left of the connect timeout; reaching the
-            // proxy took some of it.
-            let left = self
-                .direct
-                .connect_timeout()
-                .saturating_sub(started.elapsed());
-            let pipelined = Pipelined::new(proxy, auth.is_some(), left, self.url.proxy());
             return Ok(Box::new(pipelined));
         }
-        pipelined::read_replies(&mut proxy, auth.is_some())
-            .await
-            .map_err(|e| e.into_connect_error(&self.url.proxy()))?;
-        Ok(Box::new(proxy))
+        std::future::poll_fn(|cx| pipelined.poll_replies(cx)).await?;
+        Ok(Box::new(pipelined.into_stream()))
     }
 
     async fn exchange(&self, target: &Target) -> Result<TcpStream, ConnectError> {
@@ -350,6 +348,14 @@ mod tests {
         Socks5::new(url, Direct::new().timeout(Duration::from_millis(300))).pipelined(true)
     }
 
+    /// `message` written to `up` comes back whole.
+    async fn echoes(up: &mut Box<dyn Upstream>, message: &[u8]) {
+        up.write_all(message).await.unwrap();
+        let mut echo = vec![0u8; message.len()];
+        up.read_exact(&mut echo).await.unwrap();
+        assert_eq!(echo, message);
+    }
+
     #[tokio::test]
     async fn pipelined_the_exchange_leaves_in_one_write_and_early_connections_go_at_once() {
         // Waiting: the greeting and the request arrive together, and the replies are read
@@ -361,10 +367,7 @@ mod tests {
             rx.await.unwrap(),
             [5, 1, 0, 5, 1, 0, 1, 192, 0, 2, 7, 1, 187]
         );
-        up.write_all(b"ping").await.unwrap();
-        let mut echo = [0u8; 4];
-        up.read_exact(&mut echo).await.unwrap();
-        assert_eq!(&echo, b"ping");
+        echoes(&mut up, b"ping").await;
 
         // Early: handed over before the proxy answers; the data written at once comes back
         // behind the replies, which are taken off.
@@ -376,10 +379,7 @@ mod tests {
             started.elapsed() < Duration::from_millis(100),
             "waited for the replies"
         );
-        up.write_all(b"early").await.unwrap();
-        let mut echo = [0u8; 5];
-        up.read_exact(&mut echo).await.unwrap();
-        assert_eq!(&echo, b"early");
+        echoes(&mut up, b"early").await;
 
         // Early, and the replies do not come within the connect timeout: the read fails with
         // the timeout, the connect error inside.
