@@ -3,10 +3,12 @@
 //! Systems: the kernel routing the traffic with no TUN (the client's bypass route over the
 //! veth), Prism with a SOCKS5 upstream (dante in the server namespace), and Prism `direct`.
 //! Measures: one TCP flow up and down and 8 flows (iperf3, 10 s each); 1-byte request/response
-//! p50 and p99 on one connection; the single flows and request/response again over IPv6; new connections per second (connect, one exchange, close);
-//! RSS of the stack's process with 2,000 connections open through SOCKS5 and 10,000 through
-//! `direct`, and one flow's throughput while the 10,000 stay open; Prism's CPU seconds per GB.
-//! Writes `docs/bench/results.json` and `docs/bench/results.md`. Nothing here asserts a speed.
+//! p50 and p99 on one connection; new connections per second (connect, one exchange, close);
+//! all of these again over IPv6; RSS of the stack's process with 2,000 connections open
+//! through SOCKS5 and 10,000 through `direct`, and one flow's throughput while the 10,000 stay
+//! open; Prism's CPU seconds per GB. Writes `docs/bench/results.{json,md,svg}`. Nothing here
+//! asserts a speed. `PRISM_BENCH_BINARY` measures that `prism` binary instead of this tree's
+//! (with `PRISM_BENCH_ONLY`, to compare two builds).
 
 use std::fmt::Write as _;
 use std::net::{IpAddr, SocketAddr};
@@ -48,15 +50,18 @@ pub(crate) struct Figures {
     pub(crate) parallel_mbit: Option<f64>,
     pub(crate) rr_p50_us: Option<f64>,
     pub(crate) rr_p99_us: Option<f64>,
-    /// The same one flow each way and request/response over IPv6 (`None` for the forwarder,
-    /// which routes IPv4 only).
+    /// The same one flow each way, 8 flows, request/response and new connections over IPv6
+    /// (`None` for the forwarder, which routes IPv4 only).
     #[serde(rename = "upload_v6_mbit")]
     pub(crate) up_v6_mbit: Option<f64>,
     #[serde(rename = "download_v6_mbit")]
     pub(crate) down_v6_mbit: Option<f64>,
+    #[serde(rename = "parallel8_v6_mbit")]
+    pub(crate) parallel_v6_mbit: Option<f64>,
     pub(crate) rr_v6_p50_us: Option<f64>,
     pub(crate) rr_v6_p99_us: Option<f64>,
     pub(crate) conn_per_s: Option<f64>,
+    pub(crate) conn_v6_per_s: Option<f64>,
     pub(crate) rss_2000_mb: Option<f64>,
     pub(crate) rss_10000_mb: Option<f64>,
     #[serde(rename = "upload_with_10000_idle_mbit")]
@@ -124,7 +129,10 @@ pub(crate) fn run(peers: bool) -> Result<()> {
         ("ss", "iproute2"),
     ])?;
     raise_fd_limit()?;
-    let prism = build_prism()?;
+    let prism = match std::env::var_os("PRISM_BENCH_BINARY") {
+        Some(binary) => binary.into(),
+        None => build_prism()?,
+    };
     if peers {
         for peer in Peer::ALL {
             peers::install(peer)?;
@@ -345,7 +353,12 @@ fn measure(topo: &Topology, mut f: Figures, pid: Option<u32>, many: bool) -> Res
     }
     flows(topo, &mut f, pid, true)?;
     let before = retransmissions(topo);
-    f.conn_per_s = f.attempt("connections per second", || connections_per_second(topo));
+    f.conn_per_s = f.attempt("connections per second", || {
+        connections_per_second(topo, topology::TARGET_V4)
+    });
+    f.conn_v6_per_s = f.attempt("IPv6 connections per second", || {
+        connections_per_second(topo, topology::TARGET_V6)
+    });
     let after = retransmissions(topo);
     println!(
         "  retransmitted segments during it (client namespace, server namespace): {:?}",
@@ -360,8 +373,7 @@ fn measure(topo: &Topology, mut f: Figures, pid: Option<u32>, many: bool) -> Res
 }
 
 /// One flow each way, 8 flows, and request/response; the CPU `pid` spends per GB of the single
-/// flows when there is a process to ask; with `v6`, the single flows and request/response again
-/// over IPv6.
+/// flows when there is a process to ask; with `v6`, all of them again over IPv6.
 fn flows(topo: &Topology, f: &mut Figures, pid: Option<u32>, v6: bool) -> Result<()> {
     const V4: IpAddr = topology::TARGET_V4;
     let cpu_before = pid.map(cpu_seconds).transpose()?;
@@ -389,6 +401,9 @@ fn flows(topo: &Topology, f: &mut Figures, pid: Option<u32>, v6: bool) -> Result
             .map(|(mbit, _)| mbit);
         f.down_v6_mbit = f
             .attempt("IPv6 download", || iperf(topo, V6, &["-R"]))
+            .map(|(mbit, _)| mbit);
+        f.parallel_v6_mbit = f
+            .attempt("IPv6 8 flows", || iperf(topo, V6, &["-P", "8"]))
             .map(|(mbit, _)| mbit);
         if let Some((p50, p99)) = f.attempt("IPv6 request/response", || request_response(topo, V6))
         {
@@ -492,9 +507,9 @@ fn request_response(topo: &Topology, target: IpAddr) -> Result<(f64, f64)> {
 /// Connect, one exchange, close, for 5 s, 16 at a time; connections per second. Failed
 /// attempts are not counted (and are printed), and so is how long the connects and the
 /// exchanges took: a slow connection shows which of the two stalled.
-fn connections_per_second(topo: &Topology) -> Result<f64> {
-    in_netns(topo.client.name(), async || {
-        let addr = SocketAddr::new(topology::TARGET_V4, servers::ECHO);
+fn connections_per_second(topo: &Topology, target: IpAddr) -> Result<f64> {
+    in_netns(topo.client.name(), async move || {
+        let addr = SocketAddr::new(target, servers::ECHO);
         let deadline = Instant::now() + Duration::from_secs(5);
         let started = Instant::now();
         let workers = (0..16).map(|_| async move {
@@ -525,7 +540,7 @@ fn connections_per_second(topo: &Topology) -> Result<f64> {
         }
         let done = connects.len();
         println!(
-            "  connections per second: {done} done, {failed} failed; connect {}, exchange {}",
+            "  connections per second to {target}: {done} done, {failed} failed; connect {}, exchange {}",
             spread(&mut connects),
             spread(&mut exchanges)
         );
@@ -706,24 +721,29 @@ fn markdown(results: &[Figures]) -> String {
     let mut s = String::new();
     let _ = writeln!(
         s,
-        "| system | upload Mbit/s | download Mbit/s | 8 flows Mbit/s | RR p50/p99 µs | IPv6 upload Mbit/s | IPv6 download Mbit/s | IPv6 RR p50/p99 µs | new conn/s | RSS 2000 conns MB | RSS 10000 conns MB | upload with 10000 idle Mbit/s | CPU s/GB |"
+        "| system | upload Mbit/s | download Mbit/s | 8 flows Mbit/s | RR p50/p99 µs | new conn/s | IPv6 upload Mbit/s | IPv6 download Mbit/s | IPv6 8 flows Mbit/s | IPv6 RR p50/p99 µs | IPv6 new conn/s | RSS 2000 conns MB | RSS 10000 conns MB | upload with 10000 idle Mbit/s | CPU s/GB |"
     );
-    let _ = writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(
+        s,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
     for f in results {
         let _ = writeln!(
             s,
-            "| {} | {} | {} | {} | {}/{} | {} | {} | {}/{} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {}/{} | {} | {} | {} | {} | {}/{} | {} | {} | {} | {} | {} |",
             f.name,
             cell(f.up_mbit, 0),
             cell(f.down_mbit, 0),
             cell(f.parallel_mbit, 0),
             cell(f.rr_p50_us, 0),
             cell(f.rr_p99_us, 0),
+            cell(f.conn_per_s, 0),
             cell(f.up_v6_mbit, 0),
             cell(f.down_v6_mbit, 0),
+            cell(f.parallel_v6_mbit, 0),
             cell(f.rr_v6_p50_us, 0),
             cell(f.rr_v6_p99_us, 0),
-            cell(f.conn_per_s, 0),
+            cell(f.conn_v6_per_s, 0),
             cell(f.rss_2000_mb, 1),
             cell(f.rss_10000_mb, 1),
             cell(f.up_with_10000_idle_mbit, 0),

@@ -19,7 +19,7 @@ struct Panel {
     value: fn(&Figures) -> Option<f64>,
 }
 
-const PANELS: [Panel; 7] = [
+const PANELS: [Panel; 9] = [
     Panel {
         title: "one flow upload, Gbit/s (higher is better)",
         value: |f| f.up_mbit.map(|v| v / 1000.0),
@@ -41,8 +41,16 @@ const PANELS: [Panel; 7] = [
         value: |f| f.rr_p50_us,
     },
     Panel {
+        title: "1-byte request/response p50 over IPv6, µs (lower is better)",
+        value: |f| f.rr_v6_p50_us,
+    },
+    Panel {
         title: "new connections per second (higher is better)",
         value: |f| f.conn_per_s,
+    },
+    Panel {
+        title: "new connections per second over IPv6 (higher is better)",
+        value: |f| f.conn_v6_per_s,
     },
     Panel {
         title: "RSS with 2,000 connections held, MB (lower is better)",

@@ -4,8 +4,8 @@
 //!
 //! Both are built from crates.io with `cargo install` into a cache directory
 //! (`$PRISM_PEER_CACHE`, else `~/.cache/prism-bench`), once; later runs reuse the binaries.
-//! Each peer opens its TUN; the bench then gives it an address and routes the targets into it,
-//! the way Prism's own `--route` does.
+//! Each peer opens its TUN; the bench then gives it an address of each family and routes the
+//! targets of both into it, the way Prism's own `--route` does.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -28,6 +28,7 @@ const SSSERVER_PORT: u16 = 8388;
 /// The TUN each peer opens in the client namespace, and its address.
 const PEER_TUN: &str = "peer0";
 const PEER_ADDRESS: &str = "10.98.0.1/24";
+const PEER_ADDRESS_V6: &str = "fd98::1/64";
 
 impl Peer {
     pub(crate) const ALL: [Peer; 2] = [Peer::Tun2proxy, Peer::Shadowsocks];
@@ -169,6 +170,15 @@ pub(crate) fn start(peer: Peer, topo: &Topology, logs: &Path) -> Result<Running>
     topo.client.ip(&format!(
         "route add {} dev {PEER_TUN}",
         topology::TARGET_NET_V4
+    ))?;
+    // IPv6 too, ahead of the veth's route (metric 2000): a peer that cannot carry it shows
+    // empty IPv6 cells, not kernel routing's figures.
+    topo.client.ip(&format!(
+        "-6 addr add {PEER_ADDRESS_V6} dev {PEER_TUN} nodad"
+    ))?;
+    topo.client.ip(&format!(
+        "-6 route add {} dev {PEER_TUN} metric 100",
+        topology::TARGET_NET_V6
     ))?;
     Ok(Running {
         process,

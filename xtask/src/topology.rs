@@ -26,6 +26,8 @@ pub const TARGET_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0
 pub const TARGET_HOST: &str = "target.prism.test";
 /// The IPv4 network the targets are in: what every system under test routes into its TUN.
 pub const TARGET_NET_V4: &str = "10.200.0.0/16";
+/// The IPv6 network the targets are in.
+pub const TARGET_NET_V6: &str = "fd00:200::/64";
 /// Addresses routed into the TUN that the server side cannot reach (an `unreachable` route).
 pub const UNREACHABLE_V4: IpAddr = IpAddr::V4(Ipv4Addr::new(10, 200, 9, 9));
 pub const UNREACHABLE_V6: IpAddr = IpAddr::V6(Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 9, 9));
