@@ -22,9 +22,11 @@
 //!
 //! `PRISM_WAN_SECONDS` (20) and `PRISM_WAN_RUNS` (3) set the iperf3 runs; `PRISM_WAN_LOSS`
 //! ("0,0.5,2", percent) and `PRISM_WAN_CAPS` ("none,100", Mbit/s) the cells; `PRISM_WAN_ONLY`
-//! the systems ("none,openvpn-tcp,openvpn-udp,wireguard-go,prism"). It writes
-//! `docs/bench/wan.{json,md}` unless a subset was asked (`PRISM_WAN_WRITE=1` writes a subset's
-//! too; the table says what was run).
+//! the systems ("none,openvpn-tcp,openvpn-udp,wireguard-go,prism"). A whole run writes
+//! `docs/bench/wan.{json,md,svg}` afresh. A subset is only printed, unless `PRISM_WAN_WRITE=1`:
+//! then its cells replace the same (system, loss, cap) cells in `wan.json` and the rest stay,
+//! so a full run can be made in parts (it takes about 2.5 hours); each row of the table says
+//! when it was measured and with how long a run.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -80,6 +82,10 @@ pub(crate) struct Cell {
     link_late_share: f64,
     link_latest_ms: f64,
     failures: Vec<String>,
+    /// When (UTC day) and with how long iperf3 runs (seconds, how many) the cell was measured.
+    measured: String,
+    seconds: u64,
+    runs: usize,
 }
 
 impl Cell {
@@ -449,6 +455,7 @@ pub(crate) fn run() -> Result<()> {
     let subset = !only.is_empty()
         || std::env::var_os("PRISM_WAN_LOSS").is_some()
         || std::env::var_os("PRISM_WAN_CAPS").is_some();
+    let today = today()?;
     let mut cells = Vec::new();
     for system in System::ALL {
         if !only.is_empty() && !only.iter().any(|o| o == system.key()) {
@@ -472,6 +479,9 @@ pub(crate) fn run() -> Result<()> {
                     system: system.name().to_owned(),
                     loss_percent: loss,
                     cap_mbit: cap,
+                    measured: today.clone(),
+                    seconds,
+                    runs,
                     ..Cell::default()
                 };
                 let before = late(wan);
@@ -490,21 +500,60 @@ pub(crate) fn run() -> Result<()> {
         drop(running);
         bench.stop(system)?;
     }
-    let md = table(&cells, seconds, runs);
-    println!("{md}");
+    println!("{}", table(&cells));
     if subset && std::env::var_os("PRISM_WAN_WRITE").is_none() {
         println!(
             "bench --wan: a subset was asked; docs/bench/wan.* left as they are \
-             (PRISM_WAN_WRITE=1 writes them anyway)"
+             (PRISM_WAN_WRITE=1 puts its cells in them)"
         );
-    } else {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/bench");
-        std::fs::write(dir.join("wan.json"), serde_json::to_string_pretty(&cells)?)?;
-        std::fs::write(dir.join("wan.md"), md)?;
-        std::fs::write(dir.join("wan.svg"), chart(&cells)?)?;
-        println!("bench --wan: wrote docs/bench/wan.json, wan.md and wan.svg");
+        return Ok(());
     }
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/bench");
+    if subset {
+        let json = std::fs::read_to_string(dir.join("wan.json"))?;
+        let earlier: Vec<Cell> = serde_json::from_str(&json).context("docs/bench/wan.json")?;
+        cells = merge(earlier, cells);
+    }
+    std::fs::write(dir.join("wan.json"), serde_json::to_string_pretty(&cells)?)?;
+    std::fs::write(dir.join("wan.md"), table(&cells))?;
+    std::fs::write(dir.join("wan.svg"), chart(&cells)?)?;
+    println!("bench --wan: wrote docs/bench/wan.json, wan.md and wan.svg");
     Ok(())
+}
+
+/// Today's UTC date, as `date` prints it (YYYY-MM-DD).
+fn today() -> Result<String> {
+    let out = std::process::Command::new("date")
+        .args(["-u", "+%F"])
+        .output()
+        .context("running date")?;
+    ensure!(out.status.success(), "date -u +%F failed");
+    Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+}
+
+/// `earlier` cells with those `fresh` measured again replaced, in the table's order: by
+/// system (as in `System::ALL`, unknown names last), cap (uncapped first), then loss.
+fn merge(earlier: Vec<Cell>, fresh: Vec<Cell>) -> Vec<Cell> {
+    let same = |a: &Cell, b: &Cell| {
+        a.system == b.system && a.loss_percent == b.loss_percent && a.cap_mbit == b.cap_mbit
+    };
+    let mut cells: Vec<Cell> = earlier
+        .into_iter()
+        .filter(|old| !fresh.iter().any(|new| same(old, new)))
+        .collect();
+    cells.extend(fresh);
+    let rank = |c: &Cell| {
+        System::ALL
+            .iter()
+            .position(|s| s.name() == c.system)
+            .unwrap_or(System::ALL.len())
+    };
+    cells.sort_by(|a, b| {
+        (rank(a), a.cap_mbit.is_some(), a.cap_mbit)
+            .cmp(&(rank(b), b.cap_mbit.is_some(), b.cap_mbit))
+            .then(a.loss_percent.total_cmp(&b.loss_percent))
+    });
+    cells
 }
 
 /// The link's (packets, packets over 1 ms late, latest µs) so far, both directions.
@@ -1257,21 +1306,26 @@ pub(crate) fn redraw_chart() -> Result<()> {
     Ok(())
 }
 
-fn table(cells: &[Cell], seconds: u64, runs: usize) -> String {
+fn table(cells: &[Cell]) -> String {
     let f = |v: Option<f64>| v.map_or("-".to_owned(), |v| format!("{v:.1}"));
     let mut md = format!(
-        "# VPNs across a WAN\n\n`cargo xtask bench --wan`: 20 ms each way, iperf3 {seconds} s, \
-         median of {runs}. Mbit/s; round trips in ms (p50/p99) under a 4-flow download; page \
-         load: {PAGE_OBJECTS} fetches of {} KB, {PAGE_PARALLEL} at a time, in s; UDP: highest \
-         rate with under 1% loss. \"link late\": share of packets the WAN link itself sent over \
-         1 ms late.\n\n| system | loss % | cap | up | down | 4 up | 4 down | ping load | RR \
-         load | page s | UDP max | idle ping | link late |\n|---|---|---|---|---|---|---|---|---|\
-         ---|---|---|---|\n",
+        "# VPNs across a WAN\n\n`cargo xtask bench --wan`: 20 ms each way. Mbit/s (iperf3, the \
+         median of the runs the last column names); round trips in ms (p50/p99) under a 4-flow \
+         download; page load: {PAGE_OBJECTS} fetches of {} KB, {PAGE_PARALLEL} at a time, in s; \
+         UDP: highest rate with under 1% loss. \"link late\": share of packets the WAN link \
+         itself sent over 1 ms late.\n\n| system | loss % | cap | up | down | 4 up | 4 down | \
+         ping load | RR load | page s | UDP max | idle ping | link late | measured |\n|---|---|\
+         ---|---|---|---|---|---|---|---|---|---|---|---|\n",
         PAGE_OBJECT / 1000
     );
     for c in cells {
+        let measured = if c.measured.is_empty() {
+            "-".to_owned()
+        } else {
+            format!("{}, {} s × {}", c.measured, c.seconds, c.runs)
+        };
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {}/{} | {}/{} | {} | {} | {} | {:.1}% |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {}/{} | {}/{} | {} | {} | {} | {:.1}% | {} |\n",
             c.system,
             c.loss_percent,
             c.cap_mbit
@@ -1288,7 +1342,55 @@ fn table(cells: &[Cell], seconds: u64, runs: usize) -> String {
             f(c.udp_max_mbit),
             f(c.ping_idle_ms),
             c.link_late_share * 100.0,
+            measured,
         ));
     }
     md
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cell(system: System, loss: f64, cap: Option<u64>, measured: &str) -> Cell {
+        Cell {
+            system: system.name().to_owned(),
+            loss_percent: loss,
+            cap_mbit: cap,
+            measured: measured.to_owned(),
+            ..Cell::default()
+        }
+    }
+
+    #[test]
+    fn a_part_run_replaces_its_cells_and_keeps_the_rest_in_order() {
+        let earlier = vec![
+            cell(System::None, 0.0, None, "old"),
+            cell(System::None, 2.0, None, "old"),
+            cell(System::OpenVpnTcp, 0.0, None, "old"),
+            cell(System::Prism, 0.0, Some(100), "old"),
+        ];
+        let fresh = vec![
+            cell(System::Prism, 0.0, None, "new"),
+            cell(System::Prism, 0.0, Some(100), "new"),
+            cell(System::None, 0.5, None, "new"),
+            cell(System::None, 2.0, None, "new"),
+        ];
+        let merged: Vec<(String, f64, Option<u64>, String)> = merge(earlier, fresh)
+            .into_iter()
+            .map(|c| (c.system, c.loss_percent, c.cap_mbit, c.measured))
+            .collect();
+        let row = |s: System, loss, cap, m: &str| (s.name().to_owned(), loss, cap, m.to_owned());
+        assert_eq!(
+            merged,
+            vec![
+                row(System::None, 0.0, None, "old"),
+                row(System::None, 0.5, None, "new"),
+                row(System::None, 2.0, None, "new"),
+                row(System::OpenVpnTcp, 0.0, None, "old"),
+                row(System::Prism, 0.0, None, "new"),
+                row(System::Prism, 0.0, Some(100), "new"),
+            ]
+        );
+    }
 }
