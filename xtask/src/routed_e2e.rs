@@ -353,6 +353,11 @@ pub(crate) fn run(prism: &Path, logs: &Path, report: &mut Report) {
     );
     report.record(
         "default route",
+        "the README's --default-route command with --socks5-pipeline: the same through the proxy, pipelined",
+        whole_machine(&topo, prism, logs, Recipe::Pipelined),
+    );
+    report.record(
+        "default route",
         "the README's --route command, word for word, through a password-protected proxy on the loopback",
         readme_routes(&topo, prism, logs),
     );
@@ -755,6 +760,9 @@ enum Recipe {
     /// The README's configuration file, and `--upstream direct` after it (flags override the
     /// file).
     FileThenDirect,
+    /// The README's `--default-route` command, and `--socks5-pipeline` after it: the greeting,
+    /// the request and the client's first bytes reach the proxy behind the router in one go.
+    Pipelined,
 }
 
 fn whole_machine(topo: &Routed, prism: &Path, logs: &Path, recipe: Recipe) -> Result<String> {
@@ -771,6 +779,10 @@ fn whole_machine(topo: &Routed, prism: &Path, logs: &Path, recipe: Recipe) -> Re
             let args = ["run", "--config", &file, "--upstream", "direct"];
             ("direct", args.map(str::to_owned).to_vec())
         }
+        Recipe::Pipelined => (
+            "socks5-pipelined",
+            topo.readme.default_route_and(&["--socks5-pipeline"]),
+        ),
     };
     let stats = logs.join(format!("stats-routed-{name}.json"));
     let mut prism_run = topo.start_prism(
