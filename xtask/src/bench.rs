@@ -2,8 +2,9 @@
 //!
 //! Systems: the kernel routing the traffic with no TUN (the client's bypass route over the
 //! veth), Prism with a SOCKS5 upstream (dante in the server namespace), and Prism `direct`.
-//! Measures: one TCP flow up and down and 8 flows (iperf3, 10 s each); 1-byte request/response
-//! p50 and p99 on one connection; new connections per second (connect, one exchange, close);
+//! Measures: one TCP flow up and down and 8 flows (iperf3, 10 s each, the median of three
+//! runs); 1-byte request/response p50 and p99 on one connection (the median of five rounds);
+//! new connections per second (connect, one exchange, close; 5 s, the median of three runs);
 //! all of these again over IPv6; RSS of the stack's process with 2,000 connections open
 //! through SOCKS5 and 10,000 through `direct`, and one flow's throughput while the 10,000 stay
 //! open; Prism's CPU seconds per GB. Writes `docs/bench/results.{json,md,svg}`. Nothing here
@@ -354,10 +355,14 @@ fn measure(topo: &Topology, mut f: Figures, pid: Option<u32>, many: bool) -> Res
     flows(topo, &mut f, pid, true)?;
     let before = retransmissions(topo);
     f.conn_per_s = f.attempt("connections per second", || {
-        connections_per_second(topo, topology::TARGET_V4)
+        median_of_runs("connections per second", || {
+            connections_per_second(topo, topology::TARGET_V4)
+        })
     });
     f.conn_v6_per_s = f.attempt("IPv6 connections per second", || {
-        connections_per_second(topo, topology::TARGET_V6)
+        median_of_runs("IPv6 connections per second", || {
+            connections_per_second(topo, topology::TARGET_V6)
+        })
     });
     let after = retransmissions(topo);
     println!(
@@ -414,10 +419,45 @@ fn flows(topo: &Topology, f: &mut Figures, pid: Option<u32>, v6: bool) -> Result
     Ok(())
 }
 
+/// How many times each iperf3 test and each connections-per-second test runs; the figure is
+/// their median. `PRISM_BENCH_RUNS`, 3 unless set: on a shared machine one 10-second test can
+/// land in a slow minute (docs/bench/spread.md).
+fn runs() -> usize {
+    std::env::var("PRISM_BENCH_RUNS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(3)
+}
+
+/// The median of `runs()` results of `measure`, each printed; an error ends it.
+fn median_of_runs(what: &str, mut measure: impl FnMut() -> Result<f64>) -> Result<f64> {
+    let mut got = (0..runs())
+        .map(|_| measure())
+        .collect::<Result<Vec<f64>>>()?;
+    let shown: Vec<String> = got.iter().map(|v| format!("{v:.0}")).collect();
+    println!("  {what}: runs [{}]", shown.join(", "));
+    got.sort_by(f64::total_cmp);
+    got.get(got.len() / 2).copied().context("no runs")
+}
+
+/// iperf3 from the client namespace, `runs()` times; (the median Mbit/s received, the bytes of
+/// all the runs).
+fn iperf(topo: &Topology, target: IpAddr, extra: &[&str]) -> Result<(f64, u64)> {
+    let mut bytes = 0;
+    let what = format!("iperf3 to {target} {extra:?}, Mbit/s");
+    let mbit = median_of_runs(&what, || {
+        let (mbit, moved) = iperf_retried(topo, target, extra)?;
+        bytes += moved;
+        Ok(mbit)
+    })?;
+    Ok((mbit, bytes))
+}
+
 /// One iperf3 run from the client namespace; (Mbit/s received, bytes). A run that fails is
 /// tried again, three times in all, and each failure is printed: a peer that drops a test's
 /// connection under load should cost that run, not the whole bench.
-fn iperf(topo: &Topology, target: IpAddr, extra: &[&str]) -> Result<(f64, u64)> {
+fn iperf_retried(topo: &Topology, target: IpAddr, extra: &[&str]) -> Result<(f64, u64)> {
     let mut attempt = 1;
     loop {
         match iperf_once(topo, target, extra) {
