@@ -438,7 +438,7 @@ fn median_of_runs(what: &str, mut measure: impl FnMut() -> Result<f64>) -> Resul
     let shown: Vec<String> = got.iter().map(|v| format!("{v:.0}")).collect();
     println!("  {what}: runs [{}]", shown.join(", "));
     got.sort_by(f64::total_cmp);
-    got.get(got.len() / 2).copied().context("no runs")
+    Ok(percentile(&got, 50))
 }
 
 /// iperf3 from the client namespace, `runs()` times; (the median Mbit/s received, the bytes of
