@@ -28,6 +28,7 @@ use crate::e2e::{build_prism, in_netns};
 use crate::netns::{Process, wait_for};
 use crate::peers::{self, Peer};
 use crate::servers::{self, Servers};
+use crate::stats::{self, percentile};
 use crate::topology::{self, Topology};
 
 const IPERF_PORT: u16 = 5201;
@@ -432,13 +433,12 @@ fn runs() -> usize {
 
 /// The median of `runs()` results of `measure`, each printed; an error ends it.
 fn median_of_runs(what: &str, mut measure: impl FnMut() -> Result<f64>) -> Result<f64> {
-    let mut got = (0..runs())
+    let got = (0..runs())
         .map(|_| measure())
         .collect::<Result<Vec<f64>>>()?;
     let shown: Vec<String> = got.iter().map(|v| format!("{v:.0}")).collect();
     println!("  {what}: runs [{}]", shown.join(", "));
-    got.sort_by(f64::total_cmp);
-    Ok(percentile(&got, 50))
+    stats::median(got).context("no runs")
 }
 
 /// iperf3 from the client namespace, `runs()` times; (the median Mbit/s received, the bytes of
@@ -589,10 +589,6 @@ fn connections_per_second(topo: &Topology, target: IpAddr) -> Result<f64> {
 }
 
 /// The `q`th percentile of `sorted`; 0 when it is empty.
-fn percentile(sorted: &[f64], q: usize) -> f64 {
-    sorted.get(sorted.len() * q / 100).copied().unwrap_or(0.0)
-}
-
 /// "p50 …, p99 …, max … ms" of durations in milliseconds.
 fn spread(times: &mut [f64]) -> String {
     times.sort_by(f64::total_cmp);

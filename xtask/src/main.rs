@@ -36,6 +36,7 @@ mod relay_e2e;
 mod routed_e2e;
 mod servers;
 mod soak;
+mod stats;
 mod tools;
 mod topology;
 mod udp_load;

@@ -858,6 +858,12 @@ fn whole_machine(topo: &Routed, prism: &Path, logs: &Path, recipe: Recipe) -> Re
         "no line at start says what is routed: {}",
         prism_run.log()
     );
+    // The engine built its connector pipelined (the connector's single write is unit-tested).
+    ensure!(
+        prism_run.log().contains("SOCKS5 pipelined") == (recipe == Recipe::Pipelined),
+        "the log disagrees with --socks5-pipeline ({recipe:?}): {}",
+        prism_run.log()
+    );
     Ok(
         " (curl by name: 64 MiB intact; echoes of 4 MiB over IPv4, 1 MiB over IPv6, 20 short)"
             .to_owned(),

@@ -42,6 +42,7 @@ use crate::chart;
 use crate::e2e::in_netns;
 use crate::netns::{Netns, Process};
 use crate::servers;
+use crate::stats::{self, percentile};
 use crate::udp_load;
 use crate::wan::{ADDR_A, ADDR_B, DEV_A, DEV_B, Shape, Wan};
 
@@ -515,7 +516,9 @@ pub(crate) fn run() -> Result<()> {
         cells = merge(earlier, cells);
     }
     std::fs::write(dir.join("wan.json"), serde_json::to_string_pretty(&cells)?)?;
-    std::fs::write(dir.join("wan.md"), table(&cells))?;
+    let md = dir.join("wan.md");
+    let earlier = std::fs::read_to_string(&md).unwrap_or_default();
+    std::fs::write(&md, keep_commentary(table(&cells), &earlier))?;
     std::fs::write(dir.join("wan.svg"), chart(&cells)?)?;
     println!("bench --wan: wrote docs/bench/wan.json, wan.md and wan.svg");
     Ok(())
@@ -876,11 +879,11 @@ impl Bench {
 
     fn measure(&self, cell: &mut Cell, seconds: u64, runs: usize) {
         let median = |cell: &mut Cell, what: &str, args: &[&str]| -> Option<f64> {
-            let mut got: Vec<f64> = (0..runs)
-                .filter_map(|_| cell.attempt(what, || self.iperf(seconds, args)))
-                .collect();
-            got.sort_by(f64::total_cmp);
-            got.get(got.len() / 2).copied()
+            stats::median(
+                (0..runs)
+                    .filter_map(|_| cell.attempt(what, || self.iperf(seconds, args)))
+                    .collect(),
+            )
         };
         cell.up_mbit = median(cell, "1 flow up", &[]);
         cell.down_mbit = median(cell, "1 flow down", &["-R"]);
@@ -1207,14 +1210,6 @@ pub(crate) fn json_number(out: &str, section: &str, key: &str) -> Result<f64> {
         .with_context(|| format!("iperf3 printed no {key}"))
 }
 
-fn percentile(sorted: &[f64], q: usize) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = (sorted.len() * q / 100).min(sorted.len() - 1);
-    sorted.get(i).copied().unwrap_or(0.0)
-}
-
 /// The chart of `docs/bench/wan.svg`: a bar per system in each cell. One download and one
 /// upload get a panel per rate cap (the capped cells, where TCP over TCP shows, would be
 /// flat beside the uncapped ones); ping under load and the page load one panel each.
@@ -1348,9 +1343,34 @@ fn table(cells: &[Cell]) -> String {
     md
 }
 
+/// The new table followed by the hand-written commentary of the file it replaces: everything
+/// from the earlier file's first `## ` heading on, so a run does not erase what was said about
+/// the earlier ones.
+fn keep_commentary(table: String, earlier: &str) -> String {
+    let commentary = earlier
+        .match_indices("\n## ")
+        .next()
+        .map_or("", |(at, _)| &earlier[at + 1..]);
+    if commentary.is_empty() {
+        table
+    } else {
+        format!("{table}\n{commentary}")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rewritten_table_keeps_the_commentary_under_it() {
+        let earlier = "# VPNs\n\n| old | table |\n\n## What it shows\n\nwords\n";
+        assert_eq!(
+            keep_commentary("# VPNs\n\n| new |\n".to_owned(), earlier),
+            "# VPNs\n\n| new |\n\n## What it shows\n\nwords\n"
+        );
+        assert_eq!(keep_commentary("| new |\n".to_owned(), ""), "| new |\n");
+    }
 
     fn cell(system: System, loss: f64, cap: Option<u64>, measured: &str) -> Cell {
         Cell {

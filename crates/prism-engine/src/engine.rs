@@ -367,6 +367,12 @@ impl Builder {
         let connector: Arc<dyn Connector> = match self.upstream {
             Upstream::Direct => Arc::new(direct),
             Upstream::Socks5(url) => {
+                if self.socks5_pipeline {
+                    info!(
+                        proxy = %url.proxy(),
+                        "SOCKS5 pipelined: greeting, request and first bytes leave in one write"
+                    );
+                }
                 Arc::new(Socks5::new(url, direct).pipelined(self.socks5_pipeline))
             }
             Upstream::Custom(connector) => connector,
