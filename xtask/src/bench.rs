@@ -538,9 +538,9 @@ fn request_response(topo: &Topology, target: IpAddr) -> Result<(f64, f64)> {
             p99s.push(percentile(&times, 99));
         }
         println!("  request/response rounds, p50 {p50s:.1?}, p99 {p99s:.1?} µs");
-        p50s.sort_by(f64::total_cmp);
-        p99s.sort_by(f64::total_cmp);
-        Ok((percentile(&p50s, 50), percentile(&p99s, 50)))
+        let p50 = stats::median(p50s).context("no rounds")?;
+        let p99 = stats::median(p99s).context("no rounds")?;
+        Ok((p50, p99))
     })
 }
 
@@ -588,7 +588,6 @@ fn connections_per_second(topo: &Topology, target: IpAddr) -> Result<f64> {
     })
 }
 
-/// The `q`th percentile of `sorted`; 0 when it is empty.
 /// "p50 …, p99 …, max … ms" of durations in milliseconds.
 fn spread(times: &mut [f64]) -> String {
     times.sort_by(f64::total_cmp);

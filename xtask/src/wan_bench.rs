@@ -1347,14 +1347,9 @@ fn table(cells: &[Cell]) -> String {
 /// from the earlier file's first `## ` heading on, so a run does not erase what was said about
 /// the earlier ones.
 fn keep_commentary(table: String, earlier: &str) -> String {
-    let commentary = earlier
-        .match_indices("\n## ")
-        .next()
-        .map_or("", |(at, _)| &earlier[at + 1..]);
-    if commentary.is_empty() {
-        table
-    } else {
-        format!("{table}\n{commentary}")
+    match earlier.find("\n## ") {
+        Some(at) => format!("{table}\n{}", &earlier[at + 1..]),
+        None => table,
     }
 }
 
