@@ -29,6 +29,7 @@ use crate::netns::{Process, wait_for};
 use crate::peers::{self, Peer};
 use crate::servers::{self, Servers};
 use crate::stats::{self, percentile};
+use crate::tools;
 use crate::topology::{self, Topology};
 
 const IPERF_PORT: u16 = 5201;
@@ -120,11 +121,11 @@ pub(crate) fn serve_targets(ns: &str, addresses: Vec<std::net::IpAddr>) -> Resul
 
 pub(crate) fn run(peers: bool) -> Result<()> {
     ensure!(
-        crate::tools::is_root(),
+        tools::is_root(),
         "bench needs root (network namespaces, TUN)"
     );
     crate::netns::sweep();
-    crate::tools::ensure(&[
+    tools::ensure(&[
         ("iperf3", "iperf3"),
         ("danted", "dante-server"),
         ("ip", "iproute2"),
@@ -442,36 +443,24 @@ fn median_of_runs(what: &str, mut measure: impl FnMut() -> Result<f64>) -> Resul
 }
 
 /// iperf3 from the client namespace, `runs()` times; (the median Mbit/s received, the bytes of
-/// all the runs).
+/// all the runs). A run that fails is tried again, three times in all, and each failure is
+/// printed: a peer that drops a test's connection under load should cost that run, not the
+/// whole bench.
 fn iperf(topo: &Topology, target: IpAddr, extra: &[&str]) -> Result<(f64, u64)> {
     let mut bytes = 0;
     let what = format!("iperf3 to {target} {extra:?}, Mbit/s");
     let mbit = median_of_runs(&what, || {
-        let (mbit, moved) = iperf_retried(topo, target, extra)?;
+        let (mbit, moved) =
+            tools::retried(&format!("iperf3 {extra:?}"), Duration::from_secs(1), || {
+                iperf_once(topo, target, extra)
+            })?;
         bytes += moved;
         Ok(mbit)
     })?;
     Ok((mbit, bytes))
 }
 
-/// One iperf3 run from the client namespace; (Mbit/s received, bytes). A run that fails is
-/// tried again, three times in all, and each failure is printed: a peer that drops a test's
-/// connection under load should cost that run, not the whole bench.
-fn iperf_retried(topo: &Topology, target: IpAddr, extra: &[&str]) -> Result<(f64, u64)> {
-    let mut attempt = 1;
-    loop {
-        match iperf_once(topo, target, extra) {
-            Ok(result) => return Ok(result),
-            Err(error) if attempt < 3 => {
-                println!("  iperf3 {extra:?} failed (attempt {attempt}): {error:#}");
-                attempt += 1;
-                std::thread::sleep(Duration::from_secs(1));
-            }
-            Err(error) => return Err(error.context(format!("iperf3 {extra:?}, three attempts"))),
-        }
-    }
-}
-
+/// One iperf3 run from the client namespace; (Mbit/s received, bytes).
 fn iperf_once(topo: &Topology, target: IpAddr, extra: &[&str]) -> Result<(f64, u64)> {
     let target = target.to_string();
     let port = IPERF_PORT.to_string();

@@ -1,6 +1,7 @@
 //! Third-party tools the privileged tasks need, installed from Debian when missing.
 
 use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{Result, bail};
 
@@ -50,4 +51,22 @@ fn on_path(program: &str) -> bool {
 /// Whether this process runs as root.
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
+}
+
+/// Runs `once` up to three times, printing each failure but the last, which is returned with
+/// `what` as its context. For tools such as iperf3 whose server may still be finishing the
+/// test before, behind a slow tunnel.
+pub fn retried<T>(what: &str, pause: Duration, mut once: impl FnMut() -> Result<T>) -> Result<T> {
+    let mut attempt = 1;
+    loop {
+        match once() {
+            Ok(result) => return Ok(result),
+            Err(error) if attempt < 3 => {
+                println!("    {what} failed (attempt {attempt}): {error:#}");
+                attempt += 1;
+                std::thread::sleep(pause);
+            }
+            Err(error) => return Err(error.context(format!("{what}, three attempts"))),
+        }
+    }
 }

@@ -15,7 +15,7 @@
 //! the client namespace:
 //! - one TCP flow up and down and 4 flows each way (iperf3, median of the runs);
 //! - round trips under load: ping and a 1-byte TCP request/response while 4 flows download
-//!   (p50, p99);
+//!   (p50, p99; the median of the runs);
 //! - a page load: 200 fetches of 100 KB, 8 at a time (total seconds);
 //! - UDP: the highest rate losing under 1% beyond the link's own loss (`udp_load`: GSO batches
 //!   of 1,200-byte datagrams, by bisection); ping at idle.
@@ -43,6 +43,7 @@ use crate::e2e::in_netns;
 use crate::netns::{Netns, Process};
 use crate::servers;
 use crate::stats::{self, percentile};
+use crate::tools;
 use crate::udp_load;
 use crate::wan::{ADDR_A, ADDR_B, DEV_A, DEV_B, Shape, Wan};
 
@@ -79,6 +80,9 @@ pub(crate) struct Cell {
     page_load_s: Option<f64>,
     udp_max_mbit: Option<f64>,
     ping_idle_ms: Option<f64>,
+    /// Share of the machine's CPU time that was busy during the 4-flow tests (median): near 1,
+    /// the link, both tunnel ends and the servers were short of CPU, not of bandwidth.
+    cpu_busy_4flows: Option<f64>,
     /// Share of packets the link itself sent over 1 ms late, and its latest (ms).
     link_late_share: f64,
     link_latest_ms: f64,
@@ -87,6 +91,9 @@ pub(crate) struct Cell {
     measured: String,
     seconds: u64,
     runs: usize,
+    /// Of how many runs the round trips under load are the median (0 in cells measured before
+    /// they were: one run).
+    load_runs: usize,
 }
 
 impl Cell {
@@ -134,9 +141,9 @@ pub(crate) struct RelayFigures {
 /// 5 s (round trip p50 and p99, transactions a second), and ping at idle. Writes `docs/bench/relay.{json,md}`. `PRISM_BENCH_BINARY`
 /// measures that `prism` binary instead of building this tree's.
 pub(crate) fn relay_local() -> Result<()> {
-    ensure!(crate::tools::is_root(), "bench --relay needs root");
+    ensure!(tools::is_root(), "bench --relay needs root");
     crate::netns::sweep();
-    crate::tools::ensure(&[
+    tools::ensure(&[
         ("iperf3", "iperf3"),
         ("danted", "dante-server"),
         ("ping", "iputils-ping"),
@@ -211,7 +218,7 @@ pub(crate) fn relay_local() -> Result<()> {
 /// loss (20 ms each way, 100 Mbit/s): one download, ping while 4 flows download, and a short
 /// page load. About a minute.
 pub(crate) fn demo_scene(prism: &Path) -> Result<()> {
-    crate::tools::ensure(&[
+    tools::ensure(&[
         ("iperf3", "iperf3"),
         ("ping", "iputils-ping"),
         ("openvpn", "openvpn"),
@@ -418,9 +425,9 @@ struct Bench {
 }
 
 pub(crate) fn run() -> Result<()> {
-    ensure!(crate::tools::is_root(), "bench --wan needs root");
+    ensure!(tools::is_root(), "bench --wan needs root");
     crate::netns::sweep();
-    crate::tools::ensure(&[
+    tools::ensure(&[
         ("iperf3", "iperf3"),
         ("danted", "dante-server"),
         ("ping", "iputils-ping"),
@@ -483,6 +490,7 @@ pub(crate) fn run() -> Result<()> {
                     measured: today.clone(),
                     seconds,
                     runs,
+                    load_runs: runs,
                     ..Cell::default()
                 };
                 let before = late(wan);
@@ -522,6 +530,44 @@ pub(crate) fn run() -> Result<()> {
     std::fs::write(dir.join("wan.svg"), chart(&cells)?)?;
     println!("bench --wan: wrote docs/bench/wan.json, wan.md and wan.svg");
     Ok(())
+}
+
+/// One run of round trips under load, in ms: (p50, p99) of ping and of request/response.
+struct UnderLoad {
+    ping: (f64, f64),
+    rr: (f64, f64),
+}
+
+/// The machine's CPU time so far (all cores, in clock ticks): busy and in all.
+struct CpuTimes {
+    busy: u64,
+    total: u64,
+}
+
+impl CpuTimes {
+    fn now() -> Result<CpuTimes> {
+        let stat = std::fs::read_to_string("/proc/stat")?;
+        let ticks: Vec<u64> = stat
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("cpu "))
+            .context("no cpu line in /proc/stat")?
+            .split_whitespace()
+            .take(8) // user nice system idle iowait irq softirq steal; guest is within user
+            .map(str::parse)
+            .collect::<Result<_, _>>()?;
+        ensure!(ticks.len() == 8, "a short cpu line in /proc/stat");
+        let total = ticks.iter().sum();
+        Ok(CpuTimes {
+            busy: total - ticks[3] - ticks[4],
+            total,
+        })
+    }
+
+    /// The share of CPU time since `before` that was busy.
+    fn busy_since(&self, before: &CpuTimes) -> f64 {
+        (self.busy - before.busy) as f64 / (self.total - before.total).max(1) as f64
+    }
 }
 
 /// Today's UTC date, as `date` prints it (YYYY-MM-DD).
@@ -878,25 +924,39 @@ impl Bench {
     }
 
     fn measure(&self, cell: &mut Cell, seconds: u64, runs: usize) {
-        let median = |cell: &mut Cell, what: &str, args: &[&str]| -> Option<f64> {
-            stats::median(
-                (0..runs)
-                    .filter_map(|_| cell.attempt(what, || self.iperf(seconds, args)))
-                    .collect(),
-            )
+        // Each test's Mbit/s and the share of the machine's CPU time that was busy meanwhile.
+        let tests = |cell: &mut Cell, what: &str, args: &[&str]| -> Vec<(f64, f64)> {
+            (0..runs)
+                .filter_map(|_| {
+                    cell.attempt(what, || {
+                        tools::retried(&format!("iperf3 {args:?}"), Duration::from_secs(2), || {
+                            let before = CpuTimes::now()?;
+                            let mbit = self.iperf_once(seconds, args)?;
+                            Ok((mbit, CpuTimes::now()?.busy_since(&before)))
+                        })
+                    })
+                })
+                .collect()
         };
-        cell.up_mbit = median(cell, "1 flow up", &[]);
-        cell.down_mbit = median(cell, "1 flow down", &["-R"]);
-        cell.up4_mbit = median(cell, "4 flows up", &["-P", "4"]);
-        cell.down4_mbit = median(cell, "4 flows down", &["-P", "4", "-R"]);
-        if let Some(((ping50, ping99), (rr50, rr99))) =
-            cell.attempt("round trips under load", || self.under_load())
-        {
-            cell.ping_load_p50_ms = Some(ping50);
-            cell.ping_load_p99_ms = Some(ping99);
-            cell.rr_load_p50_ms = Some(rr50);
-            cell.rr_load_p99_ms = Some(rr99);
-        }
+        let mbit = |tests: &[(f64, f64)]| stats::median(tests.iter().map(|t| t.0).collect());
+        cell.up_mbit = mbit(&tests(cell, "1 flow up", &[]));
+        cell.down_mbit = mbit(&tests(cell, "1 flow down", &["-R"]));
+        let up4 = tests(cell, "4 flows up", &["-P", "4"]);
+        let down4 = tests(cell, "4 flows down", &["-P", "4", "-R"]);
+        cell.up4_mbit = mbit(&up4);
+        cell.down4_mbit = mbit(&down4);
+        cell.cpu_busy_4flows = stats::median(up4.iter().chain(&down4).map(|t| t.1).collect());
+        // Like iperf3's, the round trips under load are the median of the runs: whether four
+        // flows fill the link's queue differs from run to run at low loss, for any system.
+        let loaded: Vec<_> = (0..runs)
+            .filter_map(|_| cell.attempt("round trips under load", || self.under_load()))
+            .collect();
+        let of_runs =
+            |figure: fn(&UnderLoad) -> f64| stats::median(loaded.iter().map(figure).collect());
+        cell.ping_load_p50_ms = of_runs(|l| l.ping.0);
+        cell.ping_load_p99_ms = of_runs(|l| l.ping.1);
+        cell.rr_load_p50_ms = of_runs(|l| l.rr.0);
+        cell.rr_load_p99_ms = of_runs(|l| l.rr.1);
         cell.page_load_s = cell.attempt("page load", || self.page_load(PAGE_OBJECTS));
         let loss = cell.loss_percent;
         cell.udp_max_mbit = cell.attempt("UDP", || self.udp_max(loss, 2000.0, Way::Up));
@@ -905,22 +965,7 @@ impl Bench {
             .map(|rtts| percentile(&rtts, 50));
     }
 
-    /// Mbit/s an iperf3 TCP test received; a test that fails (the server still finishing the
-    /// one before, behind a slow tunnel) is tried again, three times in all.
-    fn iperf(&self, seconds: u64, extra: &[&str]) -> Result<f64> {
-        let mut attempt = 1;
-        loop {
-            match self.iperf_once(seconds, extra) {
-                Err(error) if attempt < 3 => {
-                    println!("    iperf3 {extra:?} failed (attempt {attempt}): {error:#}");
-                    attempt += 1;
-                    std::thread::sleep(Duration::from_secs(2));
-                }
-                result => return result,
-            }
-        }
-    }
-
+    /// Mbit/s an iperf3 TCP test received.
     fn iperf_once(&self, seconds: u64, extra: &[&str]) -> Result<f64> {
         let target = TARGET.to_string();
         let port = IPERF_PORT.to_string();
@@ -967,7 +1012,7 @@ impl Bench {
     }
 
     /// Ping and a 1-byte TCP request/response, each for 5 s, while 4 flows download.
-    fn under_load(&self) -> Result<((f64, f64), (f64, f64))> {
+    fn under_load(&self) -> Result<UnderLoad> {
         let mut load = self.client.command("iperf3");
         load.args(["-c", &TARGET.to_string(), "-p", &IPERF_PORT.to_string()]);
         load.args(["-t", "14", "-P", "4", "-R"]);
@@ -993,10 +1038,10 @@ impl Bench {
         let _ = load.stop(Signal::SIGINT, Duration::from_secs(5));
         let (pings, rr) = (pings?, rr?);
         ensure!(!rr.is_empty(), "no request/response completed");
-        Ok((
-            (percentile(&pings, 50), percentile(&pings, 99)),
-            (percentile(&rr, 50), percentile(&rr, 99)),
-        ))
+        Ok(UnderLoad {
+            ping: (percentile(&pings, 50), percentile(&pings, 99)),
+            rr: (percentile(&rr, 50), percentile(&rr, 99)),
+        })
     }
 
     /// Seconds to fetch `objects` objects of a page, a few at a time, each on a new
@@ -1306,21 +1351,27 @@ fn table(cells: &[Cell]) -> String {
     let mut md = format!(
         "# VPNs across a WAN\n\n`cargo xtask bench --wan`: 20 ms each way. Mbit/s (iperf3, the \
          median of the runs the last column names); round trips in ms (p50/p99) under a 4-flow \
-         download; page load: {PAGE_OBJECTS} fetches of {} KB, {PAGE_PARALLEL} at a time, in s; \
-         UDP: highest rate with under 1% loss. \"link late\": share of packets the WAN link \
-         itself sent over 1 ms late.\n\n| system | loss % | cap | up | down | 4 up | 4 down | \
-         ping load | RR load | page s | UDP max | idle ping | link late | measured |\n|---|---|\
-         ---|---|---|---|---|---|---|---|---|---|---|---|\n",
+         download (one run, or the median of the runs the last column names); page load: {PAGE_OBJECTS} fetches of {} KB, {PAGE_PARALLEL} at a time, in s; \
+         UDP: highest rate with under 1% loss. \"CPU busy\": share of the machine's CPU time busy \
+         during the 4-flow tests (median; the link, both ends and the servers share it). \"link \
+         late\": share of packets the WAN link itself sent over 1 ms late.\n\n| system | loss % | cap | up | down | 4 up | 4 down | \
+         ping load | RR load | page s | UDP max | idle ping | CPU busy | link late | measured \
+         |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
         PAGE_OBJECT / 1000
     );
     for c in cells {
         let measured = if c.measured.is_empty() {
             "-".to_owned()
         } else {
-            format!("{}, {} s × {}", c.measured, c.seconds, c.runs)
+            let load = match c.load_runs {
+                0 | 1 => String::new(),
+                n => format!(", round trips × {n}"),
+            };
+            format!("{}, {} s × {}{load}", c.measured, c.seconds, c.runs)
         };
         md.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {}/{} | {}/{} | {} | {} | {} | {:.1}% | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {}/{} | {}/{} | {} | {} | {} | {} | {:.1}% | {} \
+             |\n",
             c.system,
             c.loss_percent,
             c.cap_mbit
@@ -1336,6 +1387,8 @@ fn table(cells: &[Cell]) -> String {
             f(c.page_load_s),
             f(c.udp_max_mbit),
             f(c.ping_idle_ms),
+            c.cpu_busy_4flows
+                .map_or("-".to_owned(), |b| format!("{:.0}%", b * 100.0)),
             c.link_late_share * 100.0,
             measured,
         ));
@@ -1356,6 +1409,15 @@ fn keep_commentary(table: String, earlier: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_busy_share_of_cpu_time_is_a_share() {
+        let before = CpuTimes::now().unwrap();
+        let spin = Instant::now();
+        while spin.elapsed() < Duration::from_millis(50) {}
+        let busy = CpuTimes::now().unwrap().busy_since(&before);
+        assert!(busy > 0.0 && busy <= 1.0, "{busy}");
+    }
 
     #[test]
     fn a_rewritten_table_keeps_the_commentary_under_it() {
