@@ -29,10 +29,7 @@ use std::process::ExitCode;
 
 /// jemalloc rather than the system allocator: its large allocations are zeroed lazily (a
 /// connection's socket buffers cost only the pages it touches) and it returns freed pages to
-/// the OS after a decay period, where glibc's per-thread arenas keep them resident. Its
-/// background thread (Cargo feature `background_threads`) does that purging, so pages freed
-/// before the process went idle are returned too; without it jemalloc purges only when it is
-/// called again.
+/// the OS after a decay period, where glibc's per-thread arenas keep them resident.
 #[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
