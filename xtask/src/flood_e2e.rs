@@ -37,8 +37,12 @@ const REAL_AT_ONCE: usize = 50;
 const MESSAGE: usize = 16 * 1024;
 /// How long one real connection may take: the kernel retransmits a SYN the flood crowded
 /// out of the TUN's queue after 1, 3, 7, 15 and 31 s, and backs off its data retransmissions
-/// likewise.
-const PATIENCE: Duration = Duration::from_secs(60);
+/// likewise. A connection opened through a SYN cookie has no timestamps, so after a lost
+/// segment gets through the client's timer stays backed off (3, 6, 12, 24 s) and a second
+/// burst of drops costs the next interval: captured, the slowest took 30-60 s and a few went
+/// past 60 (ARCHITECTURE, SYN cookies). Two minutes is Linux's largest retransmission
+/// interval and how long Prism waits on a silent client; a connection that hangs still fails.
+const PATIENCE: Duration = Duration::from_secs(120);
 /// The caps Prism runs with (its defaults).
 const MAX_HALF_OPEN: u64 = 4096;
 const MAX_PENDING: u64 = 1024;
