@@ -25,7 +25,7 @@
 //! the systems ("none,openvpn-tcp,openvpn-udp,wireguard-go,prism"). A whole run writes
 //! `docs/bench/wan.{json,md,svg}` afresh. A subset is only printed, unless `PRISM_WAN_WRITE=1`:
 //! then its cells replace the same (system, loss, cap) cells in `wan.json` and the rest stay,
-//! so a full run can be made in parts (it takes about 2.5 hours); each row of the table says
+//! so a full run can be made in parts (it takes about 2.75 hours); each row of the table says
 //! when it was measured and with how long a run.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -91,8 +91,8 @@ pub(crate) struct Cell {
     measured: String,
     seconds: u64,
     runs: usize,
-    /// Of how many runs the round trips under load are the median (0 in cells measured before
-    /// they were: one run).
+    /// Of how many runs the round trips under load are the median, p50 and p99 each its own
+    /// (0 in cells measured before they were: one run).
     load_runs: usize,
 }
 
@@ -490,7 +490,6 @@ pub(crate) fn run() -> Result<()> {
                     measured: today.clone(),
                     seconds,
                     runs,
-                    load_runs: runs,
                     ..Cell::default()
                 };
                 let before = late(wan);
@@ -566,7 +565,9 @@ impl CpuTimes {
 
     /// The share of CPU time since `before` that was busy.
     fn busy_since(&self, before: &CpuTimes) -> f64 {
-        (self.busy - before.busy) as f64 / (self.total - before.total).max(1) as f64
+        // iowait, counted as idle, may step back: saturate rather than wrap.
+        let busy = self.busy.saturating_sub(before.busy);
+        busy as f64 / self.total.saturating_sub(before.total).max(1) as f64
     }
 }
 
@@ -957,6 +958,7 @@ impl Bench {
         cell.ping_load_p99_ms = of_runs(|l| l.ping.1);
         cell.rr_load_p50_ms = of_runs(|l| l.rr.0);
         cell.rr_load_p99_ms = of_runs(|l| l.rr.1);
+        cell.load_runs = loaded.len();
         cell.page_load_s = cell.attempt("page load", || self.page_load(PAGE_OBJECTS));
         let loss = cell.loss_percent;
         cell.udp_max_mbit = cell.attempt("UDP", || self.udp_max(loss, 2000.0, Way::Up));
