@@ -9,6 +9,10 @@
 //! spoofed SYN below the pending cap asks for an upstream connect, to addresses the server
 //! namespace cannot reach (they hang, or fail with a rate-limited ICMP error); beyond the caps
 //! SYNs are answered with cookies, which cost no state.
+//!
+//! And without a flood: with a half-open cap of one, held by one spoofed SYN, a real client's
+//! connection opened through a cookie has timestamps, SACK and window scaling in the client
+//! kernel's own view (`ss`), and carries 4 MiB each way intact.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
@@ -37,11 +41,10 @@ const REAL_AT_ONCE: usize = 50;
 const MESSAGE: usize = 16 * 1024;
 /// How long one real connection may take: the kernel retransmits a SYN the flood crowded
 /// out of the TUN's queue after 1, 3, 7, 15 and 31 s, and backs off its data retransmissions
-/// likewise. A connection opened through a SYN cookie has no timestamps, so after a lost
-/// segment gets through the client's timer stays backed off (3, 6, 12, 24 s) and a second
-/// burst of drops costs the next interval: captured, the slowest took 30-60 s and a few went
-/// past 60 (ARCHITECTURE, SYN cookies). Two minutes is Linux's largest retransmission
-/// interval and how long Prism waits on a silent client; a connection that hangs still fails.
+/// likewise. With SACK and timestamps kept through the cookie the slowest takes seconds; when
+/// cookie connections had neither, a few went past a minute (ARCHITECTURE, SYN cookies). Two
+/// minutes is Linux's largest retransmission interval and how long Prism waits on a silent
+/// client; a connection that hangs still fails.
 const PATIENCE: Duration = Duration::from_secs(120);
 /// The caps Prism runs with (its defaults).
 const MAX_HALF_OPEN: u64 = 4096;
@@ -63,6 +66,12 @@ const PER_PENDING_KIB: u64 = 10;
 const FIXED_KIB: u64 = 64 * 1024;
 
 pub(crate) fn run(topo: &Topology, prism: &Path, logs: &Path, report: &mut Report) {
+    report.record(
+        "flood cookie",
+        "a connection opened through a SYN cookie keeps the client's timestamps, SACK and window \
+         scaling",
+        cookie_options(topo, prism, logs),
+    );
     for mode in ["fast", "consistent"] {
         report.record(
             &format!("flood {mode}"),
@@ -158,6 +167,104 @@ fn flood(topo: &Topology, prism: &Path, logs: &Path, mode: &str) -> Result<Strin
     ensure!(cookies > 0, "the flood never reached a cap: {summary}");
     ensure!(peak_kib <= bound_kib, "RSS above the bound: {summary}");
     Ok(format!(" ({summary})"))
+}
+
+/// Bytes the cookie connection sends each way: far beyond an unscaled 64 KiB window.
+const COOKIE_MESSAGE: usize = 4 << 20;
+
+fn cookie_options(topo: &Topology, prism: &Path, logs: &Path) -> Result<String> {
+    let stats = logs.join("stats-flood-cookie.json");
+    let mut args = topo.prism_args("direct");
+    args.extend(
+        [
+            "--fwmark",
+            topology::FWMARK,
+            "--max-half-open",
+            "1",
+            "--stats-file",
+            &stats.display().to_string(),
+        ]
+        .map(str::to_owned),
+    );
+    let mut process = topo.start_prism(prism, &args, &logs.join("prism-flood-cookie.log"))?;
+    // One spoofed SYN fills the cap for 30 s: Prism's SYN|ACK goes nowhere.
+    let ns = topo.client.name().to_owned();
+    std::thread::spawn(move || -> Result<()> {
+        netns::enter(&ns)?;
+        let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(255)))
+            .context("cannot open a raw socket")?;
+        let (source, destination) = (Ipv4Addr::new(198, 18, 0, 1), Ipv4Addr::new(10, 200, 9, 9));
+        let syn = syn(source, destination, 40_000, 80, 1);
+        socket
+            .send_to(&syn, &SockAddr::from(SocketAddrV4::new(destination, 0)))
+            .context("cannot send the spoofed SYN")?;
+        Ok(())
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("the spoofing thread panicked"))??;
+    std::thread::sleep(Duration::from_millis(500));
+
+    let seen = in_netns(topo.client.name(), async move || {
+        let addr = SocketAddr::new(topology::TARGET_V4, servers::ECHO);
+        let stream = TcpStream::connect(addr).await?;
+        let port = stream.local_addr()?.port();
+        let (mut from, mut to) = stream.into_split();
+        let message = pattern(11, COOKIE_MESSAGE);
+        let writer = tokio::spawn(async move {
+            to.write_all(&message).await?;
+            // The client's view, mid-transfer (`ss` runs in this thread's namespace).
+            let seen = netns::run(
+                "ss",
+                // `-e`: ss prints the options only with the extended details.
+                &[
+                    "-tineH",
+                    "state",
+                    "established",
+                    &format!("sport = :{port}"),
+                ],
+            )?;
+            to.shutdown().await?;
+            anyhow::Ok(seen)
+        });
+        let mut echoed = Vec::with_capacity(COOKIE_MESSAGE);
+        from.read_to_end(&mut echoed).await?;
+        let seen = writer.await??;
+        ensure!(
+            echoed == pattern(11, COOKIE_MESSAGE),
+            "the echo differs ({} of {COOKIE_MESSAGE} bytes)",
+            echoed.len()
+        );
+        anyhow::Ok(seen)
+    });
+    let status = process.stop(Signal::SIGINT, Duration::from_secs(20))?;
+    let seen = seen?;
+    ensure!(
+        status.success(),
+        "prism exited with {status}:\n{}",
+        process.log()
+    );
+    let counters = std::fs::read_to_string(&stats).context("prism wrote no stats file")?;
+    let rebuilt = counter(&counters, "syn_cookies_accepted")?;
+    ensure!(
+        rebuilt == 1,
+        "{rebuilt} connections rebuilt from a cookie, not the one"
+    );
+    let words: Vec<&str> = seen.split_whitespace().collect();
+    let wscale = words
+        .iter()
+        .find_map(|w| w.strip_prefix("wscale:"))
+        .with_context(|| format!("no window scaling: {seen}"))?;
+    // The scale the peer (Prism) applies, then the client's own.
+    let prisms = wscale
+        .split_once(',')
+        .and_then(|(prisms, _)| prisms.parse::<u8>().ok())
+        .with_context(|| format!("ss shows no window scale of Prism's: {seen}"))?;
+    ensure!(prisms > 0, "Prism's window is unscaled: {seen}");
+    ensure!(words.contains(&"ts"), "no timestamps: {seen}");
+    ensure!(words.contains(&"sack"), "no SACK: {seen}");
+    Ok(format!(
+        " (ss: ts sack wscale:{wscale}; {COOKIE_MESSAGE} bytes echoed)"
+    ))
 }
 
 /// How the real client fared.

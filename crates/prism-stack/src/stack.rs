@@ -22,8 +22,8 @@ use std::time::Duration;
 use bytes::{Buf, Bytes};
 use prism_device::{BATCH, Diverted, Framing, Link, LinkClosed, Medium, PrismDevice, vnet};
 use prism_trap::{
-    Checksums, FourTuple, Handshake, Malformed, Packet, Segment, SynCookies, Unreachable,
-    classify_with, unreachable,
+    Checksums, FourTuple, Handshake, Malformed, Offer, Packet, Rebuilt, Segment, SynCookies,
+    Unreachable, classify_with, unreachable,
 };
 use smoltcp::iface::{Config as IfaceConfig, Interface, PollResult, SocketHandle, SocketSet};
 use smoltcp::phy::{Checksum, ChecksumCapabilities};
@@ -140,7 +140,8 @@ struct Conn {
     fin_sent: bool,
     /// Already queued for servicing in this round.
     dirty: bool,
-    /// Opened through a SYN cookie: no window scaling, so a window of at most 64 KiB.
+    /// Opened through a SYN cookie from a client without timestamps: no window scaling, so a
+    /// window of at most 64 KiB.
     unscaled: bool,
     /// It waits on its client (see [`GIVE_UP_SECS`]).
     waiting: bool,
@@ -670,13 +671,21 @@ impl Stack {
     fn send_cookie(&mut self, tuple: FourTuple, syn: &Bytes) {
         let headers = if tuple.destination.is_ipv6() { 60 } else { 40 };
         let mss = u16::try_from(self.config.mtu.saturating_sub(headers)).unwrap_or(u16::MAX);
-        // The socket that takes over must agree: it advertises its initial receive buffer,
-        // unscaled (a cookie's SYN|ACK offers no window scaling).
-        let window = u16::try_from(self.initial_rx_buffer()).unwrap_or(u16::MAX);
+        // The socket that takes over must agree: it advertises its initial receive buffer
+        // (unscaled, as in any SYN), scales later windows for the largest it may grow to (`open`),
+        // and takes its timestamps from the same clock.
+        let offer = Offer {
+            mss: mss.max(536),
+            window: u16::try_from(self.initial_rx_buffer()).unwrap_or(u16::MAX),
+            window_shift: tcp::Socket::window_shift_for(
+                self.initial_rx_buffer().max(self.config.tcp_rx_buffer),
+            ),
+            tsval: tcp_timestamp(),
+        };
         let now = Instant::now();
-        let Some(synack) =
-            self.cookies
-                .synack(syn, mss.max(536), window, now.duration_since(self.epoch))
+        let Some(synack) = self
+            .cookies
+            .synack(syn, &offer, now.duration_since(self.epoch))
         else {
             // Classified as a SYN, yet smoltcp's parser refuses its options.
             Counters::add(&self.counters.drop_truncated, 1);
@@ -689,8 +698,8 @@ impl Stack {
             warn!(
                 answered,
                 "half-open cap ({}) reached: answering new SYNs with SYN cookies (a SYN flood, or \
-                 clients that never finish their handshakes); their connections go without window \
-                 scaling or timestamps",
+                 clients that never finish their handshakes); a client without TCP timestamps gets \
+                 a connection without window scaling or SACK",
                 self.config.max_half_open
             );
         }
@@ -714,7 +723,7 @@ impl Stack {
             return Route::Orphan;
         }
         let clock = Instant::now().duration_since(self.epoch);
-        let Some(rebuilt) = self.cookies.check(packet, clock) else {
+        let Some(mut rebuilt) = self.cookies.check(packet, clock) else {
             Counters::add(&self.counters.no_connection, 1);
             return if segment.rst {
                 Route::Orphan
@@ -722,9 +731,9 @@ impl Stack {
                 Route::Done
             };
         };
-        let syn = Bytes::from(rebuilt.syn);
+        let syn = Bytes::from(std::mem::take(&mut rebuilt.syn));
         // `open` fails only for port 0, which no cookie was made for; it counts the segment.
-        let Some(id) = self.open(segment.tuple, &syn, Handshake::Fast, Some(rebuilt.cookie)) else {
+        let Some(id) = self.open(segment.tuple, &syn, Handshake::Fast, Some(&rebuilt)) else {
             return Route::Orphan;
         };
         Counters::add(&self.counters.syn_cookies_accepted, 1);
@@ -752,7 +761,7 @@ impl Stack {
         tuple: FourTuple,
         syn: &Bytes,
         handshake: Handshake,
-        cookie: Option<u32>,
+        cookie: Option<&Rebuilt>,
     ) -> Option<ConnId> {
         let endpoint = IpListenEndpoint {
             addr: Some(tuple.destination.ip().into()),
@@ -774,7 +783,7 @@ impl Stack {
         // (Linux reuses a TIME-WAIT port only when the peer sent timestamps).
         socket.set_tsval_generator(Some(tcp_timestamp));
         socket.pause_synack(handshake == Handshake::Consistent);
-        socket.set_synack_sent(cookie.map(|c| TcpSeqNumber(c as i32)));
+        socket.set_synack_sent(cookie.map(|c| TcpSeqNumber(c.cookie as i32)));
         if socket.listen(endpoint).is_err() {
             // Port 0: not a connectable endpoint, and smoltcp drops the SYN unanswered. It is
             // counted with the segments for no connection.
@@ -811,7 +820,7 @@ impl Stack {
                 deadline: Some(Instant::now() + wait),
                 fin_sent: false,
                 dirty: false,
-                unscaled: cookie.is_some(),
+                unscaled: cookie.is_some_and(|c| !c.scaled),
                 waiting: false,
                 heard: 0,
                 opened: Instant::now(),

@@ -21,7 +21,7 @@ mod icmp;
 mod policy;
 mod segment;
 
-pub use cookie::{Rebuilt, SynCookies};
+pub use cookie::{Offer, Rebuilt, SynCookies};
 pub use handshake::{Handshake, ParseHandshakeError};
 pub use icmp::{Unreachable, too_big, unreachable};
 pub use policy::{HandshakePolicy, PortPolicy};

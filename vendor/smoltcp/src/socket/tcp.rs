@@ -593,7 +593,6 @@ impl<'a> Socket<'a> {
         if rx_capacity > (1 << 30) {
             panic!("receiving buffer too large, cannot exceed 1 GiB")
         }
-        let rx_cap_log2 = mem::size_of::<usize>() * 8 - rx_capacity.leading_zeros() as usize;
 
         Socket {
             state: State::Closed,
@@ -614,7 +613,7 @@ impl<'a> Socket<'a> {
             remote_last_ack: None,
             remote_last_win: 0,
             remote_win_len: 0,
-            remote_win_shift: rx_cap_log2.saturating_sub(16) as u8,
+            remote_win_shift: Self::window_shift_for(rx_capacity),
             rx_capacity_bound: rx_capacity,
             rx_released: 0,
             remote_win_scale: None,
@@ -864,16 +863,28 @@ impl<'a> Socket<'a> {
 
     /// Declare that the next SYN this listening socket receives was answered already, outside
     /// the socket, by a SYN|ACK with sequence number `seq` that advertised this socket's
-    /// receive window (unscaled, as in any SYN) and offered no window scaling: the SYN handed
-    /// to the socket should offer none either. The socket takes `seq` as its initial sequence
-    /// number instead of a random one, and counts that SYN|ACK as sent.
+    /// receive window (unscaled, as in any SYN) and offered what the socket's own SYN|ACK would
+    /// have: window scaling with [window_shift_for](#method.window_shift_for) of its receive
+    /// capacity, SACK and timestamps, each only if the SYN handed to the socket offers it. The
+    /// socket takes `seq` as its initial sequence number instead of a random one, and counts
+    /// that SYN|ACK as sent.
     ///
     /// This is what a SYN-cookie implementation needs: having answered a SYN without state, with
     /// a SYN|ACK whose sequence number encodes the connection, it rebuilds the connection when
-    /// the ACK returns by handing a new listening socket the SYN, with this set to the cookie,
-    /// and then the ACK, which moves it to `Established` before it sends anything.
+    /// the ACK returns by handing a new listening socket the SYN (with the options the cookie
+    /// kept), with this set to the cookie, and then the ACK, which moves it to `Established`
+    /// before it sends anything.
     pub fn set_synack_sent(&mut self, seq: Option<TcpSeqNumber>) {
         self.synack_sent = seq;
+    }
+
+    /// The window scale a socket offers in its handshake when its receive buffer may grow to
+    /// `capacity` bytes (the larger of its buffer's capacity and the bound set by
+    /// [set_rx_capacity_bound](#method.set_rx_capacity_bound)): the smallest shift that lets a
+    /// 16-bit window field span it.
+    pub fn window_shift_for(capacity: usize) -> u8 {
+        let log2 = mem::size_of::<usize>() * 8 - capacity.leading_zeros() as usize;
+        log2.saturating_sub(16) as u8
     }
 
     /// Pause sending of SYN|ACK packets.
@@ -1035,7 +1046,6 @@ impl<'a> Socket<'a> {
             cmp::max(self.rx_buffer.capacity(), self.rx_released),
             self.rx_capacity_bound,
         );
-        let rx_cap_log2 = mem::size_of::<usize>() * 8 - rx_capacity.leading_zeros() as usize;
 
         self.state = State::Closed;
         self.timer = Timer::new();
@@ -1053,7 +1063,7 @@ impl<'a> Socket<'a> {
         self.remote_last_win = 0;
         self.remote_win_len = 0;
         self.remote_win_scale = None;
-        self.remote_win_shift = rx_cap_log2.saturating_sub(16) as u8;
+        self.remote_win_shift = Self::window_shift_for(rx_capacity);
         self.remote_mss = DEFAULT_MSS;
         self.remote_last_ts = None;
         self.ack_delay_timer = AckDelayTimer::Idle;
@@ -9161,6 +9171,60 @@ mod test {
         );
         // Used once: the next SYN of a reopened socket gets a random one again.
         assert_eq!(s.synack_sent, None);
+    }
+
+    #[test]
+    fn test_synack_sent_keeps_the_options_the_syn_offers() {
+        const COOKIE: TcpSeqNumber = TcpSeqNumber(0x1234_5678);
+        let mut s = socket_with_buffer_sizes(64, 1024);
+        s.set_rx_capacity_bound(262144);
+        s.set_tsval_generator(Some(|| 1000));
+        s.listen(LISTEN_END).unwrap();
+        // The shift the SYN|ACK sent elsewhere offered, computed without a socket.
+        assert_eq!(Socket::window_shift_for(262144), 3);
+        assert_eq!(s.remote_win_shift, 3);
+        s.set_synack_sent(Some(COOKIE));
+        send!(
+            s,
+            TcpRepr {
+                control: TcpControl::Syn,
+                seq_number: REMOTE_SEQ,
+                ack_number: None,
+                window_scale: Some(7),
+                sack_permitted: true,
+                timestamp: Some(TcpTimestampRepr::new(500, 0)),
+                ..SEND_TEMPL
+            }
+        );
+        send!(
+            s,
+            TcpRepr {
+                seq_number: REMOTE_SEQ + 1,
+                ack_number: Some(COOKIE + 1),
+                window_len: 100,
+                timestamp: Some(TcpTimestampRepr::new(501, 999)),
+                payload: &b"abc"[..],
+                ..SEND_TEMPL
+            }
+        );
+        assert_eq!(s.state(), State::Established);
+        assert!(s.remote_has_sack);
+        // The client's window is read scaled by its shift.
+        assert_eq!(s.remote_win_len, 100 << 7);
+        assert_eq!(s.recv_slice(&mut [0; 3]), Ok(3));
+        // Its own window is scaled by its shift, and timestamps go on.
+        s.send_slice(b"xyz").unwrap();
+        recv!(
+            s,
+            [TcpRepr {
+                seq_number: COOKIE + 1,
+                ack_number: Some(REMOTE_SEQ + 1 + 3),
+                window_len: 1024 >> 3,
+                timestamp: Some(TcpTimestampRepr::new(1000, 501)),
+                payload: &b"xyz"[..],
+                ..RECV_TEMPL
+            }]
+        );
     }
 
     #[test]
