@@ -347,8 +347,9 @@ pub fn tcp_data(src: SocketAddr, dst: SocketAddr, seq: u32, ack: u32, payload: &
     emit_tcp(src, dst, &tcp)
 }
 
-/// `tcp` in an IP packet from `src` to `dst`, checksums filled.
-fn emit_tcp(src: SocketAddr, dst: SocketAddr, tcp: &TcpRepr<'_>) -> Bytes {
+/// `tcp` in an IP packet from `src` to `dst`, checksums filled (its ports are `tcp`'s): for a
+/// segment with options the helpers above do not set.
+pub fn emit_tcp(src: SocketAddr, dst: SocketAddr, tcp: &TcpRepr<'_>) -> Bytes {
     let caps = smoltcp::phy::ChecksumCapabilities::default();
     let (src, dst) = (IpAddress::from(src.ip()), IpAddress::from(dst.ip()));
     let ip = IpRepr::new(src, dst, IpProtocol::Tcp, tcp.buffer_len(), 64);

@@ -14,11 +14,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use prism_stack::{Config, Rejection};
-use prism_tests::{Client, PATIENCE, Reply, reply, start_stack, tcp_ack, tcp_data, tcp_v4};
+use prism_tests::{
+    Client, PATIENCE, Reply, emit_tcp, reply, start_stack, tcp_ack, tcp_data, tcp_v4,
+};
 use prism_tunnel::{ConnectError, Connecting, Connector, Target, Upstream, serve};
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::socket::tcp::State;
-use smoltcp::wire::{Ipv4Packet, TcpControl, TcpPacket, TcpRepr};
+use smoltcp::wire::{Ipv4Packet, TcpControl, TcpPacket, TcpRepr, TcpSeqNumber, TcpTimestampRepr};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -563,6 +565,149 @@ async fn at_the_half_open_cap_syns_are_answered_with_cookies() {
     let replies = client.capture(Duration::from_millis(200)).await;
     assert_eq!(count_replies(&replies), (0, 0), "{replies:?}");
     assert_eq!(counters.snapshot().no_connection, 1);
+}
+
+/// What the stack sent to one port, read from an IPv4 packet.
+#[derive(Debug)]
+struct Sent {
+    syn: bool,
+    seq: u32,
+    window: u16,
+    window_scale: Option<u8>,
+    sack_permitted: bool,
+    /// The first SACK block's (left, right) edges.
+    sack: Option<(u32, u32)>,
+    timestamp: Option<TcpTimestampRepr>,
+    len: usize,
+}
+
+fn sent_to(replies: &[Bytes], port: u16) -> Vec<Sent> {
+    replies
+        .iter()
+        .filter_map(|p| {
+            let ip = Ipv4Packet::new_checked(&p[..]).ok()?;
+            let tcp = TcpPacket::new_checked(ip.payload()).ok()?;
+            let (src, dst) = (ip.src_addr().into(), ip.dst_addr().into());
+            let t = TcpRepr::parse(&tcp, &src, &dst, &ChecksumCapabilities::ignored()).ok()?;
+            (t.dst_port == port).then(|| Sent {
+                syn: t.control == TcpControl::Syn,
+                seq: t.seq_number.0 as u32,
+                window: t.window_len,
+                window_scale: t.window_scale,
+                sack_permitted: t.sack_permitted,
+                sack: t.sack_ranges[0],
+                timestamp: t.timestamp,
+                len: t.payload.len(),
+            })
+        })
+        .collect()
+}
+
+/// A client with timestamps keeps them, SACK and window scaling through a SYN cookie: the
+/// SYN-ACK offers them, with the window scale Prism's socket then applies, and the connection
+/// runs with all three both ways.
+#[tokio::test]
+async fn a_cookie_keeps_the_clients_timestamps_sack_and_window_scale() {
+    let mut config = Config::default();
+    config.max_half_open = 1;
+    let (link, mut requests, counters) = start_stack(config);
+    let mut client = Client::new(link);
+    let (me, target) = (addr("10.0.0.2:50004"), addr(TARGET_V4));
+    client
+        .inject(tcp_v4(
+            addr("10.0.0.2:50001"),
+            target,
+            TcpControl::Syn,
+            1,
+            &[],
+        ))
+        .await;
+    const ISN: u32 = 1000;
+    let segment = |control, seq: u32, ack: Option<u32>, window_len, payload| TcpRepr {
+        src_port: me.port(),
+        dst_port: target.port(),
+        control,
+        seq_number: TcpSeqNumber(seq as i32),
+        ack_number: ack.map(|a| TcpSeqNumber(a as i32)),
+        window_len,
+        window_scale: None,
+        max_seg_size: None,
+        sack_permitted: false,
+        sack_ranges: [None; 3],
+        timestamp: None,
+        payload,
+    };
+    let syn = TcpRepr {
+        window_scale: Some(7),
+        max_seg_size: Some(1460),
+        sack_permitted: true,
+        timestamp: Some(TcpTimestampRepr::new(100, 0)),
+        ..segment(TcpControl::Syn, ISN, None, 64_240, &[])
+    };
+    client.inject(emit_tcp(me, target, &syn)).await;
+    let replies = client.capture(Duration::from_millis(100)).await;
+    let sent = sent_to(&replies, me.port());
+    let synack = sent.first().expect("no SYN-ACK");
+    assert!(synack.syn, "{synack:?}");
+    assert_eq!(counters.snapshot().syn_cookies_sent, 1);
+    // Prism's scale for its 256 KiB receive buffer, SACK, and the client's timestamp echoed.
+    assert_eq!(
+        (synack.window_scale, synack.sack_permitted),
+        (Some(3), true)
+    );
+    let ts = synack.timestamp.expect("no timestamp in the SYN-ACK");
+    assert_eq!(ts.tsecr, 100);
+
+    // The ACK echoes it, with data, offering a window of 1,000 << 7 = 128,000 bytes.
+    let cookie = synack.seq;
+    let first = TcpRepr {
+        timestamp: Some(TcpTimestampRepr::new(101, ts.tsval)),
+        ..segment(TcpControl::None, ISN + 1, Some(cookie + 1), 1000, b"hello")
+    };
+    client.inject(emit_tcp(me, target, &first)).await;
+    let request = tokio::time::timeout(PATIENCE, requests.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(counters.snapshot().syn_cookies_accepted, 1);
+    let mut stream = request.accept();
+    let mut got = [0; 5];
+    tokio::time::timeout(PATIENCE, stream.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got, b"hello");
+
+    // SACK: a segment past a hole is acknowledged with a SACK block.
+    let past_hole = TcpRepr {
+        timestamp: Some(TcpTimestampRepr::new(102, ts.tsval)),
+        ..segment(TcpControl::None, ISN + 16, Some(cookie + 1), 1000, b"abc")
+    };
+    client.inject(emit_tcp(me, target, &past_hole)).await;
+    let replies = client.capture(Duration::from_millis(100)).await;
+    let sacked = sent_to(&replies, me.port());
+    assert!(
+        sacked.iter().any(|s| s.sack == Some((ISN + 16, ISN + 19))),
+        "no SACK block for the segment past the hole: {sacked:?}"
+    );
+
+    // The client's scale: with no congestion control, Prism sends up to the whole 128,000-byte
+    // window before any ACK (1,000 bytes had it lost the scale). Every segment has a
+    // timestamp echoing the client's latest, and a window scaled by 3: the receive buffer's
+    // 1 KiB as 128 (1,024 had the socket not applied the scale its SYN-ACK offered).
+    stream.write_all(&[7; 200_000]).await.unwrap();
+    let replies = client.capture(Duration::from_millis(300)).await;
+    let data = sent_to(&replies, me.port());
+    let bytes: usize = data.iter().map(|s| s.len).sum();
+    assert!(
+        bytes > 65_535 && bytes <= 128_000,
+        "{bytes} bytes sent into a 128,000-byte window"
+    );
+    for s in &data {
+        let echoed = s.timestamp.map(|t| t.tsecr);
+        assert!(matches!(echoed, Some(101 | 102)), "{s:?}");
+        assert!(s.window <= 1024 >> 3, "an unscaled window: {s:?}");
+    }
 }
 
 /// From the stack's IPv4 SYN-ACK, first among `replies`: what acknowledges it, and the window

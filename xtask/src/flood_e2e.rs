@@ -215,7 +215,7 @@ fn cookie_options(topo: &Topology, prism: &Path, logs: &Path) -> Result<String> 
             // The client's view, mid-transfer (`ss` runs in this thread's namespace).
             let seen = netns::run(
                 "ss",
-                // `-e`: ss prints the options only with the extended details.
+                // This ss (iproute2 6.1) prints `ts` and `sack` only with `-e`.
                 &[
                     "-tineH",
                     "state",
@@ -259,7 +259,11 @@ fn cookie_options(topo: &Topology, prism: &Path, logs: &Path) -> Result<String> 
         .split_once(',')
         .and_then(|(prisms, _)| prisms.parse::<u8>().ok())
         .with_context(|| format!("ss shows no window scale of Prism's: {seen}"))?;
-    ensure!(prisms > 0, "Prism's window is unscaled: {seen}");
+    // Prism's default 256 KiB receive buffer takes a shift of 3.
+    ensure!(
+        prisms == 3,
+        "Prism's window scale is {prisms}, not 3: {seen}"
+    );
     ensure!(words.contains(&"ts"), "no timestamps: {seen}");
     ensure!(words.contains(&"sack"), "no SACK: {seen}");
     Ok(format!(

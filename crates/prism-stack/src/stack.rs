@@ -49,7 +49,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 /// minutes is the longest interval between Linux's retransmissions (`TCP_RTO_MAX`).
 const GIVE_UP_SECS: u32 = 120;
 
-/// The largest receive buffer TCP's window scale can advertise (RFC 7323); smoltcp refuses more.
+/// The largest receive buffer smoltcp takes; TCP's window scale (at most 14, RFC 7323) can
+/// advertise all but its last 16 KiB.
 const MAX_TCP_RX_BUFFER: usize = 1 << 30;
 
 /// A TCP timestamp value (RFC 7323): milliseconds since the stack first asked, from 1, wrapping
@@ -140,8 +141,8 @@ struct Conn {
     fin_sent: bool,
     /// Already queued for servicing in this round.
     dirty: bool,
-    /// Opened through a SYN cookie from a client without timestamps: no window scaling, so a
-    /// window of at most 64 KiB.
+    /// Opened through a SYN cookie without window scaling (the client sent no timestamps to
+    /// keep it in, or offered none): a window of at most 64 KiB.
     unscaled: bool,
     /// It waits on its client (see [`GIVE_UP_SECS`]).
     waiting: bool,

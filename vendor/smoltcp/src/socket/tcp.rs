@@ -881,10 +881,10 @@ impl<'a> Socket<'a> {
     /// The window scale a socket offers in its handshake when its receive buffer may grow to
     /// `capacity` bytes (the larger of its buffer's capacity and the bound set by
     /// [set_rx_capacity_bound](#method.set_rx_capacity_bound)): the smallest shift that lets a
-    /// 16-bit window field span it.
+    /// 16-bit window field span it, at most 14 (RFC 7323: a peer reads a larger one as 14).
     pub fn window_shift_for(capacity: usize) -> u8 {
         let log2 = mem::size_of::<usize>() * 8 - capacity.leading_zeros() as usize;
-        log2.saturating_sub(16) as u8
+        log2.saturating_sub(16).min(14) as u8
     }
 
     /// Pause sending of SYN|ACK packets.
@@ -9182,6 +9182,10 @@ mod test {
         s.listen(LISTEN_END).unwrap();
         // The shift the SYN|ACK sent elsewhere offered, computed without a socket.
         assert_eq!(Socket::window_shift_for(262144), 3);
+        assert_eq!(Socket::window_shift_for(65535), 0);
+        // The largest buffer allowed, 1 GiB, gets RFC 7323's largest shift (a 16-bit field
+        // shifted by 14 spans 1 GiB less 16 KiB).
+        assert_eq!(Socket::window_shift_for(1 << 30), 14);
         assert_eq!(s.remote_win_shift, 3);
         s.set_synack_sent(Some(COOKIE));
         send!(
