@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use prism_stack::{Config, Rejection};
+use prism_stack::{Config, Counters, Rejection, Requests};
 use prism_tests::{
     Client, PATIENCE, Reply, emit_tcp, reply, start_stack, tcp_ack, tcp_data, tcp_v4,
 };
@@ -500,19 +500,25 @@ async fn a_retransmitted_syn_creates_nothing_new() {
     assert_eq!(counters.connections_opened, 1, "{counters}");
 }
 
-#[tokio::test]
-async fn at_the_half_open_cap_syns_are_answered_with_cookies() {
+/// A stack whose half-open cap of `cap` is full: `cap` handshakes that never complete, as from
+/// spoofed sources (ports 50001 on), to [`TARGET_V4`].
+async fn at_the_cap(cap: u16) -> (Client, Requests, Arc<Counters>) {
     let mut config = Config::default();
-    config.max_half_open = 2;
-    let (link, mut requests, counters) = start_stack(config);
+    config.max_half_open = usize::from(cap);
+    let (link, requests, counters) = start_stack(config);
     let mut client = Client::new(link);
-    // Two handshakes that never complete, as from spoofed sources, fill the cap.
-    for port in [50001, 50002] {
+    for port in 50001..50001 + cap {
         let src = addr(&format!("10.0.0.2:{port}"));
         client
             .inject(tcp_v4(src, addr(TARGET_V4), TcpControl::Syn, 1, &[]))
             .await;
     }
+    (client, requests, counters)
+}
+
+#[tokio::test]
+async fn at_the_half_open_cap_syns_are_answered_with_cookies() {
+    let (mut client, mut requests, counters) = at_the_cap(2).await;
     let replies = client.capture(Duration::from_millis(100)).await;
     assert_eq!(count_replies(&replies), (2, 0), "{replies:?}");
 
@@ -608,20 +614,8 @@ fn sent_to(replies: &[Bytes], port: u16) -> Vec<Sent> {
 /// runs with all three both ways.
 #[tokio::test]
 async fn a_cookie_keeps_the_clients_timestamps_sack_and_window_scale() {
-    let mut config = Config::default();
-    config.max_half_open = 1;
-    let (link, mut requests, counters) = start_stack(config);
-    let mut client = Client::new(link);
+    let (mut client, mut requests, counters) = at_the_cap(1).await;
     let (me, target) = (addr("10.0.0.2:50004"), addr(TARGET_V4));
-    client
-        .inject(tcp_v4(
-            addr("10.0.0.2:50001"),
-            target,
-            TcpControl::Syn,
-            1,
-            &[],
-        ))
-        .await;
     const ISN: u32 = 1000;
     let segment = |control, seq: u32, ack: Option<u32>, window_len, payload| TcpRepr {
         src_port: me.port(),

@@ -124,6 +124,8 @@ pub(crate) fn run(peers: bool) -> Result<()> {
         tools::is_root(),
         "bench needs root (network namespaces, TUN)"
     );
+    // A wrong PRISM_BENCH_RUNS fails here, before anything is set up.
+    runs()?;
     crate::netns::sweep();
     tools::ensure(&[
         ("iperf3", "iperf3"),
@@ -424,17 +426,13 @@ fn flows(topo: &Topology, f: &mut Figures, pid: Option<u32>, v6: bool) -> Result
 /// How many times each iperf3 test and each connections-per-second test runs; the figure is
 /// their median. `PRISM_BENCH_RUNS`, 3 unless set: on a shared machine one 10-second test can
 /// land in a slow minute (docs/bench/spread.md).
-fn runs() -> usize {
-    std::env::var("PRISM_BENCH_RUNS")
-        .ok()
-        .and_then(|n| n.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(3)
+fn runs() -> Result<usize> {
+    Ok(tools::positive_env("PRISM_BENCH_RUNS", 3)? as usize)
 }
 
 /// The median of `runs()` results of `measure`, each printed; an error ends it.
 fn median_of_runs(what: &str, mut measure: impl FnMut() -> Result<f64>) -> Result<f64> {
-    let got = (0..runs())
+    let got = (0..runs()?)
         .map(|_| measure())
         .collect::<Result<Vec<f64>>>()?;
     let shown: Vec<String> = got.iter().map(|v| format!("{v:.0}")).collect();

@@ -28,7 +28,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::e2e::{Report, counter, in_netns};
-use crate::netns::{self, status_kib};
+use crate::netns::{self, Process, status_kib};
 use crate::servers::{self, pattern};
 use crate::topology::{self, Topology};
 
@@ -124,13 +124,7 @@ fn flood(topo: &Topology, prism: &Path, logs: &Path, mode: &str) -> Result<Strin
     let peak_kib = status_kib(pid, "VmHWM")?;
     let drops = topo.tun_drops().unwrap_or(0);
 
-    let status = process.stop(Signal::SIGINT, Duration::from_secs(20))?;
-    ensure!(
-        status.success(),
-        "prism exited with {status}:\n{}",
-        process.log()
-    );
-    let counters = std::fs::read_to_string(&stats).context("prism wrote no stats file")?;
+    let counters = stop_prism(&mut process, &stats)?;
     let cookies = counter(&counters, "syn_cookies_sent")?;
     let rebuilt = counter(&counters, "syn_cookies_accepted")?;
     let opened = counter(&counters, "connections_opened")?;
@@ -188,20 +182,14 @@ fn cookie_options(topo: &Topology, prism: &Path, logs: &Path) -> Result<String> 
     );
     let mut process = topo.start_prism(prism, &args, &logs.join("prism-flood-cookie.log"))?;
     // One spoofed SYN fills the cap for 30 s: Prism's SYN|ACK goes nowhere.
-    let ns = topo.client.name().to_owned();
-    std::thread::spawn(move || -> Result<()> {
-        netns::enter(&ns)?;
-        let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(255)))
-            .context("cannot open a raw socket")?;
+    in_netns(topo.client.name(), async || {
         let (source, destination) = (Ipv4Addr::new(198, 18, 0, 1), Ipv4Addr::new(10, 200, 9, 9));
         let syn = syn(source, destination, 40_000, 80, 1);
-        socket
+        raw_socket()?
             .send_to(&syn, &SockAddr::from(SocketAddrV4::new(destination, 0)))
             .context("cannot send the spoofed SYN")?;
         Ok(())
-    })
-    .join()
-    .map_err(|_| anyhow::anyhow!("the spoofing thread panicked"))??;
+    })?;
     std::thread::sleep(Duration::from_millis(500));
 
     let seen = in_netns(topo.client.name(), async move || {
@@ -236,14 +224,8 @@ fn cookie_options(topo: &Topology, prism: &Path, logs: &Path) -> Result<String> 
         );
         anyhow::Ok(seen)
     });
-    let status = process.stop(Signal::SIGINT, Duration::from_secs(20))?;
+    let counters = stop_prism(&mut process, &stats)?;
     let seen = seen?;
-    ensure!(
-        status.success(),
-        "prism exited with {status}:\n{}",
-        process.log()
-    );
-    let counters = std::fs::read_to_string(&stats).context("prism wrote no stats file")?;
     let rebuilt = counter(&counters, "syn_cookies_accepted")?;
     ensure!(
         rebuilt == 1,
@@ -269,6 +251,23 @@ fn cookie_options(topo: &Topology, prism: &Path, logs: &Path) -> Result<String> 
     Ok(format!(
         " (ss: ts sack wscale:{wscale}; {COOKIE_MESSAGE} bytes echoed)"
     ))
+}
+
+/// Stops prism with SIGINT; it must exit cleanly. Returns the stats it wrote.
+fn stop_prism(process: &mut Process, stats: &Path) -> Result<String> {
+    let status = process.stop(Signal::SIGINT, Duration::from_secs(20))?;
+    ensure!(
+        status.success(),
+        "prism exited with {status}:\n{}",
+        process.log()
+    );
+    std::fs::read_to_string(stats).context("prism wrote no stats file")
+}
+
+/// A raw IPv4 socket whose packets carry their own IP header (IPPROTO_RAW: IP_HDRINCL).
+fn raw_socket() -> Result<Socket> {
+    Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(255)))
+        .context("cannot open a raw socket")
 }
 
 /// How the real client fared.
@@ -327,9 +326,7 @@ async fn echo(addr: SocketAddr, i: usize) -> Result<()> {
 /// Sends spoofed SYNs until `stop` is set, and at least [`FLOOD`]. Returns how many were sent
 /// and for how long.
 fn send_syns(stop: &AtomicBool) -> Result<(u64, Duration)> {
-    // IPPROTO_RAW: the packets carry their own IP header (IP_HDRINCL).
-    let socket = Socket::new(Domain::IPV4, Type::RAW, Some(Protocol::from(255)))
-        .context("cannot open a raw socket")?;
+    let socket = raw_socket()?;
     let mut rng = Rng::seeded();
     let started = Instant::now();
     let mut sent = 0u64;

@@ -5,6 +5,18 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 
+/// A whole number above 0 from the environment variable `name`, or `default` when it is unset;
+/// anything else is an error that names the variable.
+pub fn positive_env(name: &str, default: u64) -> Result<u64> {
+    match std::env::var(name) {
+        Err(_) => Ok(default),
+        Ok(v) => match v.parse() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => bail!("{name}={v}: a whole number above 0 is wanted"),
+        },
+    }
+}
+
 /// Makes sure each `(program, package)` is on the PATH, installing the packages that are not.
 pub fn ensure(tools: &[(&str, &str)]) -> Result<()> {
     let missing: Vec<&str> = tools

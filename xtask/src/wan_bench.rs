@@ -333,17 +333,6 @@ fn relay_table(results: &[RelayFigures]) -> String {
     md
 }
 
-/// A positive number from the environment variable `name`, or `default` when it is unset.
-fn env(name: &str, default: u64) -> Result<u64> {
-    match std::env::var(name) {
-        Err(_) => Ok(default),
-        Ok(v) => match v.parse() {
-            Ok(n) if n > 0 => Ok(n),
-            _ => bail!("{name}={v}: a whole number above 0 is wanted"),
-        },
-    }
-}
-
 fn list(name: &str, default: &str) -> Vec<String> {
     std::env::var(name)
         .unwrap_or_else(|_| default.to_owned())
@@ -431,8 +420,8 @@ struct Bench {
 pub(crate) fn run() -> Result<()> {
     ensure!(tools::is_root(), "bench --wan needs root");
     // The variables are read first: a wrong one fails before anything is set up.
-    let seconds = env("PRISM_WAN_SECONDS", 20)?;
-    let runs = env("PRISM_WAN_RUNS", 3)? as usize;
+    let seconds = tools::positive_env("PRISM_WAN_SECONDS", 20)?;
+    let runs = tools::positive_env("PRISM_WAN_RUNS", 3)? as usize;
     let losses: Vec<f64> = list("PRISM_WAN_LOSS", "0,0.5,2")
         .iter()
         .map(|l| l.parse().context("PRISM_WAN_LOSS: percentages"))

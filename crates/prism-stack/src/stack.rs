@@ -65,6 +65,14 @@ fn tcp_timestamp() -> u32 {
     (millis as u32).wrapping_add(1)
 }
 
+/// A SYN answered with a cookie, as its ACK proved it: the SYN|ACK's sequence number, and
+/// whether the options the cookie kept include window scaling.
+#[derive(Debug, Clone, Copy)]
+struct Cookie {
+    seq: u32,
+    scaled: bool,
+}
+
 /// The connections offered to the application, in the order their handshakes completed.
 #[derive(Debug)]
 pub struct Requests {
@@ -673,14 +681,12 @@ impl Stack {
         let headers = if tuple.destination.is_ipv6() { 60 } else { 40 };
         let mss = u16::try_from(self.config.mtu.saturating_sub(headers)).unwrap_or(u16::MAX);
         // The socket that takes over must agree: it advertises its initial receive buffer
-        // (unscaled, as in any SYN), scales later windows for the largest it may grow to (`open`),
-        // and takes its timestamps from the same clock.
+        // (unscaled, as in any SYN), scales later windows for the bound `open` gives it (the
+        // initial buffer is never larger), and takes its timestamps from the same clock.
         let offer = Offer {
             mss: mss.max(536),
             window: u16::try_from(self.initial_rx_buffer()).unwrap_or(u16::MAX),
-            window_shift: tcp::Socket::window_shift_for(
-                self.initial_rx_buffer().max(self.config.tcp_rx_buffer),
-            ),
+            window_shift: tcp::Socket::window_shift_for(self.config.tcp_rx_buffer),
             tsval: tcp_timestamp(),
         };
         let now = Instant::now();
@@ -724,7 +730,12 @@ impl Stack {
             return Route::Orphan;
         }
         let clock = Instant::now().duration_since(self.epoch);
-        let Some(mut rebuilt) = self.cookies.check(packet, clock) else {
+        let Some(Rebuilt {
+            syn,
+            cookie,
+            scaled,
+        }) = self.cookies.check(packet, clock)
+        else {
             Counters::add(&self.counters.no_connection, 1);
             return if segment.rst {
                 Route::Orphan
@@ -732,9 +743,13 @@ impl Stack {
                 Route::Done
             };
         };
-        let syn = Bytes::from(std::mem::take(&mut rebuilt.syn));
+        let syn = Bytes::from(syn);
+        let answered = Cookie {
+            seq: cookie,
+            scaled,
+        };
         // `open` fails only for port 0, which no cookie was made for; it counts the segment.
-        let Some(id) = self.open(segment.tuple, &syn, Handshake::Fast, Some(&rebuilt)) else {
+        let Some(id) = self.open(segment.tuple, &syn, Handshake::Fast, Some(answered)) else {
             return Route::Orphan;
         };
         Counters::add(&self.counters.syn_cookies_accepted, 1);
@@ -762,7 +777,7 @@ impl Stack {
         tuple: FourTuple,
         syn: &Bytes,
         handshake: Handshake,
-        cookie: Option<&Rebuilt>,
+        cookie: Option<Cookie>,
     ) -> Option<ConnId> {
         let endpoint = IpListenEndpoint {
             addr: Some(tuple.destination.ip().into()),
@@ -784,7 +799,7 @@ impl Stack {
         // (Linux reuses a TIME-WAIT port only when the peer sent timestamps).
         socket.set_tsval_generator(Some(tcp_timestamp));
         socket.pause_synack(handshake == Handshake::Consistent);
-        socket.set_synack_sent(cookie.map(|c| TcpSeqNumber(c.cookie as i32)));
+        socket.set_synack_sent(cookie.map(|c| TcpSeqNumber(c.seq as i32)));
         if socket.listen(endpoint).is_err() {
             // Port 0: not a connectable endpoint, and smoltcp drops the SYN unanswered. It is
             // counted with the segments for no connection.

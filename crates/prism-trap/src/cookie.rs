@@ -45,8 +45,6 @@ const OPTIONS: u32 = 0x3f;
 const WSCALE: u8 = 0x0f;
 const NO_WSCALE: u8 = 0x0f;
 const SACK: u8 = 0x10;
-/// The largest window scale (RFC 7323); a client's larger one counts as this.
-const MAX_WSCALE: u8 = 14;
 
 /// The secret cookies are made with. Each `Stack` has its own, so a cookie is good only where
 /// it was issued.
@@ -152,9 +150,10 @@ impl SynCookies {
         let client_mss = tcp.max_seg_size.unwrap_or(MSS[0]);
         let index = MSS.iter().rposition(|&m| m <= client_mss).unwrap_or(0);
         let isn = tcp.seq_number.0 as u32;
-        // The client's options, kept when it has timestamps to keep them in.
+        // The client's options, kept when it has timestamps to keep them in. smoltcp's parser
+        // reads a window scale above RFC 7323's 14 as 14, so it fits below NO_WSCALE.
         let options = tcp.timestamp.map(|_| {
-            let wscale = tcp.window_scale.map_or(NO_WSCALE, |w| w.min(MAX_WSCALE));
+            let wscale = tcp.window_scale.unwrap_or(NO_WSCALE);
             wscale | if tcp.sack_permitted { SACK } else { 0 }
         });
         let timestamp = tcp.timestamp.zip(options).map(|(theirs, options)| {
@@ -477,7 +476,8 @@ mod tests {
             (None, true, None),
             (Some(0), false, Some(0)),
             (Some(14), true, Some(14)),
-            // Above RFC 7323's largest: counted as 14, as Linux does.
+            // Above RFC 7323's largest: read as 14 (smoltcp's parser, as Linux does), never
+            // as "none".
             (Some(15), false, Some(14)),
         ] {
             let syn = syn_with(CLIENT, SERVER, Some(1460), wscale, sack, Some(THEIR_TS));
