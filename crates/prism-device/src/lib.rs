@@ -21,6 +21,7 @@ mod counters;
 mod fd;
 mod link;
 mod outside;
+mod pool;
 #[cfg(unix)]
 mod pump;
 mod queue;

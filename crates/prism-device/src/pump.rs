@@ -1,22 +1,26 @@
 //! The task between a device that reads and writes whole packets (a TUN or TAP, by name or by
 //! descriptor) and the device's end of a [`Link`].
 //!
-//! Reading makes the one copy from the kernel: packets are read into slices of a large shared
-//! buffer that become `Bytes` without another copy.
+//! Reading makes the one copy from the kernel: a packet is read into a pooled buffer that
+//! becomes `Bytes` without another copy; a small one (an ACK) is copied out instead, so that it
+//! does not hold a buffer sized for the largest packet.
 
 use std::future::Future;
 use std::io;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use tokio::task::JoinHandle;
 use tracing::debug;
 
+use crate::pool::Pool;
 use crate::{BATCH, Link, vnet};
 
-/// Bytes read ahead in one shared buffer before a fresh one is allocated.
-const READ_ARENA: usize = 256 * 1024;
+/// Read buffers kept for reuse: 1 MiB of them with offload's 64 KB reads.
+const READ_BUFFERS: usize = 16;
+/// A packet that fills less than this share of its read buffer is copied out of it.
+const COPIED_BELOW: usize = 4;
 
 /// A device that moves one packet (or frame) per call.
 pub(crate) trait PacketIo: Send + Sync + 'static {
@@ -91,13 +95,11 @@ pub(crate) fn spawn<D: PacketIo>(
     let unreadable = Arc::clone(&refused);
     tokio::spawn(async move {
         let read = async move {
-            let mut arena = BytesMut::zeroed(READ_ARENA);
+            let pool = Pool::new(largest, READ_BUFFERS);
+            let mut buffer = pool.take();
             let mut plain = Vec::new();
             loop {
-                if arena.len() < largest {
-                    arena = BytesMut::zeroed(READ_ARENA.max(4 * largest));
-                }
-                let n = reader.recv(&mut arena).await?;
+                let n = reader.recv(buffer.as_mut_slice()).await?;
                 if n == 0 {
                     // A TUN never reads empty; a descriptor at its end does, and would read
                     // empty again at once.
@@ -106,7 +108,11 @@ pub(crate) fn spawn<D: PacketIo>(
                         "the device reached its end",
                     ));
                 }
-                let packet = arena.split_to(n).freeze();
+                let packet = if n < largest / COPIED_BELOW {
+                    Bytes::copy_from_slice(buffer.as_ref().get(..n).unwrap_or_default())
+                } else {
+                    std::mem::replace(&mut buffer, pool.take()).freeze(n)
+                };
                 if !split {
                     plain.push(packet);
                 } else if let Err(error) = vnet::to_plain(&packet, &mut plain) {
@@ -181,5 +187,53 @@ mod tests {
         drop(stack);
         task.await.unwrap().unwrap();
         assert_eq!(device.written.lock().unwrap().len(), 500);
+    }
+
+    /// A device whose reads alternate between a packet that fills most of the buffer and an
+    /// ACK-sized one, each filled with its own number.
+    #[derive(Default)]
+    struct Mixed {
+        reads: std::sync::atomic::AtomicU8,
+    }
+
+    impl PacketIo for Arc<Mixed> {
+        async fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+            let i = self.reads.fetch_add(1, Ordering::Relaxed);
+            let len = if i % 2 == 0 { buf.len() - 10 } else { 40 };
+            buf[..len].fill(i);
+            Ok(len)
+        }
+
+        async fn send(&self, packet: &[u8]) -> io::Result<usize> {
+            Ok(packet.len())
+        }
+    }
+
+    #[tokio::test]
+    async fn packets_read_into_reused_buffers_keep_their_bytes() {
+        let (mut stack, ours) = Link::pair(1024);
+        let task = spawn(
+            Arc::new(Mixed::default()),
+            ours,
+            1024,
+            Arc::default(),
+            false,
+        );
+        // Fifty reads are queued at once: more large ones than the pool keeps, none dropped
+        // before all are taken, so a buffer handed out twice would show another's number.
+        let mut packets = Vec::new();
+        while packets.len() < 50 {
+            stack.recv_batch(&mut packets).await.unwrap();
+        }
+        drop(stack);
+        task.abort();
+        for (i, packet) in packets.iter().take(50).enumerate() {
+            let len = if i % 2 == 0 { 1014 } else { 40 };
+            assert_eq!(packet.len(), len, "packet {i}");
+            assert!(
+                packet.iter().all(|&b| usize::from(b) == i),
+                "packet {i}'s bytes"
+            );
+        }
     }
 }

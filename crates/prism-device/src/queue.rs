@@ -1,8 +1,8 @@
 //! [`PrismDevice`]: a smoltcp device whose wire is a pair of in-memory queues.
 //!
 //! Received packets are `Bytes` handed over without a copy; smoltcp reads them in place.
-//! Transmitted packets are written by smoltcp into a fresh buffer that becomes a `Bytes`, the
-//! only copy on the way out.
+//! Transmitted packets are written by smoltcp into a buffer that becomes a `Bytes`, the only
+//! copy on the way out: a fresh one for a small packet, a pooled one for a super-packet.
 //!
 //! With [`PrismDevice::set_offload`], the device stands for an offloading TUN: smoltcp may
 //! write TCP segments of up to 64 KB and leaves their checksums out, and every transmitted
@@ -15,10 +15,15 @@ use bytes::{Bytes, BytesMut};
 use smoltcp::phy::{self, Checksum, ChecksumCapabilities, DeviceCapabilities, Medium, PacketMeta};
 use smoltcp::time::Instant;
 
+use crate::pool::Pool;
 use crate::vnet;
 
 /// The largest IP packet an offloading device takes: the IPv4 total length's limit.
 const SUPER_PACKET: usize = 65535;
+/// Super-packet buffers kept for reuse (2 MiB): a burst of a few connections' windows.
+const SUPER_PACKET_BUFFERS: usize = 32;
+/// A transmitted packet of at least this many bytes is written into a pooled buffer.
+const POOLED_FROM: usize = SUPER_PACKET / 4;
 
 /// A smoltcp device over an RX and a TX queue of packets.
 #[derive(Debug)]
@@ -27,6 +32,8 @@ pub struct PrismDevice {
     rx: VecDeque<Bytes>,
     tx: VecDeque<Bytes>,
     offload: bool,
+    /// Buffers for super-packets, with offload.
+    pool: Option<Pool>,
     /// Super-packets framed for the kernel to segment since [`PrismDevice::take_super_packets_out`].
     super_packets_out: u64,
 }
@@ -43,6 +50,7 @@ impl PrismDevice {
             rx: VecDeque::new(),
             tx: VecDeque::new(),
             offload: false,
+            pool: None,
             super_packets_out: 0,
         }
     }
@@ -52,6 +60,10 @@ impl PrismDevice {
     /// packets stay plain IP packets: whoever reads the frames strips their headers.
     pub fn set_offload(&mut self) {
         self.offload = true;
+        self.pool = Some(Pool::new(
+            vnet::HEADER_LEN + SUPER_PACKET,
+            SUPER_PACKET_BUFFERS,
+        ));
         self.capabilities.checksum.tcp = Checksum::None;
         // Both families: the vendored smoltcp hands IPv6 super-packets to the device whole, as
         // it does IPv4's (vendor/smoltcp/PRISM.md).
@@ -108,14 +120,18 @@ impl phy::Device for PrismDevice {
 
     fn receive(&mut self, _timestamp: Instant) -> Option<(Self::RxToken<'_>, Self::TxToken<'_>)> {
         let packet = self.rx.pop_front()?;
-        let tx = TxToken::new(&mut self.tx, self.offload, &mut self.super_packets_out);
+        let tx = TxToken::new(
+            &mut self.tx,
+            self.pool.as_ref(),
+            &mut self.super_packets_out,
+        );
         Some((RxToken(packet), tx))
     }
 
     fn transmit(&mut self, _timestamp: Instant) -> Option<Self::TxToken<'_>> {
         Some(TxToken::new(
             &mut self.tx,
-            self.offload,
+            self.pool.as_ref(),
             &mut self.super_packets_out,
         ))
     }
@@ -142,8 +158,8 @@ impl phy::RxToken for RxToken {
 #[derive(Debug)]
 pub struct TxToken<'a> {
     queue: &'a mut VecDeque<Bytes>,
-    /// Frame the packet for an offloading TUN.
-    offload: bool,
+    /// Frame the packet for an offloading TUN, whose super-packets go into this pool's buffers.
+    offload: Option<&'a Pool>,
     /// Payload bytes per segment, when smoltcp wrote a super-packet.
     segment_size: Option<u16>,
     /// The device's count of super-packets out.
@@ -151,7 +167,11 @@ pub struct TxToken<'a> {
 }
 
 impl<'a> TxToken<'a> {
-    fn new(queue: &'a mut VecDeque<Bytes>, offload: bool, super_packets: &'a mut u64) -> Self {
+    fn new(
+        queue: &'a mut VecDeque<Bytes>,
+        offload: Option<&'a Pool>,
+        super_packets: &'a mut u64,
+    ) -> Self {
         Self {
             queue,
             offload,
@@ -161,27 +181,50 @@ impl<'a> TxToken<'a> {
     }
 }
 
-impl phy::TxToken for TxToken<'_> {
-    fn consume<R, F>(self, len: usize, f: F) -> R
-    where
-        F: FnOnce(&mut [u8]) -> R,
-    {
-        if !self.offload {
-            let mut buffer = BytesMut::zeroed(len);
-            let result = f(&mut buffer);
-            self.queue.push_back(buffer.freeze());
-            return result;
-        }
-        let mut buffer = BytesMut::zeroed(vnet::HEADER_LEN + len);
-        let (header, packet) = buffer.split_at_mut(vnet::HEADER_LEN);
+impl TxToken<'_> {
+    /// Has smoltcp write a packet of `len` bytes behind a virtio-net header at the start of
+    /// `buffer`, then writes the header that tells the kernel how to finish it.
+    fn frame<R>(&mut self, buffer: &mut [u8], len: usize, f: impl FnOnce(&mut [u8]) -> R) -> R {
+        let (header, rest) = buffer.split_at_mut(vnet::HEADER_LEN);
+        let packet = rest.get_mut(..len).unwrap_or_default();
         let result = f(packet);
         let framing = vnet::offload_tcp(packet, self.segment_size);
         if framing.is_gso() {
             *self.super_packets += 1;
         }
         header.copy_from_slice(&framing.to_bytes());
-        self.queue.push_back(buffer.freeze());
         result
+    }
+}
+
+impl phy::TxToken for TxToken<'_> {
+    fn consume<R, F>(mut self, len: usize, f: F) -> R
+    where
+        F: FnOnce(&mut [u8]) -> R,
+    {
+        let Some(pool) = self.offload else {
+            let mut buffer = BytesMut::zeroed(len);
+            let result = f(&mut buffer);
+            self.queue.push_back(buffer.freeze());
+            return result;
+        };
+        let framed = vnet::HEADER_LEN + len;
+        // smoltcp asks for no more than the device's segmentation limit, a pooled buffer's
+        // size; a longer packet would get a fresh buffer all the same.
+        let pooled = (len >= POOLED_FROM).then(|| pool.take());
+        match pooled {
+            Some(mut buffer) if framed <= buffer.as_ref().len() => {
+                let result = self.frame(buffer.as_mut_slice(), len, f);
+                self.queue.push_back(buffer.freeze(framed));
+                result
+            }
+            _ => {
+                let mut buffer = BytesMut::zeroed(framed);
+                let result = self.frame(&mut buffer, len, f);
+                self.queue.push_back(buffer.freeze());
+                result
+            }
+        }
     }
 
     fn set_meta(&mut self, meta: PacketMeta) {
@@ -271,6 +314,38 @@ mod tests {
         assert_eq!(vnet::Header::parse(&framed), Some(vnet::Header::PLAIN));
         assert_eq!(&framed[vnet::HEADER_LEN..], b"icmp");
         assert_eq!(device.take_super_packets_out(), 0);
+    }
+
+    #[test]
+    fn a_super_packets_buffer_is_reused_and_framed_to_its_new_length() {
+        let mut device = PrismDevice::new(Medium::Ip, 1500);
+        device.set_offload();
+        let mut send = |len: usize| {
+            let packet = crate::vnet::tests::tcp_v4(len);
+            let token = device.transmit(Instant::from_millis(0)).unwrap();
+            token.consume(packet.len(), |buf| buf.copy_from_slice(&packet));
+            let frame = device.pop_tx().unwrap();
+            (packet, frame)
+        };
+        // The device finishes the headers (the partial checksum); the payloads are compared.
+        let payload = |frame: &Bytes| frame[vnet::HEADER_LEN + 40..].to_vec();
+        let (first, frame) = send(60_000);
+        assert!(payload(&frame) == first[40..], "the first payload");
+        let first_buffer = frame.as_ptr();
+        drop(frame);
+        // The second, shorter one is written into the first's buffer, over its bytes, and
+        // none of those past its own length come with it.
+        let (second, frame) = send(20_000);
+        assert_eq!(
+            frame.as_ptr(),
+            first_buffer,
+            "the buffer came back and was reused"
+        );
+        assert_eq!(frame.len(), vnet::HEADER_LEN + second.len());
+        assert!(payload(&frame) == second[40..], "the second payload");
+        // While a frame is alive its buffer is not handed out again.
+        let (_, third) = send(20_000);
+        assert_ne!(third.as_ptr(), frame.as_ptr());
     }
 
     #[test]
