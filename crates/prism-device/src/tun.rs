@@ -256,10 +256,12 @@ struct Coalescer {
     /// The batch, each packet copied behind room for its virtio-net header into a buffer
     /// that can grow into a super-packet: tun-rs appends a flow's later packets to its first.
     run: Vec<BytesMut>,
-    /// Buffers of batches written, for the next ones (at most [`SPARE`]).
+    /// Run buffers of batches written, for the next ones (at most [`SPARE`]).
     spare: Vec<BytesMut>,
     /// How the batch of frames being written is split.
     plan: Vec<Write>,
+    /// The UDP packet tun-rs will append the run's next packets to, while they may follow.
+    head: Option<Head>,
 }
 
 /// Run buffers kept for the next batches: 1 MiB.
@@ -294,14 +296,84 @@ fn plan(batch: &[Bytes], out: &mut Vec<Write>) {
 /// A run buffer's capacity: a 64 KB super-packet behind its header, and the room tun-rs asks
 /// for (twice the header) before it appends to a buffer.
 const RUN_BUFFER: usize = 2 * vnet::HEADER_LEN + u16::MAX as usize;
+/// The most bytes of one super-packet: an IP packet's limit.
+const RUN_LIMIT: usize = u16::MAX as usize;
+
+/// A UDP packet that heads a coalesced write: later packets of its flow and length are
+/// appended to its buffer, so only it needs room for a whole super-packet.
+struct Head {
+    flow: UdpFlow,
+    len: usize,
+    /// The super-packet's length so far: its own, and the payloads appended.
+    run: usize,
+}
+
+/// What tun-rs requires equal before it appends one UDP packet to another: the header fields
+/// it compares (IPv4's TOS, DF and TTL and its header length; IPv6's traffic class and hop
+/// limit), the addresses and the ports.
+type UdpFlow = [u8; 40];
+
+/// A UDP packet's flow and the length of its IP and UDP headers; `None` for any other packet.
+fn udp_flow(packet: &[u8]) -> Option<(UdpFlow, usize)> {
+    const UDP: u8 = 17;
+    let first = *packet.first()?;
+    let (fields, addresses, headers) = match first >> 4 {
+        4 if *packet.get(9)? == UDP => {
+            let fields = [first, *packet.get(1)?, packet.get(6)? >> 5, *packet.get(8)?];
+            (fields, packet.get(12..20)?, usize::from(first & 0x0f) * 4)
+        }
+        6 if *packet.get(6)? == UDP => {
+            let fields = [first, packet.get(1)? >> 4, *packet.get(7)?, 0];
+            (fields, packet.get(8..40)?, 40)
+        }
+        _ => return None,
+    };
+    let ports = packet.get(headers..headers + 4)?;
+    let mut flow = [0; 40];
+    let key = fields.iter().chain(addresses).chain(ports);
+    flow.iter_mut().zip(key).for_each(|(to, from)| *to = *from);
+    Some((flow, headers + 8))
+}
 
 impl Coalescer {
-    /// Copies a plain packet into the run, behind room for its header.
+    /// Copies a plain packet into the run, behind room for its header. A UDP packet that
+    /// tun-rs will append to the one heading its flow (same flow, no longer than the head,
+    /// the super-packet not full) gets a buffer of its own size; one that heads a write gets
+    /// a run buffer from the spares. (A guess that is wrong costs coalescing, never bytes:
+    /// tun-rs appends only where the head's buffer has room.)
     fn push(&mut self, packet: &[u8]) {
-        let mut buf = self
-            .spare
-            .pop()
-            .unwrap_or_else(|| BytesMut::with_capacity(RUN_BUFFER));
+        let len = packet.len();
+        let Some((flow, headers)) = udp_flow(packet) else {
+            // Not UDP: written alone, and the head stays the head.
+            return self.push_into(BytesMut::with_capacity(vnet::HEADER_LEN + len), packet);
+        };
+        // tun-rs's rule: the payload appended, and the super-packet within an IP packet.
+        let payload = len.saturating_sub(headers);
+        let follows = self.head.as_ref().is_some_and(|head| {
+            head.flow == flow && len <= head.len && head.run + payload <= RUN_LIMIT
+        });
+        if !follows {
+            self.head = Some(Head {
+                flow,
+                len,
+                run: len,
+            });
+            let buf = self
+                .spare
+                .pop()
+                .unwrap_or_else(|| BytesMut::with_capacity(RUN_BUFFER));
+            return self.push_into(buf, packet);
+        }
+        match &mut self.head {
+            // A shorter packet ends its head's super-packet.
+            Some(head) if len < head.len => self.head = None,
+            Some(head) => head.run += payload,
+            None => {}
+        }
+        self.push_into(BytesMut::with_capacity(vnet::HEADER_LEN + len), packet);
+    }
+
+    fn push_into(&mut self, mut buf: BytesMut, packet: &[u8]) {
         buf.clear();
         buf.resize(vnet::HEADER_LEN, 0);
         buf.extend_from_slice(packet);
@@ -321,8 +393,10 @@ impl Device {
             .await;
         let count = c.run.len();
         let keep = SPARE.saturating_sub(c.spare.len());
-        c.spare.extend(c.run.drain(..).take(keep));
+        let runs = c.run.drain(..).filter(|buf| buf.capacity() >= RUN_BUFFER);
+        c.spare.extend(runs.take(keep));
         c.run.clear();
+        c.head = None;
         match result {
             Ok(_) => Ok(()),
             // tun-rs refused the batch before writing (it checks each packet's length, which
@@ -423,5 +497,99 @@ mod tests {
         );
         plan(&[], &mut writes);
         assert!(writes.is_empty());
+    }
+
+    /// A complete IPv4 UDP packet 10.0.0.1:`port` -> 10.0.0.2:53 with `len` bytes of `fill`.
+    pub(super) fn udp_v4(port: u16, len: usize, fill: u8) -> Vec<u8> {
+        use smoltcp::phy::ChecksumCapabilities;
+        use smoltcp::wire::{IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr, UdpPacket, UdpRepr};
+        let (src, dst) = (Ipv4Address::new(10, 0, 0, 1), Ipv4Address::new(10, 0, 0, 2));
+        let udp = UdpRepr {
+            src_port: port,
+            dst_port: 53,
+        };
+        let ip = Ipv4Repr {
+            src_addr: src,
+            dst_addr: dst,
+            next_header: IpProtocol::Udp,
+            payload_len: 8 + len,
+            hop_limit: 64,
+        };
+        let caps = ChecksumCapabilities::default();
+        let mut bytes = vec![0; 20 + 8 + len];
+        let mut packet = Ipv4Packet::new_unchecked(&mut bytes[..]);
+        ip.emit(&mut packet, &caps);
+        let payload = vec![fill; len];
+        udp.emit(
+            &mut UdpPacket::new_unchecked(packet.payload_mut()),
+            &src.into(),
+            &dst.into(),
+            len,
+            |buf| buf.copy_from_slice(&payload),
+            &caps,
+        );
+        bytes
+    }
+
+    /// How tun-rs coalesces a run: the buffers it writes, and the payload bytes in them.
+    pub(super) fn coalesce(run: &mut [BytesMut]) -> (usize, usize) {
+        let mut to_write = Vec::new();
+        tun_rs::handle_gro(
+            run,
+            vnet::HEADER_LEN,
+            &mut Default::default(),
+            &mut Default::default(),
+            true,
+            &mut to_write,
+        )
+        .unwrap();
+        let payload = to_write
+            .iter()
+            .map(|&i| run[i].len() - vnet::HEADER_LEN - 28)
+            .sum();
+        (to_write.len(), payload)
+    }
+
+    #[test]
+    fn only_the_heads_of_udp_runs_get_room_for_a_super_packet_and_the_runs_still_coalesce() {
+        // Sixty datagrams of one flow with a packet of another protocol among them, then
+        // a datagram of another flow.
+        let mut packets: Vec<Vec<u8>> = (0..60).map(|i| udp_v4(1000, 1200, i)).collect();
+        let mut icmp = udp_v4(1000, 1200, 0);
+        icmp[9] = 1;
+        packets.insert(30, icmp);
+        packets.push(udp_v4(2000, 1200, 0));
+
+        let mut c = Coalescer::default();
+        for packet in &packets {
+            c.push(packet);
+        }
+        let roomy: Vec<usize> = (0..c.run.len())
+            .filter(|&i| c.run[i].capacity() >= RUN_BUFFER)
+            .collect();
+        // The first datagram; the 55th (28 bytes of headers and 54 payloads of 1,200 fill
+        // 64,828 bytes of the 65,535 an IP packet may have), the 56th buffer with the other
+        // packet before it; the other flow.
+        assert_eq!(roomy, [0, 55, 61]);
+        let ours = coalesce(&mut c.run);
+
+        // Every buffer a run buffer, as before: the same writes, the same bytes.
+        let mut everyone = Coalescer::default();
+        for packet in &packets {
+            everyone.push_into(BytesMut::with_capacity(RUN_BUFFER), packet);
+        }
+        assert_eq!(ours, coalesce(&mut everyone.run));
+        assert_eq!(ours, (4, 62 * 1200), "{ours:?}");
+    }
+
+    #[test]
+    fn a_shorter_datagram_ends_its_heads_super_packet() {
+        let mut c = Coalescer::default();
+        for len in [1200, 1200, 800, 1200] {
+            c.push(&udp_v4(1000, len, 0));
+        }
+        let roomy: Vec<bool> = c.run.iter().map(|b| b.capacity() >= RUN_BUFFER).collect();
+        assert_eq!(roomy, [true, false, false, true]);
+        assert_eq!(coalesce(&mut c.run), (2, 3 * 1200 + 800));
     }
 }
