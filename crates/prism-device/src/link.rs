@@ -35,6 +35,17 @@ impl Framing {
             Framing::Virtio => crate::vnet::frame(&packet),
         }
     }
+
+    /// The bytes this link carries before a plain packet with complete checksums: none, or a
+    /// plain virtio-net header. A producer that has room in front of its packet writes them
+    /// there instead of having [`Framing::frame`] copy the packet.
+    pub fn prefix(self) -> &'static [u8] {
+        const PLAIN: [u8; crate::vnet::HEADER_LEN] = [0; crate::vnet::HEADER_LEN];
+        match self {
+            Framing::Plain => &[],
+            Framing::Virtio => &PLAIN,
+        }
+    }
 }
 
 /// One end of a packet link.
@@ -123,6 +134,19 @@ pub struct Diverted {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prefix_is_what_framing_puts_before_a_packet() {
+        for framing in [Framing::Plain, Framing::Virtio] {
+            let framed = framing.frame(Bytes::from_static(b"packet"));
+            assert_eq!(framed[..framing.prefix().len()], *framing.prefix());
+            assert_eq!(&framed[framing.prefix().len()..], b"packet");
+        }
+        assert_eq!(
+            Framing::Virtio.prefix(),
+            crate::vnet::Header::PLAIN.to_bytes()
+        );
+    }
 
     #[tokio::test]
     async fn each_end_receives_what_the_other_sends_in_batches() {

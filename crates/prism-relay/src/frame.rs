@@ -256,7 +256,21 @@ pub(crate) fn seal_into(
 }
 
 /// Opens a datagram in place; the payload comes back as a slice of the same buffer.
-pub(crate) fn open(key: &Key, mut datagram: BytesMut) -> Result<(Header, Bytes), FrameError> {
+pub(crate) fn open(key: &Key, datagram: BytesMut) -> Result<(Header, Bytes), FrameError> {
+    open_behind(key, datagram, &[])
+}
+
+/// Opens a datagram in place, as [`open`], and writes `prefix` (at most [`HEADER`] bytes) into
+/// the clear header's room just before the payload, which comes back behind it: how a packet
+/// gets its link's framing without a copy.
+pub(crate) fn open_behind(
+    key: &Key,
+    mut datagram: BytesMut,
+    prefix: &[u8],
+) -> Result<(Header, Bytes), FrameError> {
+    let start = HEADER
+        .checked_sub(prefix.len())
+        .ok_or(FrameError::Truncated)?;
     if datagram.len() < OVERHEAD {
         return Err(FrameError::Truncated);
     }
@@ -273,7 +287,11 @@ pub(crate) fn open(key: &Key, mut datagram: BytesMut) -> Result<(Header, Bytes),
     })
     .ok_or(FrameError::Auth)?
     .map_err(|_| FrameError::Auth)?;
-    Ok((header, datagram.freeze().slice(HEADER..end)))
+    // `start..HEADER` is as long as `prefix`, inside a datagram of at least `OVERHEAD` bytes.
+    if let Some(room) = datagram.get_mut(start..HEADER) {
+        room.copy_from_slice(prefix);
+    }
+    Ok((header, datagram.freeze().slice(start..end)))
 }
 
 /// The clear header of a datagram, unauthenticated.
@@ -372,6 +390,31 @@ mod tests {
         let (h, payload) = open(&k.to_server, BytesMut::from(&datagram[..])).unwrap();
         assert_eq!(h, header(42));
         assert_eq!(&payload[..], &packet[..]);
+    }
+
+    #[test]
+    fn a_packet_opens_behind_a_prefix_written_into_the_header_room() {
+        let k = keys();
+        let packet = b"\x45\x00 an IP packet".to_vec();
+        let datagram = seal(&k.to_server, &header(42), &packet).unwrap();
+        let prefix = [0xaa; 10];
+        let (h, framed) =
+            open_behind(&k.to_server, BytesMut::from(&datagram[..]), &prefix).unwrap();
+        assert_eq!(h, header(42));
+        assert_eq!(framed[..10], prefix);
+        assert_eq!(&framed[10..], &packet[..]);
+        // The whole header's room, and no more.
+        let (_, framed) =
+            open_behind(&k.to_server, BytesMut::from(&datagram[..]), &[1; HEADER]).unwrap();
+        assert_eq!(framed.len(), HEADER + packet.len());
+        assert!(
+            open_behind(
+                &k.to_server,
+                BytesMut::from(&datagram[..]),
+                &[1; HEADER + 1]
+            )
+            .is_err()
+        );
     }
 
     /// The datagrams are XChaCha20-Poly1305 as RustCrypto's `XChaCha20Poly1305` makes it (the

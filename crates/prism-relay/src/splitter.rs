@@ -121,11 +121,11 @@ pub async fn run_relay<T: PacketTunnel>(
         };
         let mut packets = Vec::new();
         loop {
-            if let Err(error) = relay.recv_many(&mut packets).await {
+            if let Err(error) = relay.recv_many_framed(&mut packets, framing).await {
                 debug!(%error, "relay receive failed");
             }
             for packet in packets.drain(..) {
-                if to_device.send(framed(packet)).await.is_err() {
+                if to_device.send(packet).await.is_err() {
                     return;
                 }
             }

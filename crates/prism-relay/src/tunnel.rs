@@ -13,6 +13,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use chacha20poly1305::aead::OsRng;
 use chacha20poly1305::aead::rand_core::RngCore;
+use prism_device::Framing;
 use prism_device::Outside;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::task::JoinHandle;
@@ -42,6 +43,24 @@ pub trait PacketTunnel: Send + Sync + 'static {
     fn recv_many(&self, packets: &mut Vec<Bytes>) -> impl Future<Output = io::Result<()>> + Send {
         async move {
             packets.push(self.recv().await?);
+            Ok(())
+        }
+    }
+    /// As [`recv_many`](PacketTunnel::recv_many), each packet framed as a link of `framing`
+    /// carries it. The default frames what `recv_many` returns (one copy for virtio-net); a
+    /// transport with room before its packets (as [`UdpTunnel`] has) writes the frame's header
+    /// there instead.
+    fn recv_many_framed(
+        &self,
+        packets: &mut Vec<Bytes>,
+        framing: Framing,
+    ) -> impl Future<Output = io::Result<()>> + Send {
+        async move {
+            let start = packets.len();
+            self.recv_many(packets).await?;
+            for packet in packets.iter_mut().skip(start) {
+                *packet = framing.frame(std::mem::take(packet));
+            }
             Ok(())
         }
     }
@@ -551,6 +570,11 @@ impl UdpTunnel {
 
     /// Checks one received datagram; `Some(packet)` if it is to be delivered.
     pub(crate) fn accept(&self, datagram: BytesMut) -> Option<Bytes> {
+        self.accept_behind(datagram, &[])
+    }
+
+    /// As [`UdpTunnel::accept`], the packet behind `prefix` (see [`frame::open_behind`]).
+    fn accept_behind(&self, datagram: BytesMut, prefix: &[u8]) -> Option<Bytes> {
         let c = &self.counters;
         let header = match frame::peek(&datagram) {
             Ok(header) => header,
@@ -575,7 +599,7 @@ impl UdpTunnel {
                 return bump(&c.drop_session);
             };
             let session = opening.get_mut(index)?;
-            let packet = match frame::open(&session.keys.to_client, datagram) {
+            let packet = match frame::open_behind(&session.keys.to_client, datagram, prefix) {
                 Ok((_, packet)) => packet,
                 Err(FrameError::Truncated) => return bump(&c.drop_truncated),
                 Err(FrameError::Version | FrameError::Kind) => return bump(&c.drop_version),
@@ -595,7 +619,8 @@ impl UdpTunnel {
             // The server's acknowledgement: it is there and shares the key.
             return bump(&c.hello_acks);
         }
-        if !destination(&packet).is_some_and(|d| self.addresses.contains(&d)) {
+        let plain = packet.get(prefix.len()..).unwrap_or_default();
+        if !destination(plain).is_some_and(|d| self.addresses.contains(&d)) {
             return bump(&c.drop_spoofed);
         }
         Counters::bump(&c.received);
@@ -697,13 +722,21 @@ impl PacketTunnel for UdpTunnel {
     }
 
     async fn recv_many(&self, packets: &mut Vec<Bytes>) -> io::Result<()> {
+        self.recv_many_framed(packets, Framing::Plain).await
+    }
+
+    /// The frame's header is written into the datagram's clear header, no longer needed once
+    /// the datagram is open: no copy.
+    async fn recv_many_framed(&self, packets: &mut Vec<Bytes>, framing: Framing) -> io::Result<()> {
         let mut receiving = self.receiving.lock().await;
         let (incoming, held) = &mut *receiving;
-        packets.extend(held.drain(..));
-        while packets.is_empty() {
+        let start = packets.len();
+        // Packets held by `recv` (none once `recv_many` is the only reader) are plain.
+        packets.extend(held.drain(..).map(|packet| framing.frame(packet)));
+        while packets.len() == start {
             self.udp
                 .recv(incoming, |datagram, _| {
-                    packets.extend(self.accept(datagram))
+                    packets.extend(self.accept_behind(datagram, framing.prefix()))
                 })
                 .await?;
         }
