@@ -253,15 +253,16 @@ struct Device {
 #[derive(Default)]
 struct Coalescer {
     table: GROTable,
-    /// The batch, each packet copied behind room for its virtio-net header into a buffer
-    /// that can grow into a super-packet: tun-rs appends a flow's later packets to its first.
+    /// The batch, each packet copied behind room for its virtio-net header. tun-rs appends a
+    /// flow's later packets to its first: that one's buffer (a run buffer) can grow into a
+    /// super-packet, see [`Coalescer::push`].
     run: Vec<BytesMut>,
     /// Run buffers of batches written, for the next ones (at most [`SPARE`]).
     spare: Vec<BytesMut>,
     /// How the batch of frames being written is split.
     plan: Vec<Write>,
-    /// The UDP packet tun-rs will append the run's next packets to, while they may follow.
-    head: Option<Head>,
+    /// Per UDP flow of the batch, the packet tun-rs will append the flow's next packets to.
+    heads: Vec<Head>,
 }
 
 /// Run buffers kept for the next batches: 1 MiB.
@@ -303,74 +304,112 @@ const RUN_LIMIT: usize = u16::MAX as usize;
 /// appended to its buffer, so only it needs room for a whole super-packet.
 struct Head {
     flow: UdpFlow,
+    /// The header fields tun-rs requires equal before it appends.
+    fields: [u8; 4],
     len: usize,
     /// The super-packet's length so far: its own, and the payloads appended.
     run: usize,
 }
 
-/// What tun-rs requires equal before it appends one UDP packet to another: the header fields
-/// it compares (IPv4's TOS, DF and TTL and its header length; IPv6's traffic class and hop
-/// limit), the addresses and the ports.
-type UdpFlow = [u8; 40];
+/// A UDP flow as tun-rs keys it: the family, the addresses and the ports.
+type UdpFlow = [u8; 37];
 
-/// A UDP packet's flow and the length of its IP and UDP headers; `None` for any other packet.
-fn udp_flow(packet: &[u8]) -> Option<(UdpFlow, usize)> {
+/// A UDP packet tun-rs may coalesce: its flow, the header fields it compares (IPv4's version
+/// and header length, TOS, flag bits and TTL; IPv6's first byte, traffic class and hop limit),
+/// and the length of its IP and UDP headers. `None` for any other packet, and for those tun-rs
+/// leaves alone (IPv4 with options or fragmented, no payload).
+fn udp_candidate(packet: &[u8]) -> Option<(UdpFlow, [u8; 4], usize)> {
     const UDP: u8 = 17;
     let first = *packet.first()?;
     let (fields, addresses, headers) = match first >> 4 {
-        4 if *packet.get(9)? == UDP => {
-            let fields = [first, *packet.get(1)?, packet.get(6)? >> 5, *packet.get(8)?];
-            (fields, packet.get(12..20)?, usize::from(first & 0x0f) * 4)
+        4 if first & 0x0f == 5 && *packet.get(9)? == UDP => {
+            let flags = *packet.get(6)?;
+            let fragment = flags & 0x3f != 0 || *packet.get(7)? != 0;
+            if fragment {
+                return None;
+            }
+            let fields = [first, *packet.get(1)?, flags >> 5, *packet.get(8)?];
+            (fields, packet.get(12..20)?, 28)
         }
         6 if *packet.get(6)? == UDP => {
             let fields = [first, packet.get(1)? >> 4, *packet.get(7)?, 0];
-            (fields, packet.get(8..40)?, 40)
+            (fields, packet.get(8..40)?, 48)
         }
         _ => return None,
     };
-    let ports = packet.get(headers..headers + 4)?;
-    let mut flow = [0; 40];
-    let key = fields.iter().chain(addresses).chain(ports);
+    if packet.len() <= headers {
+        return None;
+    }
+    let ports = packet.get(headers - 8..headers - 4)?;
+    let family = [first >> 4];
+    let mut flow = [0; 37];
+    let key = addresses.iter().chain(ports).chain(&family);
     flow.iter_mut().zip(key).for_each(|(to, from)| *to = *from);
-    Some((flow, headers + 8))
+    Some((flow, fields, headers))
+}
+
+/// Whether a packet is TCP (over IPv4, or IPv6 without extension headers).
+fn tcp(packet: &[u8]) -> bool {
+    const TCP: u8 = 6;
+    match packet.first().map(|b| b >> 4) {
+        Some(4) => packet.get(9) == Some(&TCP),
+        Some(6) => packet.get(6) == Some(&TCP),
+        _ => false,
+    }
 }
 
 impl Coalescer {
-    /// Copies a plain packet into the run, behind room for its header. A UDP packet that
-    /// tun-rs will append to the one heading its flow (same flow, no longer than the head,
-    /// the super-packet not full) gets a buffer of its own size; one that heads a write gets
-    /// a run buffer from the spares. (A guess that is wrong costs coalescing, never bytes:
-    /// tun-rs appends only where the head's buffer has room.)
+    /// Copies a plain packet into the run, behind room for its header. tun-rs appends a UDP
+    /// flow's packets to the last one that heads it, as long as the header fields it compares
+    /// are equal, they are no longer than it and the super-packet stays an IP packet; those
+    /// get a buffer of their own size, and only a
+    /// head takes a run buffer from the spares. TCP, which tun-rs may also prepend, always
+    /// gets a run buffer; any other packet is written alone. (A guess that is wrong costs
+    /// coalescing, never bytes: tun-rs appends only where the head's buffer has room.)
     fn push(&mut self, packet: &[u8]) {
         let len = packet.len();
-        let Some((flow, headers)) = udp_flow(packet) else {
-            // Not UDP: written alone, and the head stays the head.
-            return self.push_into(BytesMut::with_capacity(vnet::HEADER_LEN + len), packet);
-        };
-        // tun-rs's rule: the payload appended, and the super-packet within an IP packet.
-        let payload = len.saturating_sub(headers);
-        let follows = self.head.as_ref().is_some_and(|head| {
-            head.flow == flow && len <= head.len && head.run + payload <= RUN_LIMIT
-        });
-        if !follows {
-            self.head = Some(Head {
-                flow,
-                len,
-                run: len,
-            });
-            let buf = self
-                .spare
-                .pop()
-                .unwrap_or_else(|| BytesMut::with_capacity(RUN_BUFFER));
+        let Some((flow, fields, headers)) = udp_candidate(packet) else {
+            let buf = match tcp(packet) {
+                true => self.run_buffer(),
+                false => BytesMut::with_capacity(vnet::HEADER_LEN + len),
+            };
             return self.push_into(buf, packet);
-        }
-        match &mut self.head {
-            // A shorter packet ends its head's super-packet.
-            Some(head) if len < head.len => self.head = None,
-            Some(head) => head.run += payload,
-            None => {}
-        }
-        self.push_into(BytesMut::with_capacity(vnet::HEADER_LEN + len), packet);
+        };
+        let payload = len - headers;
+        // tun-rs looks at the last packet it kept for the flow: the head.
+        let head = self.heads.iter_mut().find(|head| head.flow == flow);
+        let buf = match head {
+            Some(head)
+                if head.fields == fields && len <= head.len && head.run + payload <= RUN_LIMIT =>
+            {
+                head.run = match len < head.len {
+                    // A shorter packet ends its head's super-packet.
+                    true => RUN_LIMIT,
+                    false => head.run + payload,
+                };
+                BytesMut::with_capacity(vnet::HEADER_LEN + len)
+            }
+            _ => {
+                let new = Head {
+                    flow,
+                    fields,
+                    len,
+                    run: len,
+                };
+                match head {
+                    Some(head) => *head = new,
+                    None => self.heads.push(new),
+                }
+                self.run_buffer()
+            }
+        };
+        self.push_into(buf, packet);
+    }
+
+    fn run_buffer(&mut self) -> BytesMut {
+        self.spare
+            .pop()
+            .unwrap_or_else(|| BytesMut::with_capacity(RUN_BUFFER))
     }
 
     fn push_into(&mut self, mut buf: BytesMut, packet: &[u8]) {
@@ -396,7 +435,7 @@ impl Device {
         let runs = c.run.drain(..).filter(|buf| buf.capacity() >= RUN_BUFFER);
         c.spare.extend(runs.take(keep));
         c.run.clear();
-        c.head = None;
+        c.heads.clear();
         match result {
             Ok(_) => Ok(()),
             // tun-rs refused the batch before writing (it checks each packet's length, which
@@ -499,31 +538,36 @@ mod tests {
         assert!(writes.is_empty());
     }
 
-    /// A complete IPv4 UDP packet 10.0.0.1:`port` -> 10.0.0.2:53 with `len` bytes of `fill`.
-    pub(super) fn udp_v4(port: u16, len: usize, fill: u8) -> Vec<u8> {
+    /// A complete UDP packet from `port` to port 53 carrying `len` bytes of `fill`, over
+    /// IPv4 (10.0.0.1 -> 10.0.0.2) or IPv6 (fd00::1 -> fd00::2), with this TTL or hop limit.
+    fn udp(v6: bool, port: u16, len: usize, fill: u8, ttl: u8) -> Vec<u8> {
         use smoltcp::phy::ChecksumCapabilities;
-        use smoltcp::wire::{IpProtocol, Ipv4Address, Ipv4Packet, Ipv4Repr, UdpPacket, UdpRepr};
-        let (src, dst) = (Ipv4Address::new(10, 0, 0, 1), Ipv4Address::new(10, 0, 0, 2));
+        use smoltcp::wire::{
+            IpAddress, IpProtocol, IpRepr, Ipv4Address, Ipv6Address, UdpPacket, UdpRepr,
+        };
+        let (src, dst): (IpAddress, IpAddress) = match v6 {
+            true => (
+                Ipv6Address::new(0xfd00, 0, 0, 0, 0, 0, 0, 1).into(),
+                Ipv6Address::new(0xfd00, 0, 0, 0, 0, 0, 0, 2).into(),
+            ),
+            false => (
+                Ipv4Address::new(10, 0, 0, 1).into(),
+                Ipv4Address::new(10, 0, 0, 2).into(),
+            ),
+        };
+        let ip = IpRepr::new(src, dst, IpProtocol::Udp, 8 + len, ttl);
+        let caps = ChecksumCapabilities::default();
+        let mut bytes = vec![0; ip.header_len() + 8 + len];
+        ip.emit(&mut bytes[..], &caps);
+        let payload = vec![fill; len];
         let udp = UdpRepr {
             src_port: port,
             dst_port: 53,
         };
-        let ip = Ipv4Repr {
-            src_addr: src,
-            dst_addr: dst,
-            next_header: IpProtocol::Udp,
-            payload_len: 8 + len,
-            hop_limit: 64,
-        };
-        let caps = ChecksumCapabilities::default();
-        let mut bytes = vec![0; 20 + 8 + len];
-        let mut packet = Ipv4Packet::new_unchecked(&mut bytes[..]);
-        ip.emit(&mut packet, &caps);
-        let payload = vec![fill; len];
         udp.emit(
-            &mut UdpPacket::new_unchecked(packet.payload_mut()),
-            &src.into(),
-            &dst.into(),
+            &mut UdpPacket::new_unchecked(&mut bytes[ip.header_len()..]),
+            &src,
+            &dst,
             len,
             |buf| buf.copy_from_slice(&payload),
             &caps,
@@ -531,8 +575,12 @@ mod tests {
         bytes
     }
 
-    /// How tun-rs coalesces a run: the buffers it writes, and the payload bytes in them.
-    pub(super) fn coalesce(run: &mut [BytesMut]) -> (usize, usize) {
+    fn udp_v4(port: u16, len: usize, fill: u8) -> Vec<u8> {
+        udp(false, port, len, fill, 64)
+    }
+
+    /// What tun-rs writes for a batch: each buffer it writes, whole (header and packet).
+    fn coalesce(run: &mut [BytesMut]) -> Vec<Vec<u8>> {
         let mut to_write = Vec::new();
         tun_rs::handle_gro(
             run,
@@ -543,11 +591,33 @@ mod tests {
             &mut to_write,
         )
         .unwrap();
-        let payload = to_write
-            .iter()
-            .map(|&i| run[i].len() - vnet::HEADER_LEN - 28)
-            .sum();
-        (to_write.len(), payload)
+        to_write.iter().map(|&i| run[i].to_vec()).collect()
+    }
+
+    /// Pushes `packets` as the coalescer does and as it did before (a run buffer for every
+    /// packet), checks tun-rs writes the same bytes either way, and returns which buffers got
+    /// a run buffer and how many writes there were.
+    fn push_all(packets: &[Vec<u8>]) -> (Vec<usize>, usize) {
+        let mut c = Coalescer::default();
+        for packet in packets {
+            c.push(packet);
+        }
+        let roomy = (0..c.run.len())
+            .filter(|&i| c.run[i].capacity() >= RUN_BUFFER)
+            .collect();
+        let ours = coalesce(&mut c.run);
+        let mut everyone = Coalescer::default();
+        for packet in packets {
+            everyone.push_into(BytesMut::with_capacity(RUN_BUFFER), packet);
+        }
+        let theirs = coalesce(&mut everyone.run);
+        assert!(
+            ours == theirs,
+            "{} writes, not {}",
+            ours.len(),
+            theirs.len()
+        );
+        (roomy, ours.len())
     }
 
     #[test]
@@ -559,37 +629,45 @@ mod tests {
         icmp[9] = 1;
         packets.insert(30, icmp);
         packets.push(udp_v4(2000, 1200, 0));
-
-        let mut c = Coalescer::default();
-        for packet in &packets {
-            c.push(packet);
-        }
-        let roomy: Vec<usize> = (0..c.run.len())
-            .filter(|&i| c.run[i].capacity() >= RUN_BUFFER)
-            .collect();
         // The first datagram; the 55th (28 bytes of headers and 54 payloads of 1,200 fill
         // 64,828 bytes of the 65,535 an IP packet may have), the 56th buffer with the other
-        // packet before it; the other flow.
-        assert_eq!(roomy, [0, 55, 61]);
-        let ours = coalesce(&mut c.run);
-
-        // Every buffer a run buffer, as before: the same writes, the same bytes.
-        let mut everyone = Coalescer::default();
-        for packet in &packets {
-            everyone.push_into(BytesMut::with_capacity(RUN_BUFFER), packet);
-        }
-        assert_eq!(ours, coalesce(&mut everyone.run));
-        assert_eq!(ours, (4, 62 * 1200), "{ours:?}");
+        // packet before it; the other flow. Four writes: two super-packets, the other
+        // protocol's packet, the other flow's.
+        assert_eq!(push_all(&packets), (vec![0, 55, 61], 4));
     }
 
     #[test]
     fn a_shorter_datagram_ends_its_heads_super_packet() {
+        let packets = [1200, 1200, 800, 1200].map(|len| udp_v4(1000, len, 0));
+        assert_eq!(push_all(&packets), (vec![0, 3], 2));
+    }
+
+    #[test]
+    fn interleaved_flows_each_keep_their_head() {
+        let packets: Vec<Vec<u8>> = (0..40)
+            .map(|i| udp_v4(1000 + u16::from(i % 2), 1200, i))
+            .collect();
+        assert_eq!(push_all(&packets), (vec![0, 1], 2));
+    }
+
+    #[test]
+    fn ipv6_runs_and_a_changed_hop_limit_coalesce_as_tun_rs_does() {
+        // 48 bytes of headers and 53 payloads fit; the 55th packet heads a second run.
+        let mut packets: Vec<Vec<u8>> = (0..60).map(|i| udp(true, 1000, 1200, i, 64)).collect();
+        assert_eq!(push_all(&packets), (vec![0, 54], 2));
+        // Another hop limit cannot be appended: it heads a run of its own.
+        packets.truncate(10);
+        packets.insert(5, udp(true, 1000, 1200, 0, 63));
+        assert_eq!(push_all(&packets), (vec![0, 5, 6], 3));
+    }
+
+    #[test]
+    fn tcp_always_gets_a_run_buffer() {
+        // tun-rs may append to a TCP packet or prepend it to another.
         let mut c = Coalescer::default();
-        for len in [1200, 1200, 800, 1200] {
-            c.push(&udp_v4(1000, len, 0));
-        }
-        let roomy: Vec<bool> = c.run.iter().map(|b| b.capacity() >= RUN_BUFFER).collect();
-        assert_eq!(roomy, [true, false, false, true]);
-        assert_eq!(coalesce(&mut c.run), (2, 3 * 1200 + 800));
+        let tcp = vnet::tests::tcp_v4(100);
+        c.push(&tcp);
+        c.push(&tcp);
+        assert!(c.run.iter().all(|b| b.capacity() >= RUN_BUFFER));
     }
 }

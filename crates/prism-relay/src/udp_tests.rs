@@ -232,6 +232,26 @@ async fn a_client_accepts_only_packets_for_its_own_addresses() {
         .unwrap();
     assert_eq!(got, packet([192, 0, 2, 1], [10, 99, 0, 1], 1));
     assert_eq!(counters.snapshot().drop_spoofed, 1);
+
+    // The same behind a link's virtio-net header, written into the datagram's own room: the
+    // address check reads the packet behind it.
+    for (counter, dst) in [(2, [10, 99, 0, 9]), (3, [10, 99, 0, 1])] {
+        fake_server
+            .send_to(&seal(counter, dst), client_addr)
+            .await
+            .unwrap();
+    }
+    let mut framed = Vec::new();
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        client.recv_many_framed(&mut framed, prism_device::Framing::Virtio),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let expected = prism_device::Framing::Virtio.frame(packet([192, 0, 2, 1], [10, 99, 0, 1], 1));
+    assert_eq!(framed, [expected]);
+    assert_eq!(counters.snapshot().drop_spoofed, 2);
 }
 
 /// A client that restarts (a new session with the same addresses and the key) takes its
