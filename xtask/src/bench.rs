@@ -343,9 +343,7 @@ fn measure_stack(topo: &Topology, name: &str, pid: u32) -> Result<Figures> {
 }
 
 fn stop(process: &mut Process) -> Result<()> {
-    let status = process.stop(Signal::SIGINT, Duration::from_secs(10))?;
-    ensure!(status.success(), "prism exited with {status}");
-    Ok(())
+    process.stop_cleanly(Signal::SIGINT)
 }
 
 /// Everything but the 2,000 connections, for one system (10,000 direct ones when `many`).

@@ -133,8 +133,7 @@ fn demo(prism_path: &Path, dir: &Path) -> Result<()> {
         SMALL_FETCHES as f64 / secs
     );
 
-    let status = prism.stop(Signal::SIGINT, Duration::from_secs(10))?;
-    ensure!(status.success(), "prism exited with {status}");
+    prism.stop_cleanly(Signal::SIGINT)?;
     let counters = std::fs::read_to_string(&stats).context("prism wrote no stats")?;
     println!();
     println!("  Prism's counters: {}", counters.trim());
@@ -186,8 +185,9 @@ fn handshakes(prism: &Path, topo: &Topology, dir: &Path) -> Result<()> {
                 outcome(unroutable).await,
             ])
         })?;
-        let status = prism.stop(Signal::SIGINT, Duration::from_secs(10))?;
-        ensure!(status.success(), "prism ({mode}) exited with {status}");
+        prism
+            .stop_cleanly(Signal::SIGINT)
+            .with_context(|| format!("the {mode} handshake"))?;
         columns.push(seen);
     }
     println!();

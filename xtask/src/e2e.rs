@@ -580,7 +580,7 @@ fn suite(
     report.record(
         upstream.name(),
         "SIGINT: exit 0, TUN and routes removed, no malformed drops",
-        stop_cleanly(topo, &mut process, Signal::SIGINT, &stats),
+        stop_and_check_teardown(topo, &mut process, Signal::SIGINT, &stats),
     );
     if !upstream.offloads() || upload || download {
         report.record(
@@ -628,19 +628,14 @@ fn save_kernel_counters(topo: &Topology, logs: &Path, what: &str) {
 }
 
 /// Stops prism with `signal` and checks the exit, the TUN and the counters.
-fn stop_cleanly(
+fn stop_and_check_teardown(
     topo: &Topology,
     process: &mut Process,
     signal: Signal,
     stats: &Path,
 ) -> Result<String> {
     let drops = tun_drops(topo);
-    let status = process.stop(signal, Duration::from_secs(10))?;
-    ensure!(
-        status.success(),
-        "prism exited with {status}:\n{}",
-        process.log()
-    );
+    process.stop_cleanly(signal)?;
     ensure!(topo.tun_gone(), "the TUN is still there after exit");
     let routes = topo
         .client
@@ -1314,14 +1309,10 @@ fn embed_example(topo: &Topology, logs: &Path) -> Result<String> {
         Ok(echoed)
     });
     // SIGTERM, as systemd or kill stops it (Ctrl-C is the same path in the example).
-    let stopped = example.stop(Signal::SIGTERM, Duration::from_secs(10))?;
+    let stopped = example.stop_cleanly(Signal::SIGTERM);
     let echoed = echoed?;
     ensure!(echoed == message, "the echo through the example differs");
-    ensure!(
-        stopped.success(),
-        "the example exited with {stopped}: {}",
-        example.log()
-    );
+    stopped?;
     let log = example.log();
     let up = log
         .split("stopped: ")
@@ -1416,6 +1407,6 @@ fn contract(topo: &Topology, prism: &Path, logs: &Path) -> Result<String> {
         stderr.contains("exists already") && stderr.lines().count() == 1,
         "expected one line saying the interface exists already, in:\n{stderr}"
     );
-    stop_cleanly(topo, &mut first, Signal::SIGTERM, &stats)?;
+    stop_and_check_teardown(topo, &mut first, Signal::SIGTERM, &stats)?;
     Ok(String::new())
 }

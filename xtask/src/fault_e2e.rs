@@ -193,12 +193,7 @@ fn start(
 
 /// Stops prism with SIGINT; its stats must show `counted` above zero.
 fn stop(process: &mut Process, logs: &Path, name: &str, counted: &str) -> Result<String> {
-    let status = process.stop(Signal::SIGINT, Duration::from_secs(10))?;
-    ensure!(
-        status.success(),
-        "prism exited with {status}:\n{}",
-        process.log()
-    );
+    process.stop_cleanly(Signal::SIGINT)?;
     let stats = std::fs::read_to_string(logs.join(format!("stats-fault-{name}.json")))?;
     let n = counter(&stats, counted)?;
     ensure!(n > 0, "{counted} is 0: {stats}");

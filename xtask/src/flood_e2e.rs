@@ -255,12 +255,7 @@ fn cookie_options(topo: &Topology, prism: &Path, logs: &Path) -> Result<String> 
 
 /// Stops prism with SIGINT; it must exit cleanly. Returns the stats it wrote.
 fn stop_prism(process: &mut Process, stats: &Path) -> Result<String> {
-    let status = process.stop(Signal::SIGINT, Duration::from_secs(20))?;
-    ensure!(
-        status.success(),
-        "prism exited with {status}:\n{}",
-        process.log()
-    );
+    process.stop_cleanly(Signal::SIGINT)?;
     std::fs::read_to_string(stats).context("prism wrote no stats file")
 }
 

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, bail, ensure};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -260,6 +260,19 @@ impl Process {
             }
             thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Sends `signal` and fails, with what it logged, unless it exits with success within 20
+    /// seconds: how every test and bench ends a process whose exit is part of what it checks.
+    pub fn stop_cleanly(&mut self, signal: Signal) -> Result<()> {
+        let status = self.stop(signal, Duration::from_secs(20))?;
+        ensure!(
+            status.success(),
+            "{} exited with {status}:\n{}",
+            self.name,
+            self.log()
+        );
+        Ok(())
     }
 }
 

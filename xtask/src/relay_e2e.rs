@@ -241,8 +241,7 @@ pub(crate) fn run(
 
     // A restarted client is a new session with the same addresses: it takes them over at
     // once instead of waiting for the old session to idle out (60 s).
-    let stopped = client.stop(Signal::SIGINT, Duration::from_secs(10))?;
-    ensure!(stopped.success(), "prism exited with {stopped}");
+    client.stop_cleanly(Signal::SIGINT)?;
     client = topo.start_prism(prism, &args, &logs.join("prism-relay-restarted.log"))?;
     let restarted = Instant::now();
     report.record(
@@ -255,8 +254,7 @@ pub(crate) fn run(
             )
         }),
     );
-    let stopped = client.stop(Signal::SIGINT, Duration::from_secs(10))?;
-    ensure!(stopped.success(), "prism exited with {stopped}");
+    client.stop_cleanly(Signal::SIGINT)?;
     report.record(
         "relay",
         "a wrong key is one warning on each side at the default level",
@@ -264,8 +262,7 @@ pub(crate) fn run(
     );
     // Prism embedded through its C ABI, on the same relay server.
     crate::ffi_e2e::run(topo, logs, &key, report);
-    let stopped = server.stop(Signal::SIGINT, Duration::from_secs(10))?;
-    ensure!(stopped.success(), "relay-server exited with {stopped}");
+    server.stop_cleanly(Signal::SIGINT)?;
     report.record(
         "relay",
         "the forgeries are in the server's counters",
@@ -357,15 +354,13 @@ fn identities(
         "ping -6 gets replies through the relay, the client with its own key",
         ping(topo, TARGET_V6, true),
     );
-    let stopped = client.stop(Signal::SIGINT, Duration::from_secs(10))?;
-    ensure!(stopped.success(), "prism exited with {stopped}");
+    client.stop_cleanly(Signal::SIGINT)?;
     report.record(
         "relay identities",
         "a client key the server does not allow: no reply, one warning on each side",
         stranger(topo, prism, logs, &with_key(&stranger_key), &server),
     );
-    let stopped = server.stop(Signal::SIGINT, Duration::from_secs(10))?;
-    ensure!(stopped.success(), "relay-server exited with {stopped}");
+    server.stop_cleanly(Signal::SIGINT)?;
     Ok(())
 }
 
@@ -405,9 +400,9 @@ fn refused(
         Duration::from_secs(20),
         || client.log().contains("is silent"),
     );
-    let stopped = client.stop(Signal::SIGINT, Duration::from_secs(10))?;
+    let stopped = client.stop_cleanly(Signal::SIGINT);
     said.with_context(|| client.log())?;
-    ensure!(stopped.success(), "prism exited with {stopped}");
+    stopped?;
     ensure!(
         pinged.is_err(),
         "a ping got through the relay server that refuses this client"

@@ -429,7 +429,7 @@ fn with_relay(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
     let scraped = topo
         .far
         .exec(&["curl", "-sf", "http://127.0.0.1:9478/metrics"]);
-    let stopped = client.stop(Signal::SIGTERM, Duration::from_secs(10))?;
+    let stopped = client.stop_cleanly(Signal::SIGTERM);
     let _ = server.stop(Signal::SIGTERM, Duration::from_secs(10));
     let pinged = pinged.with_context(|| client.log())?;
     ensure!(
@@ -443,7 +443,7 @@ fn with_relay(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
         "{WEB_NAME} resolved to something else"
     );
     echoed.with_context(|| client.log())?;
-    ensure!(stopped.success(), "prism exited with {stopped}");
+    stopped?;
     let scraped = scraped.context("the relay server's metrics did not answer")?;
     ensure!(
         scraped.contains("prism_relay_hellos_total")
@@ -536,13 +536,9 @@ fn readme_routes(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
     let web6 = SocketAddr::new(WEB_V6.parse::<IpAddr>()?, ECHO);
     let exchanged =
         echo(&topo.client, web4, 100_000).and_then(|()| echo(&topo.client, web6, 100_000));
-    let stopped = routed.stop(Signal::SIGTERM, Duration::from_secs(10))?;
+    let stopped = routed.stop_cleanly(Signal::SIGTERM);
     exchanged.with_context(|| routed.log())?;
-    ensure!(
-        stopped.success(),
-        "prism exited with {stopped}: {}",
-        routed.log()
-    );
+    stopped?;
     let counters = std::fs::read_to_string(&stats).context("prism wrote no stats file")?;
     ensure!(
         counter(&counters, "connections_opened")? == 2
@@ -584,8 +580,7 @@ fn wrong_password(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
         topo.start_prism(prism, &args, &stats, &logs.join("prism-routed-auth.log"))?;
     let target = SocketAddr::new(WEB_V4.parse::<IpAddr>()?, ECHO);
     every_echo_fails(topo, target, "an echo worked with the wrong password")?;
-    let stopped = refused.stop(Signal::SIGTERM, Duration::from_secs(10))?;
-    ensure!(stopped.success(), "prism exited with {stopped}");
+    refused.stop_cleanly(Signal::SIGTERM)?;
     let log = refused.log();
     let warnings = warnings(&log, &format!("SOCKS5 proxy {PROXY}:{AUTH_PORT}"));
     ensure!(
@@ -621,8 +616,7 @@ fn loop_refused(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
         topo.start_prism(prism, &args, &stats, &logs.join("prism-routed-loop.log"))?;
     let target = SocketAddr::new(WEB_V4.parse::<IpAddr>()?, ECHO);
     every_echo_fails(topo, target, "an echo worked through a looping setup")?;
-    let stopped = looping.stop(Signal::SIGTERM, Duration::from_secs(10))?;
-    ensure!(stopped.success(), "prism exited with {stopped}");
+    looping.stop_cleanly(Signal::SIGTERM)?;
     let log = looping.log();
     let warnings = warnings(&log, "routed back into Prism's own device");
     ensure!(
@@ -731,8 +725,7 @@ fn proxy_down(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
     let mut down = topo.start_prism(prism, &args, &stats, &logs.join("prism-routed-down.log"))?;
     let target = SocketAddr::new(WEB_V4.parse::<IpAddr>()?, ECHO);
     every_echo_fails(topo, target, "an echo worked through a proxy that is down")?;
-    let stopped = down.stop(Signal::SIGTERM, Duration::from_secs(10))?;
-    ensure!(stopped.success(), "prism exited with {stopped}");
+    down.stop_cleanly(Signal::SIGTERM)?;
     let log = down.log();
     let warnings = warnings(&log, "upstream connects fail");
     ensure!(
@@ -821,7 +814,7 @@ fn whole_machine(topo: &Routed, prism: &Path, logs: &Path, recipe: Recipe) -> Re
     } else {
         Ok(())
     };
-    let stopped = prism_run.stop(Signal::SIGTERM, Duration::from_secs(10))?;
+    let stopped = prism_run.stop_cleanly(Signal::SIGTERM);
     exchanged.with_context(|| prism_run.log())?;
     fetched.with_context(|| prism_run.log())?;
     live?;
@@ -831,11 +824,7 @@ fn whole_machine(topo: &Routed, prism: &Path, logs: &Path, recipe: Recipe) -> Re
         resolved.contains(WEB_V4),
         "{WEB_NAME} resolved to something else: {resolved}"
     );
-    ensure!(
-        stopped.success(),
-        "prism exited with {stopped}: {}",
-        prism_run.log()
-    );
+    stopped?;
     let counters = std::fs::read_to_string(&stats).context("prism wrote no stats file")?;
     let opened = counter(&counters, "connections_opened")?;
     // curl and 22 echoes; the scrape holds 5 more and echoes once.
@@ -887,9 +876,9 @@ fn after_a_kill(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
         SocketAddr::new(WEB_V4.parse::<IpAddr>()?, ECHO),
         100_000,
     );
-    let stopped = again.stop(Signal::SIGTERM, Duration::from_secs(10))?;
+    let stopped = again.stop_cleanly(Signal::SIGTERM);
     worked.with_context(|| again.log())?;
-    ensure!(stopped.success(), "prism exited with {stopped}");
+    stopped?;
     ensure!(
         again.log().contains("earlier run of prism left behind"),
         "the restart did not say it removed the stale rules: {}",

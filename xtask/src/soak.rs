@@ -173,8 +173,7 @@ pub fn run(minutes: f64) -> Result<()> {
     std::fs::write(logs.join("soak.md"), &table)?;
     println!("{table}");
 
-    let status = prism_run.stop(Signal::SIGINT, Duration::from_secs(10))?;
-    ensure!(status.success(), "prism exited with {status}");
+    prism_run.stop_cleanly(Signal::SIGINT)?;
     relay.stop(Signal::SIGINT, Duration::from_secs(10))?;
     settled.with_context(|| {
         format!(
