@@ -6,9 +6,14 @@
 //!
 //! Every rule and route added here carries Prism's routing protocol number ([`PROTOCOL`]), so
 //! the ones a crashed run left behind are recognised and removed at the next start
-//! ([`Policy::sweep`]), and nothing of anyone else's is touched.
+//! ([`Policy::sweep`]), and nothing of anyone else's is touched. Only one run at a time may
+//! own them in a network namespace ([`Claim`]): a second would sweep away the rules of a
+//! first that is still serving, and the machine's traffic would leave outside the VPN.
 
+use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener};
 
 use anyhow::{Context, Result};
 use futures_util::TryStreamExt;
@@ -29,6 +34,28 @@ pub(crate) const PROTOCOL: u8 = 0x70;
 const EXCLUDE_PRIORITY: u32 = 32760;
 const SUPPRESS_PRIORITY: u32 = 32761;
 const DIVERT_PRIORITY: u32 = 32762;
+
+/// The right to sweep and install Prism's policy rules in this network namespace, held while
+/// it lives: a listening Unix socket with an abstract name, which each network namespace has
+/// its own of and which the kernel releases when the process ends, however it ends (a run
+/// killed with SIGKILL leaves rules behind, never the claim).
+#[derive(Debug)]
+pub(crate) struct Claim {
+    _socket: UnixListener,
+}
+
+impl Claim {
+    /// The claim, or `None` while another run holds it.
+    pub(crate) fn take() -> Result<Option<Claim>> {
+        let name = UnixAddr::from_abstract_name(format!("prism-policy-{TABLE:x}"))
+            .context("cannot name Prism's policy claim")?;
+        match UnixListener::bind_addr(&name) {
+            Ok(socket) => Ok(Some(Claim { _socket: socket })),
+            Err(error) if error.kind() == io::ErrorKind::AddrInUse => Ok(None),
+            Err(error) => Err(error).context("cannot claim Prism's policy rules"),
+        }
+    }
+}
 
 /// Which families the default route covers.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use anyhow::Result;
 use prism_engine::{RelayServer, RelayServerAuth};
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::cli::RelayServerArgs;
 
@@ -28,6 +28,12 @@ pub(crate) async fn serve(args: RelayServerArgs) -> Result<()> {
             }
         }
         None => {
+            if args.key.key.is_none() && args.key.key_file.is_none() {
+                anyhow::bail!(
+                    "the relay server needs a key: --key-file FILE (or PRISM_RELAY_KEY) with the \
+                     clients' pre-shared key, or --private-key-file FILE with a --peer per client"
+                );
+            }
             let keys =
                 prism_engine::relay_keys(args.key.key.as_deref(), args.key.key_file.as_deref())?;
             RelayServerAuth::PreShared(keys)
@@ -48,6 +54,7 @@ pub(crate) async fn serve(args: RelayServerArgs) -> Result<()> {
     )
     .await?;
     info!(listen = %args.listen, tun = %args.tun, "relay server");
+    warn_unless_forwarding(&addresses);
     let metrics = match args.metrics {
         Some(listen) => {
             let counters = server.counters();
@@ -95,5 +102,32 @@ pub(crate) async fn serve(args: RelayServerArgs) -> Result<()> {
     match failed {
         Some(error) => Err(anyhow::Error::new(error).context(format!("TUN {} failed", args.tun))),
         None => Ok(()),
+    }
+}
+
+/// Warns, for each family the server has addresses in, when this host does not forward it:
+/// the clients' packets would reach the host's own addresses and go no further, silently.
+/// Prism leaves forwarding and NAT to the host's administrator, as wg-quick does.
+fn warn_unless_forwarding(addresses: &[(std::net::IpAddr, u8)]) {
+    let families = [
+        (
+            false,
+            "/proc/sys/net/ipv4/ip_forward",
+            "net.ipv4.ip_forward",
+        ),
+        (
+            true,
+            "/proc/sys/net/ipv6/conf/all/forwarding",
+            "net.ipv6.conf.all.forwarding",
+        ),
+    ];
+    for (v6, path, name) in families {
+        let served = addresses.iter().any(|(address, _)| address.is_ipv6() == v6);
+        if served && std::fs::read_to_string(path).is_ok_and(|value| value.trim() == "0") {
+            warn!(
+                "{name} is 0: the clients' packets reach this host and go no further; to relay \
+                 them on, sysctl -w {name}=1 and NAT them out (see the README's relay server)"
+            );
+        }
     }
 }

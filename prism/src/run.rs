@@ -9,7 +9,7 @@ use prism_engine::{Engine, Outside, Source};
 use tracing::info;
 
 use crate::cli::RunArgs;
-use crate::policy::{Families, Policy};
+use crate::policy::{Claim, Families, Policy};
 use crate::routes::Routes;
 
 /// Ends a task when dropped.
@@ -38,15 +38,6 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
             args.tun
         );
     }
-    let mut routes = Routes::new()?;
-    let mut policy = Policy::new(routes.handle());
-    let swept = policy.sweep().await?;
-    if swept > 0 {
-        info!(
-            removed = swept,
-            "removed policy rules and routes an earlier run of prism left behind"
-        );
-    }
     let families = Families {
         v4: args.default_route
             || args
@@ -64,6 +55,27 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
             "--exclude bypasses the default route: add --default-route (or --route 0.0.0.0/0)"
         );
     }
+    let mut routes = Routes::new()?;
+    let mut policy = Policy::new(routes.handle());
+    // Rules of Prism's are swept only by the run that holds the claim: while another run
+    // holds it, they are that run's, in use.
+    let claim = Claim::take()?;
+    if claim.is_some() {
+        let swept = policy.sweep().await?;
+        if swept > 0 {
+            info!(
+                removed = swept,
+                "removed policy rules and routes an earlier run of prism left behind"
+            );
+        }
+    } else if families.any() {
+        anyhow::bail!(
+            "another prism run in this network namespace routes the whole machine; stop it \
+             first (two default routes through Prism would take each other's rules away)"
+        );
+    }
+    // A run without a default route adds no rules, and lets go of the claim once it swept.
+    let _claim = claim.filter(|_| families.any());
     let mark = args.fwmark.unwrap_or(crate::policy::TABLE);
     let mut engine = builder(&args, families.any().then_some(mark))
         .await?

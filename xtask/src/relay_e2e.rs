@@ -268,6 +268,18 @@ pub(crate) fn run(
         "the forgeries are in the server's counters",
         forgeries_counted(&server_stats),
     );
+    report.record(
+        "relay",
+        "a server on a host that forwards both families says nothing of forwarding",
+        if server.log().contains("is 0: the clients' packets") {
+            Err(anyhow::anyhow!(
+                "a forwarding warning on a forwarding host:\n{}",
+                server.log()
+            ))
+        } else {
+            Ok(String::new())
+        },
+    );
     identities(topo, prism, logs, &args, report)?;
     drop(sink);
     drop(target);

@@ -41,6 +41,8 @@ const WEB_PORT: u16 = 8080;
 const METRICS: &str = "127.0.0.1:9477";
 /// What the far side's dnsmasq answers with WEB_V4.
 const WEB_NAME: &str = "web.prism.test";
+/// What the far side's dnsmasq answers with PROXY.
+const PROXY_NAME: &str = "proxy.prism.test";
 
 /// The README's `prism run` recipes, word for word (after `sudo prism`).
 struct Readme {
@@ -178,7 +180,7 @@ impl Routed {
 
     /// Starts `prism` with `args` (a README recipe, and flags after it) and `--stats-file`, and
     /// waits for its routes: Prism's own table with `--default-route` or a configuration file,
-    /// else the first `--route` through the TUN.
+    /// else the first `--route` through its TUN (`--tun`, the README's by default).
     fn start_prism(
         &self,
         prism: &Path,
@@ -189,6 +191,11 @@ impl Routed {
         let mut command = self.client.command(prism);
         command.args(args).arg("--stats-file").arg(stats);
         let mut process = Process::spawn("prism", command, Some(log))?;
+        let tun = args
+            .iter()
+            .skip_while(|a| *a != "--tun")
+            .nth(1)
+            .map_or(TUN, String::as_str);
         let route = args
             .iter()
             .skip_while(|a| *a != "--route")
@@ -201,13 +208,13 @@ impl Routed {
         let ready = match route {
             Some(prefix) => wait_for("prism's route", Duration::from_secs(20), || {
                 self.client
-                    .ip(&format!("route show dev {TUN}"))
+                    .ip(&format!("route show dev {tun}"))
                     .is_ok_and(|r| r.contains(prefix.as_str()))
             }),
             None => wait_for("prism's default route", Duration::from_secs(20), || {
                 self.client
                     .ip("route show table 0x7072")
-                    .is_ok_and(|r| r.contains(TUN))
+                    .is_ok_and(|r| r.contains(tun))
             }),
         };
         if let Err(error) = ready {
@@ -311,6 +318,7 @@ pub(crate) fn run(prism: &Path, logs: &Path, report: &mut Report) {
             "--bind-interfaces",
             &format!("--listen-address={WEB_V4}"),
             &format!("--address=/{WEB_NAME}/{WEB_V4}"),
+            &format!("--address=/{PROXY_NAME}/{PROXY}"),
             "--port=53",
             "--user=root",
         ]);
@@ -368,6 +376,16 @@ pub(crate) fn run(prism: &Path, logs: &Path, report: &mut Report) {
     );
     report.record(
         "default route",
+        "the proxy by name, its resolver inside the default route: resolved once at start, no loop",
+        proxy_by_name(&topo, prism, logs),
+    );
+    report.record(
+        "default route",
+        "a second --default-route run is refused while the first serves; a --route run beside it leaves its rules",
+        second_run(&topo, prism, logs),
+    );
+    report.record(
+        "default route",
         "a proxy that is down is one warning line at the default level",
         proxy_down(&topo, prism, logs),
     );
@@ -395,6 +413,9 @@ fn with_relay(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
     let key = logs.join("routed-relay.key");
     std::fs::write(&key, "routed relay key, more than sixteen bytes\n")?;
     let listen = format!("{PROXY}:5555");
+    // The far side is a host, not a router: the relay server must say so, since packets for
+    // anything beyond the host would go no further. (Its servers are its own addresses.)
+    topo.far.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=0"])?;
     let mut server = crate::relay_e2e::start_relay_server(
         &topo.far,
         prism,
@@ -459,6 +480,13 @@ fn with_relay(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
     ensure!(
         outside == 1 && server.log().contains("fd99::1"),
         "expected one warning about fd99::1 outside the server's prefixes:\n{}",
+        server.log()
+    );
+    // One prefix, IPv4: one warning, for IPv4.
+    ensure!(
+        warnings(&server.log(), "net.ipv4.ip_forward is 0").len() == 1
+            && !server.log().contains("forwarding is 0"),
+        "expected one warning that IPv4 forwarding is off:\n{}",
         server.log()
     );
     let counters = std::fs::read_to_string(&stats).context("prism wrote no stats file")?;
@@ -857,6 +885,123 @@ fn whole_machine(topo: &Routed, prism: &Path, logs: &Path, recipe: Recipe) -> Re
         " (curl by name: 64 MiB intact; echoes of 4 MiB over IPv4, 1 MiB over IPv6, 20 short)"
             .to_owned(),
     )
+}
+
+/// The client's resolver is on the far side and inside the default route: a lookup of the
+/// proxy's name for every connection would enter the TUN and come back as a connection through
+/// the proxy, whose name it asks.
+fn proxy_by_name(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
+    let before = topo.routing()?;
+    let stats = logs.join("stats-routed-name.json");
+    let by_name = format!("socks5://{PROXY_NAME}:{PROXY_PORT}");
+    let args = topo.readme.default_route_and(&["--upstream", &by_name]);
+    let mut named = topo.start_prism(prism, &args, &stats, &logs.join("prism-routed-name.log"))?;
+    let target = SocketAddr::new(WEB_V4.parse::<IpAddr>()?, ECHO);
+    let echoed = echo(&topo.client, target, 100_000).and_then(|()| echo(&topo.client, target, 100));
+    let stopped = named.stop_cleanly(Signal::SIGTERM);
+    echoed.with_context(|| named.log())?;
+    stopped?;
+    let counters = std::fs::read_to_string(&stats).context("prism wrote no stats file")?;
+    ensure!(
+        counter(&counters, "connections_opened")? == 2
+            && counter(&counters, "upstream_connected")? == 2,
+        "two echoes should be two connections through the proxy: {counters}"
+    );
+    let after = topo.routing()?;
+    ensure!(
+        after == before,
+        "routing differs:\nbefore:\n{before}\nafter:\n{after}"
+    );
+    Ok(String::new())
+}
+
+/// Two runs may not both own the machine's default route: the second would sweep the first's
+/// rules as a crashed run's, and once either stopped the machine's traffic would leave outside
+/// the VPN.
+fn second_run(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
+    let before = topo.routing()?;
+    let stats = logs.join("stats-routed-first.json");
+    let args = topo.readme.default_route_and(&[]);
+    let mut first = topo.start_prism(prism, &args, &stats, &logs.join("prism-routed-first.log"))?;
+    let checked = (|| {
+        let serving = topo.routing()?;
+        let mut command = topo.client.command(prism);
+        command.args([
+            "run",
+            "--tun",
+            "prism1",
+            "--address",
+            "10.97.0.1/24",
+            "--default-route",
+            "--upstream",
+            &format!("socks5://{PROXY}:{PROXY_PORT}"),
+        ]);
+        let log = logs.join("prism-routed-second.log");
+        let mut second = Process::spawn("the second prism", command, Some(&log))?;
+        // A second run that is not refused serves until stopped: bounded, not waited for.
+        let exited = wait_for("the second run to exit", Duration::from_secs(10), || {
+            second.try_status().is_some()
+        });
+        let status = second.try_status();
+        let _ = second.stop(Signal::SIGTERM, Duration::from_secs(10));
+        let said = second.log();
+        exited.with_context(|| format!("a second --default-route run was not refused:\n{said}"))?;
+        ensure!(
+            status.is_some_and(|s| !s.success()) && said.contains("another prism run"),
+            "a second --default-route run was not refused: {status:?}\n{said}"
+        );
+        ensure!(
+            said.trim().lines().count() == 1,
+            "the refusal is not one line:\n{said}"
+        );
+        // A run that only routes prefixes may start beside it, and must not sweep its rules.
+        let beside_stats = logs.join("stats-routed-beside.json");
+        let beside_args: Vec<String> = [
+            "run",
+            "--tun",
+            "prism1",
+            "--address",
+            "10.97.0.1/24",
+            "--route",
+            "10.201.0.0/16",
+            "--upstream",
+            "direct",
+        ]
+        .map(str::to_owned)
+        .to_vec();
+        let mut beside = topo.start_prism(
+            prism,
+            &beside_args,
+            &beside_stats,
+            &logs.join("prism-routed-beside.log"),
+        )?;
+        beside.stop_cleanly(Signal::SIGTERM)?;
+        ensure!(
+            topo.routing()? == serving,
+            "the first run's rules or routes changed while it served:\nthen:\n{serving}\nnow:\n{}",
+            topo.routing()?
+        );
+        echo(
+            &topo.client,
+            SocketAddr::new(WEB_V4.parse::<IpAddr>()?, ECHO),
+            100_000,
+        )
+        .context("the first run no longer carries the machine's traffic")
+    })();
+    let stopped = first.stop_cleanly(Signal::SIGTERM);
+    checked.with_context(|| first.log())?;
+    stopped?;
+    ensure!(
+        !first.log().contains("cannot remove"),
+        "the first run's rules were taken away: {}",
+        first.log()
+    );
+    let after = topo.routing()?;
+    ensure!(
+        after == before,
+        "routing differs:\nbefore:\n{before}\nafter:\n{after}"
+    );
+    Ok(String::new())
 }
 
 fn after_a_kill(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {

@@ -39,7 +39,9 @@ const DRAIN: Duration = Duration::from_secs(1);
 /// How long [`Engine::stats`] waits for the stack's report.
 const REPORT_WAIT: Duration = Duration::from_secs(1);
 
-/// Why an engine could not start, or stopped on its own.
+/// Why an engine could not start, or stopped on its own. Each message holds its cause, so a
+/// cause is a `reason`, never thiserror's `source`: printed with its chain (`{:#}`, as the
+/// binary does) it would appear twice.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -54,20 +56,28 @@ pub enum Error {
     #[error("an Ethernet (TAP) source needs gateway settings: Builder::gateway")]
     NoGateway,
     /// The relay server could not listen.
-    #[error("cannot listen on {listen}: {source}")]
+    #[error("cannot listen on {listen}: {reason}")]
     Listen {
         /// The address asked for.
         listen: SocketAddr,
         /// What failed.
-        source: io::Error,
+        reason: io::Error,
     },
     /// The relay server could not be reached.
-    #[error("cannot reach the relay {server}: {source}")]
+    #[error("cannot reach the relay {server}: {reason}")]
     Relay {
         /// The relay server's address.
         server: SocketAddr,
         /// What failed.
-        source: io::Error,
+        reason: io::Error,
+    },
+    /// The SOCKS5 proxy's name did not resolve when the engine started.
+    #[error("cannot resolve the SOCKS5 proxy {proxy}: {reason}")]
+    ProxyName {
+        /// The proxy, as the URL names it.
+        proxy: String,
+        /// What failed.
+        reason: io::Error,
     },
     /// The device failed while the engine ran.
     #[error("the device failed: {0}")]
@@ -272,9 +282,18 @@ impl Builder {
         self
     }
 
-    /// Opens the device, connects the relay, and starts every task. Must be called within a
-    /// tokio runtime with I/O and time enabled.
+    /// Resolves the SOCKS5 proxy's name, opens the device, connects the relay, and starts every
+    /// task. Must be called within a tokio runtime with I/O and time enabled.
     pub async fn start(self) -> Result<Engine, Error> {
+        // The proxy's name is resolved once, now, before the device and its routes exist
+        // (see `Socks5::reached_at`).
+        let proxy_addresses = match &self.upstream {
+            Upstream::Socks5(url) => url.addresses().await.map_err(|reason| Error::ProxyName {
+                proxy: url.proxy(),
+                reason,
+            })?,
+            _ => Vec::new(),
+        };
         let ethernet = self.source.is_ethernet();
         let gateway = match (ethernet, self.gateway) {
             (true, None) => return Err(Error::NoGateway),
@@ -373,7 +392,11 @@ impl Builder {
                         "SOCKS5 pipelined: greeting, request and first bytes leave in one write"
                     );
                 }
-                Arc::new(Socks5::new(url, direct).pipelined(self.socks5_pipeline))
+                Arc::new(
+                    Socks5::new(url, direct)
+                        .pipelined(self.socks5_pipeline)
+                        .reached_at(proxy_addresses),
+                )
             }
             Upstream::Custom(connector) => connector,
         };
@@ -418,7 +441,7 @@ impl Builder {
                     Arc::clone(&relay_counters),
                 )
                 .await
-                .map_err(|source| Error::Relay { server, source })?;
+                .map_err(|reason| Error::Relay { server, reason })?;
                 let keepalive = tunnel.keep_alive();
                 let relay = prism_relay::run_relay(
                     diverted,

@@ -227,8 +227,9 @@ impl UdpTunnel {
         socket.set_nonblocking(true)?;
         if outside.loops_back(server).unwrap_or(false) {
             return Err(io::Error::other(format!(
-                "the relay server {server} is routed back into Prism's own TUN; route it \
-                 outside with --default-route, --bind-interface or --exclude"
+                "the relay server {server} is routed back into Prism's own TUN; leave it out of \
+                 --route, or let Prism's own sockets bypass the TUN (--default-route, which \
+                 marks them, or --bind-interface)"
             )));
         }
         outside.prepare(&socket)?;

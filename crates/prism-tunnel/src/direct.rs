@@ -95,8 +95,17 @@ impl Direct {
 
     /// Resolves `host` and tries its addresses in order.
     pub async fn connect_host(&self, host: &str, port: u16) -> Result<TcpStream, ConnectError> {
+        self.connect_any(tokio::net::lookup_host((host, port)).await?)
+            .await
+    }
+
+    /// Tries `addrs` in order; the last failure if none answers.
+    pub async fn connect_any(
+        &self,
+        addrs: impl IntoIterator<Item = SocketAddr>,
+    ) -> Result<TcpStream, ConnectError> {
         let mut last = ConnectError::HostUnreachable;
-        for addr in tokio::net::lookup_host((host, port)).await? {
+        for addr in addrs {
             match self.connect_addr(addr).await {
                 Ok(stream) => return Ok(stream),
                 Err(error) => last = error,

@@ -64,15 +64,15 @@ impl ConnectError {
         match self {
             ConnectError::Io(error) if matches!(error.raw_os_error(), Some(EMFILE | ENFILE)) => {
                 "; out of descriptors: if Prism's own upstream is routed back into its TUN, \
-                 use --default-route, --bind-interface or --exclude"
+                 use --default-route or --bind-interface"
             }
             ConnectError::Proxy { reason, .. } if reason.to_lowercase().contains("auth") => {
                 "; check the user and password in the socks5:// URL"
             }
             ConnectError::Proxy { .. } => "; clients are refused until the proxy answers",
             ConnectError::Loop { .. } => {
-                "; refused: route it outside the TUN with --default-route, --bind-interface or \
-                 --exclude"
+                "; refused: leave it out of --route, or let Prism's own sockets bypass the TUN \
+                 (--default-route, which marks them, or --bind-interface)"
             }
             _ => "",
         }

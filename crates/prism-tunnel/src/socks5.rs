@@ -2,6 +2,8 @@
 //! authentication or RFC 1929 username/password), on tokio-socks.
 
 use std::fmt;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 
 use tokio::net::TcpStream;
@@ -78,6 +80,24 @@ impl FromStr for Socks5Url {
 }
 
 impl Socks5Url {
+    /// The proxy's addresses: the one the URL names, or what its name resolves to now (the
+    /// system's resolver, every address it gives, in its order).
+    pub async fn addresses(&self) -> io::Result<Vec<SocketAddr>> {
+        if let Ok(ip) = self.host.parse::<IpAddr>() {
+            return Ok(vec![SocketAddr::new(ip, self.port)]);
+        }
+        let addresses: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port))
+            .await?
+            .collect();
+        if addresses.is_empty() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "the name has no address",
+            ));
+        }
+        Ok(addresses)
+    }
+
     /// `host:port` of the proxy, for messages.
     pub fn proxy(&self) -> String {
         if self.host.contains(':') {
@@ -96,6 +116,9 @@ pub struct Socks5 {
     direct: Direct,
     /// Write the whole exchange at once (see [`Socks5::pipelined`]).
     pipeline: bool,
+    /// Where the proxy is, when resolved once (see [`Socks5::reached_at`]); empty, its name
+    /// is resolved for every connection.
+    addresses: Vec<SocketAddr>,
 }
 
 impl Socks5 {
@@ -105,7 +128,17 @@ impl Socks5 {
             url,
             direct,
             pipeline: false,
+            addresses: Vec::new(),
         }
+    }
+
+    /// Reaches the proxy at `addresses` (from [`Socks5Url::addresses`]), in order, instead of
+    /// resolving its name for every connection. An engine that routes the machine's DNS into
+    /// its own device needs this: the system's resolver would ask through the TUN, and the
+    /// question would come back as a connection through this very proxy, whose name it asks.
+    pub fn reached_at(mut self, addresses: Vec<SocketAddr>) -> Self {
+        self.addresses = addresses;
+        self
     }
 
     /// Pipelines the exchange: the greeting, the credentials and the CONNECT request leave in
@@ -168,14 +201,20 @@ impl Connector for Socks5 {
 impl Socks5 {
     /// Reaches the proxy.
     async fn reach(&self) -> Result<TcpStream, ConnectError> {
-        self.direct
-            .connect_host(&self.url.host, self.url.port)
-            .await
-            .map_err(|e| match e {
-                // A proxy routed into Prism's own TUN: the loop is the news, not the proxy.
-                ConnectError::Loop { .. } => e,
-                other => self.proxy_error(format_args!("cannot reach the proxy: {other}")),
-            })
+        let reached = if self.addresses.is_empty() {
+            self.direct
+                .connect_host(&self.url.host, self.url.port)
+                .await
+        } else {
+            self.direct
+                .connect_any(self.addresses.iter().copied())
+                .await
+        };
+        reached.map_err(|e| match e {
+            // A proxy routed into Prism's own TUN: the loop is the news, not the proxy.
+            ConnectError::Loop { .. } => e,
+            other => self.proxy_error(format_args!("cannot reach the proxy: {other}")),
+        })
     }
 
     /// The exchange in one write; the replies read before returning when `wait`.
@@ -423,6 +462,27 @@ mod tests {
             error.to_string().contains("cannot reach the proxy"),
             "{error}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_proxy_resolved_once_is_reached_without_its_name() {
+        let proxy = scripted(Some(0), Duration::ZERO).await;
+        let at = proxy.url.addresses().await.unwrap();
+        assert_eq!(at.len(), 1, "an address in the URL is the one address");
+        // A name that never resolves (RFC 6761), reached at the addresses found before: it
+        // is not asked for again.
+        let named: Socks5Url = format!("socks5://proxy.invalid:{}", at[0].port())
+            .parse()
+            .unwrap();
+        let socks = Socks5::new(named, Direct::new().timeout(Duration::from_millis(300)))
+            .reached_at(at.clone());
+        socks.connect(&target()).await.unwrap();
+
+        let local: Socks5Url = format!("socks5://localhost:{}", at[0].port())
+            .parse()
+            .unwrap();
+        let resolved = local.addresses().await.unwrap();
+        assert!(resolved.contains(&at[0]), "{resolved:?} lacks {}", at[0]);
     }
 
     #[test]
