@@ -52,13 +52,36 @@ pub(crate) fn expand(args: Vec<OsString>) -> Result<Vec<OsString>> {
 
 /// The flags a TOML configuration stands for.
 pub(crate) fn flags(text: &str) -> Result<Vec<String>> {
-    let table: toml::Table = text.parse().context("not valid TOML")?;
+    let table: toml::Table = text.parse().map_err(|error: toml::de::Error| {
+        // toml's own message spans lines (it quotes the line and points at the column).
+        let line = error
+            .span()
+            .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+        let message = error.message().trim();
+        match line {
+            Some(line) => anyhow::anyhow!("not valid TOML, line {line}: {message}"),
+            None => anyhow::anyhow!("not valid TOML: {message}"),
+        }
+    })?;
+    let run = <crate::cli::Cli as clap::CommandFactory>::command();
+    let known: Vec<String> = run
+        .find_subcommand("run")
+        .map(|run| {
+            run.get_arguments()
+                .filter_map(|arg| arg.get_long().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
     let mut flags = Vec::new();
     for (key, value) in table {
-        let flag = format!("--{}", key.replace('_', "-"));
-        if flag == "--config" {
+        let long = key.replace('_', "-");
+        if long == "config" {
             bail!("a configuration cannot include another (config)");
         }
+        if !known.contains(&long) {
+            bail!("unknown key {key}: the keys are prism run's long flag names (prism run --help)");
+        }
+        let flag = format!("--{long}");
         let values = match value {
             toml::Value::Array(items) => items,
             single => vec![single],
@@ -104,9 +127,19 @@ mod tests {
                 "prism0"
             ]
         );
-        assert!(self::flags("x = 1.5").is_err());
+        assert!(self::flags("mtu = 1.5").is_err());
         assert!(self::flags("config = \"other.toml\"").is_err());
-        assert!(self::flags("not toml").is_err());
+    }
+
+    #[test]
+    fn a_wrong_key_or_bad_toml_is_one_line_that_says_where() {
+        let error = flags("tun = \"prism0\"\ndefault_routes = true\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("unknown key default_routes"), "{error}");
+        let error = format!("{:#}", flags("tun = \"prism0\"\nmtu = = 3\n").unwrap_err());
+        assert!(error.contains("line 2"), "{error}");
+        assert_eq!(error.lines().count(), 1, "{error}");
     }
 
     #[test]
