@@ -54,9 +54,10 @@ pub(crate) fn expand(args: Vec<OsString>) -> Result<Vec<OsString>> {
 pub(crate) fn flags(text: &str) -> Result<Vec<String>> {
     let table: toml::Table = text.parse().map_err(|error: toml::de::Error| {
         // toml's own message spans lines (it quotes the line and points at the column).
-        let line = error
-            .span()
-            .map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
+        let line = error.span().map(|span| {
+            let before = text.as_bytes().get(..span.start).unwrap_or(text.as_bytes());
+            before.iter().filter(|&&b| b == b'\n').count() + 1
+        });
         let message = error.message().trim();
         match line {
             Some(line) => anyhow::anyhow!("not valid TOML, line {line}: {message}"),

@@ -41,7 +41,7 @@ fn main() -> ExitCode {
     let args = match config::expand(std::env::args_os().collect()) {
         Ok(args) => args,
         Err(error) => {
-            eprintln!("prism: error: {error:#}");
+            eprintln!("prism: error: {}", one_line(&error));
             return ExitCode::FAILURE;
         }
     };
@@ -67,10 +67,27 @@ fn main() -> ExitCode {
     match runtime.block_on(execute(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("prism: error: {error:#}");
+            eprintln!("prism: error: {}", one_line(&error));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error and its causes on one line, each once: a message that already quotes its cause
+/// (a thiserror `{source}`) does not get it a second time.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }
 
 /// A parent may have blocked SIGINT and SIGTERM, and a blocked mask survives exec: prism
@@ -106,5 +123,27 @@ async fn execute(cli: cli::Cli) -> anyhow::Result<()> {
         cli::Command::RelayServer(_) => {
             anyhow::bail!("prism relay-server supports only Linux for now")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, reason = "tests")]
+    use super::*;
+
+    #[test]
+    fn a_cause_the_message_quotes_is_not_repeated() {
+        let quoted = prism_engine::Error::Listen {
+            listen: "127.0.0.1:5555".parse().unwrap(),
+            source: std::io::ErrorKind::AddrInUse.into(),
+        };
+        let line = one_line(&anyhow::Error::new(quoted).context("relay server"));
+        assert_eq!(line.matches("address in use").count(), 1, "{line}");
+        assert!(
+            line.starts_with("relay server: cannot listen on 127.0.0.1:5555"),
+            "{line}"
+        );
+        let chained = anyhow::Error::new(std::io::Error::other("refused")).context("cannot start");
+        assert_eq!(one_line(&chained), "cannot start: refused");
     }
 }

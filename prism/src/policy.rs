@@ -13,9 +13,9 @@
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::linux::net::SocketAddrExt;
-use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener};
+use std::os::unix::net::{SocketAddr as UnixAddr, UnixListener, UnixStream};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use futures_util::TryStreamExt;
 use ipnet::IpNet;
 use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteProtocol};
@@ -45,13 +45,25 @@ pub(crate) struct Claim {
 }
 
 impl Claim {
-    /// The claim, or `None` while another run holds it.
-    pub(crate) fn take() -> Result<Option<Claim>> {
+    /// The claim; an error naming the holder (its pid, from the socket's peer credentials)
+    /// while another process has it.
+    pub(crate) fn take() -> Result<Claim> {
         let name = UnixAddr::from_abstract_name(format!("prism-policy-{TABLE:x}"))
             .context("cannot name Prism's policy claim")?;
         match UnixListener::bind_addr(&name) {
-            Ok(socket) => Ok(Some(Claim { _socket: socket })),
-            Err(error) if error.kind() == io::ErrorKind::AddrInUse => Ok(None),
+            Ok(socket) => Ok(Claim { _socket: socket }),
+            Err(error) if error.kind() == io::ErrorKind::AddrInUse => {
+                use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+                let holder = UnixStream::connect_addr(&name)
+                    .ok()
+                    .and_then(|stream| getsockopt(&stream, PeerCredentials).ok())
+                    .map_or_else(String::new, |peer| format!(" (pid {})", peer.pid()));
+                bail!(
+                    "another prism run{holder} routes the whole machine in this network \
+                     namespace; stop it first (two default routes through Prism would take each \
+                     other's rules away)"
+                )
+            }
             Err(error) => Err(error).context("cannot claim Prism's policy rules"),
         }
     }

@@ -1,6 +1,7 @@
 //! `prism relay-server`: the far end of the relay. (The client end is the engine's; see
 //! `prism_engine::Builder::udp_relay`.)
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use anyhow::Result;
@@ -108,21 +109,18 @@ pub(crate) async fn serve(args: RelayServerArgs) -> Result<()> {
 /// Warns, for each family the server has addresses in, when this host does not forward it:
 /// the clients' packets would reach the host's own addresses and go no further, silently.
 /// Prism leaves forwarding and NAT to the host's administrator, as wg-quick does.
-fn warn_unless_forwarding(addresses: &[(std::net::IpAddr, u8)]) {
-    let families = [
-        (
-            false,
-            "/proc/sys/net/ipv4/ip_forward",
-            "net.ipv4.ip_forward",
-        ),
-        (
-            true,
-            "/proc/sys/net/ipv6/conf/all/forwarding",
-            "net.ipv6.conf.all.forwarding",
-        ),
-    ];
-    for (v6, path, name) in families {
-        let served = addresses.iter().any(|(address, _)| address.is_ipv6() == v6);
+fn warn_unless_forwarding(addresses: &[(IpAddr, u8)]) {
+    let ipv4 = (
+        "/proc/sys/net/ipv4/ip_forward",
+        "net.ipv4.ip_forward",
+        addresses.iter().any(|(address, _)| address.is_ipv4()),
+    );
+    let ipv6 = (
+        "/proc/sys/net/ipv6/conf/all/forwarding",
+        "net.ipv6.conf.all.forwarding",
+        addresses.iter().any(|(address, _)| address.is_ipv6()),
+    );
+    for (path, name, served) in [ipv4, ipv6] {
         if served && std::fs::read_to_string(path).is_ok_and(|value| value.trim() == "0") {
             warn!(
                 "{name} is 0: the clients' packets reach this host and go no further; to relay \

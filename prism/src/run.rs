@@ -57,10 +57,11 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
     }
     let mut routes = Routes::new()?;
     let mut policy = Policy::new(routes.handle());
-    // Rules of Prism's are swept only by the run that holds the claim: while another run
-    // holds it, they are that run's, in use.
-    let claim = Claim::take()?;
-    if claim.is_some() {
+    // Only a run that installs the rules claims them and sweeps what a killed run left: while
+    // another run holds the claim, the rules are that run's, in use. (Leftovers whose TUN is
+    // gone route nothing: their table is empty, and lookups fall through to main.)
+    let _claim = if families.any() {
+        let claim = Claim::take()?;
         let swept = policy.sweep().await?;
         if swept > 0 {
             info!(
@@ -68,14 +69,10 @@ pub(crate) async fn run(args: RunArgs) -> Result<()> {
                 "removed policy rules and routes an earlier run of prism left behind"
             );
         }
-    } else if families.any() {
-        anyhow::bail!(
-            "another prism run in this network namespace routes the whole machine; stop it \
-             first (two default routes through Prism would take each other's rules away)"
-        );
-    }
-    // A run without a default route adds no rules, and lets go of the claim once it swept.
-    let _claim = claim.filter(|_| families.any());
+        Some(claim)
+    } else {
+        None
+    };
     let mark = args.fwmark.unwrap_or(crate::policy::TABLE);
     let mut engine = builder(&args, families.any().then_some(mark))
         .await?

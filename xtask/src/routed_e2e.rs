@@ -947,7 +947,9 @@ fn second_run(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
         let said = second.log();
         exited.with_context(|| format!("a second --default-route run was not refused:\n{said}"))?;
         ensure!(
-            status.is_some_and(|s| !s.success()) && said.contains("another prism run"),
+            status.is_some_and(|s| !s.success())
+                && said.contains("another prism run")
+                && said.contains(&format!("pid {}", first.pid())),
             "a second --default-route run was not refused: {status:?}\n{said}"
         );
         ensure!(

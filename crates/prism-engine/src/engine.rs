@@ -39,9 +39,7 @@ const DRAIN: Duration = Duration::from_secs(1);
 /// How long [`Engine::stats`] waits for the stack's report.
 const REPORT_WAIT: Duration = Duration::from_secs(1);
 
-/// Why an engine could not start, or stopped on its own. Each message holds its cause, so a
-/// cause is a `reason`, never thiserror's `source`: printed with its chain (`{:#}`, as the
-/// binary does) it would appear twice.
+/// Why an engine could not start, or stopped on its own.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -56,28 +54,28 @@ pub enum Error {
     #[error("an Ethernet (TAP) source needs gateway settings: Builder::gateway")]
     NoGateway,
     /// The relay server could not listen.
-    #[error("cannot listen on {listen}: {reason}")]
+    #[error("cannot listen on {listen}: {source}")]
     Listen {
         /// The address asked for.
         listen: SocketAddr,
         /// What failed.
-        reason: io::Error,
+        source: io::Error,
     },
     /// The relay server could not be reached.
-    #[error("cannot reach the relay {server}: {reason}")]
+    #[error("cannot reach the relay {server}: {source}")]
     Relay {
         /// The relay server's address.
         server: SocketAddr,
         /// What failed.
-        reason: io::Error,
+        source: io::Error,
     },
     /// The SOCKS5 proxy's name did not resolve when the engine started.
-    #[error("cannot resolve the SOCKS5 proxy {proxy}: {reason}")]
+    #[error("cannot resolve the SOCKS5 proxy {proxy}: {source}")]
     ProxyName {
         /// The proxy, as the URL names it.
         proxy: String,
         /// What failed.
-        reason: io::Error,
+        source: io::Error,
     },
     /// The device failed while the engine ran.
     #[error("the device failed: {0}")]
@@ -200,7 +198,10 @@ impl Builder {
         self
     }
 
-    /// Connections go through a SOCKS5 proxy.
+    /// Connections go through a SOCKS5 proxy. A name in the URL is resolved once, in
+    /// [`Builder::start`], within the connect timeout, and every connection reaches the proxy
+    /// at those addresses: resolved per connection, the lookup could be routed into the device
+    /// the engine serves. A name that does not resolve fails the start.
     pub fn socks5(mut self, url: Socks5Url) -> Builder {
         self.upstream = Upstream::Socks5(url);
         self
@@ -285,13 +286,22 @@ impl Builder {
     /// Resolves the SOCKS5 proxy's name, opens the device, connects the relay, and starts every
     /// task. Must be called within a tokio runtime with I/O and time enabled.
     pub async fn start(self) -> Result<Engine, Error> {
-        // The proxy's name is resolved once, now, before the device and its routes exist
-        // (see `Socks5::reached_at`).
+        // The proxy's name is resolved once, now, before this engine opens its device (see
+        // `Socks5::reached_at`); `prism run` adds its routes after this.
         let proxy_addresses = match &self.upstream {
-            Upstream::Socks5(url) => url.addresses().await.map_err(|reason| Error::ProxyName {
-                proxy: url.proxy(),
-                reason,
-            })?,
+            Upstream::Socks5(url) => {
+                let resolving = tokio::time::timeout(self.connect_timeout, url.addresses());
+                let addresses = match resolving.await {
+                    Ok(resolved) => resolved,
+                    Err(_) => Err(io::ErrorKind::TimedOut.into()),
+                }
+                .map_err(|source| Error::ProxyName {
+                    proxy: url.proxy(),
+                    source,
+                })?;
+                info!(proxy = %url.proxy(), ?addresses, "SOCKS5 proxy");
+                addresses
+            }
             _ => Vec::new(),
         };
         let ethernet = self.source.is_ethernet();
@@ -441,7 +451,7 @@ impl Builder {
                     Arc::clone(&relay_counters),
                 )
                 .await
-                .map_err(|reason| Error::Relay { server, reason })?;
+                .map_err(|source| Error::Relay { server, source })?;
                 let keepalive = tunnel.keep_alive();
                 let relay = prism_relay::run_relay(
                     diverted,

@@ -52,7 +52,7 @@ impl RelayServer {
         let counters = Arc::new(Counters::default());
         let server = Server::bind(listen, auth, Arc::clone(&counters))
             .await
-            .map_err(|reason| Error::Listen { listen, reason })?
+            .map_err(|source| Error::Listen { listen, source })?
             .with_prefixes(addresses.to_vec());
         let tun_refused = device.refused_writes();
         info!(

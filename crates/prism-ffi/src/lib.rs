@@ -81,7 +81,7 @@ unsafe impl Sync for Context {}
 /// the engine owns from now on and closes when it stops. `config` is a NUL-terminated JSON
 /// object with the keys of `prism run`'s flags; `"vnet_hdr": true` says the descriptor was
 /// opened with `IFF_VNET_HDR` and offload. Host names in it (a SOCKS5 proxy, the relay) are
-/// resolved with the system resolver, outside the protect callback: on Android, give
+/// resolved once, here, with the system resolver, outside the protect callback: on Android, give
 /// addresses, or resolve before the VPN is up. `protect` may be `NULL`; if not, it is called
 /// from Prism's own threads (attach them to the JVM there if needed) until [`prism_stop`]
 /// returns, and `context` must stay valid until then. Logs go to standard error only if the
