@@ -1,8 +1,8 @@
 //! `prism run --config FILE`: a TOML file whose keys are `prism run`'s long flag names
 //! (`default_route` or `default-route` for `--default-route`), expanded into flags placed
 //! before the command line's own, so that a flag given there overrides the file (a repeatable
-//! flag adds to it). Parsing stays clap's: a wrong key or value gets the same message as the
-//! flag would.
+//! flag adds to it). Parsing stays clap's: a wrong value gets the same message as the flag
+//! would; only a key that names no flag of `prism run` is refused here, with the file's name.
 //!
 //! ```toml
 //! tun = "prism0"

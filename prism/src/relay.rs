@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use prism_engine::{RelayServer, RelayServerAuth};
 use tracing::{info, warn};
 
@@ -29,14 +29,13 @@ pub(crate) async fn serve(args: RelayServerArgs) -> Result<()> {
             }
         }
         None => {
-            if args.key.key.is_none() && args.key.key_file.is_none() {
-                anyhow::bail!(
-                    "the relay server needs a key: --key-file FILE (or PRISM_RELAY_KEY) with the \
-                     clients' pre-shared key, or --private-key-file FILE with a --peer per client"
-                );
-            }
             let keys =
-                prism_engine::relay_keys(args.key.key.as_deref(), args.key.key_file.as_deref())?;
+                prism_engine::relay_keys(args.key.key.as_deref(), args.key.key_file.as_deref())?
+                    .context(
+                        "the relay server needs a key: --key-file FILE (or PRISM_RELAY_KEY) with \
+                         the clients' pre-shared key, or --private-key-file FILE with a --peer \
+                         per client",
+                    )?;
             RelayServerAuth::PreShared(keys)
         }
     };

@@ -178,6 +178,16 @@ impl Routed {
             .join("\n"))
     }
 
+    /// Fails unless the rules and routing tables are as `before` ([`Routed::routing`]) says.
+    fn routing_is(&self, before: &str, when: &str) -> Result<()> {
+        let now = self.routing()?;
+        ensure!(
+            now == before,
+            "routing differs {when}:\nbefore:\n{before}\nnow:\n{now}"
+        );
+        Ok(())
+    }
+
     /// Starts `prism` with `args` (a README recipe, and flags after it) and `--stats-file`, and
     /// waits for its routes: Prism's own table with `--default-route` or a configuration file,
     /// else the first `--route` through its TUN (`--tun`, the README's by default).
@@ -268,6 +278,18 @@ pub(crate) fn warnings<'a>(log: &'a str, says: &str) -> Vec<&'a str> {
     log.lines()
         .filter(|l| l.contains("WARN") && l.contains(says))
         .collect()
+}
+
+/// Fails unless prism's stats file counts exactly `echoes` connections, each carried through
+/// the proxy: one more would be a loop, one fewer a connection that never left.
+fn through_the_proxy(stats: &Path, echoes: u64) -> Result<()> {
+    let counters = std::fs::read_to_string(stats).context("prism wrote no stats file")?;
+    ensure!(
+        counter(&counters, "connections_opened")? == echoes
+            && counter(&counters, "upstream_connected")? == echoes,
+        "{echoes} echoes should be {echoes} connections through the proxy: {counters}"
+    );
+    Ok(())
 }
 
 /// Echoes `len` bytes from the client namespace to `target` and compares their SHA-256.
@@ -482,10 +504,13 @@ fn with_relay(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
         "expected one warning about fd99::1 outside the server's prefixes:\n{}",
         server.log()
     );
-    // One prefix, IPv4: one warning, for IPv4.
+    // One prefix, IPv4: one warning, for IPv4 (relay_e2e checks a forwarding host hears none).
+    let forwarding = warnings(&server.log(), crate::relay_e2e::NOT_FORWARDING)
+        .into_iter()
+        .map(str::to_owned)
+        .collect::<Vec<_>>();
     ensure!(
-        warnings(&server.log(), "net.ipv4.ip_forward is 0").len() == 1
-            && !server.log().contains("forwarding is 0"),
+        forwarding.len() == 1 && forwarding[0].contains("net.ipv4.ip_forward is 0"),
         "expected one warning that IPv4 forwarding is off:\n{}",
         server.log()
     );
@@ -498,11 +523,7 @@ fn with_relay(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
         counter(&counters, "relay_dns_queries")? == 0,
         "with a relay, DNS should cross it: {counters}"
     );
-    let after = topo.routing()?;
-    ensure!(
-        after == before,
-        "routing differs:\nbefore:\n{before}\nafter:\n{after}"
-    );
+    topo.routing_is(&before, "after prism stopped")?;
     Ok(String::new())
 }
 
@@ -567,17 +588,8 @@ fn readme_routes(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
     let stopped = routed.stop_cleanly(Signal::SIGTERM);
     exchanged.with_context(|| routed.log())?;
     stopped?;
-    let counters = std::fs::read_to_string(&stats).context("prism wrote no stats file")?;
-    ensure!(
-        counter(&counters, "connections_opened")? == 2
-            && counter(&counters, "upstream_connected")? == 2,
-        "two echoes should be two connections through the proxy: {counters}"
-    );
-    let after = topo.routing()?;
-    ensure!(
-        after == before,
-        "routing differs:\nbefore:\n{before}\nafter:\n{after}"
-    );
+    through_the_proxy(&stats, 2)?;
+    topo.routing_is(&before, "after prism stopped")?;
     Ok(" (IPv4 and IPv6 echoes)".to_owned())
 }
 
@@ -865,11 +877,7 @@ fn whole_machine(topo: &Routed, prism: &Path, logs: &Path, recipe: Recipe) -> Re
         counter(&counters, "relay_dns_queries")? >= 1,
         "no DNS query was carried: {counters}"
     );
-    let after = topo.routing()?;
-    ensure!(
-        after == before,
-        "routing differs after prism stopped:\nbefore:\n{before}\nafter:\n{after}"
-    );
+    topo.routing_is(&before, "after prism stopped")?;
     ensure!(
         prism_run.log().contains("default route through the TUN"),
         "no line at start says what is routed: {}",
@@ -901,17 +909,15 @@ fn proxy_by_name(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
     let stopped = named.stop_cleanly(Signal::SIGTERM);
     echoed.with_context(|| named.log())?;
     stopped?;
-    let counters = std::fs::read_to_string(&stats).context("prism wrote no stats file")?;
+    through_the_proxy(&stats, 2)?;
+    // Resolved at start, through the resolver the machine had then, to the proxy's address.
+    let log = named.log();
     ensure!(
-        counter(&counters, "connections_opened")? == 2
-            && counter(&counters, "upstream_connected")? == 2,
-        "two echoes should be two connections through the proxy: {counters}"
+        log.lines()
+            .any(|l| l.contains("SOCKS5 proxy") && l.contains(&format!("{PROXY}:{PROXY_PORT}"))),
+        "no line at start says where {PROXY_NAME} resolved:\n{log}"
     );
-    let after = topo.routing()?;
-    ensure!(
-        after == before,
-        "routing differs:\nbefore:\n{before}\nafter:\n{after}"
-    );
+    topo.routing_is(&before, "after prism stopped")?;
     Ok(String::new())
 }
 
@@ -978,11 +984,7 @@ fn second_run(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
             &logs.join("prism-routed-beside.log"),
         )?;
         beside.stop_cleanly(Signal::SIGTERM)?;
-        ensure!(
-            topo.routing()? == serving,
-            "the first run's rules or routes changed while it served:\nthen:\n{serving}\nnow:\n{}",
-            topo.routing()?
-        );
+        topo.routing_is(&serving, "while the first run served")?;
         echo(
             &topo.client,
             SocketAddr::new(WEB_V4.parse::<IpAddr>()?, ECHO),
@@ -998,11 +1000,7 @@ fn second_run(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
         "the first run's rules were taken away: {}",
         first.log()
     );
-    let after = topo.routing()?;
-    ensure!(
-        after == before,
-        "routing differs:\nbefore:\n{before}\nafter:\n{after}"
-    );
+    topo.routing_is(&before, "after prism stopped")?;
     Ok(String::new())
 }
 
@@ -1031,10 +1029,6 @@ fn after_a_kill(topo: &Routed, prism: &Path, logs: &Path) -> Result<String> {
         "the restart did not say it removed the stale rules: {}",
         again.log()
     );
-    let after = topo.routing()?;
-    ensure!(
-        after == before,
-        "routing differs:\nbefore:\n{before}\nafter:\n{after}"
-    );
+    topo.routing_is(&before, "after prism stopped")?;
     Ok(String::new())
 }

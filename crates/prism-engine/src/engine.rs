@@ -290,15 +290,13 @@ impl Builder {
         // `Socks5::reached_at`); `prism run` adds its routes after this.
         let proxy_addresses = match &self.upstream {
             Upstream::Socks5(url) => {
-                let resolving = tokio::time::timeout(self.connect_timeout, url.addresses());
-                let addresses = match resolving.await {
-                    Ok(resolved) => resolved,
-                    Err(_) => Err(io::ErrorKind::TimedOut.into()),
-                }
-                .map_err(|source| Error::ProxyName {
-                    proxy: url.proxy(),
-                    source,
-                })?;
+                let addresses = tokio::time::timeout(self.connect_timeout, url.addresses())
+                    .await
+                    .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+                    .map_err(|source| Error::ProxyName {
+                        proxy: url.proxy(),
+                        source,
+                    })?;
                 info!(proxy = %url.proxy(), ?addresses, "SOCKS5 proxy");
                 addresses
             }

@@ -547,8 +547,15 @@ impl Settings {
                 })?,
                 rotation: Rotation::default(),
             }),
-            _ => relay_keys(self.relay_key.as_deref(), self.relay_key_file.as_deref())
-                .map(ClientAuth::from),
+            _ => relay_keys(self.relay_key.as_deref(), self.relay_key_file.as_deref())?
+                .map(ClientAuth::from)
+                .ok_or_else(|| {
+                    SettingsError::RelayKey(
+                        "a relay needs a key: relay_key_file or relay_key (--relay-key-file FILE \
+                         or PRISM_RELAY_KEY on the command line)"
+                            .to_owned(),
+                    )
+                }),
         }
     }
 }
@@ -581,8 +588,9 @@ async fn resolve(relay: &RelayUrl) -> Result<SocketAddr, SettingsError> {
         .ok_or_else(|| unresolved("the name has no address".to_owned()))
 }
 
-/// The relay's pre-shared key from a value or a file (surrounding whitespace ignored).
-pub fn relay_keys(key: Option<&str>, file: Option<&Path>) -> Result<Keys, SettingsError> {
+/// The relay's pre-shared key from a value or a file (surrounding whitespace ignored); `None`
+/// when neither is given, for the caller to say which of its own settings would give one.
+pub fn relay_keys(key: Option<&str>, file: Option<&Path>) -> Result<Option<Keys>, SettingsError> {
     let material = match (key, file) {
         (_, Some(path)) => std::fs::read_to_string(path)
             .map_err(|e| {
@@ -594,21 +602,31 @@ pub fn relay_keys(key: Option<&str>, file: Option<&Path>) -> Result<Keys, Settin
             .trim()
             .to_owned(),
         (Some(key), None) => key.to_owned(),
-        (None, None) => {
-            return Err(SettingsError::RelayKey(
-                "a relay needs a key: relay_key_file or relay_key (--relay-key-file FILE or \
-                 PRISM_RELAY_KEY on the command line)"
-                    .to_owned(),
-            ));
-        }
+        (None, None) => return Ok(None),
     };
-    Keys::derive(material.as_bytes()).map_err(|e| SettingsError::RelayKey(e.to_string()))
+    Keys::derive(material.as_bytes())
+        .map(Some)
+        .map_err(|e| SettingsError::RelayKey(e.to_string()))
 }
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, reason = "tests")]
     use super::*;
+
+    #[test]
+    fn a_relay_without_a_key_names_the_clients_settings() {
+        assert!(relay_keys(None, None).unwrap().is_none());
+        let settings = Settings::from_json(
+            r#"{"address": ["10.0.0.1/24"], "upstream": "direct", "relay": "udp://127.0.0.1:5555"}"#,
+        )
+        .unwrap();
+        let error = settings.relay_auth().err().unwrap().to_string();
+        assert!(
+            error.contains("relay_key_file") && error.contains("--relay-key-file"),
+            "{error}"
+        );
+    }
 
     #[test]
     fn json_uses_the_flags_names_and_defaults() {

@@ -3,7 +3,7 @@
 
 use std::fmt;
 use std::io;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::str::FromStr;
 
 use tokio::net::TcpStream;
@@ -80,12 +80,10 @@ impl FromStr for Socks5Url {
 }
 
 impl Socks5Url {
-    /// The proxy's addresses: the one the URL names, or what its name resolves to now (the
-    /// system's resolver, every address it gives, in its order).
+    /// The proxy's addresses: the one the URL names (no resolver is asked for an address), or
+    /// what its name resolves to now (the system's resolver, every address it gives, in its
+    /// order).
     pub async fn addresses(&self) -> io::Result<Vec<SocketAddr>> {
-        if let Ok(ip) = self.host.parse::<IpAddr>() {
-            return Ok(vec![SocketAddr::new(ip, self.port)]);
-        }
         let addresses: Vec<SocketAddr> = tokio::net::lookup_host((self.host.as_str(), self.port))
             .await?
             .collect();
